@@ -1,0 +1,132 @@
+"""CPU prepare stage: image bytes to a square uint8 RGB array.
+
+Only the formats the product supports are opened (JPEG, PNG, GIF, WebP,
+BMP), detected from the bytes, never from a file name or a Content-Type. The
+pixel count is checked from the header before any pixel is decoded, so a
+decompression bomb costs nothing. JPEGs use PIL's draft mode, which lets the
+decoder scale down by 1/2, 1/4 or 1/8 while decoding.
+
+Normalisation (mean/std) is not done here: the forward stage does it for a
+whole batch at once, on the device that runs the model.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, UnidentifiedImageError
+
+from encoder.errors import ImageError
+from encoder.model import PreprocessSpec
+
+#: PIL format names that may be opened.
+SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
+_MAGIC = (
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"BM", "BMP"),
+)
+
+
+def sniff_format(data: bytes) -> str | None:
+    """Return the image format named by the leading bytes, or None."""
+    for magic, fmt in _MAGIC:
+        if data.startswith(magic):
+            return fmt
+    if len(data) >= 12 and data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "WEBP"
+    return None
+
+
+def prepare_image(
+    data: bytes, spec: PreprocessSpec, *, max_pixels: int, min_side: int = 8
+) -> np.ndarray:
+    """Decode, flatten transparency, resize and centre-crop one image.
+
+    Called from the prepare thread pool; pure function, safe to run in
+    parallel (PIL releases the GIL while decoding and resizing).
+
+    Returns:
+        ``(S, S, 3)`` uint8 array with ``S = spec.image_size``.
+
+    Raises:
+        ImageError: with reason ``not_an_image``, ``too_many_pixels``,
+            ``image_too_small`` or ``decode_failed``.
+    """
+    if not data:
+        raise ImageError("not_an_image", "empty body (0 bytes)")
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise ImageError(
+            "not_an_image",
+            f"bytes are not a supported image ({', '.join(SUPPORTED_FORMATS)}); "
+            f"starts with {data[:8]!r}",
+        )
+    size = spec.image_size
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[fmt])
+            w, h = img.size
+            if w * h > max_pixels:
+                raise ImageError(
+                    "too_many_pixels", f"{w}x{h} = {w * h} pixels > limit {max_pixels}"
+                )
+            if min(w, h) < min_side:
+                raise ImageError("image_too_small", f"{w}x{h} is below {min_side} px")
+            if fmt == "JPEG":
+                img.draft("RGB", (size, size))
+            img = _to_rgb(img, spec.background)
+            img = _resize_crop(img, size)
+            arr = np.asarray(img, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning, EOFError) as exc:
+        raise ImageError("decode_failed", f"{fmt} decode failed: {exc}") from exc
+    if arr.shape != (size, size, 3):
+        raise ImageError("decode_failed", f"unexpected decoded shape {arr.shape}")
+    return arr
+
+
+def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """Return an RGB image; transparency is composited over ``background``."""
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    if img.mode == "RGB":
+        img.load()
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = float(arr.max()) or 1.0
+        img = Image.fromarray((arr * (255.0 / max(top, 255.0))).astype(np.uint8), "L")
+    has_alpha = img.mode in ("RGBA", "LA", "PA") or (
+        img.mode == "P" and "transparency" in img.info
+    )
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        canvas.alpha_composite(rgba)
+        return canvas.convert("RGB")
+    return img.convert("RGB")
+
+
+def _resize_crop(img: Image.Image, size: int) -> Image.Image:
+    """Crop the central square, then resize it to ``size`` (bicubic).
+
+    Same result as resize-shortest-side-then-centre-crop up to rounding, but
+    an extreme aspect ratio never allocates a huge intermediate image.
+    """
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    box = (left, top, left + side, top + side)
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+
+
+# Truncated files must fail, not be padded with grey.
+ImageFile.LOAD_TRUNCATED_IMAGES = False

