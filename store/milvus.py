@@ -1,0 +1,256 @@
+"""Milvus backend: the source of truth for vectors, one collection per model version.
+
+Collection ``<prefix>_<version>`` holds one row per pin (primary key
+``pin_id``), written only with ``upsert``. The alias ``<prefix>_live`` names
+the live version's collection. pymilvus is synchronous; calls run in a
+thread so the event loop keeps serving Kafka heartbeats.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from pymilvus import DataType, MilvusClient, MilvusException
+
+from store.base import EmbeddingRecord, PinState, SearchHit
+from store.config import MilvusSettings
+from store.errors import DimensionMismatch, StoreUnavailable, UnknownVersion
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+_META_FIELDS = [
+    "pin_id", "model_version", "content_hash", "pin_version", "event_time", "encode_time",
+    "image_location", "caption",
+]
+_STATE_FIELDS = ["pin_id", "pin_version", "content_hash"]
+_MAX_TEXT = 4096
+
+
+def _quote(pin_ids: Sequence[str]) -> str:
+    # pin ids are validated against PIN_ID_PATTERN upstream; json-style quoting
+    # keeps even an unvalidated id from breaking out of the string literal.
+    return "[" + ",".join('"' + p.replace("\\", "\\\\").replace('"', '\\"') + '"'
+                          for p in pin_ids) + "]"
+
+
+class MilvusStore:
+    """`VectorBackend` over a Milvus server (standalone, cluster or Milvus Lite)."""
+
+    def __init__(self, settings: MilvusSettings) -> None:
+        self.settings = settings
+        token = settings.token.get_secret_value() if settings.token else ""
+        try:
+            self._client = MilvusClient(uri=settings.uri, token=token, timeout=settings.timeout_s)
+        except Exception as exc:  # noqa: BLE001 - connection errors come in many types
+            raise StoreUnavailable(
+                f"cannot connect to Milvus at {settings.uri}: {exc} -- is it running? "
+                "(`pinfresh up` starts the embedded one)", retry_after=2.0,
+            ) from exc
+        self._loaded: set[str] = set()
+
+    def collection(self, version: str) -> str:
+        """Collection name of a model version."""
+        return f"{self.settings.collection_prefix}_{version}"
+
+    @property
+    def live_alias(self) -> str:
+        """Alias that names the live collection."""
+        return f"{self.settings.collection_prefix}_live"
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        try:
+            return await asyncio.to_thread(fn, *args, **kwargs)
+        except (MilvusException, grpc.RpcError, ConnectionError, TimeoutError) as exc:
+            # Treated as retriable: the stream pauses and retries rather than
+            # acknowledge events that were not written.
+            raise StoreUnavailable(f"Milvus {fn.__name__} failed: {exc}", retry_after=1.0) from exc
+
+    # ---------------------------------------------------------------- schema
+    async def ensure_version(self, version: str, dim: int) -> None:
+        """Create (or check) the version's collection and load it."""
+        name = self.collection(version)
+        if await self._call(self._client.has_collection, name):
+            desc = await self._call(self._client.describe_collection, name)
+            have = next(
+                (int(f["params"]["dim"]) for f in desc["fields"] if f["name"] == "vector"), None
+            )
+            if have != dim:
+                raise DimensionMismatch(
+                    f"collection {name} has dim {have} != encoder dim {dim}: the model version "
+                    "id names a different encoder; pick the matching model/checkpoint or drop "
+                    "the collection (`pinfresh versions retire`)"
+                )
+        else:
+            schema = self._client.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field("pin_id", DataType.VARCHAR, is_primary=True, max_length=128)
+            schema.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+            schema.add_field("model_version", DataType.VARCHAR, max_length=128)
+            schema.add_field("content_hash", DataType.VARCHAR, max_length=64)
+            schema.add_field("pin_version", DataType.INT64)
+            schema.add_field("event_time", DataType.DOUBLE)
+            schema.add_field("encode_time", DataType.DOUBLE)
+            schema.add_field("image_location", DataType.VARCHAR, max_length=_MAX_TEXT)
+            schema.add_field("caption", DataType.VARCHAR, max_length=_MAX_TEXT)
+            index = self._client.prepare_index_params()
+            index.add_index(
+                field_name="vector", index_type="AUTOINDEX", metric_type=self.settings.metric
+            )
+            await self._call(
+                self._client.create_collection, name, schema=schema, index_params=index
+            )
+            logger.info("created Milvus collection %s (dim %d)", name, dim)
+        await self._load(name)
+
+    async def _load(self, name: str) -> None:
+        if name not in self._loaded:
+            await self._call(self._client.load_collection, name)
+            self._loaded.add(name)
+
+    async def has_version(self, version: str) -> bool:
+        """Whether the version's collection exists."""
+        return bool(await self._call(self._client.has_collection, self.collection(version)))
+
+    async def drop_version(self, version: str) -> None:
+        """Drop a version's collection."""
+        await self._call(self._client.drop_collection, self.collection(version))
+        self._loaded.discard(self.collection(version))
+
+    async def set_live(self, version: str) -> None:
+        """Point the live alias at a version's collection."""
+        name = self.collection(version)
+        existing = await self._call(self._client.list_aliases)
+        if self.live_alias in existing.get("aliases", []):
+            await self._call(self._client.alter_alias, name, self.live_alias)
+        else:
+            await self._call(self._client.create_alias, name, self.live_alias)
+
+    # ----------------------------------------------------------------- writes
+    async def upsert(self, version: str, records: Sequence[EmbeddingRecord]) -> None:
+        """Upsert rows keyed by pin id."""
+        if not records:
+            return
+        rows = [
+            {
+                "pin_id": r.pin_id,
+                "vector": np.asarray(r.vector, dtype=np.float32).tolist(),
+                "model_version": r.model_version,
+                "content_hash": r.content_hash,
+                "pin_version": int(r.pin_version),
+                "event_time": float(r.event_time),
+                "encode_time": float(r.encode_time),
+                "image_location": r.image_location[:_MAX_TEXT],
+                "caption": r.caption[:_MAX_TEXT],
+            }
+            for r in records
+        ]
+        await self._call(self._client.upsert, self.collection(version), data=rows)
+
+    async def delete(self, version: str, pin_ids: Sequence[str]) -> None:
+        """Delete pins by primary key."""
+        if pin_ids:
+            await self._call(self._client.delete, self.collection(version), ids=list(pin_ids))
+
+    # ------------------------------------------------------------------ reads
+    async def get_many(self, version: str, pin_ids: Sequence[str]) -> dict[str, EmbeddingRecord]:
+        """Fetch full records by pin id."""
+        if not pin_ids:
+            return {}
+        rows = await self._query(version, pin_ids, [*_META_FIELDS, "vector"])
+        return {row["pin_id"]: _record(row) for row in rows}
+
+    async def get_states(self, version: str, pin_ids: Sequence[str]) -> dict[str, PinState]:
+        """Fetch pin version and content hash by pin id."""
+        if not pin_ids:
+            return {}
+        rows = await self._query(version, pin_ids, _STATE_FIELDS)
+        return {
+            r["pin_id"]: PinState(r["pin_id"], int(r["pin_version"]), str(r["content_hash"]))
+            for r in rows
+        }
+
+    async def _query(
+        self, version: str, pin_ids: Sequence[str], fields: list[str]
+    ) -> list[dict[str, Any]]:
+        name = self.collection(version)
+        if name not in self._loaded and not await self.has_version(version):
+            raise UnknownVersion(f"no collection for version {version}: see `pinfresh versions`")
+        await self._load(name)
+        res = await self._call(
+            self._client.query, name, filter=f"pin_id in {_quote(pin_ids)}", output_fields=fields
+        )
+        return list(res)
+
+    async def search(
+        self, version: str, vector: np.ndarray, k: int, exclude: Sequence[str] = ()
+    ) -> list[SearchHit]:
+        """Nearest pins to ``vector`` (best first), skipping ``exclude``."""
+        name = self.collection(version)
+        await self._load(name)
+        flt = f"pin_id not in {_quote(exclude)}" if exclude else ""
+        res = await self._call(
+            self._client.search, name, data=[np.asarray(vector, np.float32).tolist()],
+            limit=k, filter=flt, output_fields=["caption", "image_location"],
+            search_params={"metric_type": self.settings.metric},
+        )
+        return [
+            SearchHit(
+                pin_id=str(h["pin_id"]), score=float(h["distance"]),
+                caption=str(h["entity"].get("caption", "")),
+                image_location=str(h["entity"].get("image_location", "")),
+            )
+            for h in res[0]
+        ]
+
+    async def count(self, version: str) -> int:
+        """Rows in a version's collection."""
+        name = self.collection(version)
+        await self._load(name)
+        res = await self._call(self._client.query, name, filter="", output_fields=["count(*)"])
+        return int(res[0]["count(*)"])
+
+    async def iter_pins(
+        self, version: str, batch_size: int = 1000
+    ) -> list[dict[str, Any]]:
+        """All rows' metadata (no vectors) of a version; for verify/backfill tools."""
+        name = self.collection(version)
+        await self._load(name)
+        it = await self._call(
+            self._client.query_iterator, name, batch_size=batch_size, filter="",
+            output_fields=_META_FIELDS,
+        )
+        out: list[dict[str, Any]] = []
+        while True:
+            page = await self._call(it.next)
+            if not page:
+                break
+            out.extend(page)
+        it.close()
+        return out
+
+    async def ping(self) -> None:
+        """Raise `StoreUnavailable` unless Milvus answers."""
+        await self._call(self._client.list_collections)
+
+    async def close(self) -> None:
+        """Close the client."""
+        await asyncio.to_thread(self._client.close)
+
+
+def _record(row: dict[str, Any]) -> EmbeddingRecord:
+    return EmbeddingRecord(
+        pin_id=str(row["pin_id"]),
+        vector=np.asarray(row["vector"], dtype=np.float32),
+        model_version=str(row["model_version"]),
+        content_hash=str(row["content_hash"]),
+        pin_version=int(row["pin_version"]),
+        event_time=float(row["event_time"]),
+        encode_time=float(row["encode_time"]),
+        image_location=str(row["image_location"]),
+        caption=str(row["caption"]),
+    )
