@@ -10,7 +10,7 @@ from pydantic import BaseModel, Field, SecretStr
 class RedisSettings(BaseModel):
     """Redis/Valkey cache. Env prefix ``PINFRESH_REDIS__``."""
 
-    url: str = Field("redis://127.0.0.1:6379/0", description="redis:// or rediss:// URL")
+    url: str = Field("redis://127.0.0.1:16379/0", description="redis:// or rediss:// URL")
     password: SecretStr | None = Field(None, description="password (kept out of logs)")
     key_prefix: str = Field("pf", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="key namespace root")
     vector_dtype: Literal["float16", "float32"] = Field(

@@ -1,0 +1,138 @@
+"""The Faust app: one agent that feeds micro-batches to `PinProcessor`.
+
+The agent reads with ``noack_take`` and acks a batch's events only after
+`PinProcessor.process` returned, i.e. after Milvus, Redis and the DLQ were
+written; Faust then commits the acked offsets every
+``kafka.commit_interval_s``. A worker killed at any point therefore re-reads
+what it had not finished, and the processor's idempotence makes the replay
+harmless. If the agent is cancelled mid-batch (shutdown), nothing of that
+batch is acked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import faust
+
+from encoder.engine import ImageEncoder
+from store.milvus import MilvusStore
+from store.redis import RedisCache
+from streams.events import DeadLetter
+from streams.fetch import Fetcher
+from streams.processor import Message, PinProcessor
+from streams.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaDeadLetters:
+    """`DeadLetterSink` writing JSON dead letters to the DLQ topic, keyed by pin id."""
+
+    def __init__(self, app: faust.App, topic: str) -> None:
+        self.app = app
+        self.topic = topic
+
+    async def send(self, letters: Sequence[DeadLetter]) -> None:
+        """Send and wait for the broker's ack of every letter."""
+        for dl in letters:
+            await self.app.producer.send_and_wait(
+                self.topic, (dl.pin_id or "").encode() or None, dl.model_dump_json().encode(),
+                partition=None, timestamp=None, headers=None,
+            )
+
+
+def create_app(settings: Settings, encoder: ImageEncoder) -> faust.App:
+    """Build the Faust app with the encode agent bound to ``encoder``.
+
+    The encoder is loaded before the app starts, so the worker joins the
+    consumer group ready to encode.
+    """
+    k = settings.kafka
+    app_kwargs: dict[str, Any] = {}
+    if k.sasl_username and k.sasl_password:
+        app_kwargs["broker_credentials"] = faust.SASLCredentials(
+            username=k.sasl_username, password=k.sasl_password.get_secret_value()
+        )
+    app = faust.App(
+        k.group_id,
+        broker=[f"kafka://{h.strip()}" for h in k.bootstrap_servers.split(",")],
+        value_serializer="raw",
+        key_serializer="raw",
+        topic_partitions=k.partitions,
+        topic_replication_factor=k.replication_factor,
+        topic_allow_declare=True,
+        broker_rebalance_timeout=k.rebalance_timeout_s,
+        broker_session_timeout=k.session_timeout_s,
+        broker_heartbeat_interval=k.heartbeat_interval_s,
+        broker_commit_interval=k.commit_interval_s,
+        consumer_auto_offset_reset="earliest",
+        store="memory://",
+        web_enabled=False,
+        **app_kwargs,
+    )
+    topic = app.topic(k.topic, key_type=bytes, value_type=bytes, partitions=k.partitions)
+    app.topic(k.dlq_topic, key_type=bytes, value_type=bytes, partitions=k.partitions)
+    worker_name = f"{socket.gethostname()}:{os.getpid()}"
+    w = settings.worker
+
+    @app.agent(topic, name="encode_pins")
+    async def encode_pins(stream: Any) -> None:
+        milvus = MilvusStore(settings.milvus)
+        cache = RedisCache(settings.redis)
+        fetcher = Fetcher(settings.fetch)
+        processor = PinProcessor(
+            encoder=encoder, milvus=milvus, cache=cache, fetcher=fetcher,
+            dlq=KafkaDeadLetters(app, k.dlq_topic), settings=w, worker_name=worker_name,
+        )
+        await processor.start()
+        try:
+            async for events in stream.noack_take(w.batch_size, within=w.batch_wait_s):
+                msgs = [Message(e.message.key, e.message.value) for e in events]
+                await _process_until_done(processor, msgs, w.retry_backoff_max_s)
+                for e in events:
+                    await stream.ack(e)
+        finally:
+            await fetcher.close()
+            await cache.close()
+            await milvus.close()
+
+    return app
+
+
+async def _process_until_done(
+    processor: PinProcessor, msgs: list[Message], max_backoff: float
+) -> None:
+    """Call `PinProcessor.process` until it returns; an unexpected error pauses, never drops."""
+    delay = 0.5
+    while True:
+        try:
+            await processor.process(msgs)
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            logger.exception("batch of %d failed unexpectedly; retrying in %.1fs (not acked)",
+                             len(msgs), delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, max_backoff)
+
+
+def run_worker(settings: Settings) -> None:
+    """Load the encoder, then run the Faust worker until SIGTERM/SIGINT.
+
+    Called by ``pinfresh worker``; blocks.
+    """
+    from streams.metrics import serve_metrics
+
+    encoder = ImageEncoder.load(settings.encoder)
+    serve_metrics(settings.worker.metrics_host, settings.worker.metrics_port)
+    app = create_app(settings, encoder)
+    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True,
+                          redirect_stdouts=False, override_logging=False)
+    worker.execute_from_commandline()

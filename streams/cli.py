@@ -1,0 +1,366 @@
+"""``pinfresh``: one console script, one subcommand per process or task.
+
+Every setting comes from the settings object (`streams.settings.Settings`):
+environment variables ``PINFRESH_<SECTION>__<NAME>`` or a ``.env`` file; the
+options below override the few that are handy on the command line and name
+their variable in ``--help``. This module is the only place that configures
+logging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from encoder.errors import PinfreshError
+from streams.runtime import load_settings
+from streams.settings import Settings
+
+console = Console(stderr=False)
+logger = logging.getLogger("pinfresh")
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": record.created, "level": record.levelname, "logger": record.name,
+               "msg": record.getMessage()}
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out)
+
+
+def _configure_logging(settings: Settings) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if settings.log_json:
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level.upper())
+    for noisy in ("aiokafka", "faust", "mode", "pymilvus", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+class _Ctx:
+    def __init__(self) -> None:
+        self.settings = load_settings()
+        _configure_logging(self.settings)
+
+
+pass_ctx = click.make_pass_decorator(_Ctx, ensure=True)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def cli() -> None:
+    """Keep image embeddings fresh: Kafka -> Faust -> open_clip -> Milvus + Redis."""
+
+
+# ------------------------------------------------------------------ stack
+@cli.command()
+@pass_ctx
+def up(ctx: _Ctx) -> None:
+    """Start the embedded Kafka broker, Valkey and Milvus Lite on loopback.
+
+    Ports: PINFRESH_STACK__KAFKA_PORT / __REDIS_PORT / __MILVUS_PORT (0 = free port);
+    data: PINFRESH_STACK__DATA_DIR.
+    """
+    from streams.stack import EmbeddedStack
+
+    info = EmbeddedStack(ctx.settings.stack).start()
+    console.print(f"kafka  {info.kafka_bootstrap}\nredis  {info.redis_url}\n"
+                  f"milvus {info.milvus_uri}\n"
+                  "Note: the embedded broker keeps its log in memory; it is lost on `down`.")
+
+
+@cli.command()
+@pass_ctx
+def down(ctx: _Ctx) -> None:
+    """Stop the workers started by `demo` and the embedded stack."""
+    from streams.runtime import stop_workers
+    from streams.stack import EmbeddedStack
+
+    n = stop_workers(ctx.settings)
+    stopped = EmbeddedStack(ctx.settings.stack).stop()
+    console.print(f"stopped {n} worker(s); stack {'stopped' if stopped else 'was not running'}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@pass_ctx
+def status(ctx: _Ctx, as_json: bool) -> None:
+    """Show the stack's health, the model versions and their pin counts."""
+    from streams.stack import EmbeddedStack
+
+    health = EmbeddedStack(ctx.settings.stack).health()
+    versions = asyncio.run(_versions(ctx.settings)) if health.get("redis") == "ok" else {}
+    if as_json:
+        click.echo(json.dumps({"health": health, "versions": versions}, indent=2))
+        return
+    t = Table(title="services")
+    t.add_column("service")
+    t.add_column("state")
+    for k, v in health.items():
+        t.add_row(k, v)
+    console.print(t)
+    vt = Table(title="model versions")
+    for col in ("version", "state", "dim", "pins (redis)", "pins (milvus)", "live"):
+        vt.add_column(col)
+    for name, v in versions.items():
+        vt.add_row(name, v.get("state", ""), v.get("dim", ""), str(v.get("redis_pins")),
+                   str(v.get("milvus_pins")), "*" if v.get("live") else "")
+    console.print(vt)
+
+
+async def _versions(settings: Settings) -> dict[str, dict[str, object]]:
+    from store.milvus import MilvusStore
+    from store.redis import RedisCache
+
+    cache = RedisCache(settings.redis)
+    milvus = MilvusStore(settings.milvus)
+    try:
+        live = await cache.get_live()
+        out: dict[str, dict[str, object]] = {}
+        for name, info in (await cache.versions()).items():
+            row: dict[str, object] = dict(info)
+            row["live"] = name == live
+            row["redis_pins"] = await cache.count(name)
+            try:
+                row["milvus_pins"] = await milvus.count(name)
+            except PinfreshError as exc:
+                row["milvus_pins"] = f"error: {exc}"
+            out[name] = row
+        return out
+    finally:
+        await cache.close()
+        await milvus.close()
+
+
+@cli.command("config")
+@pass_ctx
+def show_config(ctx: _Ctx) -> None:
+    """Print the effective settings (secrets masked)."""
+    click.echo(json.dumps(ctx.settings.masked(), indent=2, default=str))
+
+
+# ---------------------------------------------------------------- catalog
+@cli.group()
+def catalog() -> None:
+    """Sample catalogs."""
+
+
+@catalog.command("prepare")
+@pass_ctx
+def catalog_prepare(ctx: _Ctx) -> None:
+    """Install the Tux Paint stamps if needed and write the sample catalog JSONL."""
+    from streams.catalog import load_catalog, prepare_sample_catalog
+
+    path = prepare_sample_catalog(ctx.settings.stack.data_dir.resolve())
+    n = sum(1 for _ in load_catalog(path))
+    console.print(f"{n} pins -> {path}")
+
+
+@cli.group()
+def topics() -> None:
+    """Kafka topics."""
+
+
+@topics.command("create")
+@pass_ctx
+def topics_create(ctx: _Ctx) -> None:
+    """Create the events and DLQ topics (PINFRESH_KAFKA__PARTITIONS partitions)."""
+    from streams.producer import ensure_topics
+
+    created = asyncio.run(ensure_topics(ctx.settings.kafka))
+    console.print(f"created: {', '.join(created) or 'nothing (all exist)'}")
+
+
+# ---------------------------------------------------------------- workers
+@cli.command()
+@click.option("--catalog-root", type=click.Path(path_type=Path),
+              help="allow file paths under this dir [PINFRESH_FETCH__CATALOG_ROOT]")
+@pass_ctx
+def worker(ctx: _Ctx, catalog_root: Path | None) -> None:
+    """Run one stream worker (Faust) until SIGTERM.
+
+    Batch: PINFRESH_WORKER__BATCH_SIZE, PINFRESH_WORKER__BATCH_WAIT_S; model:
+    PINFRESH_ENCODER__MODEL, PINFRESH_ENCODER__CHECKPOINT; metrics:
+    PINFRESH_WORKER__METRICS_PORT.
+    """
+    from streams.app import run_worker
+
+    s = ctx.settings
+    if catalog_root:
+        s = s.model_copy(update={"fetch": s.fetch.model_copy(
+            update={"catalog_root": catalog_root})})
+    run_worker(s)
+
+
+@cli.command()
+@click.argument("catalog_path", type=click.Path(path_type=Path, exists=True))
+@click.option("--limit", type=int, help="publish at most N pins")
+@click.option("--version", "pin_version", type=int, default=1, show_default=True,
+              help="per-pin version to stamp on every event")
+@click.option("--rate", type=float, help="events per second (default: as fast as possible)")
+@pass_ctx
+def publish(ctx: _Ctx, catalog_path: Path, limit: int | None, pin_version: int,
+            rate: float | None) -> None:
+    """Publish a catalog (JSONL or image directory) as upsert events."""
+    from streams.catalog import load_catalog
+    from streams.producer import ensure_topics, publish_events
+
+    items = list(load_catalog(catalog_path, limit))
+
+    async def go() -> int:
+        await ensure_topics(ctx.settings.kafka)
+        return await publish_events(ctx.settings.kafka, (i.event(pin_version) for i in items),
+                                    total=len(items), rate=rate)
+
+    n = asyncio.run(go())
+    console.print(f"published {n} events to {ctx.settings.kafka.topic}")
+
+
+@cli.command()
+@click.argument("pin_ids", nargs=-1, required=True)
+@click.option("--version", "pin_version", type=int, required=True, help="per-pin version")
+@pass_ctx
+def delete(ctx: _Ctx, pin_ids: tuple[str, ...], pin_version: int) -> None:
+    """Publish delete events for pins."""
+    from streams.events import PinEvent
+    from streams.producer import publish_events
+
+    n = asyncio.run(publish_events(
+        ctx.settings.kafka, [PinEvent.delete(p, pin_version) for p in pin_ids], progress=False))
+    console.print(f"published {n} deletes")
+
+
+# ------------------------------------------------------------------ reads
+@cli.command()
+@click.argument("pin_ids", nargs=-1, required=True)
+@click.option("--version", "model_version", help="model version (default: live)")
+@pass_ctx
+def get(ctx: _Ctx, pin_ids: tuple[str, ...], model_version: str | None) -> None:
+    """Read embeddings (Redis first, Milvus fallback) and print a summary."""
+    from store.milvus import MilvusStore
+    from store.reader import EmbeddingReader
+    from store.redis import RedisCache
+
+    async def go() -> None:
+        cache, milvus = RedisCache(ctx.settings.redis), MilvusStore(ctx.settings.milvus)
+        try:
+            res = await EmbeddingReader(milvus, cache).get_many(list(pin_ids), model_version)
+            click.echo(json.dumps({
+                "version": res.version,
+                "pins": [{"pin_id": p, "found": bool(f), "head": [round(float(x), 4)
+                                                                  for x in v[:4]]}
+                         for p, f, v in zip(res.pin_ids, res.found, res.vectors, strict=True)],
+            }, indent=2))
+        finally:
+            await cache.close()
+            await milvus.close()
+
+    asyncio.run(go())
+
+
+@cli.command()
+@click.argument("pin_id")
+@click.option("-k", default=10, show_default=True, help="how many")
+@pass_ctx
+def similar(ctx: _Ctx, pin_id: str, k: int) -> None:
+    """Print the pins most similar to PIN_ID in the live version."""
+    from store.milvus import MilvusStore
+    from store.reader import EmbeddingReader
+    from store.redis import RedisCache
+
+    async def go() -> None:
+        cache, milvus = RedisCache(ctx.settings.redis), MilvusStore(ctx.settings.milvus)
+        try:
+            ver, hits = await EmbeddingReader(milvus, cache).similar(pin_id=pin_id, k=k)
+            t = Table(title=f"similar to {pin_id} (version {ver})")
+            for col in ("score", "pin", "caption"):
+                t.add_column(col)
+            for h in hits:
+                t.add_row(f"{h.score:.3f}", h.pin_id, h.caption)
+            console.print(t)
+        finally:
+            await cache.close()
+            await milvus.close()
+
+    asyncio.run(go())
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters."""
+
+
+@dlq.command("list")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@pass_ctx
+def dlq_list(ctx: _Ctx, as_json: bool) -> None:
+    """List the dead letters on the DLQ topic."""
+    from streams.producer import read_dead_letters
+
+    letters = asyncio.run(read_dead_letters(ctx.settings.kafka))
+    if as_json:
+        for dl in letters:
+            click.echo(dl.model_dump_json())
+        return
+    t = Table(title=f"{len(letters)} dead letters on {ctx.settings.kafka.dlq_topic}")
+    for col in ("pin", "reason", "attempts", "error"):
+        t.add_column(col)
+    for dl in letters:
+        t.add_row(dl.pin_id or "?", dl.reason.value, str(dl.attempts), dl.error[:80])
+    console.print(t)
+
+
+# ------------------------------------------------------------ demo, bench
+@cli.command()
+@click.option("--catalog", "catalog_path", type=click.Path(path_type=Path, exists=True),
+              help="catalog to publish (default: the Tux Paint sample)")
+@click.option("--limit", type=int, help="publish at most N pins")
+@pass_ctx
+def demo(ctx: _Ctx, catalog_path: Path | None, limit: int | None) -> None:
+    """Stack up, sample catalog published and encoded, summary printed."""
+    from streams.demo import run_demo
+
+    run_demo(ctx.settings, catalog_path, limit, console)
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks (print a table, write JSON under bench/results/)."""
+
+
+@bench.command("pipeline")
+@click.option("--pins", type=int, default=400, show_default=True, help="pins for capacity")
+@click.option("--fresh-pins", type=int, default=200, show_default=True,
+              help="pins published at half capacity for freshness")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/pipeline.json"),
+              show_default=True)
+@pass_ctx
+def bench_pipeline(ctx: _Ctx, pins: int, fresh_pins: int, out: Path) -> None:
+    """Bare encoder vs whole pipeline on this machine, and freshness at half capacity."""
+    from streams.bench import run_pipeline_bench
+
+    run_pipeline_bench(ctx.settings, pins, fresh_pins, out, console)
+
+
+def main() -> None:
+    """Console-script entry point; turns PinfreshError into a one-line message."""
+    try:
+        cli(standalone_mode=True)
+    except PinfreshError as exc:
+        console.print(f"[red]error:[/] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,380 @@
+"""One micro-batch of pin events: validate, fetch, decode, encode, write, dead-letter.
+
+`PinProcessor` holds the pipeline's rules and knows nothing about Faust, so
+unit tests drive it with in-memory fakes and the Faust agent
+(`streams.app`) only feeds it batches and acks them afterwards.
+
+Guarantees of `PinProcessor.process` (the agent acks a batch only after it
+returns):
+
+* it never raises (except on cancellation): transient store errors are
+  retried with capped exponential backoff until they pass, so nothing is
+  acknowledged that was not written; permanent per-pin problems become dead
+  letters, written to the DLQ before it returns;
+* per pin, only the highest-version event of the batch is applied; an event
+  older than what Milvus holds, or not newer than the pin's last delete, is
+  skipped;
+* an event whose version is already stored is not fetched or encoded again
+  (a redelivery); if Redis lost it, the cache is repaired from Milvus;
+* a newer version whose image bytes hash the same as the stored one reuses the
+  stored vector instead of encoding;
+* vectors are written to Milvus first, then Redis; deletes remove the pin from
+  every known version in both stores.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from encoder.errors import ImageError
+from store.base import EmbeddingRecord, PinState
+from store.errors import StoreUnavailable
+from streams import metrics
+from streams.events import DeadLetter, MalformedEvent, PinEvent, Reason, guess_pin_id, parse_event
+from streams.fetch import FetchError
+from streams.settings import WorkerSettings
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class Encoder(Protocol):
+    """What the processor needs from an encoder (`encoder.engine.ImageEncoder`)."""
+
+    version: str
+    dim: int
+
+    async def encode_images_async(self, items: Sequence[bytes]) -> list[np.ndarray | ImageError]:
+        """Encode images; one vector or error per image, in order."""
+        ...
+
+
+class Fetch(Protocol):
+    """What the processor needs from a fetcher (`streams.fetch.Fetcher`)."""
+
+    async def fetch(self, location: str) -> bytes:
+        """Return image bytes or raise `FetchError`."""
+        ...
+
+
+class DeadLetterSink(Protocol):
+    """Where dead letters go (the ``pins.dlq`` topic in production)."""
+
+    async def send(self, letters: Sequence[DeadLetter]) -> None:
+        """Durably write the letters; raise on failure (the processor retries)."""
+        ...
+
+
+class VectorStore(Protocol):
+    """The Milvus-side calls the processor makes."""
+
+    async def ensure_version(self, version: str, dim: int) -> None: ...  # noqa: D102
+    async def set_live(self, version: str) -> None: ...  # noqa: D102
+    async def upsert(self, version: str, records: Sequence[EmbeddingRecord]) -> None: ...  # noqa: D102
+    async def delete(self, version: str, pin_ids: Sequence[str]) -> None: ...  # noqa: D102
+    async def get_many(  # noqa: D102
+        self, version: str, pin_ids: Sequence[str]
+    ) -> dict[str, EmbeddingRecord]: ...
+    async def get_states(  # noqa: D102
+        self, version: str, pin_ids: Sequence[str]
+    ) -> dict[str, PinState]: ...
+
+
+class Cache(VectorStore, Protocol):
+    """The Redis-side calls the processor makes (adds pointers and tombstones)."""
+
+    async def ensure_version(self, version: str, dim: int, model: str = "") -> None: ...  # noqa: D102
+    async def upsert(  # type: ignore[override]  # noqa: D102
+        self, version: str, records: Sequence[EmbeddingRecord], written_at: float | None = None
+    ) -> float: ...
+    async def set_live_if_none(self, version: str) -> bool: ...  # noqa: D102
+    async def versions(self) -> dict[str, dict[str, str]]: ...  # noqa: D102
+    async def set_tombstones(self, versions: dict[str, int]) -> None: ...  # noqa: D102
+    async def get_tombstones(self, pin_ids: Sequence[str]) -> dict[str, int]: ...  # noqa: D102
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One raw Kafka message (key and value bytes)."""
+
+    key: bytes | None
+    value: bytes | None
+
+
+@dataclass
+class BatchReport:
+    """What one call of `PinProcessor.process` did."""
+
+    received: int = 0
+    encoded: int = 0
+    reused: int = 0
+    written: int = 0
+    deleted: int = 0
+    skipped: int = 0
+    repaired: int = 0
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    freshness_s: list[float] = field(default_factory=list)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+class PinProcessor:
+    """Applies batches of pin events to the stores (see module docstring)."""
+
+    def __init__(
+        self, *, encoder: Encoder, milvus: VectorStore, cache: Cache, fetcher: Fetch,
+        dlq: DeadLetterSink, settings: WorkerSettings, worker_name: str = "",
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
+        self.encoder = encoder
+        self.milvus = milvus
+        self.cache = cache
+        self.fetcher = fetcher
+        self.dlq = dlq
+        self.settings = settings
+        self.worker_name = worker_name
+        self._sleep = sleep
+        self._fetch_sem = asyncio.Semaphore(settings.fetch_concurrency)
+
+    @property
+    def version(self) -> str:
+        """The model version this processor writes."""
+        return self.encoder.version
+
+    async def start(self) -> None:
+        """Create the version's collection and namespace; make it live if none is.
+
+        Called once before the first batch; retried while a store is down.
+        """
+        ver, dim = self.encoder.version, self.encoder.dim
+        await self._retry("milvus", lambda: self.milvus.ensure_version(ver, dim))
+        await self._retry("redis", lambda: self.cache.ensure_version(ver, dim, ver))
+        if await self._retry("redis", lambda: self.cache.set_live_if_none(ver)):
+            await self._retry("milvus", lambda: self.milvus.set_live(ver))
+            logger.info("model version %s is now live (first version)", ver)
+        metrics.MODEL_INFO.labels(version=ver).set(1)
+
+    # ------------------------------------------------------------------ retry
+    async def _retry(self, stage: str, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run ``fn`` until it does not raise `StoreUnavailable` (capped backoff)."""
+        delay = self.settings.retry_backoff_s
+        attempt = 0
+        while True:
+            try:
+                return await fn()
+            except StoreUnavailable as exc:
+                attempt += 1
+                metrics.RETRIES.labels(stage=stage).inc()
+                wait = max(delay, min(exc.retry_after, self.settings.retry_backoff_max_s))
+                logger.warning("%s unavailable (attempt %d, retry in %.1fs): %s",
+                               stage, attempt, wait, exc)
+                await self._sleep(wait)
+                delay = min(delay * 2, self.settings.retry_backoff_max_s)
+
+    # ---------------------------------------------------------------- process
+    async def process(self, messages: Sequence[Message]) -> BatchReport:
+        """Apply one micro-batch; see the module docstring for the guarantees."""
+        report = BatchReport(received=len(messages))
+        t0 = time.perf_counter()
+        events: dict[str, PinEvent] = {}
+        for msg in messages:
+            try:
+                ev = parse_event(msg.value)
+            except MalformedEvent as exc:
+                report.dead_letters.append(self._letter(
+                    Reason.MALFORMED_EVENT, str(exc), msg.value, guess_pin_id(msg.value, msg.key)
+                ))
+                continue
+            cur = events.get(ev.pin_id)
+            if cur is None or ev.version >= cur.version:
+                events[ev.pin_id] = ev
+            if cur is not None:
+                report.skipped += 1
+
+        if events:
+            await self._apply(list(events.values()), report)
+        if report.dead_letters:
+            letters = report.dead_letters
+            await self._retry_any("dlq", lambda: self.dlq.send(letters))
+            for dl in letters:
+                metrics.DEAD_LETTERS.labels(reason=dl.reason.value).inc()
+        report.seconds["total"] = time.perf_counter() - t0
+        self._observe(report)
+        return report
+
+    async def _retry_any(self, stage: str, fn: Callable[[], Awaitable[None]]) -> None:
+        async def wrapped() -> None:
+            try:
+                await fn()
+            except StoreUnavailable:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the DLQ producer raises many types
+                raise StoreUnavailable(f"{stage} write failed: {exc!r}") from exc
+
+        await self._retry(stage, wrapped)
+
+    async def _apply(self, events: list[PinEvent], report: BatchReport) -> None:
+        ver = self.version
+        ids = [e.pin_id for e in events]
+        t = time.perf_counter()
+        m_states = await self._retry("milvus", lambda: self.milvus.get_states(ver, ids))
+        r_states = await self._retry("redis", lambda: self.cache.get_states(ver, ids))
+        tombs = await self._retry("redis", lambda: self.cache.get_tombstones(ids))
+        report.seconds["lookup"] = time.perf_counter() - t
+
+        deletes: list[PinEvent] = []
+        todo: list[PinEvent] = []
+        repair: list[str] = []
+        for ev in events:
+            ms, rs = m_states.get(ev.pin_id), r_states.get(ev.pin_id)
+            if tombs.get(ev.pin_id, -1) >= ev.version or (ms and ms.pin_version > ev.version):
+                report.skipped += 1  # stale: a newer state or delete already applied
+                if ms and rs != ms:
+                    repair.append(ev.pin_id)
+            elif ev.op == "delete":
+                deletes.append(ev)
+            elif ms and ms.pin_version == ev.version:
+                report.skipped += 1  # redelivery of what is stored
+                if rs != ms:
+                    repair.append(ev.pin_id)
+            else:
+                todo.append(ev)
+
+        if deletes:
+            await self._delete(deletes, report)
+        records = await self._build_records(todo, m_states, report) if todo else []
+        if repair:
+            recs = await self._retry("milvus", lambda: self.milvus.get_many(ver, repair))
+            records.extend(recs.values())
+            report.repaired = len(recs)
+        if not records:
+            return
+        fresh = [r for r in records if r.pin_id not in repair]
+        t = time.perf_counter()
+        await self._retry("milvus", lambda: self.milvus.upsert(ver, fresh))
+        report.seconds["milvus"] = time.perf_counter() - t
+        t = time.perf_counter()
+        written_at = await self._retry("redis", lambda: self.cache.upsert(ver, records))
+        report.seconds["redis"] = time.perf_counter() - t
+        report.written = len(fresh)
+        report.freshness_s = [written_at - r.event_time for r in fresh]
+
+    async def _delete(self, deletes: list[PinEvent], report: BatchReport) -> None:
+        ids = [e.pin_id for e in deletes]
+        known = await self._retry("redis", self.cache.versions)
+        versions = set(known) | {self.version}
+        for v in sorted(versions):
+            await self._retry("milvus", lambda v=v: self.milvus.delete(v, ids))
+            await self._retry("redis", lambda v=v: self.cache.delete(v, ids))
+        await self._retry(
+            "redis", lambda: self.cache.set_tombstones({e.pin_id: e.version for e in deletes})
+        )
+        report.deleted = len(ids)
+
+    async def _fetch_one(self, ev: PinEvent) -> bytes | DeadLetter:
+        assert ev.image is not None  # guaranteed by PinEvent validation
+        delay = self.settings.retry_backoff_s
+        for attempt in range(1, self.settings.fetch_attempts + 1):
+            try:
+                async with self._fetch_sem:
+                    return await self.fetcher.fetch(ev.image)
+            except FetchError as exc:
+                if not exc.transient or attempt == self.settings.fetch_attempts:
+                    return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, attempt)
+                metrics.RETRIES.labels(stage="fetch").inc()
+                await self._sleep(delay)
+                delay = min(delay * 2, self.settings.retry_backoff_max_s)
+            except Exception as exc:  # noqa: BLE001 - never raise out of the agent
+                return self._letter(Reason.FETCH_FAILED, f"unexpected: {exc!r}", ev.to_bytes(),
+                                    ev.pin_id, attempt)
+        raise AssertionError("unreachable")
+
+    async def _build_records(
+        self, todo: list[PinEvent], m_states: dict[str, PinState], report: BatchReport
+    ) -> list[EmbeddingRecord]:
+        t = time.perf_counter()
+        fetched = await asyncio.gather(*(self._fetch_one(ev) for ev in todo))
+        report.seconds["fetch"] = time.perf_counter() - t
+        ready: list[tuple[PinEvent, bytes, str]] = []
+        reuse: dict[str, tuple[PinEvent, str]] = {}
+        for ev, got in zip(todo, fetched, strict=True):
+            if isinstance(got, DeadLetter):
+                report.dead_letters.append(got)
+                continue
+            digest = hashlib.sha256(got).hexdigest()
+            ms = m_states.get(ev.pin_id)
+            if ms is not None and ms.content_hash == digest:
+                reuse[ev.pin_id] = (ev, digest)
+            else:
+                ready.append((ev, got, digest))
+
+        records: list[EmbeddingRecord] = []
+        now = time.time()
+        if reuse:
+            old = await self._retry("milvus", lambda: self.milvus.get_many(self.version,
+                                                                           list(reuse)))
+            for pid, (ev, digest) in reuse.items():
+                if pid in old:
+                    records.append(self._record(ev, old[pid].vector, digest, old[pid].encode_time))
+                    report.reused += 1
+                else:  # vanished in between: encode after all
+                    data = await self._fetch_one(ev)
+                    if isinstance(data, bytes):
+                        ready.append((ev, data, digest))
+        if ready:
+            t = time.perf_counter()
+            results = await self.encoder.encode_images_async([b for _, b, _ in ready])
+            report.seconds["encode"] = time.perf_counter() - t
+            metrics.IMAGES_ENCODED.inc(len(ready))
+            report.encoded += len(ready)
+            now = time.time()
+            for (ev, _, digest), res in zip(ready, results, strict=True):
+                if isinstance(res, ImageError):
+                    report.dead_letters.append(self._letter(
+                        Reason(res.reason), str(res), ev.to_bytes(), ev.pin_id
+                    ))
+                else:
+                    records.append(self._record(ev, res, digest, now))
+        return records
+
+    def _record(
+        self, ev: PinEvent, vector: np.ndarray, digest: str, encode_time: float
+    ) -> EmbeddingRecord:
+        return EmbeddingRecord(
+            pin_id=ev.pin_id, vector=vector, model_version=self.version, content_hash=digest,
+            pin_version=ev.version, event_time=ev.event_time, encode_time=encode_time,
+            image_location=ev.image or "", caption=ev.caption,
+        )
+
+    def _letter(
+        self, reason: Reason, error: str, raw: bytes | None, pin_id: str | None, attempts: int = 1
+    ) -> DeadLetter:
+        return DeadLetter(
+            reason=reason, error=error[:2000], attempts=attempts, pin_id=pin_id,
+            original=DeadLetter.encode_original(raw), worker=self.worker_name,
+        )
+
+    def _observe(self, report: BatchReport) -> None:
+        metrics.BATCH_SIZE.observe(report.received)
+        for stage, secs in report.seconds.items():
+            metrics.STAGE_SECONDS.labels(stage=stage).observe(secs)
+        for f in report.freshness_s:
+            metrics.FRESHNESS.observe(max(f, 0.0))
+        metrics.EVENTS.labels(outcome="written").inc(report.written)
+        metrics.EVENTS.labels(outcome="deleted").inc(report.deleted)
+        metrics.EVENTS.labels(outcome="skipped").inc(report.skipped)
+        metrics.EVENTS.labels(outcome="dead_letter").inc(len(report.dead_letters))
+        logger.info(
+            "batch: %d events, %d encoded, %d reused, %d written, %d deleted, %d skipped, "
+            "%d repaired, %d dead letters in %.3fs",
+            report.received, report.encoded, report.reused, report.written, report.deleted,
+            report.skipped, report.repaired, len(report.dead_letters),
+            report.seconds.get("total", 0.0),
+        )

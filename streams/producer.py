@@ -1,0 +1,156 @@
+"""Topics and the producer: create the topics, publish pin events, read the DLQ.
+
+`publish_events` is what ``pinfresh publish`` and the demo use: events keyed
+by pin id (so a pin's events stay ordered on one partition), acks from all
+in-sync replicas, a progress bar with rate, and an optional rate limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from tqdm import tqdm
+
+from encoder.errors import PinfreshError
+from streams.events import DeadLetter, PinEvent
+from streams.settings import KafkaSettings
+
+logger = logging.getLogger(__name__)
+
+
+class KafkaUnavailable(PinfreshError):
+    """The broker cannot be reached."""
+
+
+def _sasl(k: KafkaSettings) -> dict[str, object]:
+    if k.sasl_username and k.sasl_password:
+        return {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
+                "sasl_plain_username": k.sasl_username,
+                "sasl_plain_password": k.sasl_password.get_secret_value()}
+    return {}
+
+
+async def ensure_topics(k: KafkaSettings) -> list[str]:
+    """Create the events and DLQ topics if missing; return the ones created.
+
+    Raises:
+        KafkaUnavailable: the broker does not answer.
+    """
+    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, **_sasl(k))
+    try:
+        await admin.start()
+    except KafkaError as exc:
+        raise KafkaUnavailable(
+            f"Kafka at {k.bootstrap_servers} unreachable ({exc}): is the broker up? "
+            "(`pinfresh up` starts the embedded one)"
+        ) from exc
+    created: list[str] = []
+    try:
+        existing = set(await admin.list_topics())
+        for name in (k.topic, k.dlq_topic):
+            if name in existing:
+                continue
+            try:
+                await admin.create_topics(
+                    [NewTopic(name, num_partitions=k.partitions,
+                              replication_factor=k.replication_factor)]
+                )
+                created.append(name)
+            except TopicAlreadyExistsError:
+                pass
+    finally:
+        await admin.close()
+    return created
+
+
+async def publish_events(
+    k: KafkaSettings, events: Iterable[PinEvent], *, total: int | None = None,
+    rate: float | None = None, progress: bool = True, stamp: bool = True,
+    topic: str | None = None,
+) -> int:
+    """Send events keyed by pin id; returns how many were acknowledged by the broker.
+
+    Args:
+        rate: events per second (None = as fast as possible).
+        stamp: set each event's ``event_time`` to the moment it is sent, so
+            freshness measures the pipeline, not the catalog's age.
+    """
+    producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap_servers, acks="all",
+                                linger_ms=5, **_sasl(k))
+    try:
+        await producer.start()
+    except KafkaError as exc:
+        raise KafkaUnavailable(f"Kafka at {k.bootstrap_servers} unreachable: {exc}") from exc
+    sent = 0
+    start = time.monotonic()
+    bar = tqdm(total=total, unit="pin", desc="publish", disable=not progress, smoothing=0.1)
+    pending: list[asyncio.Future[object]] = []
+    try:
+        for ev in events:
+            if rate:
+                ahead = start + sent / rate - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            if stamp:
+                ev = ev.model_copy(update={"event_time": time.time()})
+            fut = await producer.send(topic or k.topic, value=ev.to_bytes(),
+                                      key=ev.pin_id.encode())
+            pending.append(fut)
+            sent += 1
+            bar.update(1)
+            if len(pending) >= 500:
+                await asyncio.gather(*pending)
+                pending.clear()
+        await asyncio.gather(*pending)
+    finally:
+        bar.close()
+        await producer.stop()
+    return sent
+
+
+async def publish_raw(k: KafkaSettings, messages: Sequence[tuple[bytes | None, bytes]],
+                      topic: str | None = None) -> None:
+    """Send raw (key, value) messages as they are (tests, DLQ replay)."""
+    producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap_servers, acks="all", **_sasl(k))
+    await producer.start()
+    try:
+        for key, value in messages:
+            await producer.send_and_wait(topic or k.topic, value=value, key=key)
+    finally:
+        await producer.stop()
+
+
+async def read_dead_letters(k: KafkaSettings, timeout_s: float = 3.0) -> list[DeadLetter]:
+    """Read the whole DLQ topic from the beginning (no consumer group, commits nothing)."""
+    consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, enable_auto_commit=False,
+                                auto_offset_reset="earliest", group_id=None, **_sasl(k))
+    await consumer.start()
+    out: list[DeadLetter] = []
+    try:
+        parts = consumer.partitions_for_topic(k.dlq_topic) or set()
+        tps = [TopicPartition(k.dlq_topic, p) for p in sorted(parts)]
+        if not tps:
+            return []
+        consumer.assign(tps)
+        await consumer.seek_to_beginning(*tps)
+        ends = await consumer.end_offsets(tps)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(await consumer.position(tp) >= ends[tp] for tp in tps):
+                break
+            batch = await consumer.getmany(timeout_ms=200)
+            for records in batch.values():
+                for rec in records:
+                    try:
+                        out.append(DeadLetter.model_validate_json(rec.value or b""))
+                    except ValueError:
+                        logger.warning("unreadable dead letter at %s:%d", rec.topic, rec.offset)
+    finally:
+        await consumer.stop()
+    return out
