@@ -69,7 +69,9 @@ def prepare_image(
     size = spec.image_size
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            # our own pixel limit below is the rule; PIL's hard limit still
+            # raises DecompressionBombError for absurd sizes
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data), formats=[fmt])
             w, h = img.size
             if w * h > max_pixels:
@@ -85,8 +87,9 @@ def prepare_image(
             arr = np.asarray(img, dtype=np.uint8)
     except ImageError:
         raise
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning, EOFError) as exc:
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_many_pixels", f"decompression bomb refused: {exc}") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
         raise ImageError("decode_failed", f"{fmt} decode failed: {exc}") from exc
     if arr.shape != (size, size, 3):
         raise ImageError("decode_failed", f"unexpected decoded shape {arr.shape}")

@@ -1,0 +1,48 @@
+# One command surface: what the README and .ci/run call.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+STAMP   = $(VENV)/.installed
+DATA   ?= data
+export PINFRESH_STACK__DATA_DIR ?= $(DATA)
+
+.PHONY: setup catalog demo test test-unit test-integration lint bench down clean
+
+setup: $(STAMP) catalog
+
+# torch/torchvision first, pinned to the pair that installs from local disk.
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
+	$(PIP) install -q -e '.[dev]'
+	touch $(STAMP)
+
+catalog: $(STAMP)
+	$(VENV)/bin/pinfresh catalog prepare
+
+demo: setup
+	$(VENV)/bin/pinfresh demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup
+	$(PY) -m pytest -q tests/integration
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check streams encoder store tests
+	$(VENV)/bin/mypy
+
+bench: setup
+	$(VENV)/bin/pinfresh bench pipeline
+
+down:
+	$(VENV)/bin/pinfresh down
+
+clean: down
+	rm -rf $(DATA)

@@ -1,0 +1,98 @@
+"""Encoder factory: packaged towers, version ids, checkpoint checks, staged encode."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from encoder.config import DEFAULT_MODEL, EncoderSettings
+from encoder.engine import ImageEncoder
+from encoder.errors import CheckpointError, ImageError
+from encoder.model import build_image_tower, model_spec, version_id
+
+
+@pytest.fixture(scope="module")
+def enc():
+    e = ImageEncoder.load(EncoderSettings(batch_size=4, prepare_workers=2))
+    yield e
+    e.close()
+
+
+def png(color) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_default_model_uses_packaged_imagenet_trunk():
+    spec = model_spec(DEFAULT_MODEL)
+    tower = build_image_tower(spec)
+    # the packaged stem weights are not a fresh random init
+    w = tower.trunk.conv_stem.weight
+    again = build_image_tower(spec).trunk.conv_stem.weight
+    assert torch.equal(w, again) and spec.embed_dim == 512
+
+
+def test_version_id_stable_and_sensitive():
+    spec = model_spec(DEFAULT_MODEL)
+    t1, t2 = build_image_tower(spec), build_image_tower(spec)
+    assert version_id(spec, t1) == version_id(spec, t2)
+    with torch.no_grad():
+        t2.head.proj.weight[0, 0] += 1e-3
+    assert version_id(spec, t1) != version_id(spec, t2)
+    t3 = build_image_tower(spec, seed=1)
+    assert version_id(spec, t3) != version_id(spec, t1)
+
+
+def test_checkpoint_roundtrip_and_mismatch(tmp_path):
+    spec = model_spec(DEFAULT_MODEL)
+    tower = build_image_tower(spec, seed=7)
+    path = tmp_path / "ckpt.safetensors"
+    save_file({f"visual.{k}": v.contiguous() for k, v in tower.state_dict().items()}, str(path))
+    loaded = build_image_tower(spec, checkpoint=path)
+    assert version_id(spec, loaded) == version_id(spec, tower)
+
+    bad = tmp_path / "bad.safetensors"
+    state = {f"visual.{k}": v.contiguous() for k, v in tower.state_dict().items()}
+    state["visual.head.proj.weight"] = torch.zeros(768, 1280)
+    save_file(state, str(bad))
+    with pytest.raises(CheckpointError, match="does not match"):
+        build_image_tower(spec, checkpoint=bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build_image_tower(spec, checkpoint=tmp_path / "nope.pt")
+
+
+def test_unknown_model_names_the_fix():
+    with pytest.raises(CheckpointError, match="open_clip"):
+        model_spec("no-such-model")
+
+
+def test_named_open_clip_model_carries_its_dim():
+    assert model_spec("ViT-L-14").embed_dim == 768
+    assert model_spec("ViT-B-32").embed_dim == 512
+
+
+def test_encode_images_order_errors_and_norm(enc):
+    items = [png((255, 0, 0)), b"not an image", png((0, 0, 255)), png((255, 0, 0))] * 3
+    out = enc.encode_images(items)
+    assert len(out) == len(items)
+    assert isinstance(out[1], ImageError) and out[1].reason == "not_an_image"
+    vecs = [v for v in out if isinstance(v, np.ndarray)]
+    assert all(v.shape == (512,) and v.dtype == np.float32 for v in vecs)
+    assert np.allclose([np.linalg.norm(v) for v in vecs], 1.0, atol=1e-5)
+    assert np.allclose(out[0], out[3], atol=1e-5)
+    assert float(out[0] @ out[2]) < 0.999
+    assert enc.images_forwarded >= 9
+
+
+def test_nonfinite_rows_become_errors():
+    y = np.ones((3, 4), dtype=np.float32)
+    y[1, 2] = np.nan
+    out = ImageEncoder._finish(y)
+    assert isinstance(out[1], ImageError) and out[1].reason == "nonfinite_embedding"
+    assert isinstance(out[0], np.ndarray)

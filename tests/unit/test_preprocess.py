@@ -1,0 +1,113 @@
+"""CPU prepare stage: supported formats, hostile images, transparency."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from encoder.errors import ImageError
+from encoder.model import PreprocessSpec
+from encoder.preprocess import prepare_image, sniff_format
+
+SPEC = PreprocessSpec(image_size=32)
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def prep(data: bytes, max_pixels: int = 10_000_000) -> np.ndarray:
+    return prepare_image(data, SPEC, max_pixels=max_pixels, min_side=4)
+
+
+def gradient(w: int, h: int, mode: str = "RGB") -> Image.Image:
+    x = np.linspace(0, 255, w, dtype=np.uint8)[None, :].repeat(h, 0)
+    return Image.fromarray(np.stack([x, x[::-1], np.full_like(x, 80)], -1), "RGB").convert(mode)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG", "GIF", "WEBP", "BMP"])
+def test_supported_formats_decode(fmt):
+    out = prep(encode(gradient(120, 90), fmt))
+    assert out.shape == (32, 32, 3) and out.dtype == np.uint8
+
+
+def test_transparent_png_composited_on_white():
+    img = Image.new("RGBA", (64, 64), (255, 0, 0, 0))
+    out = prep(encode(img, "PNG"))
+    assert (out == 255).all()
+
+
+def test_cmyk_jpeg_and_16bit_png():
+    assert prep(encode(gradient(64, 64, "CMYK"), "JPEG")).shape == (32, 32, 3)
+    arr = (np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16)
+    out = prep(encode(Image.fromarray(arr), "PNG"))
+    assert out.shape == (32, 32, 3) and out.max() > 100
+
+
+def test_animated_gif_uses_first_frame():
+    frames = [Image.new("RGB", (40, 40), c) for c in ((0, 0, 255), (0, 255, 0))]
+    buf = io.BytesIO()
+    frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    out = prep(buf.getvalue())
+    assert out[..., 2].mean() > 200 and out[..., 1].mean() < 50
+
+
+def test_extreme_aspect_ratio_is_center_cropped():
+    out = prep(encode(gradient(4000, 8), "PNG"))
+    assert out.shape == (32, 32, 3)
+
+
+@pytest.mark.parametrize("data, reason", [
+    (b"", "not_an_image"),
+    (b"<html><body>hi</body></html>", "not_an_image"),
+    (b'<svg xmlns="http://www.w3.org/2000/svg"/>', "not_an_image"),
+    (b"\xff\xd8\xff\xe0" + b"\x00" * 50, "decode_failed"),
+])
+def test_bad_bytes(data, reason):
+    with pytest.raises(ImageError) as err:
+        prep(data)
+    assert err.value.reason == reason
+
+
+def test_truncated_jpeg_fails():
+    data = encode(gradient(200, 200), "JPEG")
+    with pytest.raises(ImageError) as err:
+        prep(data[: len(data) // 2])
+    assert err.value.reason == "decode_failed"
+
+
+def test_tiny_image_refused():
+    with pytest.raises(ImageError) as err:
+        prep(encode(Image.new("RGB", (1, 1)), "PNG"))
+    assert err.value.reason == "image_too_small"
+
+
+def test_decompression_bomb_refused_before_decoding():
+    # a 1-bit PNG of 20000x20000 compresses to a few KB
+    data = encode(Image.new("1", (20000, 20000)), "PNG")
+    assert len(data) < 200_000
+    with pytest.raises(ImageError) as err:
+        prep(data, max_pixels=50_000_000)
+    assert err.value.reason == "too_many_pixels"
+
+
+def test_sniff():
+    assert sniff_format(b"\x89PNG\r\n\x1a\nxxxx") == "PNG"
+    assert sniff_format(b"RIFF\x00\x00\x00\x00WEBPVP8 ") == "WEBP"
+    assert sniff_format(b"GIF89a...") == "GIF"
+    assert sniff_format(b"%PDF-1.4") is None
+
+
+def test_golden_preprocessing():
+    """Guards the resize/crop/flatten rules: a change here changes every model version."""
+    out = prepare_image(encode(gradient(300, 200), "PNG"), PreprocessSpec(), max_pixels=10**7)
+    assert out.shape == (224, 224, 3)
+    # central 200x200 of a horizontal 0..255 ramp, resized: mean of channel 0 ~ 127.5
+    assert abs(float(out[..., 0].mean()) - 127.4) < 1.0
+    assert abs(float(out[..., 2].mean()) - 80.0) < 0.5
+    assert int(out[112, 0, 0]) < int(out[112, 223, 0])

@@ -1,0 +1,166 @@
+"""PinProcessor rules, driven with in-memory fakes (no services)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from streams.events import PinEvent, Reason
+from streams.fetch import FetchError
+from streams.processor import Message, PinProcessor
+from streams.settings import WorkerSettings
+from tests.unit.fakes import FakeBackend, FakeDLQ, FakeEncoder, FakeFetcher
+
+
+async def _nosleep(_: float) -> None:
+    return None
+
+
+@pytest.fixture
+def parts():
+    enc, milvus, cache, dlq = FakeEncoder(), FakeBackend(), FakeBackend(), FakeDLQ()
+    fetcher = FakeFetcher({"/c/a.png": b"IMG-a", "/c/b.png": b"IMG-b", "/c/a2.png": b"IMG-a2",
+                           "/c/bad.png": b"<html>", "/c/a-copy.png": b"IMG-a"})
+    proc = PinProcessor(encoder=enc, milvus=milvus, cache=cache, fetcher=fetcher, dlq=dlq,
+                        settings=WorkerSettings(fetch_attempts=3), sleep=_nosleep)
+    return proc, enc, milvus, cache, fetcher, dlq
+
+
+def msg(ev: PinEvent) -> Message:
+    return Message(ev.pin_id.encode(), ev.to_bytes())
+
+
+def up(pin: str, image: str, version: int, caption: str = "") -> Message:
+    return msg(PinEvent.upsert(pin, image, version, caption, event_time=100.0))
+
+
+async def test_start_makes_first_version_live(parts):
+    proc, enc, milvus, cache, *_ = parts
+    await proc.start()
+    assert cache.live == enc.version and milvus.live == enc.version
+
+
+async def test_upsert_writes_both_stores_with_provenance(parts):
+    proc, enc, milvus, cache, *_ = parts
+    rep = await proc.process([up("a", "/c/a.png", 1, "cap a")])
+    assert rep.written == 1 and rep.encoded == 1
+    for store in (milvus, cache):
+        rec = store.data[enc.version]["a"]
+        assert rec.pin_version == 1 and rec.caption == "cap a"
+        assert rec.model_version == enc.version and len(rec.content_hash) == 64
+        assert np.isclose(np.linalg.norm(rec.vector), 1.0)
+    assert rep.freshness_s == [1000.0 - 100.0]
+
+
+async def test_redelivery_is_not_fetched_or_encoded_again(parts):
+    proc, enc, milvus, cache, fetcher, _ = parts
+    await proc.process([up("a", "/c/a.png", 1)])
+    rep = await proc.process([up("a", "/c/a.png", 1)])
+    assert rep.skipped == 1 and rep.encoded == 0
+    assert len(enc.calls) == 1 and len(fetcher.calls) == 1
+    assert len(milvus.data[enc.version]) == 1
+
+
+async def test_duplicate_in_one_batch_encodes_once(parts):
+    proc, enc, *_ = parts
+    rep = await proc.process([up("a", "/c/a.png", 1), up("a", "/c/a.png", 1)])
+    assert len(enc.calls) == 1 and rep.written == 1
+
+
+async def test_newer_version_replaces_older_never_the_reverse(parts):
+    proc, enc, milvus, cache, *_ = parts
+    await proc.process([up("a", "/c/a.png", 1)])
+    first = milvus.data[enc.version]["a"].vector
+    await proc.process([up("a", "/c/a2.png", 3)])
+    second = milvus.data[enc.version]["a"].vector
+    assert not np.allclose(first, second)
+    rep = await proc.process([up("a", "/c/a.png", 2)])  # older, arrives late
+    assert rep.skipped == 1 and rep.written == 0
+    assert milvus.data[enc.version]["a"].pin_version == 3
+    assert np.allclose(cache.data[enc.version]["a"].vector, second)
+
+
+async def test_highest_version_in_batch_wins(parts):
+    proc, enc, milvus, *_ = parts
+    await proc.process([up("a", "/c/a2.png", 5), up("a", "/c/a.png", 4)])
+    assert milvus.data[enc.version]["a"].pin_version == 5
+
+
+async def test_same_image_new_version_reuses_vector(parts):
+    proc, enc, milvus, *_ = parts
+    await proc.process([up("a", "/c/a.png", 1, "old")])
+    rep = await proc.process([up("a", "/c/a-copy.png", 2, "new caption")])
+    assert rep.reused == 1 and rep.encoded == 0 and len(enc.calls) == 1
+    rec = milvus.data[enc.version]["a"]
+    assert rec.pin_version == 2 and rec.caption == "new caption"
+
+
+async def test_delete_removes_from_every_version_and_blocks_older_upserts(parts):
+    proc, enc, milvus, cache, *_ = parts
+    cache.registered["old_v0"] = {"dim": "8"}
+    milvus.data["old_v0"] = {}
+    await proc.process([up("a", "/c/a.png", 1), up("b", "/c/b.png", 1)])
+    milvus.data["old_v0"]["a"] = milvus.data[enc.version]["a"]
+    rep = await proc.process([msg(PinEvent.delete("a", 2, event_time=101.0))])
+    assert rep.deleted == 1
+    assert "a" not in milvus.data[enc.version] and "a" not in cache.data[enc.version]
+    assert "a" not in milvus.data["old_v0"]
+    assert "b" in milvus.data[enc.version]
+    rep = await proc.process([up("a", "/c/a.png", 2)])  # not newer than the delete
+    assert rep.written == 0 and "a" not in milvus.data[enc.version]
+    rep = await proc.process([up("a", "/c/a.png", 3)])  # newer: comes back
+    assert rep.written == 1
+
+
+async def test_stale_delete_is_ignored(parts):
+    proc, enc, milvus, *_ = parts
+    await proc.process([up("a", "/c/a.png", 5)])
+    await proc.process([msg(PinEvent.delete("a", 4, event_time=101.0))])
+    assert "a" in milvus.data[enc.version]
+
+
+async def test_malformed_and_missing_go_to_dlq_others_processed(parts):
+    proc, enc, milvus, _, _, dlq = parts
+    rep = await proc.process([
+        up("a", "/c/a.png", 1),
+        Message(b"x", b"{not json"),
+        Message(b"y", json.dumps({"op": "upsert", "pin_id": "y"}).encode()),
+        up("m", "/c/missing.png", 1),
+        up("h", "/c/bad.png", 1),
+        up("b", "/c/b.png", 1),
+    ])
+    assert set(milvus.data[enc.version]) == {"a", "b"}
+    reasons = {(d.pin_id, d.reason) for d in dlq.letters}
+    assert reasons == {("x", Reason.MALFORMED_EVENT), ("y", Reason.MALFORMED_EVENT),
+                       ("m", Reason.NOT_FOUND), ("h", Reason.NOT_AN_IMAGE)}
+    assert rep.written == 2 and len(rep.dead_letters) == 4
+    original = next(d for d in dlq.letters if d.pin_id == "m").original_bytes()
+    assert json.loads(original)["image"] == "/c/missing.png"
+
+
+async def test_transient_fetch_error_retried_then_dead_lettered(parts):
+    proc, enc, milvus, _, fetcher, dlq = parts
+    fetcher.files["/c/flaky.png"] = FetchError(Reason.FETCH_FAILED, "HTTP 503", transient=True)
+    await proc.process([up("f", "/c/flaky.png", 1)])
+    assert fetcher.calls.count("/c/flaky.png") == 3
+    assert dlq.letters[0].reason == Reason.FETCH_FAILED and dlq.letters[0].attempts == 3
+
+
+async def test_store_outage_is_retried_not_dropped(parts):
+    proc, enc, milvus, cache, *_ = parts
+    milvus.fail_next = 3
+    cache.fail_next = 2
+    rep = await proc.process([up("a", "/c/a.png", 1)])
+    assert rep.written == 1
+    assert "a" in milvus.data[enc.version] and "a" in cache.data[enc.version]
+
+
+async def test_cache_lost_record_is_repaired_from_milvus_without_encoding(parts):
+    proc, enc, milvus, cache, *_ = parts
+    await proc.process([up("a", "/c/a.png", 1)])
+    del cache.data[enc.version]["a"]  # e.g. crash after the Milvus write
+    rep = await proc.process([up("a", "/c/a.png", 1)])
+    assert rep.repaired == 1 and len(enc.calls) == 1
+    assert "a" in cache.data[enc.version]
