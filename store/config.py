@@ -30,3 +30,7 @@ class MilvusSettings(BaseModel):
     collection_prefix: str = Field("pins", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
     timeout_s: float = Field(10.0, gt=0, description="per-call timeout")
     metric: Literal["COSINE", "IP"] = "COSINE"
+    keepalive_s: float = Field(
+        300.0, gt=0, description="gRPC keepalive ping interval; servers (Milvus Lite) refuse "
+        "pings more often than every 5 minutes on idle connections"
+    )

@@ -46,7 +46,11 @@ class MilvusStore:
         self.settings = settings
         token = settings.token.get_secret_value() if settings.token else ""
         try:
-            self._client = MilvusClient(uri=settings.uri, token=token, timeout=settings.timeout_s)
+            self._client = MilvusClient(
+                uri=settings.uri, token=token, timeout=settings.timeout_s,
+                grpc_options={"grpc.keepalive_time_ms": int(settings.keepalive_s * 1000),
+                              "grpc.keepalive_permit_without_calls": False},
+            )
         except Exception as exc:  # noqa: BLE001 - connection errors come in many types
             raise StoreUnavailable(
                 f"cannot connect to Milvus at {settings.uri}: {exc} -- is it running? "

@@ -22,7 +22,7 @@ from store.reader import EmbeddingReader
 from store.redis import RedisCache
 from streams.catalog import catalog_root_of, load_catalog, prepare_sample_catalog
 from streams.producer import ensure_topics, publish_events
-from streams.runtime import spawn_worker, stop_pid, wait_readable
+from streams.runtime import spawn_worker, stop_pid, wait_readable, wait_settled
 from streams.settings import Settings
 from streams.stack import EmbeddedStack
 
@@ -64,13 +64,15 @@ async def _demo(settings: Settings, items: list, console: Console) -> dict[str, 
         sent = await publish_events(settings.kafka, (it.event(version=2) for it in items),
                                     total=len(items))
         ids = [it.pin_id for it in items]
-        meta = await wait_readable(cache, ids, 600, min_pin_version=2, progress=True)
-        missing = len(ids) - len(meta)
+        meta, letters = await wait_settled(cache, settings.kafka, ids, 900, min_pin_version=2,
+                                           progress=True)
+        missing = len(ids) - len(meta) - len(letters)
         written = np.array([float(m["written_at"]) for m in meta.values()])
         fresh = np.array([float(m["written_at"]) - float(m["event_time"]) for m in meta.values()])
         elapsed = float(written.max() - t0) if len(written) else float("nan")
         summary = {
             "pins_published": float(sent), "pins_readable": float(len(meta)),
+            "pins_dead_lettered": float(len(letters)),
             "pins_missing": float(missing), "seconds": elapsed,
             "pins_per_s": len(meta) / elapsed if elapsed > 0 else float("nan"),
             "freshness_p50_s": float(np.percentile(fresh, 50)) if len(fresh) else float("nan"),
@@ -82,6 +84,8 @@ async def _demo(settings: Settings, items: list, console: Console) -> dict[str, 
         for k, v in summary.items():
             table.add_row(k, f"{v:.3f}" if not float(v).is_integer() else f"{int(v)}")
         console.print(table)
+        for pid, dl in sorted(letters.items()):
+            console.print(f"dead letter: {pid}: {dl.reason.value}: {dl.error}")
 
         reader = EmbeddingReader(milvus, cache)
         probe = next((it for it in items if "frog" in it.pin_id), items[0])

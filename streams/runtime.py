@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -21,7 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from store.redis import RedisCache
-from streams.settings import Settings
+from streams.events import DeadLetter
+from streams.settings import KafkaSettings, Settings
 from streams.stack import EmbeddedStack
 
 logger = logging.getLogger(__name__)
@@ -183,3 +185,39 @@ async def wait_readable(
             await asyncio.sleep(0.1)
     finally:
         bar.close()
+
+
+async def wait_settled(
+    cache: RedisCache, kafka: KafkaSettings, pin_ids: Sequence[str], timeout_s: float, *,
+    min_pin_version: int | None = None, progress: bool = False,
+) -> tuple[dict[str, dict[str, str]], dict[str, DeadLetter]]:
+    """Wait until every pin is readable or dead-lettered.
+
+    Returns ``(metadata of readable pins, dead letters by pin id)``; together
+    they cover every pin unless the timeout passed.
+    """
+    from streams.producer import read_dead_letters
+
+    deadline = time.monotonic() + timeout_s
+    wanted = set(pin_ids)
+    letters: dict[str, DeadLetter] = {}
+    meta: dict[str, dict[str, str]] = {}
+    while True:
+        todo = [p for p in pin_ids if p not in letters]
+        meta = await wait_readable(cache, todo, min(2.0, max(0.0, deadline - time.monotonic())),
+                                   min_pin_version=min_pin_version, progress=False)
+        if len(meta) == len(todo) or time.monotonic() > deadline:
+            break
+        for dl in await read_dead_letters(kafka):
+            if dl.pin_id in wanted and _letter_version(dl) >= (min_pin_version or 0):
+                letters[dl.pin_id] = dl
+        if progress:
+            logger.info("%d/%d readable, %d dead-lettered", len(meta), len(pin_ids), len(letters))
+    return meta, letters
+
+
+def _letter_version(dl: DeadLetter) -> int:
+    try:
+        return int(json.loads(dl.original_bytes()).get("version", -1))
+    except (ValueError, AttributeError, TypeError):
+        return -1

@@ -1,0 +1,165 @@
+"""Integration fixtures: the real embedded services, started once per session by
+the same launcher the CLI uses, on free loopback ports; workers run as real
+``pinfresh worker`` processes."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import signal
+import subprocess
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import httpx
+import pytest
+
+from encoder.config import EncoderSettings
+from encoder.engine import ImageEncoder
+from store.milvus import MilvusStore
+from store.redis import RedisCache
+from streams.catalog import CatalogItem, scan_directory, stamps_dir
+from streams.events import PinEvent
+from streams.producer import ensure_topics, publish_events, publish_raw, read_dead_letters
+from streams.runtime import spawn_worker, wait_readable, wait_settled
+from streams.settings import Settings
+from streams.stack import EmbeddedStack, StackInfo, StackSettings, free_port
+
+pytestmark = pytest.mark.integration
+_counter = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def stack_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("stack")
+
+
+@pytest.fixture(scope="session")
+def stack(stack_dir) -> Iterator[StackInfo]:
+    st = EmbeddedStack(StackSettings(data_dir=stack_dir, kafka_port=0, redis_port=0,
+                                     milvus_port=0))
+    info = st.start()
+    yield info
+    st.stop()
+
+
+@pytest.fixture(scope="session")
+def stamps(tmp_path_factory) -> Path:
+    try:
+        return stamps_dir(tmp_path_factory.mktemp("tux"), install=False)
+    except Exception as exc:  # noqa: BLE001
+        pytest.fail(f"sample catalog missing ({exc}): `make setup` installs it")
+
+
+@pytest.fixture(scope="session")
+def catalog(stamps) -> list[CatalogItem]:
+    return scan_directory(stamps, prefix="tux", require_caption=True)
+
+
+@pytest.fixture(scope="session")
+def encoder() -> Iterator[ImageEncoder]:
+    enc = ImageEncoder.load(EncoderSettings())
+    yield enc
+    enc.close()
+
+
+class Pipeline:
+    """One isolated deployment on the shared stack: own topics, group and namespaces."""
+
+    def __init__(self, stack: StackInfo, stack_dir: Path, stamps: Path, logs: Path) -> None:
+        n = next(_counter)
+        tag = f"{os.getpid()}_{n}"
+        base = Settings()
+        self.settings = base.with_stack(stack).model_copy(update={
+            "kafka": base.kafka.model_copy(update={
+                "bootstrap_servers": stack.kafka_bootstrap, "topic": f"pins-{tag}",
+                "dlq_topic": f"pins-{tag}.dlq", "group_id": f"workers-{tag}",
+                "partitions": 4}),
+            "redis": base.redis.model_copy(update={"url": stack.redis_url,
+                                                   "key_prefix": f"t{tag}"}),
+            "milvus": base.milvus.model_copy(update={"uri": stack.milvus_uri,
+                                                     "collection_prefix": f"c{tag}"}),
+            "fetch": base.fetch.model_copy(update={"catalog_root": stamps}),
+            "worker": base.worker.model_copy(update={"batch_size": 16, "batch_wait_s": 0.2,
+                                                     "retry_backoff_s": 0.05}),
+            "stack": base.stack.model_copy(update={"data_dir": stack_dir}),
+        })
+        self.logs = logs
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.metrics_ports: dict[str, int] = {}
+        self.cache = RedisCache(self.settings.redis)
+        self.milvus = MilvusStore(self.settings.milvus)
+
+    async def setup(self) -> None:
+        await ensure_topics(self.settings.kafka)
+
+    def start_worker(self, name: str = "w1") -> subprocess.Popen[bytes]:
+        port = free_port()
+        s = self.settings.model_copy(update={
+            "worker": self.settings.worker.model_copy(update={"metrics_port": port})})
+        proc = spawn_worker(s, f"{self.settings.kafka.group_id}-{name}",
+                            log_path=self.logs / f"{name}.log")
+        self.procs[name] = proc
+        self.metrics_ports[name] = port
+        return proc
+
+    def kill_worker(self, name: str = "w1", sig: int = signal.SIGKILL) -> None:
+        proc = self.procs.pop(name)
+        proc.send_signal(sig)
+        proc.wait(timeout=30)
+
+    def metric(self, name: str, worker: str = "w1", labels: str = "") -> float:
+        text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics",
+                         timeout=5).text
+        pat = re.compile(rf"^{re.escape(name)}{re.escape(labels)}\s+([0-9.e+-]+)$", re.M)
+        m = pat.search(text)
+        return float(m.group(1)) if m else 0.0
+
+    def wait_metric(self, name: str, at_least: float, timeout: float = 60, worker: str = "w1",
+                    labels: str = "") -> float:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                v = self.metric(name, worker, labels)
+            except httpx.HTTPError:
+                v = 0.0
+            if v >= at_least or time.monotonic() > deadline:
+                return v
+            time.sleep(0.2)
+
+    async def publish(self, events: Sequence[PinEvent]) -> None:
+        await publish_events(self.settings.kafka, events, progress=False, stamp=False)
+
+    async def publish_raw(self, messages: Sequence[tuple[bytes | None, bytes]]) -> None:
+        await publish_raw(self.settings.kafka, messages)
+
+    async def wait(self, pin_ids: Sequence[str], timeout: float = 120,
+                   min_pin_version: int | None = None) -> dict[str, dict[str, str]]:
+        return await wait_readable(self.cache, pin_ids, timeout, min_pin_version=min_pin_version)
+
+    async def settle(self, pin_ids: Sequence[str], timeout: float = 120):
+        return await wait_settled(self.cache, self.settings.kafka, pin_ids, timeout)
+
+    async def dead_letters(self):
+        return await read_dead_letters(self.settings.kafka)
+
+    def worker_log(self, name: str = "w1") -> str:
+        p = self.logs / f"{name}.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+    async def close(self) -> None:
+        for proc in self.procs.values():
+            proc.kill()
+            proc.wait(timeout=30)
+        await self.cache.close()
+        await self.milvus.close()
+
+
+@pytest.fixture
+async def pipeline(stack, stack_dir, stamps, tmp_path) -> Iterator[Pipeline]:
+    p = Pipeline(stack, stack_dir, stamps, tmp_path)
+    await p.setup()
+    yield p
+    await p.close()
