@@ -373,8 +373,9 @@ class PinProcessor:
         metrics.EVENTS.labels(outcome="dead_letter").inc(len(report.dead_letters))
         logger.info(
             "batch: %d events, %d encoded, %d reused, %d written, %d deleted, %d skipped, "
-            "%d repaired, %d dead letters in %.3fs",
+            "%d repaired, %d dead letters in %.3fs (%s)",
             report.received, report.encoded, report.reused, report.written, report.deleted,
             report.skipped, report.repaired, len(report.dead_letters),
             report.seconds.get("total", 0.0),
+            " ".join(f"{k}={v:.3f}" for k, v in report.seconds.items() if k != "total"),
         )

@@ -152,7 +152,7 @@ def stop_pid(pid: int, timeout: float = 15.0) -> bool:
 
 async def wait_readable(
     cache: RedisCache, pin_ids: Sequence[str], timeout_s: float, *, version: str | None = None,
-    min_pin_version: int | None = None, progress: bool = False,
+    min_pin_version: int | None = None, progress: bool = False, poll_s: float = 0.2,
 ) -> dict[str, dict[str, str]]:
     """Poll Redis until every pin has a vector (at ``min_pin_version`` or newer).
 
@@ -169,20 +169,18 @@ async def wait_readable(
         while True:
             ver = version or await cache.get_live()
             if ver is not None:
-                for i in range(0, len(todo), 500):
-                    chunk = todo[i:i + 500]
-                    got = await cache.get_meta(ver, chunk)
+                for i in range(0, len(todo), 1000):
+                    chunk = todo[i:i + 1000]
                     _, found = await cache.get_vectors(ver, chunk)
-                    for pid, ok in zip(chunk, found, strict=True):
-                        m = got.get(pid)
-                        if ok and m and (min_pin_version is None
-                                         or int(m["pin_version"]) >= min_pin_version):
+                    hits = [p for p, ok in zip(chunk, found, strict=True) if ok]
+                    for pid, m in (await cache.get_meta(ver, hits)).items():
+                        if min_pin_version is None or int(m["pin_version"]) >= min_pin_version:
                             meta[pid] = m
                 bar.update(len(meta) - bar.n)
                 todo = [p for p in pin_ids if p not in meta]
             if not todo or time.monotonic() > deadline:
                 return meta
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(poll_s)
     finally:
         bar.close()
 

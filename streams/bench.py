@@ -1,0 +1,204 @@
+"""``pinfresh bench pipeline``: the bare encoder vs the whole pipeline, one run, one machine.
+
+Measured in one process tree, in this order:
+
+1. the bare encoder: `ImageEncoder.encode_images` (decode + forward + finish)
+   over the sample catalog's images held in memory, median of 3 runs; plus
+   forward-only and decode-only rates as ceilings;
+2. the pipeline's capacity: a private embedded stack (free ports, temporary
+   data dir) and one ``pinfresh worker`` process; a backlog of pins is
+   published at once and the rate is pins readable in Redis over the time from
+   the first send to the last Redis write;
+3. freshness: new pins published at half that capacity, each stamped with its
+   send time; freshness = Redis write time - event time, p50/p99;
+4. the worker's peak RSS (``VmHWM``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from encoder.engine import ImageEncoder
+from store.redis import RedisCache
+from streams.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
+from streams.producer import ensure_topics, publish_events
+from streams.runtime import spawn_worker, stop_pid, wait_readable, wait_settled
+from streams.settings import Settings
+from streams.stack import EmbeddedStack, StackSettings
+
+
+def machine() -> dict[str, object]:
+    """What the numbers were measured on."""
+    cpu = platform.processor()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        kb = int(Path("/proc/meminfo").read_text().split()[1])
+        mem_gb = round(kb / 1024 / 1024, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb,
+        "python": platform.python_version(), "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available(),
+        "platform": platform.platform(),
+    }
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _rate(n: int, fn) -> float:  # type: ignore[no-untyped-def]
+    t = time.perf_counter()
+    fn()
+    return n / (time.perf_counter() - t)
+
+
+def run_pipeline_bench(settings: Settings, pins: int, fresh_pins: int, out: Path,
+                       console: Console) -> dict[str, object]:
+    """Run the benchmark, print the table, write JSON to ``out``; returns the JSON object."""
+    data_dir = settings.stack.data_dir.resolve()
+    path = prepare_sample_catalog(data_dir)
+    base_items = list(load_catalog(path))
+    images = {it.pin_id: Path(it.image).read_bytes() for it in base_items}
+
+    # 1. bare encoder, in this process, on images held in memory
+    enc = ImageEncoder.load(settings.encoder)
+    first = enc.encode_images(list(images.values()))
+    usable = [it for it, r in zip(base_items, first, strict=True) if isinstance(r, np.ndarray)]
+    cap_items = [replace(usable[i % len(usable)], pin_id=f"cap-{i}") for i in range(pins)]
+    fresh_items = [replace(usable[i % len(usable)], pin_id=f"fresh-{i}")
+                   for i in range(fresh_pins)]
+    sample = [images[it.pin_id] for it in usable][:pins]
+    bare = statistics.median(_rate(len(sample), lambda: enc.encode_images(sample))
+                             for _ in range(3))
+    prepared = [enc.prepare(b) for b in sample]
+    bs = settings.encoder.batch_size
+    batches = [np.stack(prepared[i:i + bs]) for i in range(0, len(prepared), bs)]
+    forward = statistics.median(
+        _rate(len(prepared), lambda: [enc.forward(b) for b in batches]) for _ in range(3))
+    decode = statistics.median(
+        _rate(len(sample), lambda: list(enc._pool.map(enc.prepare, sample))) for _ in range(3))
+    model_version = enc.version
+    enc.close()
+    del enc, batches, prepared
+    console.print(f"bare encoder: {bare:.1f} img/s (forward only {forward:.1f}, "
+                  f"decode only {decode:.1f})")
+
+    # 2-4. the pipeline on a private stack
+    with tempfile.TemporaryDirectory(prefix="pinfresh-bench-") as tmp:
+        stack = EmbeddedStack(StackSettings(data_dir=Path(tmp), kafka_port=0, redis_port=0,
+                                            milvus_port=0))
+        info = stack.start()
+        try:
+            s = settings.with_stack(info).model_copy(update={
+                "fetch": settings.fetch.model_copy(update={"catalog_root": catalog_root_of(path)}),
+                "stack": settings.stack.model_copy(update={"data_dir": Path(tmp)}),
+                "kafka": settings.with_stack(info).kafka.model_copy(update={"topic": "bench"}),
+            })
+            result = asyncio.run(_pipeline(s, usable[0], cap_items, fresh_items, console))
+        finally:
+            stack.stop()
+
+    report: dict[str, object] = {
+        "encoder_images_per_s": round(bare, 2),
+        "encoder_forward_only_images_per_s": round(forward, 2),
+        "decode_only_images_per_s": round(decode, 2),
+        **result,
+        "pipeline_vs_encoder": round(float(result["pipeline_pins_per_s"]) / bare, 3),  # type: ignore[arg-type]
+        "model_version": model_version,
+        "encoder_batch_size": settings.encoder.batch_size,
+        "worker_batch_size": settings.worker.batch_size,
+        "worker_batch_wait_s": settings.worker.batch_wait_s,
+        "images": "Tux Paint stamps (PNG, mostly transparent), read from local disk",
+        "machine": machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    table = Table(title="pinfresh bench pipeline (one run, this machine)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("bare encoder (decode+forward+finish), img/s", report["encoder_images_per_s"]),
+        ("  forward only (ceiling), img/s", report["encoder_forward_only_images_per_s"]),
+        ("  decode only (ceiling), img/s", report["decode_only_images_per_s"]),
+        ("pipeline, publish -> readable in Redis, pins/s", report["pipeline_pins_per_s"]),
+        ("pipeline / bare encoder", report["pipeline_vs_encoder"]),
+        (f"freshness p50 at {report['fresh_rate_per_s']} pins/s, s", report["freshness_p50_s"]),
+        ("freshness p99, s", report["freshness_p99_s"]),
+        ("worker peak RSS, MB", report["worker_peak_rss_mb"]),
+    ]
+    for k, v in rows:
+        table.add_row(k, str(v))
+    console.print(table)
+    m = report["machine"]
+    console.print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, "  # type: ignore[index]
+                  f"torch {m['torch']}")  # type: ignore[index]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
+    return report
+
+
+async def _pipeline(s: Settings, warm: CatalogItem, cap_items: list[CatalogItem],
+                    fresh_items: list[CatalogItem], console: Console) -> dict[str, object]:
+    await ensure_topics(s.kafka)
+    worker = spawn_worker(s, "bench")
+    cache = RedisCache(s.redis)
+    try:
+        await publish_events(s.kafka, [replace(warm, pin_id="warmup").event(1)], progress=False)
+        if not await wait_readable(cache, ["warmup"], 180):
+            raise RuntimeError("bench worker did not start: see the worker log")
+        console.print(f"capacity: backlog of {len(cap_items)} pins")
+        t0 = time.time()
+        await publish_events(s.kafka, (it.event(1) for it in cap_items), total=len(cap_items))
+        meta, letters = await wait_settled(cache, s.kafka, [it.pin_id for it in cap_items], 900)
+        last = max(float(m["written_at"]) for m in meta.values())
+        capacity = len(meta) / (last - t0)
+
+        rate = round(capacity / 2, 2)
+        console.print(f"freshness: {len(fresh_items)} pins at {rate} pins/s")
+        await publish_events(s.kafka, (it.event(1) for it in fresh_items), rate=rate,
+                             total=len(fresh_items))
+        fmeta, fletters = await wait_settled(cache, s.kafka, [it.pin_id for it in fresh_items],
+                                             900)
+        fresh = np.array([float(m["written_at"]) - float(m["event_time"])
+                          for m in fmeta.values()])
+        rss = _peak_rss_mb(worker.pid)
+    finally:
+        stop_pid(worker.pid)
+        await cache.close()
+    return {
+        "pipeline_pins": len(meta),
+        "pipeline_seconds": round(last - t0, 3),
+        "pipeline_pins_per_s": round(capacity, 2),
+        "fresh_rate_per_s": rate,
+        "fresh_pins": len(fmeta),
+        "freshness_p50_s": round(float(np.percentile(fresh, 50)), 3),
+        "freshness_p99_s": round(float(np.percentile(fresh, 99)), 3),
+        "freshness_max_s": round(float(fresh.max()), 3),
+        "dead_letters": len(letters) + len(fletters),
+        "worker_peak_rss_mb": round(rss, 1),
+    }
