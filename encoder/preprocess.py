@@ -72,8 +72,8 @@ def prepare_image(
             # our own pixel limit below is the rule; PIL's hard limit still
             # raises DecompressionBombError for absurd sizes
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=[fmt])
-            w, h = img.size
+            opened = Image.open(io.BytesIO(data), formats=[fmt])
+            w, h = opened.size
             if w * h > max_pixels:
                 raise ImageError(
                     "too_many_pixels", f"{w}x{h} = {w * h} pixels > limit {max_pixels}"
@@ -81,9 +81,8 @@ def prepare_image(
             if min(w, h) < min_side:
                 raise ImageError("image_too_small", f"{w}x{h} is below {min_side} px")
             if fmt == "JPEG":
-                img.draft("RGB", (size, size))
-            img = _to_rgb(img, spec.background)
-            img = _resize_crop(img, size)
+                opened.draft("RGB", (size, size))
+            img = _resize_crop(_to_rgb(opened, spec.background), size)
             arr = np.asarray(img, dtype=np.uint8)
     except ImageError:
         raise

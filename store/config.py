@@ -12,7 +12,9 @@ class RedisSettings(BaseModel):
 
     url: str = Field("redis://127.0.0.1:16379/0", description="redis:// or rediss:// URL")
     password: SecretStr | None = Field(None, description="password (kept out of logs)")
-    key_prefix: str = Field("pf", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="key namespace root")
+    key_prefix: str = Field(
+        "pf", pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="key namespace root"
+    )
     vector_dtype: Literal["float16", "float32"] = Field(
         "float16", description="dtype of cached vectors (little-endian raw bytes)"
     )

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import numpy as np
@@ -34,6 +35,10 @@ from store.config import RedisSettings
 from store.errors import DimensionMismatch, StoreError, StoreUnavailable
 
 T = TypeVar("T")
+def _text(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
+
+
 _META = ("pin_version", "content_hash", "event_time", "encode_time", "written_at",
          "image_location", "caption")
 
@@ -100,16 +105,17 @@ class RedisCache:
             raw = await self._do(lambda: self._r.hgetall(f"{self.p}:version:{version}"))
             if not raw:
                 raise StoreError(f"version {version} is not registered in Redis")
-            self._info[version] = (int(raw[b"dim"]), raw[b"dtype"].decode())
+            self._info[version] = (int(raw[b"dim"]), _text(raw[b"dtype"]))
         return self._info[version]
 
     async def versions(self) -> dict[str, dict[str, str]]:
         """All registered versions with their info hashes."""
         names = await self._do(lambda: self._r.smembers(f"{self.p}:versions"))
         out: dict[str, dict[str, str]] = {}
-        for n in sorted(x.decode() for x in names):
-            raw = await self._do(lambda n=n: self._r.hgetall(f"{self.p}:version:{n}"))
-            out[n] = {k.decode(): v.decode() for k, v in raw.items()}
+        for n in sorted(_text(x) for x in names):
+            key = f"{self.p}:version:{n}"
+            raw = await self._do(partial(self._r.hgetall, key))
+            out[n] = {_text(k): _text(v) for k, v in raw.items()}
         return out
 
     async def set_version_state(self, version: str, state: str) -> None:
@@ -119,7 +125,7 @@ class RedisCache:
     async def get_live(self) -> str | None:
         """The live version id, or None before the first version goes live."""
         raw = await self._do(lambda: self._r.get(f"{self.p}:live"))
-        return raw.decode() if raw else None
+        return _text(raw) if raw else None
 
     async def set_live(self, version: str) -> None:
         """Point readers at ``version`` (one atomic SET)."""
@@ -177,7 +183,7 @@ class RedisCache:
         """Delete every key of a version's namespace; returns keys removed."""
         removed = 0
         async for key in self._r.scan_iter(match=f"{self.p}:{version}:*", count=1000):
-            removed += await self._do(lambda key=key: self._r.delete(key))
+            removed += await self._do(partial(self._r.delete, key))
         await self._do(lambda: self._r.delete(f"{self.p}:version:{version}"))
         await self._do(lambda: self._r.srem(f"{self.p}:versions", version))
         self._info.pop(version, None)
@@ -216,7 +222,7 @@ class RedisCache:
         raw = await self._do(lambda: self._r.mget([self.vec_key(version, p) for p in pin_ids]))
         dt = np.dtype(dtype).newbyteorder("<")
         for i, blob in enumerate(raw):
-            if blob is not None and len(blob) == dim * dt.itemsize:
+            if isinstance(blob, bytes) and len(blob) == dim * dt.itemsize:
                 out[i] = np.frombuffer(blob, dtype=dt)
                 found[i] = True
         return out, found
@@ -275,7 +281,7 @@ class RedisCache:
     async def pin_ids(self, version: str) -> list[str]:
         """Every pin id stored in a version."""
         raw = await self._do(lambda: self._r.smembers(self._ids_key(version)))
-        return sorted(x.decode() for x in raw)
+        return sorted(_text(x) for x in raw)
 
     async def count(self, version: str) -> int:
         """Pins stored in a version."""

@@ -104,7 +104,6 @@ def run_pipeline_bench(settings: Settings, pins: int, fresh_pins: int, out: Path
         _rate(len(sample), lambda: list(enc._pool.map(enc.prepare, sample))) for _ in range(3))
     model_version = enc.version
     enc.close()
-    del enc, batches, prepared
     console.print(f"bare encoder: {bare:.1f} img/s (forward only {forward:.1f}, "
                   f"decode only {decode:.1f})")
 

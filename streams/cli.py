@@ -113,9 +113,10 @@ def status(ctx: _Ctx, as_json: bool) -> None:
     vt = Table(title="model versions")
     for col in ("version", "state", "dim", "pins (redis)", "pins (milvus)", "live"):
         vt.add_column(col)
-    for name, v in versions.items():
-        vt.add_row(name, v.get("state", ""), v.get("dim", ""), str(v.get("redis_pins")),
-                   str(v.get("milvus_pins")), "*" if v.get("live") else "")
+    for name, row in versions.items():
+        vt.add_row(name, str(row.get("state", "")), str(row.get("dim", "")),
+                   str(row.get("redis_pins")), str(row.get("milvus_pins")),
+                   "*" if row.get("live") else "")
     console.print(vt)
 
 

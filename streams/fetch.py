@@ -164,7 +164,7 @@ class Fetcher:
                 Reason.FETCH_FAILED, f"cannot resolve {host}: {exc}", transient=True
             ) from exc
         for info in infos:
-            ip = ipaddress.ip_address(info[4][0].split("%", 1)[0])
+            ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
             if not _ip_is_public(ip):
                 raise FetchError(
                     Reason.FORBIDDEN_LOCATION,

@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Protocol, TypeVar
 
 import numpy as np
@@ -271,8 +272,8 @@ class PinProcessor:
         known = await self._retry("redis", self.cache.versions)
         versions = set(known) | {self.version}
         for v in sorted(versions):
-            await self._retry("milvus", lambda v=v: self.milvus.delete(v, ids))
-            await self._retry("redis", lambda v=v: self.cache.delete(v, ids))
+            await self._retry("milvus", partial(self.milvus.delete, v, ids))
+            await self._retry("redis", partial(self.cache.delete, v, ids))
         await self._retry(
             "redis", lambda: self.cache.set_tombstones({e.pin_id: e.version for e in deletes})
         )

@@ -77,7 +77,12 @@ async def publish_events(
     """Send events keyed by pin id; returns how many were acknowledged by the broker.
 
     Args:
+        k: Kafka settings (bootstrap servers, topic).
+        events: the events to send, in order.
+        total: how many there are, for the progress bar.
         rate: events per second (None = as fast as possible).
+        progress: show a progress bar.
+        topic: send here instead of ``k.topic``.
         stamp: set each event's ``event_time`` to the moment it is sent, so
             freshness measures the pipeline, not the catalog's age.
     """

@@ -20,6 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from store.redis import RedisCache
 from streams.events import DeadLetter
@@ -41,7 +42,7 @@ def load_settings() -> Settings:
     info = EmbeddedStack(settings.stack).read()
     if info is None:
         return settings
-    update = {}
+    update: dict[str, Any] = {}
     if _ADDRESS_ENV["kafka"] not in os.environ:
         update["kafka"] = settings.kafka.model_copy(
             update={"bootstrap_servers": info.kafka_bootstrap})
