@@ -28,7 +28,7 @@ from typing import Any
 
 import open_clip
 import torch
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, _build_vision_tower
+from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP, _build_vision_tower
 from torch import nn
 
 from encoder.config import DEFAULT_MODEL
@@ -279,7 +279,9 @@ def build_image_tower(
     return tower.eval()
 
 
-def build_clip(spec: ModelSpec, checkpoint: Path | None = None, seed: int = 0) -> CLIP:
+def build_clip(
+    spec: ModelSpec, checkpoint: Path | None = None, seed: int = 0
+) -> CLIP | CustomTextCLIP:
     """Build the full two-tower CLIP (for training and evaluation).
 
     Raises:
@@ -288,7 +290,9 @@ def build_clip(spec: ModelSpec, checkpoint: Path | None = None, seed: int = 0) -
     cfg = _resolve_packaged(spec.config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = CLIP(
+        # open_clip uses CustomTextCLIP (a ``text`` submodule) for HF text towers
+        cls = CustomTextCLIP if cfg["text_cfg"].get("hf_model_name") else CLIP
+        model = cls(
             embed_dim=int(cfg["embed_dim"]),
             vision_cfg=CLIPVisionCfg(**cfg["vision_cfg"]),
             text_cfg=CLIPTextCfg(**cfg["text_cfg"]),

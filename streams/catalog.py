@@ -177,3 +177,55 @@ def load_catalog(path: Path, limit: int | None = None) -> Iterator[CatalogItem]:
             n += 1
             if limit is not None and n >= limit:
                 return
+
+
+EMOJI_PACKAGE = "emoji-datasource-google@16.0.0"
+
+
+def emoji_dir(data_dir: Path, install: bool = True) -> Path:
+    """Directory of the npm package ``emoji-datasource-google`` (installed under data/npm).
+
+    Raises:
+        CatalogError: npm is missing or the install failed.
+    """
+    pkg = data_dir / "npm" / "node_modules" / "emoji-datasource-google"
+    if (pkg / "emoji.json").is_file():
+        return pkg
+    if not install:
+        raise CatalogError("emoji-datasource-google is not installed: run `make setup`")
+    npm = shutil.which("npm")
+    if npm is None:
+        raise CatalogError("npm not found: install Node.js/npm to get the generic emoji corpus")
+    (data_dir / "npm").mkdir(parents=True, exist_ok=True)
+    res = subprocess.run([npm, "install", "--prefix", str(data_dir / "npm"), "--no-audit",
+                          "--no-fund", "--silent", EMOJI_PACKAGE], capture_output=True, text=True)
+    if res.returncode != 0 or not (pkg / "emoji.json").is_file():
+        raise CatalogError(f"npm install {EMOJI_PACKAGE} failed: {res.stderr[-500:]}")
+    return pkg
+
+
+def prepare_emoji_catalog(data_dir: Path) -> Path:
+    """Write ``<data_dir>/catalog/emoji.jsonl``: 1,911 Google emoji images named in English.
+
+    The images are Apache-2.0 (the npm package), installed at set-up time and
+    never committed. Captions are the emoji names, lower-cased.
+    """
+    pkg = emoji_dir(data_dir)
+    entries = json.loads((pkg / "emoji.json").read_text())
+    out = data_dir / "catalog" / "emoji.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    n = 0
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "w") as f:
+        for e in entries:
+            img = pkg / "img" / "google" / "64" / e["image"]
+            name = (e.get("name") or e.get("short_name") or "").strip().lower()
+            if not e.get("has_img_google") or not img.is_file() or not name:
+                continue
+            f.write(json.dumps({"pin_id": f"emoji-{e['unified'].lower()}", "image": str(img),
+                                "caption": name, "metadata": {"category": e.get("category", "")}})
+                    + "\n")
+            n += 1
+    tmp.replace(out)
+    logger.info("generic catalog: %d emoji -> %s", n, out)
+    return out

@@ -13,7 +13,9 @@ import asyncio
 import json
 import logging
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.console import Console
@@ -158,14 +160,27 @@ def catalog() -> None:
 
 
 @catalog.command("prepare")
+@click.option("--emoji/--no-emoji", default=True, show_default=True,
+              help="also the generic emoji corpus (npm emoji-datasource-google)")
 @pass_ctx
-def catalog_prepare(ctx: _Ctx) -> None:
-    """Install the Tux Paint stamps if needed and write the sample catalog JSONL."""
-    from streams.catalog import load_catalog, prepare_sample_catalog
+def catalog_prepare(ctx: _Ctx, emoji: bool) -> None:
+    """Install the Tux Paint stamps (and emoji) if needed and write catalog JSONL files."""
+    from streams.catalog import (
+        CatalogError,
+        load_catalog,
+        prepare_emoji_catalog,
+        prepare_sample_catalog,
+    )
 
-    path = prepare_sample_catalog(ctx.settings.stack.data_dir.resolve())
-    n = sum(1 for _ in load_catalog(path))
-    console.print(f"{n} pins -> {path}")
+    data = ctx.settings.stack.data_dir.resolve()
+    path = prepare_sample_catalog(data)
+    console.print(f"{sum(1 for _ in load_catalog(path))} pins -> {path}")
+    if emoji:
+        try:
+            epath = prepare_emoji_catalog(data)
+            console.print(f"{sum(1 for _ in load_catalog(epath))} pins -> {epath}")
+        except CatalogError as exc:  # the pipeline works without it; training needs it
+            console.print(f"[yellow]emoji corpus skipped:[/] {exc}")
 
 
 @cli.group()
@@ -320,6 +335,126 @@ def dlq_list(ctx: _Ctx, as_json: bool) -> None:
     for dl in letters:
         t.add_row(dl.pin_id or "?", dl.reason.value, str(dl.attempts), dl.error[:80])
     console.print(t)
+
+
+# ---------------------------------------------------------------- encoder
+@cli.group()
+def encoder() -> None:
+    """Train, evaluate and compare encoders."""
+
+
+def _quiet_transformers() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def _train_config(epochs: int, unfreeze_last: int, seed: int) -> Any:
+    from encoder.train import TrainConfig
+
+    return TrainConfig(epochs=epochs, unfreeze_last=unfreeze_last, seed=seed)
+
+
+_catalog_opt = click.option(
+    "--catalog", "catalogs", multiple=True, type=click.Path(path_type=Path),
+    help="JSONL catalog(s) of (image, caption); repeatable")
+_epochs_opt = click.option("--epochs", default=60, show_default=True)
+_unfreeze_opt = click.option("--unfreeze-last", default=0, show_default=True,
+                             help="also train the last N stages of the image trunk")
+_seed_opt = click.option("--seed", default=0, show_default=True)
+
+
+@encoder.command("train")
+@_catalog_opt
+@click.option("--out", type=click.Path(path_type=Path), required=True,
+              help="checkpoint directory to write")
+@click.option("--hold-out/--no-hold-out", default=True, show_default=True,
+              help="keep the held-out captions of the catalogs out of training")
+@_epochs_opt
+@_unfreeze_opt
+@_seed_opt
+@pass_ctx
+def encoder_train(ctx: _Ctx, catalogs: tuple[Path, ...], out: Path, hold_out: bool,
+                  epochs: int, unfreeze_last: int, seed: int) -> None:
+    """Train the domain encoder (LiT: frozen towers, trained projections) on catalogs.
+
+    Default catalogs: the sample Tux Paint catalog plus the emoji corpus.
+    """
+    from encoder.data import read_pairs, split_by_caption
+    from encoder.model import DEFAULT_MODEL, model_spec
+    from encoder.train import train_checkpoint
+
+    _quiet_transformers()
+    data = ctx.settings.stack.data_dir.resolve()
+    paths = list(catalogs) or [data / "catalog" / "tuxpaint.jsonl", data / "catalog" / "emoji.jsonl"]
+    pairs = read_pairs(paths)
+    train_pairs, test_pairs = split_by_caption(pairs) if hold_out else (pairs, [])
+    version, metrics, losses = train_checkpoint(
+        model_spec(DEFAULT_MODEL), train_pairs, out, data / "cache" / "features",
+        _train_config(epochs, unfreeze_last, seed), test_pairs,
+        {"catalogs": [str(p) for p in paths], "held_out_pairs": len(test_pairs)})
+    console.print(f"version {version} -> {out} (loss {losses[0]:.3f} -> {losses[-1]:.3f})")
+    if metrics:
+        console.print(json.dumps(metrics))
+
+
+@encoder.command("eval")
+@click.option("--checkpoint", type=click.Path(path_type=Path, exists=True),
+              help="pinfresh checkpoint dir (default: the untrained default model)")
+@_catalog_opt
+@pass_ctx
+def encoder_eval(ctx: _Ctx, checkpoint: Path | None, catalogs: tuple[Path, ...]) -> None:
+    """Recall@1/5/10 (text->image, image->text) on the held-out split of catalogs."""
+    from encoder.data import read_pairs, split_by_caption
+    from encoder.model import build_clip, model_spec
+    from encoder.train import compute_features, evaluate
+
+    _quiet_transformers()
+    data = ctx.settings.stack.data_dir.resolve()
+    paths = list(catalogs) or [data / "catalog" / "tuxpaint.jsonl"]
+    _, test = split_by_caption(read_pairs(paths))
+    spec = model_spec(ctx.settings.encoder.model, checkpoint)
+    model = build_clip(spec, checkpoint)
+    feats = compute_features(model, spec, test, data / "cache" / "features")
+    click.echo(json.dumps({"checkpoint": str(checkpoint), "held_out_pairs": len(feats.pairs),
+                           **evaluate(model, feats)}, indent=2))
+
+
+@encoder.command("compare")
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("bench/results/encoder_recall.json"), show_default=True)
+@_epochs_opt
+@_unfreeze_opt
+@_seed_opt
+@pass_ctx
+def encoder_compare(ctx: _Ctx, out: Path, epochs: int, unfreeze_last: int, seed: int) -> None:
+    """Untrained vs generic (emoji) vs domain (emoji + Tux Paint train) on held-out Tux Paint."""
+    from encoder.data import read_pairs
+    from encoder.train import compare_encoders
+    from streams.catalog import prepare_emoji_catalog, prepare_sample_catalog
+
+    _quiet_transformers()
+    data = ctx.settings.stack.data_dir.resolve()
+    t0 = time.perf_counter()
+    res = compare_encoders(
+        read_pairs([prepare_sample_catalog(data)]), read_pairs([prepare_emoji_catalog(data)]),
+        data / "models", data / "cache" / "features", _train_config(epochs, unfreeze_last, seed))
+    res["_meta"]["command_wall_time_s"] = round(time.perf_counter() - t0, 1)
+    t = Table(title=f"held-out Tux Paint: {res['_meta']['held_out_pairs']} images, "
+                    f"{res['_meta']['held_out_captions']} captions never seen in training")
+    keys = ["t2i_r1", "t2i_r5", "t2i_r10", "i2t_r1", "i2t_r5", "i2t_r10"]
+    t.add_column("model")
+    for k in keys:
+        t.add_column(k, justify="right")
+    for name in ("untrained", "generic", "domain"):
+        t.add_row(name, *[f"{res[name][k]:.3f}" for k in keys])
+    console.print(t)
+    console.print(f"checkpoints: {res['_meta']['checkpoints']}; "
+                  f"wall time {res['_meta']['command_wall_time_s']} s")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    console.print(f"wrote {out}")
 
 
 # ------------------------------------------------------------ demo, bench
