@@ -59,7 +59,7 @@ def _fingerprint(module: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _split_trunk(trunk: nn.Module, k: int) -> tuple[Callable[[torch.Tensor], torch.Tensor],
+def _split_trunk(trunk: Any, k: int) -> tuple[Callable[[torch.Tensor], torch.Tensor],
                                                     nn.Module]:
     """``(frozen front, trainable tail)`` of a timm EfficientNet trunk at ``k`` stages."""
     blocks = getattr(trunk, "blocks", None)
@@ -115,17 +115,17 @@ class Features:
 
 
 def compute_features(
-    model: nn.Module, spec: ModelSpec, pairs: Sequence[Pair], cache_dir: Path,
+    model: Any, spec: ModelSpec, pairs: Sequence[Pair], cache_dir: Path,
     unfreeze_last: int = 0, batch: int = 32, progress: bool = True,
     max_image_pixels: int = 40_000_000,
 ) -> Features:
     """Run the frozen parts of both towers over ``pairs`` (cached by content hash)."""
-    trunk = model.visual.trunk  # type: ignore[union-attr]
+    trunk = model.visual.trunk
     front, _ = _split_trunk(trunk, unfreeze_last)
     pre = spec.preprocess
     img_cache = FeatureCache(cache_dir / f"img_{spec.name}_k{unfreeze_last}_{_fingerprint(trunk)}"
                                          f"_{pre.image_size}.npz")
-    text_tower = model.text  # type: ignore[union-attr]
+    text_tower = model.text
     txt_cache = FeatureCache(cache_dir / f"txt_{spec.name}_{_fingerprint(text_tower)}.npz")
     mean = torch.tensor(pre.mean).view(1, 3, 1, 1) * 255
     std = torch.tensor(pre.std).view(1, 3, 1, 1) * 255
@@ -165,12 +165,12 @@ def compute_features(
     text_tower.eval()
     with torch.inference_mode():
         for i in range(0, len(missing), 256):
-            chunk = missing[i:i + 256]
-            ids = tokenizer(chunk)
+            texts = missing[i:i + 256]
+            ids = tokenizer(texts)
             mask = (ids != text_tower.config.pad_token_id).long()
             out = text_tower.transformer(input_ids=ids, attention_mask=mask)
             pooled = text_tower.pooler(out, mask).float().numpy()
-            for c, f in zip(chunk, pooled, strict=True):
+            for c, f in zip(texts, pooled, strict=True):
                 txt_cache.rows[c] = f
     txt_cache.save()
 
@@ -178,7 +178,7 @@ def compute_features(
     index = {c: i for i, c in enumerate(dict.fromkeys(norm))}
     return Features(
         pairs=kept,
-        image=torch.from_numpy(np.stack([img_cache.rows[keys[i]] for i in ok])).float(),  # type: ignore[index]
+        image=torch.from_numpy(np.stack([img_cache.rows[str(keys[i])] for i in ok])).float(),
         text=torch.from_numpy(np.stack([txt_cache.rows[c] for c in captions])).float(),
         caption_ids=torch.tensor([index[c] for c in norm]),
         captions=norm,
@@ -186,12 +186,12 @@ def compute_features(
 
 
 # ----------------------------------------------------------- train and eval
-def _heads(model: nn.Module, unfreeze_last: int) -> tuple[nn.Module, nn.Module, nn.Module]:
-    _, tail = _split_trunk(model.visual.trunk, unfreeze_last)  # type: ignore[union-attr]
-    return tail, model.visual.head, model.text.proj  # type: ignore[union-attr, return-value]
+def _heads(model: Any, unfreeze_last: int) -> tuple[nn.Module, nn.Module, nn.Module]:
+    _, tail = _split_trunk(model.visual.trunk, unfreeze_last)
+    return tail, model.visual.head, model.text.proj
 
 
-def embed(model: nn.Module, feats: Features, unfreeze_last: int = 0,
+def embed(model: Any, feats: Features, unfreeze_last: int = 0,
           grad: bool = False, idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised ``(image, text)`` embeddings from cached features."""
     tail, vhead, tproj = _heads(model, unfreeze_last)
@@ -213,7 +213,7 @@ def contrastive_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor,
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
 
-def train(model: nn.Module, feats: Features, cfg: TrainConfig, progress: bool = True
+def train(model: Any, feats: Features, cfg: TrainConfig, progress: bool = True
           ) -> list[float]:
     """Train projections (and the unfrozen trunk tail) in place; returns loss per epoch."""
     torch.manual_seed(cfg.seed)
@@ -223,7 +223,7 @@ def train(model: nn.Module, feats: Features, cfg: TrainConfig, progress: bool = 
     params = [*tail.parameters(), *vhead.parameters(), *tproj.parameters()]
     for p in params:
         p.requires_grad_(True)
-    scale = model.logit_scale  # type: ignore[union-attr]
+    scale = model.logit_scale
     scale.requires_grad_(True)
     opt = torch.optim.AdamW([{"params": params, "weight_decay": cfg.weight_decay},
                              {"params": [scale], "weight_decay": 0.0}], lr=cfg.lr)
@@ -275,10 +275,10 @@ def recall_at_k(img: torch.Tensor, txt_by_caption: torch.Tensor, image_caption_i
     return out
 
 
-def evaluate(model: nn.Module, feats: Features, unfreeze_last: int = 0) -> dict[str, float]:
+def evaluate(model: Any, feats: Features, unfreeze_last: int = 0) -> dict[str, float]:
     """Recall@1/5/10 both ways on ``feats`` (use the held-out split)."""
     img, txt = embed(model, feats, unfreeze_last)
-    first = {}
+    first: dict[int, int] = {}
     for row, cid in enumerate(feats.caption_ids.tolist()):
         first.setdefault(cid, row)
     order = torch.tensor([first[c] for c in range(len(first))])
@@ -286,7 +286,7 @@ def evaluate(model: nn.Module, feats: Features, unfreeze_last: int = 0) -> dict[
 
 
 # -------------------------------------------------------------- checkpoints
-def save_checkpoint(model: nn.Module, spec: ModelSpec, out_dir: Path,
+def save_checkpoint(model: Any, spec: ModelSpec, out_dir: Path,
                     summary: dict[str, Any]) -> str:
     """Write a pinfresh checkpoint directory; returns the model version id.
 
@@ -297,7 +297,7 @@ def save_checkpoint(model: nn.Module, spec: ModelSpec, out_dir: Path,
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(out_dir / WEIGHTS))
-    version = version_id(spec, model.visual)  # type: ignore[arg-type]
+    version = version_id(spec, model.visual)
     manifest = {
         "model": spec.name, "config": spec.config, "preprocess": spec.preprocess.to_dict(),
         "version": version, "embed_dim": spec.embed_dim,

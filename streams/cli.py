@@ -387,7 +387,8 @@ def encoder_train(ctx: _Ctx, catalogs: tuple[Path, ...], out: Path, hold_out: bo
 
     _quiet_transformers()
     data = ctx.settings.stack.data_dir.resolve()
-    paths = list(catalogs) or [data / "catalog" / "tuxpaint.jsonl", data / "catalog" / "emoji.jsonl"]
+    paths = list(catalogs) or [data / "catalog" / "tuxpaint.jsonl",
+                               data / "catalog" / "emoji.jsonl"]
     pairs = read_pairs(paths)
     train_pairs, test_pairs = split_by_caption(pairs) if hold_out else (pairs, [])
     version, metrics, losses = train_checkpoint(

@@ -1,0 +1,71 @@
+"""Store backends against the real embedded Milvus Lite and Valkey."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from store.base import EmbeddingRecord
+from store.config import MilvusSettings, RedisSettings
+from store.errors import DimensionMismatch
+from store.milvus import MilvusStore
+from store.reader import EmbeddingReader
+from store.redis import RedisCache
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def stores(stack, request):
+    tag = request.node.name.replace("[", "_").replace("]", "_")[-20:].strip("_")
+    milvus = MilvusStore(MilvusSettings(uri=stack.milvus_uri, collection_prefix=f"s_{tag}"))
+    cache = RedisCache(RedisSettings(url=stack.redis_url, key_prefix=f"s_{tag}"))
+    yield milvus, cache
+    await milvus.close()
+    await cache.close()
+
+
+def rec(pin: str, dim: int, version: str = "v1") -> EmbeddingRecord:
+    v = np.random.default_rng(abs(hash(pin)) % 2**32).standard_normal(dim).astype(np.float32)
+    return EmbeddingRecord(pin, v / np.linalg.norm(v), version, "h" * 64, 1, time.time(),
+                           time.time(), f"/img/{pin}.png", f"caption {pin}")
+
+
+async def test_other_dimension_is_refused_with_the_fix(stores):
+    milvus, cache = stores
+    await milvus.ensure_version("v1", 512)
+    await cache.ensure_version("v1", 512)
+    await milvus.ensure_version("v1", 512)  # idempotent
+    with pytest.raises(DimensionMismatch, match="512 != encoder dim 768.*pick the matching"):
+        await milvus.ensure_version("v1", 768)
+    with pytest.raises(DimensionMismatch, match="512 != encoder dim 768"):
+        await cache.ensure_version("v1", 768)
+
+
+async def test_upsert_replay_keeps_one_row_and_reader_falls_back_and_refills(stores):
+    milvus, cache = stores
+    await milvus.ensure_version("v1", 16)
+    await cache.ensure_version("v1", 16)
+    await cache.set_live("v1")
+    records = [rec(f"p{i}", 16) for i in range(10)]
+    await milvus.upsert("v1", records)
+    await milvus.upsert("v1", records)  # replay
+    assert await milvus.count("v1") == 10
+    await cache.upsert("v1", records[:4])
+
+    reader = EmbeddingReader(milvus, cache)
+    res = await reader.get_many(["p0", "p7", "nope", "p3"])
+    assert res.version == "v1" and res.found.tolist() == [True, True, False, True]
+    assert res.from_cache == 2
+    assert np.allclose(res.vectors[1], records[7].vector, atol=1e-3)
+    assert not res.vectors[2].any()
+    again = await reader.get_many(["p7"])
+    assert again.from_cache == 1  # refilled from Milvus
+
+    ver, hits = await reader.similar(pin_id="p5", k=3)
+    assert ver == "v1" and len(hits) == 3 and "p5" not in [h.pin_id for h in hits]
+    await milvus.delete("v1", ["p5"])
+    await cache.delete("v1", ["p5"])
+    assert (await reader.get_many(["p5"])).found.tolist() == [False]
