@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 DATA   ?= data
 export PINFRESH_STACK__DATA_DIR ?= $(DATA)
 
-.PHONY: setup catalog demo test test-unit test-integration lint bench down clean
+.PHONY: setup catalog demo test test-unit test-integration faults lint bench down clean
 
 setup: $(STAMP) catalog
 
@@ -33,6 +33,10 @@ test-unit: $(STAMP)
 
 test-integration: setup
 	$(PY) -m pytest -q tests/integration
+
+# runs the fault-injection and hostile-input tests, prints the table, writes the JSON
+faults: setup
+	PINFRESH_FAULTS_REPORT=bench/results/faults.json $(PY) -m pytest -q -m faults tests/integration
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check streams encoder store tests

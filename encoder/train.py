@@ -246,7 +246,7 @@ def train(model: Any, feats: Features, cfg: TrainConfig, progress: bool = True
             loss.backward()
             opt.step()
             sched.step()
-            total += float(loss) * len(idx)
+            total += loss.item() * len(idx)
         losses.append(total / n)
         bar.set_postfix(loss=f"{losses[-1]:.3f}")
     for p in model.parameters():

@@ -72,7 +72,9 @@ class MilvusStore:
             return await asyncio.to_thread(fn, *args, **kwargs)
         except (MilvusException, grpc.RpcError, ConnectionError, TimeoutError) as exc:
             # Treated as retriable: the stream pauses and retries rather than
-            # acknowledge events that were not written.
+            # acknowledge events that were not written. A restarted server has
+            # its collections released: load them again on the next call.
+            self._loaded.clear()
             raise StoreUnavailable(f"Milvus {fn.__name__} failed: {exc}", retry_after=1.0) from exc
 
     # ---------------------------------------------------------------- schema
@@ -153,11 +155,13 @@ class MilvusStore:
             }
             for r in records
         ]
+        await self._load(self.collection(version))
         await self._call(self._client.upsert, self.collection(version), data=rows)
 
     async def delete(self, version: str, pin_ids: Sequence[str]) -> None:
         """Delete pins by primary key."""
-        if pin_ids:
+        if pin_ids and await self.has_version(version):
+            await self._load(self.collection(version))
             await self._call(self._client.delete, self.collection(version), ids=list(pin_ids))
 
     # ------------------------------------------------------------------ reads

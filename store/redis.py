@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff
 from redis.exceptions import BusyLoadingError, RedisError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -50,9 +52,13 @@ class RedisCache:
         self.settings = settings
         self.p = settings.key_prefix
         pw = settings.password.get_secret_value() if settings.password else None
+        # one quick retry hides a pooled connection that a restarted server closed;
+        # a real outage still surfaces as StoreUnavailable
         self._r = aioredis.Redis.from_url(
             settings.url, password=pw, socket_timeout=settings.timeout_s,
             socket_connect_timeout=settings.timeout_s, decode_responses=False,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 2),
+            retry_on_error=[RedisConnectionError, RedisTimeoutError],
         )
         self._info: dict[str, tuple[int, str]] = {}
 

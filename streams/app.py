@@ -55,10 +55,19 @@ def create_app(settings: Settings, encoder: ImageEncoder) -> faust.App:
     """
     k = settings.kafka
     app_kwargs: dict[str, Any] = {}
-    if k.sasl_username and k.sasl_password:
+    ssl_context = None
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        ssl_context = create_ssl_context(cafile=k.ssl_cafile)
+    if k.security_protocol.startswith("SASL"):
         app_kwargs["broker_credentials"] = faust.SASLCredentials(
-            username=k.sasl_username, password=k.sasl_password.get_secret_value()
+            username=k.sasl_username or "",
+            password=k.sasl_password.get_secret_value() if k.sasl_password else "",
+            mechanism=k.sasl_mechanism, ssl_context=ssl_context,
         )
+    elif ssl_context is not None:
+        app_kwargs["broker_credentials"] = faust.SSLCredentials(ssl_context)
     app = faust.App(
         k.group_id,
         broker=[f"kafka://{h.strip()}" for h in k.bootstrap_servers.split(",")],

@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -258,12 +260,15 @@ class PinProcessor:
         if not records:
             return
         fresh = [r for r in records if r.pin_id not in repair]
+        self._fault("after_encode")
         t = time.perf_counter()
         await self._retry("milvus", lambda: self.milvus.upsert(ver, fresh))
         report.seconds["milvus"] = time.perf_counter() - t
+        self._fault("after_milvus")
         t = time.perf_counter()
         written_at = await self._retry("redis", lambda: self.cache.upsert(ver, records))
         report.seconds["redis"] = time.perf_counter() - t
+        self._fault("after_redis")
         report.written = len(fresh)
         report.freshness_s = [written_at - r.event_time for r in fresh]
 
@@ -344,6 +349,12 @@ class PinProcessor:
                 else:
                     records.append(self._record(ev, res, digest, now))
         return records
+
+    def _fault(self, point: str) -> None:
+        """Fault injection for the crash tests: die here, as a SIGKILL would."""
+        if self.settings.fault_crash_at == point:
+            logger.warning("fault injection: killing this worker %s", point)
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def _record(
         self, ev: PinEvent, vector: np.ndarray, digest: str, encode_time: float

@@ -29,11 +29,17 @@ class KafkaUnavailable(PinfreshError):
 
 
 def _sasl(k: KafkaSettings) -> dict[str, object]:
-    if k.sasl_username and k.sasl_password:
-        return {"security_protocol": "SASL_PLAINTEXT", "sasl_mechanism": "PLAIN",
-                "sasl_plain_username": k.sasl_username,
-                "sasl_plain_password": k.sasl_password.get_secret_value()}
-    return {}
+    """Aiokafka security keyword arguments from the settings (secrets unwrapped here only)."""
+    out: dict[str, object] = {"security_protocol": k.security_protocol}
+    if k.security_protocol in ("SSL", "SASL_SSL"):
+        from aiokafka.helpers import create_ssl_context
+
+        out["ssl_context"] = create_ssl_context(cafile=k.ssl_cafile)
+    if k.security_protocol.startswith("SASL"):
+        out.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
+                   sasl_plain_password=k.sasl_password.get_secret_value()
+                   if k.sasl_password else None)
+    return out
 
 
 async def ensure_topics(k: KafkaSettings) -> list[str]:

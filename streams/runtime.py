@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from store.errors import StoreUnavailable
 from store.redis import RedisCache
 from streams.events import DeadLetter
 from streams.settings import KafkaSettings, Settings
@@ -73,6 +74,10 @@ def settings_env(settings: Settings) -> dict[str, str]:
         "PINFRESH_WORKER__METRICS_PORT": str(s.worker.metrics_port),
         "PINFRESH_WORKER__FETCH_ATTEMPTS": str(s.worker.fetch_attempts),
         "PINFRESH_WORKER__RETRY_BACKOFF_S": str(s.worker.retry_backoff_s),
+        "PINFRESH_WORKER__RETRY_BACKOFF_MAX_S": str(s.worker.retry_backoff_max_s),
+        "PINFRESH_WORKER__FAULT_CRASH_AT": s.worker.fault_crash_at,
+        "PINFRESH_FETCH__ALLOWED_HOSTS": json.dumps(s.fetch.allowed_hosts),
+        "PINFRESH_FETCH__MAX_BYTES": str(s.fetch.max_bytes),
         "PINFRESH_FETCH__ALLOW_PRIVATE_NETWORKS": str(s.fetch.allow_private_networks).lower(),
         "PINFRESH_FETCH__TIMEOUT_S": str(s.fetch.timeout_s),
         "PINFRESH_STACK__DATA_DIR": str(s.stack.data_dir),
@@ -168,17 +173,21 @@ async def wait_readable(
     todo = list(pin_ids)
     try:
         while True:
-            ver = version or await cache.get_live()
-            if ver is not None:
-                for i in range(0, len(todo), 1000):
-                    chunk = todo[i:i + 1000]
-                    _, found = await cache.get_vectors(ver, chunk)
-                    hits = [p for p, ok in zip(chunk, found, strict=True) if ok]
-                    for pid, m in (await cache.get_meta(ver, hits)).items():
-                        if min_pin_version is None or int(m["pin_version"]) >= min_pin_version:
-                            meta[pid] = m
-                bar.update(len(meta) - bar.n)
-                todo = [p for p in pin_ids if p not in meta]
+            try:
+                ver = version or await cache.get_live()
+                if ver is not None:
+                    for i in range(0, len(todo), 1000):
+                        chunk = todo[i:i + 1000]
+                        _, found = await cache.get_vectors(ver, chunk)
+                        hits = [p for p, ok in zip(chunk, found, strict=True) if ok]
+                        for pid, m in (await cache.get_meta(ver, hits)).items():
+                            if min_pin_version is None or \
+                                    int(m["pin_version"]) >= min_pin_version:
+                                meta[pid] = m
+                    bar.update(len(meta) - bar.n)
+                    todo = [p for p in pin_ids if p not in meta]
+            except StoreUnavailable:  # keep polling through an outage
+                pass
             if not todo or time.monotonic() > deadline:
                 return meta
             await asyncio.sleep(poll_s)
@@ -208,7 +217,8 @@ async def wait_settled(
         if len(meta) == len(todo) or time.monotonic() > deadline:
             break
         for dl in await read_dead_letters(kafka):
-            if dl.pin_id in wanted and _letter_version(dl) >= (min_pin_version or 0):
+            if dl.pin_id in wanted and (min_pin_version is None
+                                        or _letter_version(dl) >= min_pin_version):
                 letters[dl.pin_id] = dl
         if progress:
             logger.info("%d/%d readable, %d dead-lettered", len(meta), len(pin_ids), len(letters))

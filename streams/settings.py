@@ -9,7 +9,7 @@ directory is read too. Secrets are `SecretStr` and print masked.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -35,8 +35,11 @@ class KafkaSettings(BaseModel):
     session_timeout_s: float = Field(10.0, gt=0)
     heartbeat_interval_s: float = Field(1.0, gt=0)
     commit_interval_s: float = Field(1.0, gt=0, description="how often acked offsets commit")
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] = "PLAIN"
     sasl_username: str | None = None
     sasl_password: SecretStr | None = None
+    ssl_cafile: str | None = Field(None, description="CA bundle for SSL/SASL_SSL")
 
 
 class WorkerSettings(BaseModel):
@@ -50,6 +53,10 @@ class WorkerSettings(BaseModel):
     retry_backoff_max_s: float = Field(10.0, gt=0)
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off")
     metrics_host: str = "127.0.0.1"
+    fault_crash_at: Literal["", "after_encode", "after_milvus", "after_redis"] = Field(
+        "", description="fault-injection tests only: SIGKILL the worker itself at this point "
+        "of its first batch with work (never set in production)"
+    )
 
 
 class Settings(BaseSettings):

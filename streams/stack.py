@@ -258,6 +258,36 @@ class EmbeddedStack:
                     )
                 time.sleep(0.2)
 
+    def kill_service(self, name: str) -> None:
+        """SIGKILL one running service (fault tests); ``start_service`` brings it back."""
+        info = self._require()
+        svc = getattr(info, name)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(svc.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _pid_alive(svc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def start_service(self, name: str) -> StackInfo:
+        """(Re)start one service on its recorded port and data dir; wait until healthy."""
+        info = self._require()
+        svc: ServiceInfo = getattr(info, name)
+        cmd = {"kafka": self._kafka_cmd, "redis": self._redis_cmd,
+               "milvus": self._milvus_cmd}[name](info.host, svc.port)
+        deadline = time.monotonic() + 10
+        while _port_in_use(info.host, svc.port) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        setattr(info, name, self._spawn(name, cmd, svc.port))
+        self._write(info)
+        self._wait_healthy(info)
+        return info
+
+    def _require(self) -> StackInfo:
+        info = self.read()
+        if info is None:
+            raise StackError(f"no stack recorded in {self.state_file}: run `pinfresh up`")
+        return info
+
     # ------------------------------------------------------------ state/stop
     def _write(self, info: StackInfo) -> None:
         tmp = self.state_file.with_suffix(".tmp")

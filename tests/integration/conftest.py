@@ -69,6 +69,7 @@ class Pipeline:
     """One isolated deployment on the shared stack: own topics, group and namespaces."""
 
     def __init__(self, stack: StackInfo, stack_dir: Path, stamps: Path, logs: Path) -> None:
+        self.stack: EmbeddedStack | None = None
         n = next(_counter)
         tag = f"{os.getpid()}_{n}"
         base = Settings()
@@ -95,10 +96,10 @@ class Pipeline:
     async def setup(self) -> None:
         await ensure_topics(self.settings.kafka)
 
-    def start_worker(self, name: str = "w1") -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str = "w1", **worker: object) -> subprocess.Popen[bytes]:
         port = free_port()
         s = self.settings.model_copy(update={
-            "worker": self.settings.worker.model_copy(update={"metrics_port": port})})
+            "worker": self.settings.worker.model_copy(update={"metrics_port": port, **worker})})
         proc = spawn_worker(s, f"{self.settings.kafka.group_id}-{name}",
                             log_path=self.logs / f"{name}.log")
         self.procs[name] = proc
@@ -163,3 +164,57 @@ async def pipeline(stack, stack_dir, stamps, tmp_path) -> Iterator[Pipeline]:
     await p.setup()
     yield p
     await p.close()
+
+
+@pytest.fixture
+async def private_pipeline(tmp_path, stamps):
+    """A pipeline on its own embedded stack, for tests that kill services."""
+    data = tmp_path / "stack"
+    st = EmbeddedStack(StackSettings(data_dir=data, kafka_port=0, redis_port=0, milvus_port=0))
+    info = st.start()
+    p = Pipeline(info, data, stamps, tmp_path)
+    p.stack = st
+    await p.setup()
+    yield p
+    await p.close()
+    st.stop()
+
+
+# ------------------------------------------------------------ fault report
+_FAULTS: list[dict[str, object]] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    rep = outcome.get_result()
+    setattr(item, f"rep_{rep.when}", rep)
+
+
+@pytest.fixture
+def fault_case(request):
+    """Record ``case`` -> ``outcome`` for the faults report (``make faults``)."""
+    record: dict[str, object] = {"case": request.node.name, "outcome": ""}
+    yield record
+    rep = getattr(request.node, "rep_call", None)
+    record["ok"] = bool(rep and rep.passed)
+    if rep is not None and not rep.passed:
+        record["outcome"] = f"FAILED: {str(rep.longrepr).splitlines()[-1][:200]}"
+    _FAULTS.append(record)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    path = os.environ.get("PINFRESH_FAULTS_REPORT")
+    if not path or not _FAULTS:
+        return
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(_FAULTS, indent=2) + "\n")
+    width = max(len(str(f["case"])) for f in _FAULTS)
+    lines = [f"{'case'.ljust(width)}  ok     outcome"]
+    for f in _FAULTS:
+        lines.append(f"{str(f['case']).ljust(width)}  {'yes' if f['ok'] else 'NO '}    "
+                     f"{f['outcome']}")
+    session.config.pluginmanager.get_plugin("terminalreporter").write_line(
+        "\n" + "\n".join(lines) + f"\nwrote {path}")

@@ -34,3 +34,31 @@ def test_defaults_bind_loopback():
     assert s.stack.host == "127.0.0.1"
     assert s.worker.metrics_host == "127.0.0.1"
     assert s.fetch.allow_private_networks is False
+
+
+def test_config_show_masks_secrets(monkeypatch, tmp_path):
+    from click.testing import CliRunner
+
+    from streams.cli import cli
+
+    env = {"PINFRESH_REDIS__PASSWORD": "hunter2-redis", "PINFRESH_MILVUS__TOKEN": "tok-milvus",
+           "PINFRESH_KAFKA__SASL_PASSWORD": "kafka-pw", "PINFRESH_STACK__DATA_DIR": str(tmp_path),
+           "PINFRESH_LOG_JSON": "true"}
+    res = CliRunner().invoke(cli, ["config", "show"], env=env)
+    assert res.exit_code == 0, res.output
+    for secret in env.values():
+        if secret not in (str(tmp_path), "true"):
+            assert secret not in res.output
+    assert res.output.count("**********") == 3
+
+
+def test_kafka_security_settings_pass_through():
+    from streams.producer import _sasl
+    from streams.settings import KafkaSettings
+
+    k = KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-256",
+                      sasl_username="u", sasl_password="s3cr3t-pw")
+    kw = _sasl(k)
+    assert kw["security_protocol"] == "SASL_PLAINTEXT" and kw["sasl_plain_password"] == "s3cr3t-pw"
+    assert kw["sasl_mechanism"] == "SCRAM-SHA-256"
+    assert "s3cr3t-pw" not in repr(k)

@@ -1,0 +1,332 @@
+"""Faults and hostile input against real workers on the real embedded stack.
+
+Each test records a ``case``/``outcome`` row; ``make faults`` runs this file
+and writes the table to ``bench/results/faults.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from store.verify import verify_cache
+from streams.events import PinEvent, Reason
+from streams.producer import publish_raw
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
+
+
+def _png(color=(200, 40, 40), size=(64, 64)) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", size, color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+async def _stores_agree(p, version: str) -> None:
+    rep = await verify_cache(p.milvus, p.cache, version)
+    assert rep.ok, rep
+
+
+# ----------------------------------------------------------- crash points
+@pytest.mark.parametrize("point", ["after_encode", "after_milvus", "after_redis"])
+async def test_sigkill_between_side_effects(pipeline, catalog, encoder, point, fault_case):
+    items = catalog[400:440]
+    ids = [it.pin_id for it in items]
+    w1 = pipeline.start_worker("w1", fault_crash_at=point)
+    await pipeline.publish([it.event(1) for it in items])
+    assert w1.wait(timeout=180) == -9, "the worker should have killed itself"
+    pipeline.procs.pop("w1")
+    version = await pipeline.cache.get_live()
+    in_milvus = await pipeline.milvus.count(version)
+    in_cache = await pipeline.cache.count(version)
+    expected = {"after_encode": (0, 0), "after_milvus": (in_milvus, 0),
+                "after_redis": (in_milvus, in_milvus)}[point]
+    assert (in_milvus, in_cache) == expected and (point == "after_encode" or in_milvus > 0)
+
+    pipeline.start_worker("w2")
+    meta = await pipeline.wait(ids, timeout=180)
+    assert len(meta) == len(ids)
+    assert await pipeline.milvus.count(version) == len(ids)
+    await _stores_agree(pipeline, version)
+    # a batch written to Milvus before the crash is not encoded again
+    encoded = pipeline.wait_metric("pinfresh_images_encoded_total", len(ids) - in_milvus,
+                                   worker="w2")
+    assert encoded == len(ids) - in_milvus
+    direct = encoder.encode_images([Path(it.image).read_bytes() for it in items])
+    stored = await pipeline.milvus.get_many(version, ids)
+    assert all(float(stored[it.pin_id].vector @ d) >= 0.999 for it, d in zip(items, direct,
+                                                                             strict=True))
+    fault_case["outcome"] = (f"SIGKILL {point}: {in_milvus} in Milvus / {in_cache} in Redis at "
+                             f"death; after restart {len(ids)}/{len(ids)} servable once, stores "
+                             f"agree, {int(encoded)} re-encoded")
+
+
+async def test_kill_one_of_two_workers(pipeline, catalog, fault_case):
+    items = catalog[440:640]
+    ids = [it.pin_id for it in items]
+    pipeline.start_worker("w1")
+    pipeline.start_worker("w2")
+    await asyncio.sleep(8)  # both join the group
+    await pipeline.publish([it.event(1) for it in items])
+    version = None
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        version = await pipeline.cache.get_live()
+        if version and await pipeline.cache.count(version) >= 40:
+            break
+        await asyncio.sleep(0.1)
+    pipeline.kill_worker("w1")
+    meta, letters = await pipeline.settle(ids, timeout=300)
+    assert len(meta) + len(letters) == len(ids)
+    rows = await pipeline.milvus.iter_pins(version)
+    assert sorted(r["pin_id"] for r in rows) == sorted(meta)
+    await _stores_agree(pipeline, version)
+    fault_case["outcome"] = (f"2 workers, one SIGKILLed mid-stream: {len(meta)} servable once, "
+                             f"{len(letters)} dead-lettered, stores agree")
+
+
+# ------------------------------------------------------ backend outages
+@pytest.mark.parametrize("service", ["redis", "milvus"])
+async def test_backend_down_then_back(private_pipeline, catalog, service, fault_case):
+    p = private_pipeline
+    first, second = catalog[0:20], catalog[20:40]
+    p.start_worker("w1", retry_backoff_s=0.2, retry_backoff_max_s=1.0)
+    await p.publish([it.event(1) for it in first])
+    assert len(await p.wait([it.pin_id for it in first], timeout=180)) == 20
+    version = await p.cache.get_live()
+    await asyncio.sleep(1.5)  # let Valkey's AOF (fsync every second) catch up
+    p.stack.kill_service(service)
+    await p.publish([it.event(1) for it in second])
+    retries = p.wait_metric("pinfresh_retries_total", 3, labels=f'{{stage="{service}"}}',
+                            timeout=60)
+    assert retries >= 3
+    await asyncio.sleep(2)
+    p.stack.start_service(service)
+    ids = [it.pin_id for it in first + second]
+    meta = await p.wait(ids, timeout=120)
+    assert len(meta) == 40
+    assert await p.milvus.count(version) == 40
+    await _stores_agree(p, version)
+    fault_case["outcome"] = (f"{service} SIGKILLed with 20 pins in flight: worker retried "
+                             f"{int(retries)}+ times with capped backoff, then all 40 servable "
+                             "and stores agree after restart")
+
+
+# ------------------------------------------------------ hostile servers
+class _ImageServer:
+    def __init__(self) -> None:
+        self.hits: dict[str, int] = {}
+        self.fixed = False
+        png = _png()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                server.hits[self.path] = server.hits.get(self.path, 0) + 1
+                if self.path == "/hang":
+                    time.sleep(5)
+                    return
+                if self.path == "/slow":
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/png")
+                    self.end_headers()
+                    for b in png:  # one byte every 10 ms: never finishes in time
+                        self.wfile.write(bytes([b]))
+                        time.sleep(0.01)
+                    return
+                if self.path == "/500" and not server.fixed:
+                    self.send_error(500)
+                    return
+                if self.path == "/flaky" and server.hits[self.path] == 1:
+                    self.send_error(503)
+                    return
+                if self.path == "/html":
+                    body = b"<html><body>not an image</body></html>"
+                    self.send_response(200)
+                    self.send_header("Content-Type", "image/jpeg")
+                    self.send_header("Content-Length", str(len(body)))
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                if self.path == "/redirect-internal":
+                    self.send_response(302)
+                    self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+                    self.end_headers()
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "image/png")
+                self.send_header("Content-Length", str(len(png)))
+                self.end_headers()
+                self.wfile.write(png)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+async def test_slow_hanging_and_failing_image_servers(pipeline, fault_case):
+    srv = _ImageServer()
+    try:
+        pipeline.settings = pipeline.settings.model_copy(update={
+            "fetch": pipeline.settings.fetch.model_copy(update={
+                "timeout_s": 1.0, "allowed_hosts": ["127.0.0.1"]})})
+        pipeline.start_worker("w1", retry_backoff_s=0.1, fetch_attempts=3)
+        cases = {"img-ok": "/ok", "img-hang": "/hang", "img-slow": "/slow", "img-500": "/500",
+                 "img-flaky": "/flaky", "img-html": "/html",
+                 "img-redirect": "/redirect-internal"}
+        await pipeline.publish([PinEvent.upsert(pid, srv.url(path), 1)
+                                for pid, path in cases.items()])
+        t0 = time.monotonic()
+        meta, letters = await pipeline.settle(list(cases), timeout=120)
+        elapsed = time.monotonic() - t0
+        assert set(meta) == {"img-ok", "img-flaky"}
+        reasons = {pid: (dl.reason, dl.attempts) for pid, dl in letters.items()}
+        assert reasons == {
+            "img-hang": (Reason.FETCH_FAILED, 3), "img-slow": (Reason.FETCH_FAILED, 3),
+            "img-500": (Reason.FETCH_FAILED, 3), "img-html": (Reason.NOT_AN_IMAGE, 1),
+            "img-redirect": (Reason.FORBIDDEN_LOCATION, 1),
+        }
+        # one batch: 3 attempts x 1 s timeout + backoff, not the 5 s hang or the slow body
+        assert elapsed < 30
+
+        srv.fixed = True  # the operator fixes the image server, then replays
+        from click.testing import CliRunner
+
+        from streams.cli import cli
+
+        env = {"PINFRESH_KAFKA__BOOTSTRAP_SERVERS": pipeline.settings.kafka.bootstrap_servers,
+               "PINFRESH_KAFKA__TOPIC": pipeline.settings.kafka.topic,
+               "PINFRESH_KAFKA__DLQ_TOPIC": pipeline.settings.kafka.dlq_topic}
+        res = await asyncio.to_thread(CliRunner().invoke, cli,
+                                      ["dlq", "replay", "--pin", "img-500"], env=env)
+        assert res.exit_code == 0, res.output
+        assert "1 of 5 dead letters replayed" in res.output
+        assert await pipeline.wait(["img-500"], timeout=60)
+        fault_case["outcome"] = (f"hang, trickling body and HTTP 500 dead-lettered as fetch_failed "
+                                 f"after 3 attempts, 503-once retried to success, HTML as "
+                                 f"not_an_image, redirect to metadata IP refused; all settled "
+                                 f"{elapsed:.1f}s after publish (worker start-up included); "
+                                 "after the fix, `dlq replay` served the pin")
+    finally:
+        srv.close()
+
+
+# ------------------------------------------------------ hostile images
+def _hostile_files(root: Path) -> dict[str, tuple[bytes, str | None]]:
+    """name -> (bytes, expected dead-letter reason or None if it must encode)."""
+    jpeg = io.BytesIO()
+    Image.new("RGB", (300, 300), (10, 200, 30)).save(jpeg, format="JPEG")
+    bomb = io.BytesIO()
+    Image.new("1", (20000, 20000)).save(bomb, format="PNG")
+    gif = io.BytesIO()
+    frames = [Image.new("RGB", (60, 60), c) for c in ((255, 0, 0), (0, 0, 255))]
+    frames[0].save(gif, format="GIF", save_all=True, append_images=frames[1:])
+    cmyk = io.BytesIO()
+    Image.new("CMYK", (80, 80), (0, 255, 255, 0)).save(cmyk, format="JPEG")
+    png16 = io.BytesIO()
+    Image.fromarray(np.arange(64 * 64, dtype=np.uint16).reshape(64, 64) * 16).save(
+        png16, format="PNG")
+    rgba = io.BytesIO()
+    Image.new("RGBA", (64, 64), (255, 0, 0, 0)).save(rgba, format="PNG")
+    return {
+        "truncated.jpg": (jpeg.getvalue()[:400], Reason.DECODE_FAILED),
+        "corrupt.png": (_png()[:30] + b"\x00" * 200, Reason.DECODE_FAILED),
+        "empty.jpg": (b"", Reason.NOT_AN_IMAGE),
+        "bomb.png": (bomb.getvalue(), Reason.TOO_MANY_PIXELS),
+        "one-pixel.png": (_png(size=(1, 1)), Reason.IMAGE_TOO_SMALL),
+        "vector.svg": (b'<svg xmlns="http://www.w3.org/2000/svg" width="9" height="9"/>',
+                       Reason.NOT_AN_IMAGE),
+        "page.jpg": (b"<html>hello</html>", Reason.NOT_AN_IMAGE),
+        "huge.png": (b"\x89PNG\r\n\x1a\n" + b"\x00" * (3 * 1024 * 1024), Reason.TOO_LARGE),
+        "wide.png": (_png(size=(4000, 9)), None),
+        "animated.gif": (gif.getvalue(), None),
+        "cmyk.jpg": (cmyk.getvalue(), None),
+        "sixteen-bit.png": (png16.getvalue(), None),
+        "transparent.png": (rgba.getvalue(), None),
+    }
+
+
+async def test_hostile_images_and_events(pipeline, tmp_path, fault_case):
+    root = tmp_path / "catalog"
+    root.mkdir()
+    files = _hostile_files(root)
+    for name, (data, _) in files.items():
+        (root / name).write_bytes(data)
+    pipeline.settings = pipeline.settings.model_copy(update={
+        "fetch": pipeline.settings.fetch.model_copy(update={
+            "catalog_root": root, "max_bytes": 2 * 1024 * 1024})})
+    pipeline.start_worker("w1")
+    events = [PinEvent.upsert(f"h-{name.replace('.', '-')}", str(root / name), 1)
+              for name in files]
+    events.append(PinEvent.upsert("h-outside-root", "/etc/hostname", 1))
+    events.append(PinEvent.upsert("h-file-url", "file:///etc/passwd", 1))
+    await pipeline.publish(events)
+    bad_events = [
+        (b"e-1", b"\xff\xfe\x00garbage"),
+        (b"e-2", b'{"op": "explode", "pin_id": "e-2", "version": 1, "event_time": 1}'),
+        (b"e-3", b'{"op": "upsert", "pin_id": "e 3", "version": 1, "event_time": 1, '
+                 b'"image": "/x.png"}'),
+        (b"e-4", b'{"op": "upsert", "pin_id": "e-4", "version": "1", "event_time": 1, '
+                 b'"image": "/x.png"}'),
+        (b"e-5", b'{"op": "upsert", "pin_id": "e-5", "version": 1, "event_time": 1, '
+                 b'"image": "/x.png", "caption": "' + b"x" * 5000 + b'"}'),
+    ]
+    await publish_raw(pipeline.settings.kafka, bad_events)
+    ids = [e.pin_id for e in events] + [k.decode() for k, _ in bad_events]
+    meta, letters = await pipeline.settle(ids, timeout=180)
+    assert len(meta) + len(letters) == len(ids)
+    expected = {f"h-{n.replace('.', '-')}": r for n, (_, r) in files.items()}
+    expected.update({"h-outside-root": Reason.FORBIDDEN_LOCATION,
+                     "h-file-url": Reason.FORBIDDEN_LOCATION})
+    expected.update({k.decode(): Reason.MALFORMED_EVENT for k, _ in bad_events})
+    got = {pid: (letters[pid].reason if pid in letters else None) for pid in ids}
+    assert got == expected
+    assert pipeline.procs["w1"].poll() is None  # the worker is still running
+    fault_case["outcome"] = (f"{len(files)} hostile files, 2 forbidden paths, "
+                             f"{len(bad_events)} malformed events: "
+                             f"{sum(r is None for r in expected.values())} encoded, "
+                             f"{len(letters)} dead-lettered with the expected reasons; "
+                             "worker alive")
+
+
+async def test_verify_detects_and_repairs_a_corrupted_cache(pipeline, catalog, fault_case):
+    items = catalog[40:60]
+    pipeline.start_worker("w1")
+    await pipeline.publish([it.event(1) for it in items])
+    assert len(await pipeline.wait([it.pin_id for it in items], timeout=180)) == 20
+    version = await pipeline.cache.get_live()
+    a, b, c = (it.pin_id for it in items[:3])
+    await pipeline.cache.delete(version, [a])                          # missing
+    r = pipeline.cache._r
+    await r.hset(pipeline.cache.meta_key(version, b), "pin_version", 99)  # stale
+    other = (await pipeline.cache.get_vectors(version, [items[5].pin_id]))[0][0]
+    await r.set(pipeline.cache.vec_key(version, c), other.astype("<f2").tobytes())  # wrong
+    ghost = (await pipeline.milvus.get_many(version, [items[6].pin_id]))[items[6].pin_id]
+    from dataclasses import replace
+
+    await pipeline.cache.upsert(version, [replace(ghost, pin_id="ghost-pin")])     # extra
+    rep = await verify_cache(pipeline.milvus, pipeline.cache, version)
+    assert (rep.missing_in_cache, rep.stale_in_cache, rep.vector_mismatch,
+            rep.extra_in_cache) == ([a], [b], [c], ["ghost-pin"])
+    fixed = await verify_cache(pipeline.milvus, pipeline.cache, version, repair=True)
+    assert fixed.repaired == 4
+    assert (await verify_cache(pipeline.milvus, pipeline.cache, version)).ok
+    fault_case["outcome"] = ("cache corrupted 4 ways (missing, stale, wrong vector, extra): "
+                             "verify found each, repair fixed all, re-verify clean")
