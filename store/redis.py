@@ -83,12 +83,15 @@ class RedisCache:
             raise StoreError(f"Redis error: {exc}") from exc
 
     # -------------------------------------------------------------- versions
-    async def ensure_version(self, version: str, dim: int, model: str = "") -> None:
+    async def ensure_version(self, version: str, dim: int, model: str = "",
+                             extra: dict[str, object] | None = None) -> None:
         """Register a version (idempotent); refuse a different dimension."""
         key = f"{self.p}:version:{version}"
 
         async def go() -> None:
             async with self._r.pipeline(transaction=True) as pipe:
+                for k, v in (extra or {}).items():
+                    pipe.hsetnx(key, k, str(v))
                 pipe.hsetnx(key, "dim", dim)
                 pipe.hsetnx(key, "dtype", self.settings.vector_dtype)
                 pipe.hsetnx(key, "model", model)
@@ -136,6 +139,29 @@ class RedisCache:
     async def set_live(self, version: str) -> None:
         """Point readers at ``version`` (one atomic SET)."""
         await self._do(lambda: self._r.set(f"{self.p}:live", version))
+
+    async def get_previous(self) -> str | None:
+        """The version that was live before the last promote (kept for rollback)."""
+        raw = await self._do(lambda: self._r.get(f"{self.p}:previous"))
+        return _text(raw) if raw else None
+
+    async def clear_previous(self) -> None:
+        """Forget the rollback target."""
+        await self._do(lambda: self._r.delete(f"{self.p}:previous"))
+
+    async def promote(self, version: str, previous: str | None) -> None:
+        """Flip the live pointer in one MULTI/EXEC, recording states and the previous version."""
+
+        async def go() -> None:
+            async with self._r.pipeline(transaction=True) as pipe:
+                pipe.set(f"{self.p}:live", version)
+                pipe.hset(f"{self.p}:version:{version}", "state", "live")
+                if previous and previous != version:
+                    pipe.set(f"{self.p}:previous", previous)
+                    pipe.hset(f"{self.p}:version:{previous}", "state", "previous")
+                await pipe.execute()
+
+        await self._do(go)
 
     async def set_live_if_none(self, version: str) -> bool:
         """Make ``version`` live unless a live version exists. Returns whether it did."""

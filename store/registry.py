@@ -1,0 +1,179 @@
+"""Model-version registry, the live pointer, cutover and rollback.
+
+A version is registered in Redis (``p:versions`` and the ``p:version:v``
+hash, see `store.redis`) with its dimension, how to build its encoder
+(``model``, ``checkpoint``, ``seed``) and a state:
+
+* ``building``: being backfilled; workers write fresh events to it too;
+* ``live``: what readers get (``p:live``, and the Milvus alias ``<prefix>_live``);
+* ``previous``: the last live version, still written, so `rollback` returns
+  to up-to-date answers;
+* ``retired``: no longer written; `retire` drops its collection and keys.
+
+Readers resolve ``p:live`` once per request, so `promote` is a single SET from
+their point of view (the Milvus alias is flipped just before it, for readers
+that use Milvus directly).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+
+from store.errors import StoreError, UnknownVersion
+from store.milvus import MilvusStore
+from store.redis import RedisCache
+
+logger = logging.getLogger(__name__)
+
+#: States whose versions workers write to.
+WRITTEN_STATES = ("live", "building", "previous")
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One registered model version."""
+
+    version: str
+    state: str
+    dim: int
+    model: str
+    checkpoint: str
+    seed: int
+    created_at: float
+    live: bool
+
+
+class CoverageError(StoreError):
+    """A version does not cover the live version's pins; promotion refused."""
+
+
+class VersionRegistry:
+    """Reads and changes the registry; every change is logged."""
+
+    def __init__(self, milvus: MilvusStore, cache: RedisCache) -> None:
+        self.milvus = milvus
+        self.cache = cache
+
+    async def list(self) -> list[VersionInfo]:
+        """Every registered version, oldest first."""
+        live = await self.cache.get_live()
+        out = []
+        for name, h in (await self.cache.versions()).items():
+            out.append(VersionInfo(
+                version=name, state="live" if name == live else h.get("state", "building"),
+                dim=int(h.get("dim", 0)), model=h.get("model", ""),
+                checkpoint=h.get("checkpoint", ""), seed=int(h.get("seed", 0) or 0),
+                created_at=float(h.get("created_at", 0) or 0), live=name == live,
+            ))
+        return sorted(out, key=lambda v: v.created_at)
+
+    async def get(self, version: str) -> VersionInfo:
+        """One version.
+
+        Raises:
+            UnknownVersion: not registered.
+        """
+        for v in await self.list():
+            if v.version == version:
+                return v
+        raise UnknownVersion(f"model version {version} is not registered: see "
+                             "`pinfresh versions list`")
+
+    async def register(self, version: str, dim: int, model: str, checkpoint: str | None,
+                       seed: int) -> bool:
+        """Create the version's collection and namespace (state ``building``).
+
+        The first version ever registered becomes live. Returns whether it did.
+        """
+        await self.milvus.ensure_version(version, dim)
+        await self.cache.ensure_version(version, dim, model,
+                                        extra={"checkpoint": checkpoint or "", "seed": seed})
+        if await self.cache.set_live_if_none(version):
+            await self.milvus.set_live(version)
+            await self.cache.set_version_state(version, "live")
+            logger.info("model version %s registered and live (first version)", version)
+            return True
+        return False
+
+    async def written(self) -> list[VersionInfo]:
+        """Versions the workers must write (live, building, previous)."""
+        return [v for v in await self.list() if v.state in WRITTEN_STATES]
+
+    async def coverage(self, version: str, sample: int = 50) -> dict[str, object]:
+        """How completely ``version`` covers the live version (counts and a sample).
+
+        The sample compares pin version and content hash of random live pins.
+        """
+        live = await self.cache.get_live()
+        if live is None:
+            raise UnknownVersion("no live version")
+        live_ids = set(await self.cache.pin_ids(live))
+        new_ids = set(await self.cache.pin_ids(version))
+        missing = sorted(live_ids - new_ids)
+        picked = random.Random(0).sample(sorted(live_ids & new_ids),
+                                         min(sample, len(live_ids & new_ids)))
+        old_s = await self.milvus.get_states(live, picked)
+        new_s = await self.milvus.get_states(version, picked)
+        mismatched = [p for p in picked if p in old_s and (
+            p not in new_s or new_s[p].content_hash != old_s[p].content_hash
+            or new_s[p].pin_version < old_s[p].pin_version)]
+        return {"live": live, "live_pins": len(live_ids), "version_pins": len(new_ids),
+                "missing": missing, "sampled": len(picked), "sample_mismatched": mismatched}
+
+    async def promote(self, version: str, sample: int = 50, force: bool = False
+                      ) -> dict[str, object]:
+        """Make ``version`` live after checking it covers every live pin.
+
+        Raises:
+            CoverageError: pins missing or the sampled content check failed
+                (finish the backfill: `pinfresh backfill --to VERSION`).
+        """
+        info = await self.get(version)
+        live = await self.cache.get_live()
+        if live == version:
+            return {"live": version, "changed": False}
+        report = await self.coverage(version, sample)
+        if not force and (report["missing"] or report["sample_mismatched"]):
+            missing = report["missing"]
+            raise CoverageError(
+                f"{version} misses {len(missing)} live pins (e.g. {missing[:3]}) and "
+                f"{len(report['sample_mismatched'])} sampled pins differ: run "
+                f"`pinfresh backfill --to {version}` and retry"  # type: ignore[arg-type]
+            )
+        await self.milvus.set_live(info.version)
+        await self.cache.promote(version, previous=live)
+        logger.info("promoted %s (previous live: %s)", version, live)
+        return {**report, "changed": True, "previous": live}
+
+    async def rollback(self) -> str:
+        """Make the previous version live again; returns it.
+
+        Raises:
+            StoreError: there is no retained previous version.
+        """
+        prev = await self.cache.get_previous()
+        if not prev or prev not in await self.cache.versions():
+            raise StoreError("no previous version retained to roll back to")
+        live = await self.cache.get_live()
+        await self.milvus.set_live(prev)
+        await self.cache.promote(prev, previous=live)
+        logger.info("rolled back to %s (was %s)", prev, live)
+        return prev
+
+    async def retire(self, version: str, drop: bool = True) -> None:
+        """Stop writing a version and drop its collection and keys.
+
+        Raises:
+            StoreError: it is live.
+        """
+        if await self.cache.get_live() == version:
+            raise StoreError(f"{version} is live: promote another version first")
+        await self.cache.set_version_state(version, "retired")
+        if await self.cache.get_previous() == version:
+            await self.cache.clear_previous()
+        if drop:
+            await self.milvus.drop_version(version)
+            await self.cache.drop_version(version)
+        logger.info("retired %s%s", version, " (dropped)" if drop else "")

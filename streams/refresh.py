@@ -1,0 +1,215 @@
+"""Refresh machinery: which versions workers write, the backfill, staleness.
+
+* `RegistryVersions` gives a worker its write set: every version the registry
+  says is live, building or previous, each with its own encoder (loaded once,
+  from the model/checkpoint/seed recorded at registration). This is the dual
+  write: fresh events reach a building version while it is backfilled.
+* `run_backfill` re-encodes every pin of the live version into a target
+  version, reading the catalog (pin ids, image locations, captions, per-pin
+  versions, event times) from Milvus, so the original events are not needed.
+  It goes through the same `PinProcessor` as the stream, so pins already in
+  the target at the same or a newer version are skipped without encoding:
+  an interrupted backfill resumes where it stopped. It yields to live
+  traffic: while the workers' consumer lag is above a threshold it waits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from aiokafka import AIOKafkaProducer
+from tqdm import tqdm
+
+from encoder.config import EncoderSettings
+from encoder.engine import ImageEncoder
+from encoder.errors import EncoderError
+from store.milvus import MilvusStore
+from store.redis import RedisCache
+from store.registry import VersionInfo, VersionRegistry
+from streams.events import DeadLetter, PinEvent
+from streams.fetch import Fetcher
+from streams.processor import Encoder, Message, PinProcessor, StaticVersions
+from streams.producer import _sasl, consumer_lag
+from streams.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def encoder_settings_for(info: VersionInfo, base: EncoderSettings) -> EncoderSettings:
+    """Encoder settings that rebuild a registered version (device etc. from ``base``)."""
+    from pathlib import Path
+
+    return base.model_copy(update={"model": info.model or base.model,
+                                   "checkpoint": Path(info.checkpoint) if info.checkpoint
+                                   else None, "seed": info.seed})
+
+
+def load_version_encoder(info: VersionInfo, base: EncoderSettings) -> ImageEncoder:
+    """Load the encoder of a registered version and check that its id matches.
+
+    Raises:
+        EncoderError: the rebuilt encoder has another version id (the
+            checkpoint changed on disk since registration).
+    """
+    enc = ImageEncoder.load(encoder_settings_for(info, base))
+    if enc.version != info.version:
+        enc.close()
+        raise EncoderError(
+            f"registered version {info.version} rebuilds as {enc.version}: its checkpoint "
+            f"{info.checkpoint or '(none)'} changed; register the new one with "
+            "`pinfresh versions create`"
+        )
+    return enc
+
+
+class RegistryVersions:
+    """A worker's write set, refreshed from the registry every ``refresh_s`` seconds."""
+
+    def __init__(self, registry: VersionRegistry, base: ImageEncoder,
+                 settings: EncoderSettings, refresh_s: float = 3.0) -> None:
+        self.registry = registry
+        self.settings = settings
+        self.refresh_s = refresh_s
+        self._encoders: dict[str, ImageEncoder] = {base.version: base}
+        self._write: dict[str, Encoder] = {base.version: base}
+        self._primary = base.version
+        self._at = 0.0
+
+    @property
+    def primary(self) -> str:
+        """The live version (freshness is measured on its writes)."""
+        return self._primary
+
+    async def write_set(self) -> dict[str, Encoder]:
+        """Encoders of every version to write, live first."""
+        if time.monotonic() - self._at < self.refresh_s:
+            return self._write
+        infos = await self.registry.written()
+        write: dict[str, Encoder] = {}
+        for info in sorted(infos, key=lambda i: not i.live):
+            enc = self._encoders.get(info.version)
+            if enc is None:
+                logger.info("loading encoder of version %s (%s) for dual writes",
+                            info.version, info.state)
+                enc = await asyncio.to_thread(load_version_encoder, info, self.settings)
+                self._encoders[info.version] = enc
+            write[info.version] = enc
+        if write:
+            self._write = write
+            self._primary = next(iter(write))
+        self._at = time.monotonic()
+        return self._write
+
+
+class ProducerDeadLetters:
+    """`DeadLetterSink` over a plain aiokafka producer (for tools outside Faust)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.k = settings.kafka
+        self._producer: AIOKafkaProducer | None = None
+
+    async def send(self, letters: list[DeadLetter]) -> None:  # type: ignore[override]
+        """Send and wait for every letter."""
+        if self._producer is None:
+            self._producer = AIOKafkaProducer(bootstrap_servers=self.k.bootstrap_servers,
+                                              acks="all", **_sasl(self.k))
+            await self._producer.start()
+        for dl in letters:
+            await self._producer.send_and_wait(self.k.dlq_topic, dl.model_dump_json().encode(),
+                                               key=(dl.pin_id or "").encode() or None)
+
+    async def close(self) -> None:
+        """Stop the producer."""
+        if self._producer is not None:
+            await self._producer.stop()
+
+
+@dataclass
+class BackfillReport:
+    """What a backfill run did."""
+
+    target: str
+    source: str
+    pins: int = 0
+    encoded: int = 0
+    reused: int = 0
+    written: int = 0
+    skipped: int = 0
+    dead_letters: int = 0
+    seconds: float = 0.0
+    yielded_s: float = 0.0
+    batches: list[int] = field(default_factory=list)
+
+    @property
+    def pins_per_s(self) -> float:
+        """Pins handled (written or skipped as done) per second."""
+        return self.pins / self.seconds if self.seconds else 0.0
+
+
+async def run_backfill(
+    settings: Settings, target: str, *, batch: int = 32, max_rate: float | None = None,
+    yield_lag: int | None = 100, progress: bool = True, limit: int | None = None,
+) -> BackfillReport:
+    """Re-encode the live version's pins into ``target`` (see module docstring)."""
+    milvus, cache = MilvusStore(settings.milvus), RedisCache(settings.redis)
+    registry = VersionRegistry(milvus, cache)
+    fetcher = Fetcher(settings.fetch)
+    dlq = ProducerDeadLetters(settings)
+    enc: ImageEncoder | None = None
+    try:
+        info = await registry.get(target)
+        live = await cache.get_live()
+        if live is None or live == target:
+            raise EncoderError(f"{target} is live already or nothing is live: nothing to backfill")
+        enc = await asyncio.to_thread(load_version_encoder, info, settings.encoder)
+        processor = PinProcessor(
+            encoder=enc, versions=StaticVersions(enc), milvus=milvus, cache=cache,
+            fetcher=fetcher, dlq=dlq, settings=settings.worker, worker_name=f"backfill:{target}",
+            observe_freshness=False,
+        )
+        await processor.start()
+        rows = sorted(await milvus.iter_pins(live), key=lambda r: r["pin_id"])[:limit]
+        rep = BackfillReport(target=target, source=live)
+        t0 = time.monotonic()
+        bar = tqdm(total=len(rows), unit="pin", desc=f"backfill {target}", disable=not progress)
+        try:
+            for i in range(0, len(rows), batch):
+                if yield_lag is not None:
+                    t_wait = time.monotonic()
+                    while sum((await consumer_lag(settings.kafka)).values()) > yield_lag:
+                        await asyncio.sleep(0.5)
+                    rep.yielded_s += time.monotonic() - t_wait
+                chunk = rows[i:i + batch]
+                msgs = [Message(r["pin_id"].encode(), PinEvent(
+                    op="upsert", pin_id=r["pin_id"], version=int(r["pin_version"]),
+                    image=r["image_location"], caption=r["caption"],
+                    event_time=float(r["event_time"]) or time.time()).to_bytes()) for r in chunk]
+                res = await processor.process(msgs)
+                rep.pins += len(chunk)
+                rep.encoded += res.encoded
+                rep.reused += res.reused
+                rep.written += res.written
+                rep.skipped += res.skipped
+                rep.dead_letters += len(res.dead_letters)
+                rep.batches.append(res.encoded)
+                bar.update(len(chunk))
+                if max_rate:
+                    ahead = t0 + rep.pins / max_rate - time.monotonic()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+        finally:
+            bar.close()
+        rep.seconds = time.monotonic() - t0
+        logger.info("backfill %s -> %s: %d pins, %d encoded, %d skipped, %.1f pins/s",
+                    live, target, rep.pins, rep.encoded, rep.skipped, rep.pins_per_s)
+        return rep
+    finally:
+        if enc is not None:
+            enc.close()
+        await dlq.close()
+        await fetcher.close()
+        await cache.close()
+        await milvus.close()
