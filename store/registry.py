@@ -45,6 +45,19 @@ class VersionInfo:
     live: bool
 
 
+@dataclass(frozen=True)
+class Coverage:
+    """How completely a version covers the live one."""
+
+    live: str
+    version: str
+    live_pins: int
+    version_pins: int
+    missing: list[str]
+    sampled: int
+    sample_mismatched: list[str]
+
+
 class CoverageError(StoreError):
     """A version does not cover the live version's pins; promotion refused."""
 
@@ -56,7 +69,7 @@ class VersionRegistry:
         self.milvus = milvus
         self.cache = cache
 
-    async def list(self) -> list[VersionInfo]:
+    async def all(self) -> list[VersionInfo]:
         """Every registered version, oldest first."""
         live = await self.cache.get_live()
         out = []
@@ -75,7 +88,7 @@ class VersionRegistry:
         Raises:
             UnknownVersion: not registered.
         """
-        for v in await self.list():
+        for v in await self.all():
             if v.version == version:
                 return v
         raise UnknownVersion(f"model version {version} is not registered: see "
@@ -99,9 +112,9 @@ class VersionRegistry:
 
     async def written(self) -> list[VersionInfo]:
         """Versions the workers must write (live, building, previous)."""
-        return [v for v in await self.list() if v.state in WRITTEN_STATES]
+        return [v for v in await self.all() if v.state in WRITTEN_STATES]
 
-    async def coverage(self, version: str, sample: int = 50) -> dict[str, object]:
+    async def coverage(self, version: str, sample: int = 50) -> Coverage:
         """How completely ``version`` covers the live version (counts and a sample).
 
         The sample compares pin version and content hash of random live pins.
@@ -119,11 +132,12 @@ class VersionRegistry:
         mismatched = [p for p in picked if p in old_s and (
             p not in new_s or new_s[p].content_hash != old_s[p].content_hash
             or new_s[p].pin_version < old_s[p].pin_version)]
-        return {"live": live, "live_pins": len(live_ids), "version_pins": len(new_ids),
-                "missing": missing, "sampled": len(picked), "sample_mismatched": mismatched}
+        return Coverage(live=live, version=version, live_pins=len(live_ids),
+                        version_pins=len(new_ids), missing=missing, sampled=len(picked),
+                        sample_mismatched=mismatched)
 
     async def promote(self, version: str, sample: int = 50, force: bool = False
-                      ) -> dict[str, object]:
+                      ) -> Coverage | None:
         """Make ``version`` live after checking it covers every live pin.
 
         Raises:
@@ -133,19 +147,18 @@ class VersionRegistry:
         info = await self.get(version)
         live = await self.cache.get_live()
         if live == version:
-            return {"live": version, "changed": False}
+            return None
         report = await self.coverage(version, sample)
-        if not force and (report["missing"] or report["sample_mismatched"]):
-            missing = report["missing"]
+        if not force and (report.missing or report.sample_mismatched):
             raise CoverageError(
-                f"{version} misses {len(missing)} live pins (e.g. {missing[:3]}) and "
-                f"{len(report['sample_mismatched'])} sampled pins differ: run "
-                f"`pinfresh backfill --to {version}` and retry"  # type: ignore[arg-type]
+                f"{version} misses {len(report.missing)} live pins (e.g. {report.missing[:3]}) "
+                f"and {len(report.sample_mismatched)} sampled pins differ: run "
+                f"`pinfresh backfill --to {version}` and retry (or --force)"
             )
         await self.milvus.set_live(info.version)
         await self.cache.promote(version, previous=live)
         logger.info("promoted %s (previous live: %s)", version, live)
-        return {**report, "changed": True, "previous": live}
+        return report
 
     async def rollback(self) -> str:
         """Make the previous version live again; returns it.

@@ -23,9 +23,11 @@ import faust
 from encoder.engine import ImageEncoder
 from store.milvus import MilvusStore
 from store.redis import RedisCache
+from store.registry import VersionRegistry
 from streams.events import DeadLetter
 from streams.fetch import Fetcher
 from streams.processor import Message, PinProcessor
+from streams.refresh import RegistryVersions
 from streams.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -95,9 +97,14 @@ def create_app(settings: Settings, encoder: ImageEncoder) -> faust.App:
         milvus = MilvusStore(settings.milvus)
         cache = RedisCache(settings.redis)
         fetcher = Fetcher(settings.fetch)
+        registry = VersionRegistry(milvus, cache)
+        info = encoder.info
+        await registry.register(info.version, info.dim, info.model, info.checkpoint,
+                                settings.encoder.seed)
         processor = PinProcessor(
             encoder=encoder, milvus=milvus, cache=cache, fetcher=fetcher,
             dlq=KafkaDeadLetters(app, k.dlq_topic), settings=w, worker_name=worker_name,
+            versions=RegistryVersions(registry, encoder, settings.encoder),
         )
         await processor.start()
         try:

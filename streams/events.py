@@ -61,6 +61,10 @@ class PinEvent(BaseModel):
     caption: str = Field("", max_length=4000)
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=64)
     event_time: float = Field(gt=0)
+    reencode: bool = Field(
+        False, description="re-fetch and re-encode even if this version is stored "
+        "(`pinfresh stale --requeue`); never overrides a newer version"
+    )
 
     @model_validator(mode="after")
     def _upsert_has_image(self) -> PinEvent:
@@ -70,7 +74,7 @@ class PinEvent(BaseModel):
 
     def to_bytes(self) -> bytes:
         """Serialise for the topic."""
-        return self.model_dump_json(exclude_none=True).encode()
+        return self.model_dump_json(exclude_none=True, exclude_defaults=False).encode()
 
     @classmethod
     def upsert(

@@ -60,6 +60,25 @@ class Encoder(Protocol):
         ...
 
 
+class VersionSource(Protocol):
+    """Which model versions to write, each with its encoder (live first)."""
+
+    async def write_set(self) -> dict[str, Encoder]:
+        """Encoders by version id; the first one is the primary (live) version."""
+        ...
+
+
+class StaticVersions:
+    """A fixed write set (a backfill, or a worker outside any registry)."""
+
+    def __init__(self, *encoders: Encoder) -> None:
+        self._write = {e.version: e for e in encoders}
+
+    async def write_set(self) -> dict[str, Encoder]:
+        """The encoders given at construction."""
+        return self._write
+
+
 class Fetch(Protocol):
     """What the processor needs from a fetcher (`streams.fetch.Fetcher`)."""
 
@@ -134,9 +153,12 @@ class PinProcessor:
     def __init__(
         self, *, encoder: Encoder, milvus: VectorStore, cache: Cache, fetcher: Fetch,
         dlq: DeadLetterSink, settings: WorkerSettings, worker_name: str = "",
+        versions: VersionSource | None = None, observe_freshness: bool = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.encoder = encoder
+        self.versions: VersionSource = versions or StaticVersions(encoder)
+        self.observe_freshness = observe_freshness
         self.milvus = milvus
         self.cache = cache
         self.fetcher = fetcher
@@ -152,17 +174,20 @@ class PinProcessor:
         return self.encoder.version
 
     async def start(self) -> None:
-        """Create the version's collection and namespace; make it live if none is.
+        """Create the collections and namespaces of the write set; make the first live if none is.
 
         Called once before the first batch; retried while a store is down.
         """
-        ver, dim = self.encoder.version, self.encoder.dim
-        await self._retry("milvus", lambda: self.milvus.ensure_version(ver, dim))
-        await self._retry("redis", lambda: self.cache.ensure_version(ver, dim, ver))
-        if await self._retry("redis", lambda: self.cache.set_live_if_none(ver)):
-            await self._retry("milvus", lambda: self.milvus.set_live(ver))
-            logger.info("model version %s is now live (first version)", ver)
-        metrics.MODEL_INFO.labels(version=ver).set(1)
+        write = await self._retry("registry", self.versions.write_set)
+        for ver, enc in write.items():
+            await self._retry("milvus", partial(self.milvus.ensure_version, ver, enc.dim))
+            await self._retry("redis", partial(self.cache.ensure_version, ver, enc.dim))
+        first = next(iter(write))
+        if await self._retry("redis", partial(self.cache.set_live_if_none, first)):
+            await self._retry("milvus", partial(self.milvus.set_live, first))
+            logger.info("model version %s is now live (first version)", first)
+        for ver in write:
+            metrics.MODEL_INFO.labels(version=ver).set(1)
 
     # ------------------------------------------------------------------ retry
     async def _retry(self, stage: str, fn: Callable[[], Awaitable[T]]) -> T:
@@ -224,58 +249,84 @@ class PinProcessor:
         await self._retry(stage, wrapped)
 
     async def _apply(self, events: list[PinEvent], report: BatchReport) -> None:
-        ver = self.version
+        write = await self._retry("registry", self.versions.write_set)
+        primary = next(iter(write))
         ids = [e.pin_id for e in events]
         t = time.perf_counter()
-        m_states = await self._retry("milvus", lambda: self.milvus.get_states(ver, ids))
-        r_states = await self._retry("redis", lambda: self.cache.get_states(ver, ids))
         tombs = await self._retry("redis", lambda: self.cache.get_tombstones(ids))
+        states: dict[str, tuple[dict[str, PinState], dict[str, PinState]]] = {}
+        for ver in write:
+            m = await self._retry("milvus", partial(self.milvus.get_states, ver, ids))
+            r = await self._retry("redis", partial(self.cache.get_states, ver, ids))
+            states[ver] = (m, r)
         report.seconds["lookup"] = time.perf_counter() - t
 
-        deletes: list[PinEvent] = []
-        todo: list[PinEvent] = []
-        repair: list[str] = []
-        for ev in events:
-            ms, rs = m_states.get(ev.pin_id), r_states.get(ev.pin_id)
-            if tombs.get(ev.pin_id, -1) >= ev.version or (ms and ms.pin_version > ev.version):
-                report.skipped += 1  # stale: a newer state or delete already applied
-                if ms and rs != ms:
-                    repair.append(ev.pin_id)
-            elif ev.op == "delete":
-                deletes.append(ev)
-            elif ms and ms.pin_version == ev.version:
-                report.skipped += 1  # redelivery of what is stored
-                if rs != ms:
-                    repair.append(ev.pin_id)
-            else:
-                todo.append(ev)
-
+        # deletes: stale only if a newer state or delete is already applied in the primary
+        m_primary = states[primary][0]
+        deletes = [ev for ev in events if ev.op == "delete"
+                   and tombs.get(ev.pin_id, -1) < ev.version
+                   and not (ev.pin_id in m_primary
+                            and m_primary[ev.pin_id].pin_version > ev.version)]
+        report.skipped += sum(1 for ev in events if ev.op == "delete") - len(deletes)
         if deletes:
             await self._delete(deletes, report)
-        records = await self._build_records(todo, m_states, report) if todo else []
-        if repair:
-            recs = await self._retry("milvus", lambda: self.milvus.get_many(ver, repair))
-            records.extend(recs.values())
-            report.repaired = len(recs)
-        if not records:
-            return
-        fresh = [r for r in records if r.pin_id not in repair]
-        self._fault("after_encode")
-        t = time.perf_counter()
-        await self._retry("milvus", lambda: self.milvus.upsert(ver, fresh))
-        report.seconds["milvus"] = time.perf_counter() - t
-        self._fault("after_milvus")
-        t = time.perf_counter()
-        written_at = await self._retry("redis", lambda: self.cache.upsert(ver, records))
-        report.seconds["redis"] = time.perf_counter() - t
-        self._fault("after_redis")
-        report.written = len(fresh)
-        report.freshness_s = [written_at - r.event_time for r in fresh]
+
+        plans: dict[str, tuple[list[PinEvent], list[str]]] = {}
+        for ver in write:
+            m_states, r_states = states[ver]
+            todo: list[PinEvent] = []
+            repair: list[str] = []
+            for ev in events:
+                if ev.op == "delete":
+                    continue
+                ms, rs = m_states.get(ev.pin_id), r_states.get(ev.pin_id)
+                if tombs.get(ev.pin_id, -1) >= ev.version or (ms and ms.pin_version > ev.version):
+                    if ver == primary:
+                        report.skipped += 1  # stale: a newer state or delete already applied
+                    if ms and rs != ms:
+                        repair.append(ev.pin_id)
+                elif ms and ms.pin_version == ev.version and not ev.reencode:
+                    if ver == primary:
+                        report.skipped += 1  # redelivery of what is stored
+                    if rs != ms:
+                        repair.append(ev.pin_id)
+                else:
+                    todo.append(ev)
+            plans[ver] = (todo, repair)
+
+        wanted = {ev.pin_id: ev for todo, _ in plans.values() for ev in todo}
+        fetched = await self._fetch_all(list(wanted.values()), report) if wanted else {}
+        failed: set[str] = {dl.pin_id for dl in report.dead_letters if dl.pin_id}
+        for ver, enc in write.items():
+            todo, repair = plans[ver]
+            todo = [ev for ev in todo if ev.pin_id in fetched]
+            records = await self._build_records(ver, enc, todo, fetched, states[ver][0], report,
+                                                failed)
+            if repair:
+                recs = await self._retry("milvus", partial(self.milvus.get_many, ver, repair))
+                records.extend(recs.values())
+                report.repaired += len(recs)
+            if not records:
+                continue
+            fresh = [r for r in records if r.pin_id not in repair]
+            self._fault("after_encode")
+            t = time.perf_counter()
+            await self._retry("milvus", partial(self.milvus.upsert, ver, fresh))
+            report.seconds["milvus"] = report.seconds.get("milvus", 0.0) + time.perf_counter() - t
+            self._fault("after_milvus")
+            t = time.perf_counter()
+            written_at = await self._retry("redis", partial(self.cache.upsert, ver, records))
+            report.seconds["redis"] = report.seconds.get("redis", 0.0) + time.perf_counter() - t
+            self._fault("after_redis")
+            if ver == primary:
+                report.written = len(fresh)
+                report.freshness_s = [written_at - r.event_time for r in fresh]
 
     async def _delete(self, deletes: list[PinEvent], report: BatchReport) -> None:
         ids = [e.pin_id for e in deletes]
         known = await self._retry("redis", self.cache.versions)
-        versions = set(known) | {self.version}
+        write = await self._retry("registry", self.versions.write_set)
+        versions = set(known) | set(write)
         for v in sorted(versions):
             await self._retry("milvus", partial(self.milvus.delete, v, ids))
             await self._retry("redis", partial(self.cache.delete, v, ids))
@@ -302,52 +353,60 @@ class PinProcessor:
                                     ev.pin_id, attempt)
         raise AssertionError("unreachable")
 
-    async def _build_records(
-        self, todo: list[PinEvent], m_states: dict[str, PinState], report: BatchReport
-    ) -> list[EmbeddingRecord]:
+    async def _fetch_all(self, events: list[PinEvent], report: BatchReport
+                         ) -> dict[str, tuple[bytes, str]]:
+        """Fetch each pin's image once (for every version); failures become dead letters."""
         t = time.perf_counter()
-        fetched = await asyncio.gather(*(self._fetch_one(ev) for ev in todo))
+        got = await asyncio.gather(*(self._fetch_one(ev) for ev in events))
         report.seconds["fetch"] = time.perf_counter() - t
+        out: dict[str, tuple[bytes, str]] = {}
+        for ev, res in zip(events, got, strict=True):
+            if isinstance(res, DeadLetter):
+                report.dead_letters.append(res)
+            else:
+                out[ev.pin_id] = (res, hashlib.sha256(res).hexdigest())
+        return out
+
+    async def _build_records(
+        self, ver: str, enc: Encoder, todo: list[PinEvent],
+        fetched: dict[str, tuple[bytes, str]], m_states: dict[str, PinState],
+        report: BatchReport, failed: set[str],
+    ) -> list[EmbeddingRecord]:
         ready: list[tuple[PinEvent, bytes, str]] = []
         reuse: dict[str, tuple[PinEvent, str]] = {}
-        for ev, got in zip(todo, fetched, strict=True):
-            if isinstance(got, DeadLetter):
-                report.dead_letters.append(got)
-                continue
-            digest = hashlib.sha256(got).hexdigest()
+        for ev in todo:
+            data, digest = fetched[ev.pin_id]
             ms = m_states.get(ev.pin_id)
-            if ms is not None and ms.content_hash == digest:
+            if ms is not None and ms.content_hash == digest and not ev.reencode:
                 reuse[ev.pin_id] = (ev, digest)
             else:
-                ready.append((ev, got, digest))
+                ready.append((ev, data, digest))
 
         records: list[EmbeddingRecord] = []
-        now = time.time()
         if reuse:
-            old = await self._retry("milvus", lambda: self.milvus.get_many(self.version,
-                                                                           list(reuse)))
+            old = await self._retry("milvus", partial(self.milvus.get_many, ver, list(reuse)))
             for pid, (ev, digest) in reuse.items():
                 if pid in old:
-                    records.append(self._record(ev, old[pid].vector, digest, old[pid].encode_time))
+                    records.append(self._record(ver, ev, old[pid].vector, digest,
+                                                old[pid].encode_time))
                     report.reused += 1
                 else:  # vanished in between: encode after all
-                    data = await self._fetch_one(ev)
-                    if isinstance(data, bytes):
-                        ready.append((ev, data, digest))
+                    ready.append((ev, fetched[pid][0], digest))
         if ready:
             t = time.perf_counter()
-            results = await self.encoder.encode_images_async([b for _, b, _ in ready])
-            report.seconds["encode"] = time.perf_counter() - t
+            results = await enc.encode_images_async([b for _, b, _ in ready])
+            report.seconds["encode"] = report.seconds.get("encode", 0.0) + time.perf_counter() - t
             metrics.IMAGES_ENCODED.inc(len(ready))
             report.encoded += len(ready)
             now = time.time()
             for (ev, _, digest), res in zip(ready, results, strict=True):
                 if isinstance(res, ImageError):
-                    report.dead_letters.append(self._letter(
-                        Reason(res.reason), str(res), ev.to_bytes(), ev.pin_id
-                    ))
+                    if ev.pin_id not in failed:  # one dead letter per pin, not per version
+                        failed.add(ev.pin_id)
+                        report.dead_letters.append(self._letter(
+                            Reason(res.reason), str(res), ev.to_bytes(), ev.pin_id))
                 else:
-                    records.append(self._record(ev, res, digest, now))
+                    records.append(self._record(ver, ev, res, digest, now))
         return records
 
     def _fault(self, point: str) -> None:
@@ -357,10 +416,10 @@ class PinProcessor:
             os.kill(os.getpid(), signal.SIGKILL)
 
     def _record(
-        self, ev: PinEvent, vector: np.ndarray, digest: str, encode_time: float
+        self, ver: str, ev: PinEvent, vector: np.ndarray, digest: str, encode_time: float
     ) -> EmbeddingRecord:
         return EmbeddingRecord(
-            pin_id=ev.pin_id, vector=vector, model_version=self.version, content_hash=digest,
+            pin_id=ev.pin_id, vector=vector, model_version=ver, content_hash=digest,
             pin_version=ev.version, event_time=ev.event_time, encode_time=encode_time,
             image_location=ev.image or "", caption=ev.caption,
         )
@@ -377,8 +436,9 @@ class PinProcessor:
         metrics.BATCH_SIZE.observe(report.received)
         for stage, secs in report.seconds.items():
             metrics.STAGE_SECONDS.labels(stage=stage).observe(secs)
-        for f in report.freshness_s:
-            metrics.FRESHNESS.observe(max(f, 0.0))
+        if self.observe_freshness:
+            for f in report.freshness_s:
+                metrics.FRESHNESS.observe(max(f, 0.0))
         metrics.EVENTS.labels(outcome="written").inc(report.written)
         metrics.EVENTS.labels(outcome="deleted").inc(report.deleted)
         metrics.EVENTS.labels(outcome="skipped").inc(report.skipped)

@@ -166,3 +166,35 @@ async def read_dead_letters(k: KafkaSettings, timeout_s: float = 3.0) -> list[De
     finally:
         await consumer.stop()
     return out
+
+
+async def consumer_lag(k: KafkaSettings, group_id: str | None = None,
+                       topic: str | None = None) -> dict[int, int]:
+    """Lag per partition of the workers' consumer group on the events topic.
+
+    Uses a consumer that never subscribes (so it does not join or disturb the
+    group) to read the group's committed offsets. A partition the group never
+    committed counts its whole log as lag.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers,
+                                group_id=group_id or k.group_id, enable_auto_commit=False,
+                                **_sasl(k))
+    await consumer.start()
+    try:
+        name = topic or k.topic
+        parts = consumer.partitions_for_topic(name)
+        if parts is None:
+            await consumer._client.force_metadata_update()
+            parts = consumer.partitions_for_topic(name) or set()
+        tps = [TopicPartition(name, p) for p in sorted(parts)]
+        if not tps:
+            return {}
+        ends = await consumer.end_offsets(tps)
+        begins = await consumer.beginning_offsets(tps)
+        out = {}
+        for tp in tps:
+            done = await consumer.committed(tp)
+            out[tp.partition] = max(0, ends[tp] - (done if done is not None else begins[tp]))
+        return out
+    finally:
+        await consumer.stop()

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from aiokafka import AIOKafkaProducer
@@ -89,7 +90,7 @@ class RegistryVersions:
             return self._write
         infos = await self.registry.written()
         write: dict[str, Encoder] = {}
-        for info in sorted(infos, key=lambda i: not i.live):
+        for info in sorted(infos, key=lambda v: not v.live):
             enc = self._encoders.get(info.version)
             if enc is None:
                 logger.info("loading encoder of version %s (%s) for dual writes",
@@ -111,7 +112,7 @@ class ProducerDeadLetters:
         self.k = settings.kafka
         self._producer: AIOKafkaProducer | None = None
 
-    async def send(self, letters: list[DeadLetter]) -> None:  # type: ignore[override]
+    async def send(self, letters: Sequence[DeadLetter]) -> None:
         """Send and wait for every letter."""
         if self._producer is None:
             self._producer = AIOKafkaProducer(bootstrap_servers=self.k.bootstrap_servers,
@@ -213,3 +214,46 @@ async def run_backfill(
         await fetcher.close()
         await cache.close()
         await milvus.close()
+
+
+async def find_stale(settings: Settings, older_than_s: float, check_content: bool
+                     ) -> list[dict[str, object]]:
+    """Live pins encoded more than ``older_than_s`` ago, or whose image bytes changed."""
+    import hashlib
+
+    milvus, cache = MilvusStore(settings.milvus), RedisCache(settings.redis)
+    fetcher = Fetcher(settings.fetch)
+    try:
+        live = await cache.get_live()
+        if live is None:
+            return []
+        now = time.time()
+        out: list[dict[str, object]] = []
+        for row in await milvus.iter_pins(live):
+            why = []
+            if older_than_s and now - float(row["encode_time"]) > older_than_s:
+                why.append(f"encoded {now - float(row['encode_time']):.0f}s ago")
+            if check_content:
+                try:
+                    data = await fetcher.fetch(row["image_location"])
+                    if hashlib.sha256(data).hexdigest() != row["content_hash"]:
+                        why.append("image content changed")
+                except Exception as exc:  # noqa: BLE001 - reported, not raised
+                    why.append(f"image unreadable: {exc}")
+            if why:
+                out.append({**row, "why": "; ".join(why)})
+        return out
+    finally:
+        await fetcher.close()
+        await cache.close()
+        await milvus.close()
+
+
+async def requeue_stale(settings: Settings, rows: list[dict[str, object]]) -> int:
+    """Publish a re-encode event (same per-pin version, ``reencode: true``) per stale pin."""
+    from streams.producer import publish_events
+
+    events = [PinEvent(op="upsert", pin_id=str(r["pin_id"]), version=int(str(r["pin_version"])),
+                       image=str(r["image_location"]), caption=str(r["caption"]),
+                       event_time=time.time(), reencode=True) for r in rows]
+    return await publish_events(settings.kafka, events, total=len(events))
