@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 DATA   ?= data
 export PINFRESH_STACK__DATA_DIR ?= $(DATA)
 
-.PHONY: setup catalog demo test test-unit test-integration faults lint bench down clean
+.PHONY: setup catalog demo test test-unit test-integration faults lint bench bench-refresh down clean
 
 setup: $(STAMP) catalog
 
@@ -44,6 +44,9 @@ lint: $(STAMP)
 
 bench: setup
 	$(VENV)/bin/pinfresh bench pipeline
+
+bench-refresh: setup
+	$(VENV)/bin/pinfresh bench refresh
 
 down:
 	$(VENV)/bin/pinfresh down

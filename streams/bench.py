@@ -201,3 +201,112 @@ async def _pipeline(s: Settings, warm: CatalogItem, cap_items: list[CatalogItem]
         "dead_letters": len(letters) + len(fletters),
         "worker_peak_rss_mb": round(rss, 1),
     }
+
+
+def run_refresh_bench(settings: Settings, pins: int, rate: float, out: Path,
+                      console: Console) -> dict[str, object]:
+    """Backfill throughput, and live freshness with and without a backfill running.
+
+    One private embedded stack, one worker. The catalog's first ``pins`` pins
+    are encoded by the default model (live); a second version (same towers,
+    projection seed 1) is registered, so the worker dual-writes from then on.
+    Live pins are published at ``rate`` pins/s twice: once with nothing else
+    running (idle), once while ``pinfresh backfill`` fills the new version.
+    """
+    data_dir = settings.stack.data_dir.resolve()
+    path = prepare_sample_catalog(data_dir)
+    items = [it for it in load_catalog(path) if "party-horn-out" not in it.pin_id]
+    base = items[:pins]
+    live_a = [replace(items[i % len(items)], pin_id=f"live-idle-{i}") for i in range(100)]
+    live_b = [replace(items[i % len(items)], pin_id=f"live-during-{i}") for i in range(2000)]
+    with tempfile.TemporaryDirectory(prefix="pinfresh-bench-") as tmp:
+        stack = EmbeddedStack(StackSettings(data_dir=Path(tmp), kafka_port=0, redis_port=0,
+                                            milvus_port=0))
+        info = stack.start()
+        try:
+            s = settings.with_stack(info).model_copy(update={
+                "fetch": settings.fetch.model_copy(update={"catalog_root": catalog_root_of(path)}),
+                "stack": settings.stack.model_copy(update={"data_dir": Path(tmp)}),
+            })
+            result = asyncio.run(_refresh(s, base, live_a, live_b, rate, console))
+        finally:
+            stack.stop()
+    report: dict[str, object] = {
+        **result, "catalog_pins": len(base), "live_rate_per_s": rate,
+        "images": "Tux Paint stamps (PNG) from local disk",
+        "machine": machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    table = Table(title="pinfresh bench refresh (one run, this machine)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for k in ("backfill_pins_per_s", "backfill_seconds", "backfill_yielded_s",
+              "freshness_p50_s_idle", "freshness_p99_s_idle",
+              "freshness_p50_s_during_backfill", "freshness_p99_s_during_backfill"):
+        table.add_row(k, str(report[k]))
+    console.print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
+    return report
+
+
+async def _refresh(s: Settings, base: list[CatalogItem], live_a: list[CatalogItem],
+                   live_b: list[CatalogItem], rate: float, console: Console
+                   ) -> dict[str, object]:
+    from encoder.config import EncoderSettings
+    from store.milvus import MilvusStore
+    from store.registry import VersionRegistry
+    from streams.refresh import run_backfill
+
+    await ensure_topics(s.kafka)
+    worker = spawn_worker(s, "bench-refresh")
+    cache, milvus = RedisCache(s.redis), MilvusStore(s.milvus)
+    try:
+        console.print(f"encoding the catalog ({len(base)} pins) into the live version")
+        await publish_events(s.kafka, (it.event(1) for it in base), total=len(base))
+        await wait_settled(cache, s.kafka, [it.pin_id for it in base], 900)
+        enc_b = ImageEncoder.load(EncoderSettings(seed=1))
+        vb = enc_b.version
+        enc_b.close()
+        await VersionRegistry(milvus, cache).register(vb, 512, "pinfresh-effl0-minilm", None, 1)
+        await asyncio.sleep(4)  # the worker picks up the new version (dual writes)
+
+        async def live_traffic(items: list[CatalogItem], until: asyncio.Task | None) -> list[float]:
+            sent: list[str] = []
+            t0 = time.monotonic()
+            for i, it in enumerate(items):
+                if until is not None and until.done():
+                    break
+                if until is None and i >= 100:
+                    break
+                await publish_events(s.kafka, [it.event(1)], progress=False)
+                sent.append(it.pin_id)
+                ahead = t0 + (i + 1) / rate - time.monotonic()
+                if ahead > 0:
+                    await asyncio.sleep(ahead)
+            meta = await wait_readable(cache, sent, 300)
+            return [float(m["written_at"]) - float(m["event_time"]) for m in meta.values()]
+
+        console.print(f"idle: 100 live pins at {rate}/s")
+        idle = np.array(await live_traffic(live_a, None))
+        console.print("backfill running, live pins at the same rate")
+        task = asyncio.create_task(run_backfill(s, vb, progress=False, yield_lag=20))
+        during = np.array(await live_traffic(live_b, task))
+        rep = await task
+    finally:
+        stop_pid(worker.pid)
+        await cache.close()
+        await milvus.close()
+    return {
+        "backfill_pins_per_s": round(rep.pins_per_s, 2),
+        "backfill_pins": rep.pins, "backfill_encoded": rep.encoded,
+        "backfill_seconds": round(rep.seconds, 2),
+        "backfill_yielded_s": round(rep.yielded_s, 2),
+        "freshness_p50_s_idle": round(float(np.percentile(idle, 50)), 3),
+        "freshness_p99_s_idle": round(float(np.percentile(idle, 99)), 3),
+        "freshness_p50_s_during_backfill": round(float(np.percentile(during, 50)), 3),
+        "freshness_p99_s_during_backfill": round(float(np.percentile(during, 99)), 3),
+        "live_pins_idle": len(idle), "live_pins_during_backfill": len(during),
+        "dual_writes": True,
+    }

@@ -740,6 +740,19 @@ def bench_pipeline(ctx: _Ctx, pins: int, fresh_pins: int, out: Path) -> None:
     run_pipeline_bench(ctx.settings, pins, fresh_pins, out, console)
 
 
+@bench.command("refresh")
+@click.option("--pins", type=int, default=600, show_default=True, help="catalog to backfill")
+@click.option("--rate", type=float, default=5.0, show_default=True, help="live pins/s")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/refresh.json"),
+              show_default=True)
+@pass_ctx
+def bench_refresh(ctx: _Ctx, pins: int, rate: float, out: Path) -> None:
+    """Backfill throughput and live freshness with/without a backfill running."""
+    from streams.bench import run_refresh_bench
+
+    run_refresh_bench(ctx.settings, pins, rate, out, console)
+
+
 def main() -> None:
     """Console-script entry point; turns PinfreshError into a one-line message."""
     try:
