@@ -310,6 +310,27 @@ class RedisCache:
             for p, r in zip(pin_ids, rows, strict=True) if r[0] is not None
         }
 
+    async def record_batch_stats(self, freshness_s: Sequence[float], encoded: int,
+                                 keep: int = 10_000) -> None:
+        """Keep the last ``keep`` freshness samples and count encodes (for `pinfresh status`)."""
+
+        async def go() -> None:
+            async with self._r.pipeline(transaction=False) as pipe:
+                if freshness_s:
+                    pipe.lpush(f"{self.p}:stats:freshness", *[f"{f:.4f}" for f in freshness_s])
+                    pipe.ltrim(f"{self.p}:stats:freshness", 0, keep - 1)
+                if encoded:
+                    pipe.incrby(f"{self.p}:stats:encoded", encoded)
+                await pipe.execute()
+
+        await self._do(go)
+
+    async def batch_stats(self) -> tuple[list[float], int]:
+        """``(recent freshness samples, total encodes)`` written by the workers."""
+        fresh = await self._do(lambda: self._r.lrange(f"{self.p}:stats:freshness", 0, -1))
+        enc = await self._do(lambda: self._r.get(f"{self.p}:stats:encoded"))
+        return [float(_text(x)) for x in fresh], int(_text(enc)) if enc else 0
+
     async def pin_ids(self, version: str) -> list[str]:
         """Every pin id stored in a version."""
         raw = await self._do(lambda: self._r.smembers(self._ids_key(version)))

@@ -110,7 +110,24 @@ def create_app(settings: Settings, encoder: ImageEncoder) -> faust.App:
         try:
             async for events in stream.noack_take(w.batch_size, within=w.batch_wait_s):
                 msgs = [Message(e.message.key, e.message.value) for e in events]
-                await _process_until_done(processor, msgs, w.retry_backoff_max_s)
+                work = asyncio.ensure_future(
+                    _process_until_done(processor, msgs, w.retry_backoff_max_s))
+                try:
+                    await asyncio.shield(work)
+                except asyncio.CancelledError:
+                    # SIGTERM: finish, write and ack the in-flight batch; Faust then
+                    # commits the acked offsets and leaves the group
+                    logger.info("draining: finishing the in-flight batch of %d events",
+                                len(msgs))
+                    try:
+                        await asyncio.wait_for(work, w.drain_timeout_s)
+                    except TimeoutError:
+                        logger.warning("drain timed out after %.0fs: the batch will be "
+                                       "redelivered", w.drain_timeout_s)
+                        raise
+                    for e in events:
+                        await stream.ack(e)
+                    raise
                 for e in events:
                     await stream.ack(e)
         finally:

@@ -95,55 +95,29 @@ def down(ctx: _Ctx) -> None:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@click.option("--json", "as_json", is_flag=True,
+              help="one JSON object (lag_total, freshness_p99_s, live_version, dlq_total, ...)")
+@click.option("--watch", is_flag=True, help="refresh until Ctrl-C")
+@click.option("--interval", default=2.0, show_default=True, help="seconds between samples")
 @pass_ctx
-def status(ctx: _Ctx, as_json: bool) -> None:
-    """Show the stack's health, the model versions and their pin counts."""
-    from streams.stack import EmbeddedStack
+def status(ctx: _Ctx, as_json: bool, watch: bool, interval: float) -> None:
+    """Lag, rates, freshness, dead letters, versions and store health on one screen."""
+    from rich.live import Live
 
-    health = EmbeddedStack(ctx.settings.stack).health()
-    versions = asyncio.run(_versions(ctx.settings)) if health.get("redis") == "ok" else {}
+    from streams.status import collect_status, render
+
     if as_json:
-        click.echo(json.dumps({"health": health, "versions": versions}, indent=2))
+        click.echo(json.dumps(asyncio.run(collect_status(ctx.settings, interval)), indent=2))
         return
-    t = Table(title="services")
-    t.add_column("service")
-    t.add_column("state")
-    for k, v in health.items():
-        t.add_row(k, v)
-    console.print(t)
-    vt = Table(title="model versions")
-    for col in ("version", "state", "dim", "pins (redis)", "pins (milvus)", "live"):
-        vt.add_column(col)
-    for name, row in versions.items():
-        vt.add_row(name, str(row.get("state", "")), str(row.get("dim", "")),
-                   str(row.get("redis_pins")), str(row.get("milvus_pins")),
-                   "*" if row.get("live") else "")
-    console.print(vt)
-
-
-async def _versions(settings: Settings) -> dict[str, dict[str, object]]:
-    from store.milvus import MilvusStore
-    from store.redis import RedisCache
-
-    cache = RedisCache(settings.redis)
-    milvus = MilvusStore(settings.milvus)
-    try:
-        live = await cache.get_live()
-        out: dict[str, dict[str, object]] = {}
-        for name, info in (await cache.versions()).items():
-            row: dict[str, object] = dict(info)
-            row["live"] = name == live
-            row["redis_pins"] = await cache.count(name)
-            try:
-                row["milvus_pins"] = await milvus.count(name)
-            except PinfreshError as exc:
-                row["milvus_pins"] = f"error: {exc}"
-            out[name] = row
-        return out
-    finally:
-        await cache.close()
-        await milvus.close()
+    if not watch:
+        console.print(render(asyncio.run(collect_status(ctx.settings, interval))))
+        return
+    with Live(console=console, refresh_per_second=1) as live:
+        try:
+            while True:
+                live.update(render(asyncio.run(collect_status(ctx.settings, interval))))
+        except KeyboardInterrupt:
+            pass
 
 
 @cli.group("config")
@@ -201,6 +175,24 @@ def topics_create(ctx: _Ctx) -> None:
 
     created = asyncio.run(ensure_topics(ctx.settings.kafka))
     console.print(f"created: {', '.join(created) or 'nothing (all exist)'}")
+
+
+@topics.command("scale")
+@click.option("--partitions", type=int, required=True, help="new total partition count")
+@pass_ctx
+def topics_scale(ctx: _Ctx, partitions: int) -> None:
+    """Add partitions to the events topic (more workers can then share the load).
+
+    Adding partitions remaps pin ids to partitions for new events: a pin's next
+    event may land on another partition than its previous one, so two workers
+    may briefly hold events of the same pin. The per-pin version check keeps
+    this safe: an older version never overwrites a newer one, whichever worker
+    writes last.
+    """
+    from streams.producer import scale_partitions
+
+    before = asyncio.run(scale_partitions(ctx.settings.kafka, partitions))
+    console.print(f"{ctx.settings.kafka.topic}: {before} -> {partitions} partitions")
 
 
 # ---------------------------------------------------------------- workers

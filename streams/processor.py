@@ -121,6 +121,9 @@ class Cache(VectorStore, Protocol):
     async def versions(self) -> dict[str, dict[str, str]]: ...  # noqa: D102
     async def set_tombstones(self, versions: dict[str, int]) -> None: ...  # noqa: D102
     async def get_tombstones(self, pin_ids: Sequence[str]) -> dict[str, int]: ...  # noqa: D102
+    async def record_batch_stats(  # noqa: D102
+        self, freshness_s: Sequence[float], encoded: int, keep: int = 10_000
+    ) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -235,6 +238,11 @@ class PinProcessor:
                 metrics.DEAD_LETTERS.labels(reason=dl.reason.value).inc()
         report.seconds["total"] = time.perf_counter() - t0
         self._observe(report)
+        if self.observe_freshness and (report.freshness_s or report.encoded):
+            try:
+                await self.cache.record_batch_stats(report.freshness_s, report.encoded)
+            except StoreUnavailable as exc:  # statistics only: never hold the batch for them
+                logger.warning("could not record batch statistics: %s", exc)
         return report
 
     async def _retry_any(self, stage: str, fn: Callable[[], Awaitable[None]]) -> None:

@@ -75,6 +75,28 @@ async def ensure_topics(k: KafkaSettings) -> list[str]:
     return created
 
 
+async def scale_partitions(k: KafkaSettings, partitions: int) -> int:
+    """Grow the events topic to ``partitions``; returns the count before.
+
+    Raises:
+        PinfreshError: the topic would shrink (Kafka cannot remove partitions).
+    """
+    from aiokafka.admin import NewPartitions
+
+    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, **_sasl(k))
+    await admin.start()
+    try:
+        desc = await admin.describe_topics([k.topic])
+        before = len(desc[0]["partitions"])
+        if partitions < before:
+            raise PinfreshError(f"{k.topic} has {before} partitions; Kafka cannot shrink a topic")
+        if partitions > before:
+            await admin.create_partitions({k.topic: NewPartitions(total_count=partitions)})
+        return before
+    finally:
+        await admin.close()
+
+
 async def publish_events(
     k: KafkaSettings, events: Iterable[PinEvent], *, total: int | None = None,
     rate: float | None = None, progress: bool = True, stamp: bool = True,

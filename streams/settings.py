@@ -51,6 +51,10 @@ class WorkerSettings(BaseModel):
     fetch_attempts: int = Field(3, ge=1, description="tries for a transient fetch error")
     retry_backoff_s: float = Field(0.2, gt=0, description="first backoff; doubles per retry")
     retry_backoff_max_s: float = Field(10.0, gt=0)
+    drain_timeout_s: float = Field(
+        30.0, gt=0, description="on SIGTERM, time to finish the in-flight batch (keep below "
+        "the orchestrator's termination grace period)"
+    )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off")
     metrics_host: str = "127.0.0.1"
     fault_crash_at: Literal["", "after_encode", "after_milvus", "after_redis"] = Field(

@@ -91,6 +91,10 @@ class FakeBackend:
     async def set_tombstones(self, versions: dict[str, int]) -> None:
         self.tombs.update(versions)
 
+    async def record_batch_stats(self, freshness_s: Sequence[float], encoded: int,
+                                 keep: int = 10_000) -> None:
+        self.stats = (list(freshness_s), encoded)
+
     async def get_tombstones(self, pin_ids: Sequence[str]) -> dict[str, int]:
         return {p: self.tombs[p] for p in pin_ids if p in self.tombs}
 

@@ -1,0 +1,127 @@
+"""``pinfresh status``: the pipeline on one screen (or as JSON for scripts).
+
+Everything is read from the shared systems, so it works against any
+deployment, embedded or not: consumer lag from Kafka (committed offsets of the
+workers' group vs log ends), in/out rates from two samples ``interval``
+seconds apart, dead letters from the DLQ topic, freshness percentiles from the
+last 10,000 samples the workers push to Redis, versions and their coverage
+from the registry, and a real call to each store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from typing import Any
+
+import numpy as np
+from rich.console import Group
+from rich.table import Table
+
+from store.milvus import MilvusStore
+from store.redis import RedisCache
+from store.registry import VersionRegistry
+from streams.producer import consumer_lag, read_dead_letters
+from streams.settings import Settings
+from streams.stack import check_kafka
+
+
+async def _offsets(settings: Settings) -> tuple[dict[int, int], int]:
+    lag = await consumer_lag(settings.kafka)
+    return lag, sum(lag.values())
+
+
+async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str, Any]:
+    """One status snapshot; rates are measured over ``interval`` seconds."""
+    out: dict[str, Any] = {"time": time.time(), "health": {}}
+    cache, milvus = RedisCache(settings.redis), MilvusStore(settings.milvus)
+    try:
+        for name, check in (("kafka", lambda: asyncio.to_thread(
+                check_kafka, settings.kafka.bootstrap_servers.split(",")[0])),
+                ("redis", cache.ping), ("milvus", milvus.ping)):
+            try:
+                await check()
+                out["health"][name] = "ok"
+            except Exception as exc:  # noqa: BLE001 - reported, not raised
+                out["health"][name] = f"down: {exc}"[:200]
+        if out["health"]["kafka"] == "ok":
+            from aiokafka import AIOKafkaConsumer, TopicPartition
+
+            c = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
+            await c.start()
+            try:
+                parts = c.partitions_for_topic(settings.kafka.topic) or set()
+                tps = [TopicPartition(settings.kafka.topic, p) for p in sorted(parts)]
+                ends1 = sum((await c.end_offsets(tps)).values()) if tps else 0
+                lag1, total1 = await _offsets(settings)
+                enc1 = (await cache.batch_stats())[1] if out["health"]["redis"] == "ok" else 0
+                await asyncio.sleep(interval)
+                ends2 = sum((await c.end_offsets(tps)).values()) if tps else 0
+                lag2, total2 = await _offsets(settings)
+                enc2 = (await cache.batch_stats())[1] if out["health"]["redis"] == "ok" else 0
+            finally:
+                await c.stop()
+            consumed = (ends1 - total1, ends2 - total2)
+            out.update({
+                "partitions": len(tps), "lag": lag2, "lag_total": total2,
+                "events_in_per_s": round((ends2 - ends1) / interval, 2),
+                "events_out_per_s": round((consumed[1] - consumed[0]) / interval, 2),
+                "pins_encoded_per_s": round((enc2 - enc1) / interval, 2),
+            })
+            letters = await read_dead_letters(settings.kafka, timeout_s=2.0)
+            out["dlq_total"] = len(letters)
+            out["dlq_by_reason"] = dict(Counter(d.reason.value for d in letters))
+        if out["health"]["redis"] == "ok":
+            fresh, encoded = await cache.batch_stats()
+            out["pins_encoded_total"] = encoded
+            if fresh:
+                arr = np.array(fresh)
+                out.update({f"freshness_p{q}_s": round(float(np.percentile(arr, q)), 3)
+                            for q in (50, 95, 99)})
+                out["freshness_samples"] = len(fresh)
+            reg = VersionRegistry(milvus, cache)
+            versions = await reg.all()
+            live = next((v.version for v in versions if v.live), None)
+            live_n = await cache.count(live) if live else 0
+            out["live_version"] = live
+            out["versions"] = [
+                {"version": v.version, "state": v.state, "pins": (n := await cache.count(
+                    v.version)), "coverage": round(n / live_n, 4) if live_n else None}
+                for v in versions if v.state != "retired"
+            ]
+    finally:
+        await cache.close()
+        await milvus.close()
+    for key in ("lag_total", "freshness_p99_s", "live_version", "dlq_total"):
+        out.setdefault(key, None)
+    return out
+
+
+def render(st: dict[str, Any]) -> Group:
+    """The rich one-screen view of a snapshot."""
+    head = Table(title="pinfresh status", show_header=False)
+    head.add_column("k")
+    head.add_column("v", justify="right")
+    for key in ("lag_total", "events_in_per_s", "events_out_per_s", "pins_encoded_per_s",
+                "freshness_p50_s", "freshness_p95_s", "freshness_p99_s", "dlq_total",
+                "live_version"):
+        head.add_row(key, str(st.get(key, "-")))
+    for name, state in st["health"].items():
+        head.add_row(f"health: {name}", state)
+    parts = Table(title="consumer lag by partition")
+    parts.add_column("partition")
+    parts.add_column("lag", justify="right")
+    for p, lag in sorted((st.get("lag") or {}).items()):
+        parts.add_row(str(p), str(lag))
+    vers = Table(title="model versions")
+    for col in ("version", "state", "pins", "coverage of live"):
+        vers.add_column(col)
+    for v in st.get("versions", []):
+        vers.add_row(v["version"], v["state"], str(v["pins"]), str(v["coverage"]))
+    dlq = Table(title="dead letters by reason")
+    dlq.add_column("reason")
+    dlq.add_column("count", justify="right")
+    for r, n in sorted((st.get("dlq_by_reason") or {}).items()):
+        dlq.add_row(r, str(n))
+    return Group(head, parts, vers, dlq)

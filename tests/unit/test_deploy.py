@@ -1,0 +1,90 @@
+"""Deployment files: Kubernetes schemas, compose structure, and real setting names."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from streams.settings import Settings
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+K8S_VERSION = "1.31.0"
+BUILTIN = {"ConfigMap", "Secret", "Deployment", "PodDisruptionBudget"}
+
+
+def _docs() -> list[dict]:
+    out = []
+    for path in sorted((DEPLOY / "k8s").glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        out.extend(d for d in yaml.safe_load_all(path.read_text()) if d)
+    return out
+
+
+def _is_setting(name: str) -> bool:
+    parts = name.removeprefix("PINFRESH_").lower().split("__")
+    model: type[BaseModel] = Settings
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return False
+        ann = field.annotation
+        if i < len(parts) - 1:
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                return False
+            model = ann
+    return True
+
+
+def _env_names() -> set[str]:
+    names: set[str] = set()
+    for path in DEPLOY.rglob("*"):
+        if path.is_file() and path.suffix in {".yaml", ".yml", ""} | {".cuda"}:
+            names |= set(re.findall(r"\b(PINFRESH_[A-Z0-9_]+)\b", path.read_text()))
+    return names
+
+
+@pytest.mark.parametrize("doc", [d for d in _docs() if d["kind"] in BUILTIN],
+                         ids=lambda d: f"{d['kind']}/{d['metadata']['name']}")
+def test_manifests_match_kubernetes_schemas(doc):
+    kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+
+
+def test_every_environment_variable_is_a_real_setting():
+    names = _env_names()
+    assert len(names) > 15
+    unknown = sorted(n for n in names if not _is_setting(n))
+    assert unknown == []
+    assert not _is_setting("PINFRESH_KAFKA__NOPE") and not _is_setting("PINFRESH_NOPE")
+
+
+def test_scaling_and_drain_are_consistent():
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _docs()}
+    cfg = docs[("ConfigMap", "pinfresh-config")]["data"]
+    scaled = docs[("ScaledObject", "pinfresh-worker")]["spec"]
+    trigger = scaled["triggers"][0]["metadata"]
+    assert scaled["maxReplicaCount"] == int(cfg["PINFRESH_KAFKA__PARTITIONS"])
+    assert trigger["consumerGroup"] == cfg["PINFRESH_KAFKA__GROUP_ID"]
+    assert trigger["topic"] == cfg["PINFRESH_KAFKA__TOPIC"]
+    pod = docs[("Deployment", "pinfresh-worker")]["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] > float(cfg["PINFRESH_WORKER__DRAIN_TIMEOUT_S"])
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    secret_keys = set(docs[("Secret", "pinfresh-secrets")]["stringData"])
+    assert secret_keys.isdisjoint(cfg), "secrets never in the ConfigMap"
+
+
+def test_compose_stack_structure():
+    compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"kafka", "etcd", "minio", "milvus", "redis", "worker"} <= set(services)
+    assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
+    env = services["worker"]["environment"]
+    assert env["PINFRESH_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
+    assert env["PINFRESH_MILVUS__URI"].endswith("milvus:19530")
+    grace = int(services["worker"]["stop_grace_period"].rstrip("s"))
+    assert grace > float(env["PINFRESH_WORKER__DRAIN_TIMEOUT_S"])
