@@ -36,3 +36,12 @@ class MilvusSettings(BaseModel):
         300.0, gt=0, description="gRPC keepalive ping interval; servers (Milvus Lite) refuse "
         "pings more often than every 5 minutes on idle connections"
     )
+
+
+class ApiSettings(BaseModel):
+    """The read API. Env prefix ``PINFRESH_API__``."""
+
+    host: str = Field("127.0.0.1", description="bind address (loopback unless configured)")
+    port: int = Field(8080, ge=1, le=65535)
+    max_batch: int = Field(1000, ge=1, description="most pin ids per batchGet")
+    max_k: int = Field(100, ge=1, description="largest k for similar")

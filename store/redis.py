@@ -34,7 +34,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from store.base import EmbeddingRecord, PinState
 from store.config import RedisSettings
-from store.errors import DimensionMismatch, StoreError, StoreUnavailable
+from store.errors import DimensionMismatch, StoreError, StoreUnavailable, UnknownVersion
 
 T = TypeVar("T")
 def _text(x: bytes | str) -> str:
@@ -113,7 +113,8 @@ class RedisCache:
         if version not in self._info:
             raw = await self._do(lambda: self._r.hgetall(f"{self.p}:version:{version}"))
             if not raw:
-                raise StoreError(f"version {version} is not registered in Redis")
+                raise UnknownVersion(f"model version {version} is not registered: see "
+                                     "`pinfresh versions list`")
             self._info[version] = (int(raw[b"dim"]), _text(raw[b"dtype"]))
         return self._info[version]
 

@@ -256,6 +256,22 @@ def delete(ctx: _Ctx, pin_ids: tuple[str, ...], pin_version: int) -> None:
 
 # ------------------------------------------------------------------ reads
 @cli.command()
+@click.option("--host", help="bind address [PINFRESH_API__HOST] (default loopback)")
+@click.option("--port", type=int, help="port [PINFRESH_API__PORT]")
+@pass_ctx
+def serve(ctx: _Ctx, host: str | None, port: int | None) -> None:
+    """Run the read API (batch get, similar, healthz, readyz, metrics)."""
+    import uvicorn
+
+    from store.api import create_app
+
+    s = ctx.settings
+    app = create_app(s.api, s.redis, s.milvus)
+    uvicorn.run(app, host=host or s.api.host, port=port or s.api.port, log_level="warning",
+                access_log=False)
+
+
+@cli.command()
 @click.argument("pin_ids", nargs=-1, required=True)
 @click.option("--version", "model_version", help="model version (default: live)")
 @pass_ctx

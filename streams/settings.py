@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from encoder.config import EncoderSettings
-from store.config import MilvusSettings, RedisSettings
+from store.config import ApiSettings, MilvusSettings, RedisSettings
 from streams.fetch import FetchSettings
 from streams.stack import StackInfo, StackSettings
 
@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     fetch: FetchSettings = Field(default_factory=FetchSettings)
     stack: StackSettings = Field(default_factory=StackSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
     log_json: bool = Field(False, description="JSON log lines")
     log_level: str = "INFO"
 

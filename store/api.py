@@ -1,0 +1,213 @@
+"""The read API for ranking services: an app factory over the reader.
+
+Routes (JSON in and out, one error envelope ``{"error": {"code", "message"}}``):
+
+* ``POST /v1/embeddings:batchGet`` ``{"pin_ids": [...], "version": null,
+  "encoding": "json" | "base64", "dtype": "float32" | "float16"}`` returns
+  ``{"version", "dim", "found": [bool], "missing": [ids], "vectors": ...}``.
+  ``vectors`` is a list of lists (``null`` for missing pins) or, with
+  ``base64``, ``{"dtype", "shape", "data"}`` holding a little-endian
+  ``(n, dim)`` array whose missing rows are zeros. Missing pins are reported,
+  not errors.
+* ``POST /v1/similar`` ``{"pin_id" | "vector", "k", "version", "filter":
+  {"caption_contains", "exclude"}}`` returns ``{"version", "hits": [...]}``.
+* ``GET /healthz`` (the process is up), ``GET /readyz`` (Redis and Milvus
+  answer, for real), ``GET /metrics`` (Prometheus).
+
+Every response names the model version it was read from; one request reads
+one version (resolved once).
+"""
+
+from __future__ import annotations
+
+import base64
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any, Literal
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, Field
+
+from store.config import ApiSettings, MilvusSettings, RedisSettings
+from store.errors import StoreError, StoreUnavailable, UnknownVersion
+from store.milvus import MilvusStore
+from store.reader import EmbeddingReader
+from store.redis import RedisCache
+
+
+class BatchGetRequest(BaseModel):
+    """Body of ``/v1/embeddings:batchGet``."""
+
+    pin_ids: list[str] = Field(min_length=1)
+    version: str | None = None
+    encoding: Literal["json", "base64"] = "json"
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+class SimilarFilter(BaseModel):
+    """Simple metadata filters for ``/v1/similar``."""
+
+    caption_contains: str | None = Field(None, max_length=200)
+    exclude: list[str] = Field(default_factory=list, max_length=1000)
+
+
+class SimilarRequest(BaseModel):
+    """Body of ``/v1/similar``: a pin id or a vector."""
+
+    pin_id: str | None = None
+    vector: list[float] | None = None
+    k: int = Field(10, ge=1)
+    version: str | None = None
+    filter: SimilarFilter = Field(default_factory=SimilarFilter)
+
+
+class ApiError(Exception):
+    """An error with an HTTP status and a stable code."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+def _envelope(status: int, code: str, message: str) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
+
+
+def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -> FastAPI:
+    """Build the read API; clients are opened and closed by the app's lifespan."""
+    registry = CollectorRegistry()
+    requests = Counter("pinfresh_api_requests_total", "API requests", ["route", "status"],
+                       registry=registry)
+    latency = Histogram("pinfresh_api_seconds", "API latency", ["route"], registry=registry,
+                        buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        cache, store = RedisCache(redis), MilvusStore(milvus)
+        app.state.reader = EmbeddingReader(store, cache)
+        try:
+            yield
+        finally:
+            await cache.close()
+            await store.close()
+
+    app = FastAPI(title="pinfresh read API", version="0.1.0", lifespan=lifespan)
+
+    @app.middleware("http")
+    async def observe(request: Request,
+                      call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        t = time.perf_counter()
+        response = await call_next(request)
+        route = request.url.path
+        latency.labels(route=route).observe(time.perf_counter() - t)
+        requests.labels(route=route, status=str(response.status_code)).inc()
+        return response
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, exc: ApiError) -> JSONResponse:
+        return _envelope(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first.get("loc", []) if p != "body")
+        return _envelope(422, "invalid_request", f"{where}: {first.get('msg')}")
+
+    @app.exception_handler(UnknownVersion)
+    async def unknown(_: Request, exc: UnknownVersion) -> JSONResponse:
+        return _envelope(404, "unknown_version", str(exc))
+
+    @app.exception_handler(StoreUnavailable)
+    async def unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+        resp = _envelope(503, "store_unavailable", str(exc))
+        resp.headers["Retry-After"] = str(int(max(1, exc.retry_after)))
+        return resp
+
+    @app.exception_handler(StoreError)
+    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
+        return _envelope(404 if "not found" in str(exc) else 500, "store_error", str(exc))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> JSONResponse:
+        reader: EmbeddingReader = request.app.state.reader
+        checks: dict[str, str] = {}
+        for name, ping in (("redis", reader.cache.ping), ("milvus", reader.milvus.ping)):
+            try:
+                await ping()
+                checks[name] = "ok"
+            except StoreError as exc:
+                checks[name] = f"down: {exc}"[:200]
+        if all(v == "ok" for v in checks.values()):
+            return JSONResponse({"status": "ready", "checks": checks})
+        return JSONResponse({"error": {"code": "not_ready", "message": str(checks)},
+                             "checks": checks}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/v1/embeddings:batchGet")
+    async def batch_get(body: BatchGetRequest, request: Request) -> dict[str, Any]:
+        if len(body.pin_ids) > api.max_batch:
+            raise ApiError(413, "too_many_ids",
+                           f"{len(body.pin_ids)} pin ids > limit {api.max_batch}: split the batch")
+        if any(len(p) > 128 for p in body.pin_ids):
+            raise ApiError(422, "invalid_request", "pin ids are at most 128 characters")
+        reader: EmbeddingReader = request.app.state.reader
+        res = await reader.get_many(body.pin_ids, body.version)
+        found = res.found.tolist()
+        out: dict[str, Any] = {
+            "version": res.version, "dim": int(res.vectors.shape[1]), "found": found,
+            "missing": [p for p, f in zip(res.pin_ids, found, strict=True) if not f],
+        }
+        if body.encoding == "base64":
+            arr = res.vectors.astype(np.dtype(body.dtype).newbyteorder("<"))
+            out["vectors"] = {"dtype": body.dtype, "shape": list(arr.shape),
+                              "data": base64.b64encode(arr.tobytes()).decode()}
+        else:
+            out["vectors"] = [v.astype(body.dtype).tolist() if f else None
+                              for v, f in zip(res.vectors, found, strict=True)]
+        return out
+
+    @app.post("/v1/similar")
+    async def similar(body: SimilarRequest, request: Request) -> dict[str, Any]:
+        if body.k > api.max_k:
+            raise ApiError(422, "k_too_large", f"k={body.k} > limit {api.max_k}")
+        if (body.pin_id is None) == (body.vector is None):
+            raise ApiError(422, "invalid_request", "give exactly one of pin_id or vector")
+        reader: EmbeddingReader = request.app.state.reader
+        version = await reader.resolve_version(body.version)
+        vec = None
+        if body.vector is not None:
+            vec = np.asarray(body.vector, dtype=np.float32)
+            dim, _ = await reader.cache.version_info(version)
+            if vec.shape != (dim,) or not np.isfinite(vec).all():
+                raise ApiError(422, "bad_vector",
+                               f"vector must be {dim} finite floats for version {version}")
+        want = body.k + len(body.filter.exclude)
+        fetch = want * 5 if body.filter.caption_contains else want
+        _, hits = await reader.similar(pin_id=body.pin_id, vector=vec,
+                                       k=min(fetch, api.max_k * 5), version=version)
+        needle = (body.filter.caption_contains or "").lower()
+        exclude = set(body.filter.exclude)
+        kept = [h for h in hits if h.pin_id not in exclude and needle in h.caption.lower()]
+        return {"version": version, "hits": [
+            {"pin_id": h.pin_id, "score": round(h.score, 6), "caption": h.caption}
+            for h in kept[:body.k]]}
+
+    return app

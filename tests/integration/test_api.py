@@ -1,0 +1,168 @@
+"""The read API in-process (httpx ASGI transport) over the real embedded stores."""
+
+from __future__ import annotations
+
+import base64
+import time
+
+import httpx
+import numpy as np
+import pytest
+
+from store.api import create_app
+from store.base import EmbeddingRecord
+from store.client import ApiClientError, AsyncPinfreshClient
+from store.config import ApiSettings, MilvusSettings, RedisSettings
+from store.milvus import MilvusStore
+from store.redis import RedisCache
+from streams.stack import EmbeddedStack, StackSettings
+
+pytestmark = pytest.mark.integration
+DIM = 16
+
+
+def rec(pin: str, version: str, seed: int) -> EmbeddingRecord:
+    v = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+    return EmbeddingRecord(pin, v / np.linalg.norm(v), version, "h" * 64, 1, time.time(),
+                           time.time(), f"/img/{pin}.png", f"a {pin.split('-')[0]} picture")
+
+
+async def _seed(redis_url: str, milvus_uri: str, prefix: str) -> dict[str, dict[str, np.ndarray]]:
+    milvus = MilvusStore(MilvusSettings(uri=milvus_uri, collection_prefix=prefix))
+    cache = RedisCache(RedisSettings(url=redis_url, key_prefix=prefix, vector_dtype="float32"))
+    truth: dict[str, dict[str, np.ndarray]] = {}
+    for vi, ver in enumerate(("va", "vb")):
+        await milvus.ensure_version(ver, DIM)
+        await cache.ensure_version(ver, DIM)
+        records = [rec(f"{kind}-{i}", ver, 1000 * vi + 10 * i + j)
+                   for j, kind in enumerate(("cat", "dog")) for i in range(10)]
+        await milvus.upsert(ver, records)
+        await cache.upsert(ver, records[:15])  # 5 only in Milvus: fallback + refill
+        truth[ver] = {r.pin_id: r.vector for r in records}
+    await cache.set_live("va")
+    await milvus.close()
+    await cache.close()
+    return truth
+
+
+@pytest.fixture
+async def api(stack, request):
+    prefix = f"api{abs(hash(request.node.name)) % 10**6}"
+    truth = await _seed(stack.redis_url, stack.milvus_uri, prefix)
+    app = create_app(ApiSettings(max_batch=50, max_k=20),
+                     RedisSettings(url=stack.redis_url, key_prefix=prefix),
+                     MilvusSettings(uri=stack.milvus_uri, collection_prefix=prefix))
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as http:
+            yield http, truth, app
+
+
+async def test_batch_get_json_and_base64_with_missing_ids(api):
+    http, truth, _ = api
+    ids = ["cat-1", "nope", "dog-9", "cat-9"]
+    r = await http.post("/v1/embeddings:batchGet", json={"pin_ids": ids})
+    body = r.json()
+    assert r.status_code == 200 and body["version"] == "va" and body["dim"] == DIM
+    assert body["found"] == [True, False, True, True] and body["missing"] == ["nope"]
+    assert body["vectors"][1] is None
+    assert np.allclose(body["vectors"][0], truth["va"]["cat-1"], atol=1e-6)
+    r = await http.post("/v1/embeddings:batchGet",
+                        json={"pin_ids": ids, "encoding": "base64", "dtype": "float16",
+                              "version": "vb"})
+    b = r.json()
+    arr = np.frombuffer(base64.b64decode(b["vectors"]["data"]), "<f2").reshape(4, DIM)
+    assert b["version"] == "vb" and b["vectors"]["shape"] == [4, DIM]
+    assert np.allclose(arr[3], truth["vb"]["cat-9"], atol=2e-3) and not arr[1].any()
+
+
+async def test_client_returns_array_mask_and_version(api):
+    http, truth, app = api
+    client = AsyncPinfreshClient("http://t", transport=httpx.ASGITransport(app=app))
+    emb = await client.get_embeddings(["dog-2", "zzz", "cat-3"])
+    assert emb.version == "va" and emb.found.tolist() == [True, False, True]
+    assert emb.vectors.shape == (3, DIM) and emb.vectors.dtype == np.float32
+    assert float(emb.vectors[0] @ truth["va"]["dog-2"]) > 0.9999
+    with pytest.raises(ApiClientError) as err:
+        await client.get_embeddings(["x"] * 51)
+    assert err.value.status == 413 and err.value.code == "too_many_ids"
+    await client.aclose()
+
+
+async def test_similar_by_pin_and_vector_with_filters(api):
+    http, truth, _ = api
+    r = await http.post("/v1/similar", json={"pin_id": "cat-1", "k": 5})
+    hits = r.json()["hits"]
+    assert r.json()["version"] == "va" and len(hits) == 5
+    assert "cat-1" not in [h["pin_id"] for h in hits]
+    r = await http.post("/v1/similar", json={
+        "vector": truth["va"]["dog-4"].tolist(), "k": 3,
+        "filter": {"caption_contains": "dog", "exclude": ["dog-4"]}})
+    hits = r.json()["hits"]
+    assert len(hits) == 3 and all(h["pin_id"].startswith("dog") for h in hits)
+    assert "dog-4" not in [h["pin_id"] for h in hits]
+
+
+@pytest.mark.parametrize("path, body, status, code", [
+    ("/v1/embeddings:batchGet", {"pin_ids": []}, 422, "invalid_request"),
+    ("/v1/embeddings:batchGet", {"pin_ids": ["a"] * 51}, 413, "too_many_ids"),
+    ("/v1/embeddings:batchGet", {"pin_ids": ["x" * 200]}, 422, "invalid_request"),
+    ("/v1/embeddings:batchGet", {"pin_ids": ["a"], "version": "nope"}, 404, "unknown_version"),
+    ("/v1/embeddings:batchGet", {"pin_ids": "a"}, 422, "invalid_request"),
+    ("/v1/similar", {"pin_id": "cat-1", "k": 500}, 422, "k_too_large"),
+    ("/v1/similar", {"k": 3}, 422, "invalid_request"),
+    ("/v1/similar", {"vector": [1.0, 2.0], "k": 3}, 422, "bad_vector"),
+    ("/v1/similar", {"pin_id": "ghost", "k": 3}, 404, "store_error"),
+])
+async def test_limits_and_errors_use_one_envelope(api, path, body, status, code):
+    http, _, _ = api
+    r = await http.post(path, json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+async def test_health_ready_metrics(api):
+    http, _, _ = api
+    assert (await http.get("/healthz")).json() == {"status": "ok"}
+    ready = await http.get("/readyz")
+    assert ready.status_code == 200 and ready.json()["checks"] == {"redis": "ok", "milvus": "ok"}
+    await http.post("/v1/embeddings:batchGet", json={"pin_ids": ["cat-1"]})
+    text = (await http.get("/metrics")).text
+    assert 'pinfresh_api_requests_total{route="/v1/embeddings:batchGet",status="200"}' in text
+
+
+async def test_a_response_never_mixes_versions(api):
+    http, truth, app = api
+    cache = app.state.reader.cache
+    ids = [f"cat-{i}" for i in range(10)] + [f"dog-{i}" for i in range(10)]
+    for flip in range(6):
+        await cache.set_live("vb" if flip % 2 == 0 else "va")
+        body = (await http.post("/v1/embeddings:batchGet", json={"pin_ids": ids})).json()
+        want = np.stack([truth[body["version"]][p] for p in ids])
+        got = np.asarray(body["vectors"], dtype=np.float32)
+        assert np.allclose(got, want, atol=1e-6)
+
+
+async def test_readiness_follows_redis_and_milvus(tmp_path):
+    st = EmbeddedStack(StackSettings(data_dir=tmp_path, kafka_port=0, redis_port=0,
+                                     milvus_port=0))
+    info = st.start()
+    try:
+        app = create_app(ApiSettings(), RedisSettings(url=info.redis_url, timeout_s=0.5),
+                         MilvusSettings(uri=info.milvus_uri, timeout_s=2))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://t") as http:
+                assert (await http.get("/readyz")).status_code == 200
+                for service in ("redis", "milvus"):
+                    st.kill_service(service)
+                    r = await http.get("/readyz")
+                    assert r.status_code == 503 and r.json()["checks"][service] != "ok"
+                    assert r.json()["error"]["code"] == "not_ready"
+                    st.start_service(service)
+                    deadline = time.monotonic() + 30
+                    while (await http.get("/readyz")).status_code != 200:
+                        assert time.monotonic() < deadline, f"{service} did not recover"
+                        time.sleep(0.2)
+    finally:
+        st.stop()
