@@ -310,3 +310,124 @@ async def _refresh(s: Settings, base: list[CatalogItem], live_a: list[CatalogIte
         "live_pins_idle": len(idle), "live_pins_during_backfill": len(during),
         "dual_writes": True,
     }
+
+
+def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
+                   console: Console) -> dict[str, object]:
+    """Read 25 precomputed embeddings vs fetch+decode+encode 25 images, one run.
+
+    A private stack is filled with real embeddings of ``pins`` catalog images;
+    ``pinfresh serve`` runs as its own process. (a) is the Python client
+    calling the API on loopback; (b) is the same encoder reading the 25 image
+    files and encoding them at request time. Then a separate load-generating
+    process measures the API's batch-get throughput under concurrency 16.
+    """
+    import random
+    import subprocess
+    import sys
+
+    from store.client import PinfreshClient
+    from streams.runtime import settings_env
+    from streams.stack import free_port
+
+    path = prepare_sample_catalog(settings.stack.data_dir.resolve())
+    items = [it for it in load_catalog(path) if "party-horn-out" not in it.pin_id][:pins]
+    enc = ImageEncoder.load(settings.encoder)
+    with tempfile.TemporaryDirectory(prefix="pinfresh-bench-") as tmp:
+        stack = EmbeddedStack(StackSettings(data_dir=Path(tmp), kafka_port=0, redis_port=0,
+                                            milvus_port=0))
+        info = stack.start()
+        server = None
+        try:
+            s = settings.with_stack(info)
+            asyncio.run(_fill(s, enc, items))
+            port = free_port()
+            env = {**os.environ, **settings_env(s), "PINFRESH_API__PORT": str(port)}
+            server = subprocess.Popen([sys.executable, "-m", "streams.cli", "serve"], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            url = f"http://127.0.0.1:{port}"
+            client = PinfreshClient(url)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    client.get_embeddings([items[0].pin_id])
+                    break
+                except Exception:  # noqa: BLE001 - the server is still starting
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            rnd = random.Random(0)
+            read_ms = []
+            for _ in range(requests):
+                ids = [it.pin_id for it in rnd.sample(items, 25)]
+                t = time.perf_counter()
+                emb = client.get_embeddings(ids)
+                read_ms.append((time.perf_counter() - t) * 1000)
+                assert emb.found.all()
+            client.close()
+            by_id = {it.pin_id: it for it in items}
+            encode_ms = []
+            for _ in range(max(10, requests // 25)):
+                ids = [it.pin_id for it in rnd.sample(items, 25)]
+                t = time.perf_counter()
+                enc.encode_images([Path(by_id[p].image).read_bytes() for p in ids])
+                encode_ms.append((time.perf_counter() - t) * 1000)
+            ids_file = Path(tmp) / "ids.txt"
+            ids_file.write_text("\n".join(it.pin_id for it in items))
+            load = subprocess.run([sys.executable, "-m", "streams.loadgen", url, str(ids_file),
+                                   "--concurrency", "16", "--seconds", "10"],
+                                  capture_output=True, text=True, check=True)
+            loadres = json.loads(load.stdout.strip().splitlines()[-1])
+        finally:
+            if server is not None:
+                server.terminate()
+                server.wait(timeout=10)
+            enc.close()
+            stack.stop()
+    r50, r99 = np.percentile(read_ms, 50), np.percentile(read_ms, 99)
+    e50, e99 = np.percentile(encode_ms, 50), np.percentile(encode_ms, 99)
+    report: dict[str, object] = {
+        "read_p50_ms": round(float(r50), 3), "read_p99_ms": round(float(r99), 3),
+        "encode_p50_ms": round(float(e50), 1), "encode_p99_ms": round(float(e99), 1),
+        "ratio_p50": round(float(e50 / r50), 1),
+        "api_requests_per_s": loadres["requests_per_s"], "api_p99_ms": loadres["p99_ms"],
+        "api_p50_ms": loadres["p50_ms"], "api_errors": loadres["errors"],
+        "api_concurrency": loadres["concurrency"], "pins_per_request": 25,
+        "read_requests": len(read_ms), "encode_requests": len(encode_ms),
+        "read_path": "Python client -> HTTP on loopback -> Redis MGET (float16, base64)",
+        "encode_path": "read 25 image files + PIL decode + EfficientNet-Lite0 tower on CPU",
+        "machine": machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    table = Table(title="read precomputed vs encode at request time (25 pins, one run)")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for k in ("read_p50_ms", "read_p99_ms", "encode_p50_ms", "encode_p99_ms", "ratio_p50",
+              "api_requests_per_s", "api_p50_ms", "api_p99_ms", "api_errors"):
+        table.add_row(k, str(report[k]))
+    console.print(table)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
+    return report
+
+
+async def _fill(s: Settings, enc: ImageEncoder, items: list[CatalogItem]) -> None:
+    from store.base import EmbeddingRecord
+    from store.milvus import MilvusStore
+    from store.registry import VersionRegistry
+
+    milvus, cache = MilvusStore(s.milvus), RedisCache(s.redis)
+    try:
+        await VersionRegistry(milvus, cache).register(enc.version, enc.dim, enc.spec.name,
+                                                      None, 0)
+        now = time.time()
+        vecs = enc.encode_images([Path(it.image).read_bytes() for it in items])
+        recs = [EmbeddingRecord(it.pin_id, v, enc.version, "-", 1, now, now, it.image,
+                                it.caption) for it, v in zip(items, vecs, strict=True)
+                if isinstance(v, np.ndarray)]
+        await milvus.upsert(enc.version, recs)
+        await cache.upsert(enc.version, recs)
+    finally:
+        await milvus.close()
+        await cache.close()

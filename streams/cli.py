@@ -761,6 +761,19 @@ def bench_refresh(ctx: _Ctx, pins: int, rate: float, out: Path) -> None:
     run_refresh_bench(ctx.settings, pins, rate, out, console)
 
 
+@bench.command("read")
+@click.option("--pins", type=int, default=300, show_default=True)
+@click.option("--requests", type=int, default=500, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("bench/results/read_vs_encode.json"), show_default=True)
+@pass_ctx
+def bench_read(ctx: _Ctx, pins: int, requests: int, out: Path) -> None:
+    """Why precompute: read 25 embeddings via the API vs encode 25 images per request."""
+    from streams.bench import run_read_bench
+
+    run_read_bench(ctx.settings, pins, requests, out, console)
+
+
 def main() -> None:
     """Console-script entry point; turns PinfreshError into a one-line message."""
     try:

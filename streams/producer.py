@@ -186,8 +186,18 @@ async def read_dead_letters(k: KafkaSettings, timeout_s: float = 3.0) -> list[De
                     except ValueError:
                         logger.warning("unreadable dead letter at %s:%d", rec.topic, rec.offset)
     finally:
-        await consumer.stop()
+        await _stop_quietly(consumer)
     return out
+
+
+async def _stop_quietly(consumer: AIOKafkaConsumer) -> None:
+    """Stop a consumer; aiokafka can leak a CancelledError from an internal task on stop."""
+    try:
+        await consumer.stop()
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
 
 
 async def consumer_lag(k: KafkaSettings, group_id: str | None = None,
@@ -219,4 +229,4 @@ async def consumer_lag(k: KafkaSettings, group_id: str | None = None,
             out[tp.partition] = max(0, ends[tp] - (done if done is not None else begins[tp]))
         return out
     finally:
-        await consumer.stop()
+        await _stop_quietly(consumer)
