@@ -49,12 +49,68 @@ class KafkaDeadLetters:
             )
 
 
-def create_app(settings: Settings, encoder: ImageEncoder) -> faust.App:
+class DrainState:
+    """Shared between the agent and the signal handler of `DrainingWorker`."""
+
+    def __init__(self) -> None:
+        self.draining = False
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+
+class DrainingWorker(faust.Worker):
+    """A Faust worker whose SIGTERM/SIGINT drains instead of Faust's own shutdown.
+
+    Faust's shutdown suspends flow control, and the stream then acknowledges the
+    buffered events it skips, so its final commit would cover events that were
+    never written. This worker instead stops taking batches, lets the in-flight
+    batch finish and acknowledge, commits exactly the acknowledged offsets and
+    exits. Its partitions move to the other members once its session expires.
+    """
+
+    def __init__(self, app: faust.App, drain: DrainState, timeout_s: float,
+                 **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._drain = drain
+        self._drain_timeout = timeout_s
+        self._pinfresh_app = app
+
+    def _on_sigterm(self) -> None:
+        self._start_drain("SIGTERM")
+
+    def _on_sigint(self) -> None:
+        self._start_drain("SIGINT")
+
+    def _start_drain(self, name: str) -> None:
+        if self._drain.draining:
+            return
+        self._drain.draining = True
+        asyncio.ensure_future(self._drain_and_exit(name))
+
+    async def _drain_and_exit(self, name: str) -> None:
+        logger.info("%s: draining (finishing the in-flight batch, then commit)", name)
+        try:
+            await asyncio.wait_for(self._drain.idle.wait(), self._drain_timeout)
+        except TimeoutError:
+            logger.warning("drain timed out after %.0fs: the in-flight batch will be "
+                           "redelivered", self._drain_timeout)
+        try:
+            await self._pinfresh_app.consumer.commit()
+            logger.info("committed acknowledged offsets; exiting")
+        except Exception:
+            logger.exception("final commit failed; uncommitted events will be redelivered")
+        logging.shutdown()
+        os._exit(0)
+
+
+def create_app(settings: Settings, encoder: ImageEncoder,
+               drain: DrainState | None = None) -> faust.App:
     """Build the Faust app with the encode agent bound to ``encoder``.
 
     The encoder is loaded before the app starts, so the worker joins the
     consumer group ready to encode.
     """
+    drain = drain or DrainState()
     k = settings.kafka
     app_kwargs: dict[str, Any] = {}
     ssl_context = None
@@ -109,27 +165,16 @@ def create_app(settings: Settings, encoder: ImageEncoder) -> faust.App:
         await processor.start()
         try:
             async for events in stream.noack_take(w.batch_size, within=w.batch_wait_s):
-                msgs = [Message(e.message.key, e.message.value) for e in events]
-                work = asyncio.ensure_future(
-                    _process_until_done(processor, msgs, w.retry_backoff_max_s))
+                if drain.draining:  # taken after SIGTERM: leave unacked for the next owner
+                    await asyncio.Event().wait()
+                drain.idle.clear()
                 try:
-                    await asyncio.shield(work)
-                except asyncio.CancelledError:
-                    # SIGTERM: finish, write and ack the in-flight batch; Faust then
-                    # commits the acked offsets and leaves the group
-                    logger.info("draining: finishing the in-flight batch of %d events",
-                                len(msgs))
-                    try:
-                        await asyncio.wait_for(work, w.drain_timeout_s)
-                    except TimeoutError:
-                        logger.warning("drain timed out after %.0fs: the batch will be "
-                                       "redelivered", w.drain_timeout_s)
-                        raise
+                    msgs = [Message(e.message.key, e.message.value) for e in events]
+                    await _process_until_done(processor, msgs, w.retry_backoff_max_s)
                     for e in events:
                         await stream.ack(e)
-                    raise
-                for e in events:
-                    await stream.ack(e)
+                finally:
+                    drain.idle.set()
         finally:
             await fetcher.close()
             await cache.close()
@@ -165,7 +210,9 @@ def run_worker(settings: Settings) -> None:
 
     encoder = ImageEncoder.load(settings.encoder)
     serve_metrics(settings.worker.metrics_host, settings.worker.metrics_port)
-    app = create_app(settings, encoder)
-    worker = faust.Worker(app, loglevel=settings.log_level.lower(), quiet=True,
-                          redirect_stdouts=False, override_logging=False)
+    drain = DrainState()
+    app = create_app(settings, encoder, drain)
+    worker = DrainingWorker(app, drain, settings.worker.drain_timeout_s,
+                            loglevel=settings.log_level.lower(), quiet=True,
+                            redirect_stdouts=False, override_logging=False)
     worker.execute_from_commandline()

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
-from aiokafka.errors import KafkaError, TopicAlreadyExistsError
+from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError
 from tqdm import tqdm
 
 from encoder.errors import PinfreshError
@@ -91,7 +91,14 @@ async def scale_partitions(k: KafkaSettings, partitions: int) -> int:
         if partitions < before:
             raise PinfreshError(f"{k.topic} has {before} partitions; Kafka cannot shrink a topic")
         if partitions > before:
-            await admin.create_partitions({k.topic: NewPartitions(total_count=partitions)})
+            try:
+                await admin.create_partitions({k.topic: NewPartitions(total_count=partitions)})
+            except IncompatibleBrokerVersion as exc:
+                raise PinfreshError(
+                    f"the broker at {k.bootstrap_servers} cannot add partitions (the embedded "
+                    "Tansu broker does not implement CreatePartitions): on the embedded stack "
+                    "recreate the topic with PINFRESH_KAFKA__PARTITIONS set; on Kafka this works"
+                ) from exc
         return before
     finally:
         await admin.close()
