@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 DATA   ?= data
 export PINFRESH_STACK__DATA_DIR ?= $(DATA)
 
-.PHONY: setup catalog demo test test-unit test-integration faults lint bench bench-refresh down clean
+.PHONY: setup catalog demo test test-unit test-integration faults lint bench bench-refresh bench-read down clean
 
 setup: $(STAMP) catalog
 
@@ -47,6 +47,9 @@ bench: setup
 
 bench-refresh: setup
 	$(VENV)/bin/pinfresh bench refresh
+
+bench-read: setup
+	$(VENV)/bin/pinfresh bench read
 
 down:
 	$(VENV)/bin/pinfresh down
