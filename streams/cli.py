@@ -716,6 +716,145 @@ def encoder_compare(ctx: _Ctx, out: Path, epochs: int, unfreeze_last: int, seed:
     console.print(f"wrote {out}")
 
 
+# ------------------------------------------------------------------ graft
+@cli.group()
+def graft() -> None:
+    """The grafted LM: SmolLM2 reading precomputed pin embeddings through a projector."""
+
+
+def _graft_dir(settings: Settings, version: str) -> Path:
+    return settings.stack.data_dir.resolve() / "models" / f"graft-{version}"
+
+
+@graft.command("train")
+@click.option("--epochs", default=4, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), help="default: data/models/graft-<version>")
+@pass_ctx
+def graft_train(ctx: _Ctx, epochs: int, out: Path | None) -> None:
+    """Train a projector on (pin embedding, caption) pairs of the live version, LM frozen.
+
+    Pins whose caption is in the held-out split are left out (they are the eval set).
+    """
+    import numpy as np
+
+    from encoder.data import is_test_caption
+    from encoder.graft import load_lm, save_projector, train_projector
+    from store.milvus import MilvusStore
+    from store.redis import RedisCache
+
+    async def read() -> tuple[str, list[str], Any]:
+        cache, milvus = RedisCache(ctx.settings.redis), MilvusStore(ctx.settings.milvus)
+        try:
+            live = await cache.get_live()
+            if live is None:
+                raise PinfreshError("no live version: run the pipeline first")
+            rows = [r for r in await milvus.iter_pins(live)
+                    if r["caption"] and not is_test_caption(r["caption"], 0.25)]
+            vecs, found = await cache.get_vectors(live, [r["pin_id"] for r in rows])
+            return live, [r["caption"] for r, f in zip(rows, found, strict=True) if f], \
+                vecs[found]
+        finally:
+            await cache.close()
+            await milvus.close()
+
+    version, captions, vecs = asyncio.run(read())
+    lm, tok = load_lm()
+    proj, losses = train_projector(lm, tok, np.asarray(vecs), captions, epochs=epochs)
+    out = out or _graft_dir(ctx.settings, version)
+    save_projector(proj, out, version, {"pairs": len(captions), "losses": losses})
+    console.print(f"projector for {version} ({len(captions)} pins, loss {losses[0]:.3f} -> "
+                  f"{losses[-1]:.3f}) -> {out}")
+
+
+@graft.command("ask")
+@click.argument("pin_id")
+@click.argument("question")
+@click.option("--projector", type=click.Path(path_type=Path),
+              help="default: data/models/graft-<live version>")
+@pass_ctx
+def graft_ask(ctx: _Ctx, pin_id: str, question: str, projector: Path | None) -> None:
+    """Answer QUESTION about PIN_ID from its precomputed embedding (never encodes the image)."""
+    from encoder.graft import answer, check_version, load_lm, load_projector
+    from store.milvus import MilvusStore
+    from store.reader import EmbeddingReader
+    from store.redis import RedisCache
+
+    async def read() -> Any:
+        cache, milvus = RedisCache(ctx.settings.redis), MilvusStore(ctx.settings.milvus)
+        try:
+            return await EmbeddingReader(milvus, cache).get_many([pin_id])
+        finally:
+            await cache.close()
+            await milvus.close()
+
+    res = asyncio.run(read())
+    if not res.found[0]:
+        raise PinfreshError(f"pin {pin_id} has no embedding in version {res.version}")
+    proj, manifest = load_projector(projector or _graft_dir(ctx.settings, res.version))
+    check_version(manifest, res.version)
+    lm, tok = load_lm()
+    click.echo(answer(lm, tok, proj, res.vectors[0], question))
+
+
+@graft.command("eval")
+@click.option("--epochs", default=4, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("bench/results/graft_eval.json"), show_default=True)
+@pass_ctx
+def graft_eval(ctx: _Ctx, epochs: int, out: Path) -> None:
+    """Multiple-choice caption accuracy on held-out pins: shuffled vs generic vs domain.
+
+    Needs the generic and domain checkpoints of `pinfresh encoder compare`.
+    """
+    import numpy as np
+
+    from encoder.config import EncoderSettings
+    from encoder.data import read_pairs, split_by_caption
+    from encoder.engine import ImageEncoder
+    from encoder.graft import load_lm, multiple_choice_accuracy, save_projector, train_projector
+
+    data = ctx.settings.stack.data_dir.resolve()
+    train, test = split_by_caption(read_pairs([data / "catalog" / "tuxpaint.jsonl"]))
+    lm, tok = load_lm()
+    t0 = time.perf_counter()
+    res: dict[str, Any] = {}
+    embs: dict[str, tuple[Any, list[str], Any, list[str]]] = {}
+    for name in ("generic", "domain"):
+        ckpt = data / "models" / name
+        if not (ckpt / "pinfresh.json").is_file():
+            raise PinfreshError(f"{ckpt} missing: run `pinfresh encoder compare` first")
+        enc = ImageEncoder.load(EncoderSettings(checkpoint=ckpt))
+        sets = []
+        for pairs in (train, test):
+            vecs = enc.encode_images([p.image.read_bytes() for p in pairs])
+            keep = [(v, p.caption) for v, p in zip(vecs, pairs, strict=True)
+                    if isinstance(v, np.ndarray)]
+            sets.append((np.stack([v for v, _ in keep]), [c for _, c in keep]))
+        embs[name] = (*sets[0], *sets[1])
+        proj, losses = train_projector(lm, tok, sets[0][0], sets[0][1], epochs=epochs)
+        save_projector(proj, data / "models" / f"graft-eval-{name}", enc.version,
+                       {"pairs": len(sets[0][1]), "losses": losses})
+        res[f"{name}_acc"] = round(multiple_choice_accuracy(lm, tok, proj, *sets[1]), 4)
+        res[f"{name}_final_loss"] = round(losses[-1], 4)
+        if name == "domain":
+            perm = np.random.default_rng(0).permutation(len(sets[1][1]))
+            res["shuffled_acc"] = round(multiple_choice_accuracy(
+                lm, tok, proj, sets[1][0][perm], sets[1][1]), 4)
+        enc.close()
+    res.update({"held_out_pins": len(embs["domain"][3]), "choices": 5, "chance": 0.2,
+                "train_pins": len(embs["domain"][1]), "epochs": epochs,
+                "wall_time_s": round(time.perf_counter() - t0, 1)})
+    t = Table(title=f"graft eval: {res['held_out_pins']} held-out pins, true caption among 5")
+    t.add_column("embeddings")
+    t.add_column("accuracy", justify="right")
+    for k in ("shuffled", "generic", "domain"):
+        t.add_row(k, f"{res[k + '_acc']:.3f}")
+    console.print(t)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2) + "\n")
+    console.print(f"wrote {out} ({res['wall_time_s']} s)")
+
+
 # ------------------------------------------------------------ demo, bench
 @cli.command()
 @click.option("--catalog", "catalog_path", type=click.Path(path_type=Path, exists=True),
