@@ -14,7 +14,7 @@ from streams.settings import Settings
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S_VERSION = "1.31.0"
-BUILTIN = {"ConfigMap", "Secret", "Deployment", "PodDisruptionBudget"}
+BUILTIN = {"ConfigMap", "Secret", "Deployment", "PodDisruptionBudget", "Service"}
 
 
 def _docs() -> list[dict]:
@@ -78,10 +78,22 @@ def test_scaling_and_drain_are_consistent():
     assert secret_keys.isdisjoint(cfg), "secrets never in the ConfigMap"
 
 
+def test_api_probes_use_the_real_routes():
+    from store.api import create_app
+    from store.config import ApiSettings, MilvusSettings, RedisSettings
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in _docs()}
+    c = docs[("Deployment", "pinfresh-api")]["spec"]["template"]["spec"]["containers"][0]
+    routes = {r.path for r in create_app(ApiSettings(), RedisSettings(), MilvusSettings()).routes}
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz" in routes
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" in routes
+    assert c["args"] == ["serve"]
+
+
 def test_compose_stack_structure():
     compose = yaml.safe_load((DEPLOY / "compose" / "docker-compose.yml").read_text())
     services = compose["services"]
-    assert {"kafka", "etcd", "minio", "milvus", "redis", "worker"} <= set(services)
+    assert {"kafka", "etcd", "minio", "milvus", "redis", "worker", "api"} <= set(services)
     assert services["kafka"]["environment"]["KAFKA_PROCESS_ROLES"] == "broker,controller"
     env = services["worker"]["environment"]
     assert env["PINFRESH_KAFKA__BOOTSTRAP_SERVERS"] == "kafka:9092"
