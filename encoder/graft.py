@@ -92,9 +92,13 @@ class Prompt:
 
 
 def make_prompt(tok: Any, question: str = QUESTION) -> Prompt:
-    """Chat-formatted prompt split at the image placeholder."""
-    text = tok.apply_chat_template([{"role": "user", "content": f"{PLACEHOLDER}\n{question}"}],
-                                   tokenize=False, add_generation_prompt=True)
+    """Chat-formatted prompt split at the image placeholder.
+
+    The model's ChatML turns without its default system prompt: every token
+    of prompt costs a forward and backward pass through the whole LM in training.
+    """
+    text = (f"<|im_start|>user\n{PLACEHOLDER}\n{question}<|im_end|>\n"
+            "<|im_start|>assistant\n")
     before, after = text.split(PLACEHOLDER, 1)
     return Prompt(tok(before, add_special_tokens=False)["input_ids"],
                   tok(after, add_special_tokens=False)["input_ids"])
