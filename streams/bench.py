@@ -17,12 +17,14 @@ Measured in one process tree, in this order:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
 import statistics
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -62,6 +64,22 @@ def machine() -> dict[str, object]:
         "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available(),
         "platform": platform.platform(),
     }
+
+
+@contextlib.contextmanager
+def private_stack(settings: Settings, catalog_root: Path) -> Iterator[tuple[Settings, Path]]:
+    """A throw-away embedded stack on free ports; yields settings pointed at it and its dir."""
+    with tempfile.TemporaryDirectory(prefix="pinfresh-bench-") as tmp:
+        stack = EmbeddedStack(StackSettings(data_dir=Path(tmp), kafka_port=0, redis_port=0,
+                                            milvus_port=0))
+        info = stack.start()
+        try:
+            yield settings.with_stack(info).model_copy(update={
+                "fetch": settings.fetch.model_copy(update={"catalog_root": catalog_root}),
+                "stack": settings.stack.model_copy(update={"data_dir": Path(tmp)}),
+            }), Path(tmp)
+        finally:
+            stack.stop()
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -108,19 +126,9 @@ def run_pipeline_bench(settings: Settings, pins: int, fresh_pins: int, out: Path
                   f"decode only {decode:.1f})")
 
     # 2-4. the pipeline on a private stack
-    with tempfile.TemporaryDirectory(prefix="pinfresh-bench-") as tmp:
-        stack = EmbeddedStack(StackSettings(data_dir=Path(tmp), kafka_port=0, redis_port=0,
-                                            milvus_port=0))
-        info = stack.start()
-        try:
-            s = settings.with_stack(info).model_copy(update={
-                "fetch": settings.fetch.model_copy(update={"catalog_root": catalog_root_of(path)}),
-                "stack": settings.stack.model_copy(update={"data_dir": Path(tmp)}),
-                "kafka": settings.with_stack(info).kafka.model_copy(update={"topic": "bench"}),
-            })
-            result = asyncio.run(_pipeline(s, usable[0], cap_items, fresh_items, console))
-        finally:
-            stack.stop()
+    with private_stack(settings, catalog_root_of(path)) as (s, _):
+        s = s.model_copy(update={"kafka": s.kafka.model_copy(update={"topic": "bench"})})
+        result = asyncio.run(_pipeline(s, usable[0], cap_items, fresh_items, console))
 
     report: dict[str, object] = {
         "encoder_images_per_s": round(bare, 2),
@@ -219,18 +227,8 @@ def run_refresh_bench(settings: Settings, pins: int, rate: float, out: Path,
     base = items[:pins]
     live_a = [replace(items[i % len(items)], pin_id=f"live-idle-{i}") for i in range(100)]
     live_b = [replace(items[i % len(items)], pin_id=f"live-during-{i}") for i in range(2000)]
-    with tempfile.TemporaryDirectory(prefix="pinfresh-bench-") as tmp:
-        stack = EmbeddedStack(StackSettings(data_dir=Path(tmp), kafka_port=0, redis_port=0,
-                                            milvus_port=0))
-        info = stack.start()
-        try:
-            s = settings.with_stack(info).model_copy(update={
-                "fetch": settings.fetch.model_copy(update={"catalog_root": catalog_root_of(path)}),
-                "stack": settings.stack.model_copy(update={"data_dir": Path(tmp)}),
-            })
-            result = asyncio.run(_refresh(s, base, live_a, live_b, rate, console))
-        finally:
-            stack.stop()
+    with private_stack(settings, catalog_root_of(path)) as (s, _):
+        result = asyncio.run(_refresh(s, base, live_a, live_b, rate, console))
     report: dict[str, object] = {
         **result, "catalog_pins": len(base), "live_rate_per_s": rate,
         "images": "Tux Paint stamps (PNG) from local disk",
@@ -333,13 +331,9 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
     path = prepare_sample_catalog(settings.stack.data_dir.resolve())
     items = [it for it in load_catalog(path) if "party-horn-out" not in it.pin_id][:pins]
     enc = ImageEncoder.load(settings.encoder)
-    with tempfile.TemporaryDirectory(prefix="pinfresh-bench-") as tmp:
-        stack = EmbeddedStack(StackSettings(data_dir=Path(tmp), kafka_port=0, redis_port=0,
-                                            milvus_port=0))
-        info = stack.start()
-        server = None
-        try:
-            s = settings.with_stack(info)
+    server = None
+    try:
+        with private_stack(settings, catalog_root_of(path)) as (s, tmp):
             asyncio.run(_fill(s, enc, items))
             port = free_port()
             env = {**os.environ, **settings_env(s), "PINFRESH_API__PORT": str(port)}
@@ -378,12 +372,14 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
                                    "--concurrency", "16", "--seconds", "10"],
                                   capture_output=True, text=True, check=True)
             loadres = json.loads(load.stdout.strip().splitlines()[-1])
-        finally:
-            if server is not None:
-                server.terminate()
-                server.wait(timeout=10)
-            enc.close()
-            stack.stop()
+            server.terminate()
+            server.wait(timeout=10)
+            server = None
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(timeout=10)
+        enc.close()
     r50, r99 = np.percentile(read_ms, 50), np.percentile(read_ms, 99)
     e50, e99 = np.percentile(encode_ms, 50), np.percentile(encode_ms, 99)
     report: dict[str, object] = {
