@@ -22,6 +22,7 @@ import faust
 
 from encoder.engine import ImageEncoder
 from store.milvus import MilvusStore
+from store.errors import StoreUnavailable
 from store.redis import RedisCache
 from store.registry import VersionRegistry
 from streams.events import DeadLetter
@@ -155,8 +156,14 @@ def create_app(settings: Settings, encoder: ImageEncoder,
         fetcher = Fetcher(settings.fetch)
         registry = VersionRegistry(milvus, cache)
         info = encoder.info
-        await registry.register(info.version, info.dim, info.model, info.checkpoint,
-                                settings.encoder.seed)
+        while True:  # a store that is down at start-up delays the worker, never kills it
+            try:
+                await registry.register(info.version, info.dim, info.model, info.checkpoint,
+                                        settings.encoder.seed)
+                break
+            except StoreUnavailable as exc:
+                logger.warning("stores unavailable at start-up (%s); retrying in 2s", exc)
+                await asyncio.sleep(2)
         processor = PinProcessor(
             encoder=encoder, milvus=milvus, cache=cache, fetcher=fetcher,
             dlq=KafkaDeadLetters(app, k.dlq_topic), settings=w, worker_name=worker_name,
