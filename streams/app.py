@@ -21,8 +21,8 @@ from typing import Any
 import faust
 
 from encoder.engine import ImageEncoder
-from store.milvus import MilvusStore
 from store.errors import StoreUnavailable
+from store.milvus import MilvusStore
 from store.redis import RedisCache
 from store.registry import VersionRegistry
 from streams.events import DeadLetter
