@@ -166,3 +166,36 @@ async def test_readiness_follows_redis_and_milvus(tmp_path):
                         time.sleep(0.2)
     finally:
         st.stop()
+
+
+@pytest.mark.slow
+async def test_graft_ask_reads_the_cache_and_checks_the_version(api, stack, tmp_path, request):
+    import asyncio
+
+    import torch
+    from click.testing import CliRunner
+
+    from encoder.graft import Projector, VersionMismatch, save_projector
+    from streams.cli import cli
+
+    http, _, app = api
+    reader = app.state.reader
+    prefix = reader.cache.p
+    torch.manual_seed(0)
+    save_projector(Projector(DIM, 576, k=2), tmp_path / "va", "va", {})
+    save_projector(Projector(DIM, 576, k=2), tmp_path / "vb", "vb", {})
+    env = {"PINFRESH_REDIS__URL": stack.redis_url, "PINFRESH_REDIS__KEY_PREFIX": prefix,
+           "PINFRESH_MILVUS__URI": stack.milvus_uri,
+           "PINFRESH_MILVUS__COLLECTION_PREFIX": reader.milvus.settings.collection_prefix,
+           "PINFRESH_STACK__DATA_DIR": str(tmp_path)}
+    runner = CliRunner()
+    ok = await asyncio.to_thread(runner.invoke, cli, ["graft", "ask", "cat-1", "What is this?",
+                                                      "--projector", str(tmp_path / "va")],
+                                 env=env)
+    assert ok.exit_code == 0, ok.output
+    assert ok.output.strip()  # an answer, generated from the cached embedding
+    bad = await asyncio.to_thread(runner.invoke, cli, ["graft", "ask", "cat-1", "What?",
+                                                       "--projector", str(tmp_path / "vb")],
+                                  env=env)
+    assert isinstance(bad.exception, VersionMismatch)
+    assert "trained on encoder version vb" in str(bad.exception)
