@@ -332,15 +332,17 @@ class PinProcessor:
 
     async def _delete(self, deletes: list[PinEvent], report: BatchReport) -> None:
         ids = [e.pin_id for e in deletes]
+        # tombstones first: a concurrent writer (a backfill) that checks them after its
+        # own write then sees the delete, whichever of the two writes lands last
+        await self._retry(
+            "redis", lambda: self.cache.set_tombstones({e.pin_id: e.version for e in deletes})
+        )
         known = await self._retry("redis", self.cache.versions)
         write = await self._retry("registry", self.versions.write_set)
         versions = set(known) | set(write)
         for v in sorted(versions):
             await self._retry("milvus", partial(self.milvus.delete, v, ids))
             await self._retry("redis", partial(self.cache.delete, v, ids))
-        await self._retry(
-            "redis", lambda: self.cache.set_tombstones({e.pin_id: e.version for e in deletes})
-        )
         report.deleted = len(ids)
 
     async def _fetch_one(self, ev: PinEvent) -> bytes | DeadLetter:

@@ -20,6 +20,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
@@ -128,6 +129,41 @@ class ProducerDeadLetters:
             await self._producer.stop()
 
 
+def _as_message(row: dict[str, Any]) -> Message:
+    """An upsert event rebuilt from a stored row (the catalog needs no original events)."""
+    return Message(row["pin_id"].encode(), PinEvent(
+        op="upsert", pin_id=row["pin_id"], version=int(row["pin_version"]),
+        image=row["image_location"], caption=row["caption"],
+        event_time=float(row["event_time"]) or time.time()).to_bytes())
+
+
+async def _reconcile(processor: PinProcessor, live: str, target: str, ids: list[str]) -> None:
+    """Undo what the stream changed while the backfill worked on these pins.
+
+    The backfill and the workers both write the target version. Per-pin
+    ordering protects the workers from each other, but not from the backfill.
+    After each batch the backfill therefore re-reads the pins: a pin deleted in
+    the meantime (tombstone) is removed from the target again, and a pin whose
+    live version is now newer than the target's is processed again from the
+    live row.
+    """
+    milvus, cache = processor.milvus, processor.cache
+    tombs = await cache.get_tombstones(ids)
+    live_rows = await milvus.get_many(live, ids)
+    dead = [p for p in ids if p in tombs
+            and (p not in live_rows or tombs[p] >= live_rows[p].pin_version)]
+    if dead:
+        await milvus.delete(target, dead)
+        await cache.delete(target, dead)
+    target_states = await milvus.get_states(target, ids)
+    newer = [r for p, r in live_rows.items() if p not in dead and (
+        p not in target_states or target_states[p].pin_version < r.pin_version)]
+    if newer:
+        await processor.process([_as_message({
+            "pin_id": r.pin_id, "pin_version": r.pin_version, "image_location": r.image_location,
+            "caption": r.caption, "event_time": r.event_time}) for r in newer])
+
+
 @dataclass
 class BackfillReport:
     """What a backfill run did."""
@@ -184,11 +220,8 @@ async def run_backfill(
                         await asyncio.sleep(0.5)
                     rep.yielded_s += time.monotonic() - t_wait
                 chunk = rows[i:i + batch]
-                msgs = [Message(r["pin_id"].encode(), PinEvent(
-                    op="upsert", pin_id=r["pin_id"], version=int(r["pin_version"]),
-                    image=r["image_location"], caption=r["caption"],
-                    event_time=float(r["event_time"]) or time.time()).to_bytes()) for r in chunk]
-                res = await processor.process(msgs)
+                res = await processor.process([_as_message(r) for r in chunk])
+                await _reconcile(processor, live, target, [r["pin_id"] for r in chunk])
                 rep.pins += len(chunk)
                 rep.encoded += res.encoded
                 rep.reused += res.reused
