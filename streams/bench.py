@@ -27,6 +27,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -80,6 +81,23 @@ def private_stack(settings: Settings, catalog_root: Path) -> Iterator[tuple[Sett
             }), Path(tmp)
         finally:
             stack.stop()
+
+
+def emit(title: str, rows: list[tuple[str, object]], report: dict[str, object], out: Path,
+         console: Console) -> None:
+    """Print a two-column table (with the machine) and write ``report`` as JSON to ``out``."""
+    table = Table(title=title)
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for k, v in rows:
+        table.add_row(k, str(v))
+    console.print(table)
+    m: Any = report.get("machine", {})
+    console.print(f"machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb')} GB, "
+                  f"torch {m.get('torch')}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    console.print(f"wrote {out}")
 
 
 def _peak_rss_mb(pid: int) -> float:
@@ -144,10 +162,7 @@ def run_pipeline_bench(settings: Settings, pins: int, fresh_pins: int, out: Path
         "machine": machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    table = Table(title="pinfresh bench pipeline (one run, this machine)")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    rows = [
+    rows: list[tuple[str, object]] = [
         ("bare encoder (decode+forward+finish), img/s", report["encoder_images_per_s"]),
         ("  forward only (ceiling), img/s", report["encoder_forward_only_images_per_s"]),
         ("  decode only (ceiling), img/s", report["decode_only_images_per_s"]),
@@ -157,15 +172,7 @@ def run_pipeline_bench(settings: Settings, pins: int, fresh_pins: int, out: Path
         ("freshness p99, s", report["freshness_p99_s"]),
         ("worker peak RSS, MB", report["worker_peak_rss_mb"]),
     ]
-    for k, v in rows:
-        table.add_row(k, str(v))
-    console.print(table)
-    m = report["machine"]
-    console.print(f"machine: {m['cpu']}, {m['cores']} cores, {m['memory_gb']} GB, "  # type: ignore[index]
-                  f"torch {m['torch']}")  # type: ignore[index]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    emit("pinfresh bench pipeline (one run, this machine)", rows, report, out, console)
     return report
 
 
@@ -235,17 +242,11 @@ def run_refresh_bench(settings: Settings, pins: int, rate: float, out: Path,
         "machine": machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    table = Table(title="pinfresh bench refresh (one run, this machine)")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for k in ("backfill_pins_per_s", "backfill_seconds", "backfill_yielded_s",
-              "freshness_p50_s_idle", "freshness_p99_s_idle",
-              "freshness_p50_s_during_backfill", "freshness_p99_s_during_backfill"):
-        table.add_row(k, str(report[k]))
-    console.print(table)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    keys = ("backfill_pins_per_s", "backfill_seconds", "backfill_yielded_s",
+            "freshness_p50_s_idle", "freshness_p99_s_idle",
+            "freshness_p50_s_during_backfill", "freshness_p99_s_during_backfill")
+    emit("pinfresh bench refresh (one run, this machine)", [(k, report[k]) for k in keys],
+         report, out, console)
     return report
 
 
@@ -395,16 +396,10 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
         "machine": machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
-    table = Table(title="read precomputed vs encode at request time (25 pins, one run)")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for k in ("read_p50_ms", "read_p99_ms", "encode_p50_ms", "encode_p99_ms", "ratio_p50",
-              "api_requests_per_s", "api_p50_ms", "api_p99_ms", "api_errors"):
-        table.add_row(k, str(report[k]))
-    console.print(table)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
+    keys = ("read_p50_ms", "read_p99_ms", "encode_p50_ms", "encode_p99_ms", "ratio_p50",
+            "api_requests_per_s", "api_p50_ms", "api_p99_ms", "api_errors")
+    emit("read precomputed vs encode at request time (25 pins, one run)",
+         [(k, report[k]) for k in keys], report, out, console)
     return report
 
 
