@@ -32,6 +32,24 @@ _STATE_FIELDS = ["pin_id", "pin_version", "content_hash"]
 _MAX_TEXT = 4096
 
 
+def connect(uri: str, *, token: str = "", timeout_s: float = 10.0,
+            keepalive_s: float = 300.0) -> MilvusClient:
+    """A MilvusClient on its own gRPC channel.
+
+    pymilvus shares one channel per address between clients by default, so the
+    first client's options win and the channel outlives ``close()``. Its default
+    options ping every 10 s even when idle, which a Milvus server answers with
+    GOAWAY "Too many pings" -- and the next client on that address then fails to
+    connect. A dedicated channel with a slow keepalive that only pings during
+    calls avoids both; ``close()`` really closes it.
+    """
+    return MilvusClient(
+        uri=uri, token=token, timeout=timeout_s, dedicated=True,
+        grpc_options={"grpc.keepalive_time_ms": int(keepalive_s * 1000),
+                      "grpc.keepalive_permit_without_calls": False},
+    )
+
+
 def _quote(pin_ids: Sequence[str]) -> str:
     # pin ids are validated against PIN_ID_PATTERN upstream; json-style quoting
     # keeps even an unvalidated id from breaking out of the string literal.
@@ -46,11 +64,8 @@ class MilvusStore:
         self.settings = settings
         token = settings.token.get_secret_value() if settings.token else ""
         try:
-            self._client = MilvusClient(
-                uri=settings.uri, token=token, timeout=settings.timeout_s,
-                grpc_options={"grpc.keepalive_time_ms": int(settings.keepalive_s * 1000),
-                              "grpc.keepalive_permit_without_calls": False},
-            )
+            self._client = connect(settings.uri, token=token, timeout_s=settings.timeout_s,
+                                   keepalive_s=settings.keepalive_s)
         except Exception as exc:  # noqa: BLE001 - connection errors come in many types
             raise StoreUnavailable(
                 f"cannot connect to Milvus at {settings.uri}: {exc} -- is it running? "

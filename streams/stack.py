@@ -375,9 +375,9 @@ def check_redis(url: str) -> None:
 
 def check_milvus(uri: str) -> None:
     """Raise unless Milvus answers list_collections."""
-    from pymilvus import MilvusClient
+    from store.milvus import connect
 
-    client = MilvusClient(uri=uri, timeout=2.0)
+    client = connect(uri, timeout_s=2.0)
     try:
         client.list_collections()
     finally:
