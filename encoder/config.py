@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
@@ -28,8 +29,27 @@ class EncoderSettings(BaseModel):
         "file; never downloaded",
     )
     device: str = Field("cpu", description="cpu, cuda, cuda:N or auto")
-    batch_size: int = Field(32, ge=1, le=4096, description="images per forward pass")
-    prepare_workers: int = Field(2, ge=1, le=64, description="threads decoding images")
+    batch_size: int = Field(
+        0, ge=0, le=4096,
+        description="images per forward pass; 0 = auto (32 on CPU; on CUDA the largest of "
+        "256, 128, ... whose measured activation memory fits a quarter of the free GPU memory)",
+    )
+    max_wait_s: float = Field(
+        0.005, ge=0, le=10,
+        description="longest an image waits for its batch to fill before a partial batch is "
+        "dispatched",
+    )
+    queue_depth: int = Field(2, ge=1, le=16, description="batches queued between stages")
+    prepare: Literal["auto", "pil", "tensor"] = Field(
+        "auto",
+        description="decode path: pil (CPU, JPEG draft scaling), tensor (torchvision "
+        "decode_jpeg on the model's device -- nvjpeg on CUDA -- with a per-image PIL "
+        "fallback); auto = tensor on CUDA, pil on CPU",
+    )
+    prepare_pool: Literal["thread", "process"] = Field(
+        "thread", description="where CPU decodes run: a thread pool or a process pool"
+    )
+    prepare_workers: int = Field(2, ge=1, le=64, description="CPU decode threads/processes")
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="decoded pixel limit (decompression-bomb guard)"

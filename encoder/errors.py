@@ -34,3 +34,7 @@ class ImageError(EncoderError):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+    def __reduce__(self) -> tuple[type[ImageError], tuple[str, str]]:
+        # picklable, so a process-pool decoder can send it back
+        return (type(self), (self.reason, str(self)))
