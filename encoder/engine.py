@@ -226,9 +226,9 @@ class ImageEncoder:
 
     def _forward_tensor(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 (N, 3, S, S) on the device -> (L2-normalised float32 (N, D), finite mask)."""
-        if len(pixels) > self.forward_cap:
-            parts = [self._forward_tensor(pixels[i:i + self.forward_cap])
-                     for i in range(0, len(pixels), self.forward_cap)]
+        cap = self.forward_cap
+        if len(pixels) > cap:
+            parts = [self._forward_tensor(pixels[i:i + cap]) for i in range(0, len(pixels), cap)]
             return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         try:
             with torch.inference_mode():
