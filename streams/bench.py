@@ -20,51 +20,27 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import statistics
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import torch
 from rich.console import Console
-from rich.table import Table
 
 from encoder.engine import ImageEncoder
 from store.redis import RedisCache
 from streams.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
 from streams.producer import ensure_topics, publish_events
+from streams.report import emit, machine
 from streams.runtime import spawn_worker, stop_pid, wait_readable, wait_settled
 from streams.settings import Settings
 from streams.stack import EmbeddedStack, StackSettings
 
-
-def machine() -> dict[str, object]:
-    """What the numbers were measured on."""
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem_gb = None
-    try:
-        kb = int(Path("/proc/meminfo").read_text().split()[1])
-        mem_gb = round(kb / 1024 / 1024, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return {
-        "cpu": cpu, "cores": os.cpu_count(), "memory_gb": mem_gb,
-        "python": platform.python_version(), "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(), "gpu": torch.cuda.is_available(),
-        "platform": platform.platform(),
-    }
+__all__ = ["emit", "machine", "private_stack", "run_pipeline_bench", "run_read_bench",
+           "run_refresh_bench"]
 
 
 @contextlib.contextmanager
@@ -81,23 +57,6 @@ def private_stack(settings: Settings, catalog_root: Path) -> Iterator[tuple[Sett
             }), Path(tmp)
         finally:
             stack.stop()
-
-
-def emit(title: str, rows: list[tuple[str, object]], report: dict[str, object], out: Path,
-         console: Console) -> None:
-    """Print a two-column table (with the machine) and write ``report`` as JSON to ``out``."""
-    table = Table(title=title)
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    for k, v in rows:
-        table.add_row(k, str(v))
-    console.print(table)
-    m: Any = report.get("machine", {})
-    console.print(f"machine: {m.get('cpu')}, {m.get('cores')} cores, {m.get('memory_gb')} GB, "
-                  f"torch {m.get('torch')}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    console.print(f"wrote {out}")
 
 
 def _peak_rss_mb(pid: int) -> float:

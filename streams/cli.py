@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -199,20 +200,35 @@ def topics_scale(ctx: _Ctx, partitions: int) -> None:
 @cli.command()
 @click.option("--catalog-root", type=click.Path(path_type=Path),
               help="allow file paths under this dir [PINFRESH_FETCH__CATALOG_ROOT]")
+@click.option("--devices",
+              help="one worker process per device: GPU indexes ('0,1'), 'all' or 'cpu' "
+              "entries; metrics ports count up from PINFRESH_WORKER__METRICS_PORT")
 @pass_ctx
-def worker(ctx: _Ctx, catalog_root: Path | None) -> None:
-    """Run one stream worker (Faust) until SIGTERM.
+def worker(ctx: _Ctx, catalog_root: Path | None, devices: str | None) -> None:
+    """Run one stream worker (Faust) until SIGTERM, or a pool of them with --devices.
 
     Batch: PINFRESH_WORKER__BATCH_SIZE, PINFRESH_WORKER__BATCH_WAIT_S; model:
-    PINFRESH_ENCODER__MODEL, PINFRESH_ENCODER__CHECKPOINT; metrics:
-    PINFRESH_WORKER__METRICS_PORT.
+    PINFRESH_ENCODER__MODEL, PINFRESH_ENCODER__CHECKPOINT, PINFRESH_ENCODER__DEVICE;
+    metrics: PINFRESH_WORKER__METRICS_PORT.
     """
-    from streams.app import run_worker
-
     s = ctx.settings
     if catalog_root:
         s = s.model_copy(update={"fetch": s.fetch.model_copy(
             update={"catalog_root": catalog_root})})
+    if devices:
+        from streams.pool import WorkerPool, parse_devices
+        from streams.runtime import settings_env
+
+        try:
+            devs = parse_devices(devices)
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint="--devices") from exc
+        env = {**os.environ, **settings_env(s)}
+        pool = WorkerPool(devs, env=env, metrics_port=s.worker.metrics_port,
+                          stop_timeout_s=s.worker.drain_timeout_s + 15)
+        sys.exit(pool.run())
+    from streams.app import run_worker
+
     run_worker(s)
 
 
@@ -911,6 +927,57 @@ def bench_read(ctx: _Ctx, pins: int, requests: int, out: Path) -> None:
     from streams.bench import run_read_bench
 
     run_read_bench(ctx.settings, pins, requests, out, console)
+
+
+@bench.command("encode")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="directory of JPEGs (default: a corpus made under the data dir)")
+@click.option("--make", "make_n", type=int, default=256, show_default=True,
+              help="JPEGs to make when --images is not given")
+@click.option("--size", default="736x920", show_default=True, help="WxH of made JPEGs")
+@click.option("--limit", type=int, help="use at most N images")
+@click.option("--model", help="open_clip model name [PINFRESH_ENCODER__MODEL]")
+@click.option("--checkpoint", type=click.Path(path_type=Path, exists=True),
+              help="local checkpoint (default: packaged or random weights)")
+@click.option("--device", help="cpu, cuda, cuda:N [PINFRESH_ENCODER__DEVICE]")
+@click.option("--batch-size", type=int, help="0 = auto [PINFRESH_ENCODER__BATCH_SIZE]")
+@click.option("--prepare", type=click.Choice(["auto", "pil", "tensor"]),
+              help="decode path [PINFRESH_ENCODER__PREPARE]")
+@click.option("--prepare-pool", type=click.Choice(["thread", "process"]),
+              help="CPU decode pool [PINFRESH_ENCODER__PREPARE_POOL]")
+@click.option("--seconds", type=float, default=3.0, show_default=True,
+              help="minimum length of each timed run (median of 3)")
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("bench/results/encode.json"), show_default=True)
+@pass_ctx
+def bench_encode(ctx: _Ctx, images_dir: Path | None, make_n: int, size: str,
+                 limit: int | None, model: str | None, checkpoint: Path | None,
+                 device: str | None, batch_size: int | None, prepare: str | None,
+                 prepare_pool: str | None, seconds: float, out: Path) -> None:
+    """JPEG bytes -> vectors: pipeline vs bare-forward and decode-only ceilings."""
+    from streams.bench_encode import make_jpeg_corpus, run_encode_bench
+    from streams.catalog import prepare_sample_catalog
+
+    s = ctx.settings
+    updates = {k: v for k, v in dict(model=model, checkpoint=checkpoint, device=device,
+                                     batch_size=batch_size, prepare=prepare,
+                                     prepare_pool=prepare_pool).items() if v is not None}
+    enc_settings = s.encoder.model_copy(update=updates)
+    enc_settings = type(enc_settings).model_validate(enc_settings.model_dump())
+    source = None
+    if images_dir is None:
+        try:
+            w, h = (int(v) for v in size.lower().split("x"))
+        except ValueError as exc:
+            raise click.BadParameter(f"--size wants WxH, got {size!r}") from exc
+        images_dir = s.stack.data_dir / "bench" / f"jpeg-{w}x{h}-{make_n}"
+        marker = images_dir / "SOURCE"
+        if not marker.exists():
+            catalog = prepare_sample_catalog(s.stack.data_dir.resolve())
+            what = make_jpeg_corpus(images_dir, make_n, width=w, height=h, catalog=catalog)
+            marker.write_text(what + "\n")
+        source = marker.read_text().strip() + f", {w}x{h} JPEG q90"
+    run_encode_bench(enc_settings, images_dir, limit, seconds, out, console, source)
 
 
 def main() -> None:
