@@ -91,13 +91,14 @@ def run_pipeline_bench(settings: Settings, pins: int, fresh_pins: int, out: Path
     bare = statistics.median(_rate(len(sample), lambda: enc.encode_images(sample))
                              for _ in range(3))
     prepared = [enc.prepare(b) for b in sample]
-    bs = settings.encoder.batch_size
+    bs = enc.batch_size
     batches = [np.stack(prepared[i:i + bs]) for i in range(0, len(prepared), bs)]
     forward = statistics.median(
         _rate(len(prepared), lambda: [enc.forward(b) for b in batches]) for _ in range(3))
     decode = statistics.median(
         _rate(len(sample), lambda: list(enc._pool.map(enc.prepare, sample))) for _ in range(3))
     model_version = enc.version
+    enc_batch = enc.batch_size
     enc.close()
     console.print(f"bare encoder: {bare:.1f} img/s (forward only {forward:.1f}, "
                   f"decode only {decode:.1f})")
@@ -114,7 +115,7 @@ def run_pipeline_bench(settings: Settings, pins: int, fresh_pins: int, out: Path
         **result,
         "pipeline_vs_encoder": round(float(result["pipeline_pins_per_s"]) / bare, 3),  # type: ignore[arg-type]
         "model_version": model_version,
-        "encoder_batch_size": settings.encoder.batch_size,
+        "encoder_batch_size": enc_batch,
         "worker_batch_size": settings.worker.batch_size,
         "worker_batch_wait_s": settings.worker.batch_wait_s,
         "images": "Tux Paint stamps (PNG, mostly transparent), read from local disk",
