@@ -331,6 +331,15 @@ class ImageEncoder:
         return await loop.run_in_executor(self._caller, self.encode_images, list(items))
 
     @property
+    def on_batch(self) -> Any:
+        """Called with ``(size, wait_s)`` for every dispatched batch (metrics hook)."""
+        return self._pipeline._on_batch
+
+    @on_batch.setter
+    def on_batch(self, fn: Any) -> None:
+        self._pipeline._on_batch = fn
+
+    @property
     def pipeline_stats(self) -> Any:
         """Batch sizes, waits, time per stage and peak in-flight items."""
         return self._pipeline.stats

@@ -213,9 +213,15 @@ def run_worker(settings: Settings) -> None:
 
     Called by ``pinfresh worker``; blocks.
     """
-    from streams.metrics import serve_metrics
+    from streams.metrics import ENCODER_BATCH, ENCODER_BATCH_WAIT, serve_metrics
 
     encoder = ImageEncoder.load(settings.encoder)
+
+    def on_batch(size: int, wait_s: float) -> None:
+        ENCODER_BATCH.observe(size)
+        ENCODER_BATCH_WAIT.observe(wait_s)
+
+    encoder.on_batch = on_batch
     serve_metrics(settings.worker.metrics_host, settings.worker.metrics_port)
     drain = DrainState()
     app = create_app(settings, encoder, drain)

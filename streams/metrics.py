@@ -22,6 +22,14 @@ FRESHNESS = Histogram(
     "pinfresh_freshness_seconds", "Event time to vector readable in Redis",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 300, 3600),
 )
+ENCODER_BATCH = Histogram(
+    "pinfresh_encoder_batch_size", "Images per batch dispatched to the encoder pipeline",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+)
+ENCODER_BATCH_WAIT = Histogram(
+    "pinfresh_encoder_batch_wait_seconds", "First image in a batch to the batch's dispatch",
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
+)
 MODEL_INFO = Gauge("pinfresh_worker_model_info", "Model version the worker writes", ["version"])
 
 
