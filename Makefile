@@ -7,7 +7,7 @@ STAMP   = $(VENV)/.installed
 DATA   ?= data
 export PINFRESH_STACK__DATA_DIR ?= $(DATA)
 
-.PHONY: setup catalog demo test test-unit test-integration faults lint bench bench-refresh bench-read down clean
+.PHONY: setup catalog demo test test-unit test-integration faults lint bench bench-encode bench-refresh bench-read down clean
 
 setup: $(STAMP) catalog
 
@@ -43,6 +43,9 @@ faults: setup
 lint: $(STAMP)
 	$(VENV)/bin/ruff check streams encoder store tests
 	$(VENV)/bin/mypy
+
+bench-encode: setup
+	$(VENV)/bin/pinfresh bench encode
 
 bench: setup
 	$(VENV)/bin/pinfresh bench pipeline

@@ -49,7 +49,11 @@ class EncoderSettings(BaseModel):
     prepare_pool: Literal["thread", "process"] = Field(
         "thread", description="where CPU decodes run: a thread pool or a process pool"
     )
-    prepare_workers: int = Field(2, ge=1, le=64, description="CPU decode threads/processes")
+    prepare_workers: int = Field(
+        0, ge=0, le=64,
+        description="CPU decode threads/processes; 0 = auto (half the cores on a CPU worker, "
+        "where the forward pass needs the rest; up to 8 on a GPU worker, for the fallbacks)",
+    )
     torch_threads: int = Field(0, ge=0, description="torch intra-op threads; 0 = all cores")
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="decoded pixel limit (decompression-bomb guard)"

@@ -117,7 +117,10 @@ class ImageEncoder:
         #: Largest batch the forward stage runs at once (lowered after an OOM).
         self.forward_cap = 1 << 30
 
-        self._pool = self._make_pool(settings)
+        cores = os.cpu_count() or 1
+        self.prepare_workers = settings.prepare_workers or (
+            min(8, cores) if self.cuda else max(1, cores // 2))
+        self._pool = self._make_pool(settings.prepare_pool, self.prepare_workers)
         kind = settings.prepare
         if kind == "auto":
             kind = "tensor" if self.cuda else "pil"
@@ -138,12 +141,12 @@ class ImageEncoder:
         self._caller = ThreadPoolExecutor(4, thread_name_prefix="encode-call")
 
     @staticmethod
-    def _make_pool(settings: EncoderSettings) -> Executor:
-        if settings.prepare_pool == "process":
+    def _make_pool(kind: str, workers: int) -> Executor:
+        if kind == "process":
             # forkserver: never fork a process that holds torch's threads
             ctx = multiprocessing.get_context("forkserver")
-            return ProcessPoolExecutor(settings.prepare_workers, mp_context=ctx)
-        return ThreadPoolExecutor(settings.prepare_workers, thread_name_prefix="prepare")
+            return ProcessPoolExecutor(workers, mp_context=ctx)
+        return ThreadPoolExecutor(workers, thread_name_prefix="prepare")
 
     @classmethod
     def load(cls, settings: EncoderSettings) -> ImageEncoder:
@@ -156,9 +159,9 @@ class ImageEncoder:
         tower = build_image_tower(spec, settings.checkpoint, seed=settings.seed)
         enc = cls(tower, spec, settings)
         logger.info(
-            "encoder %s loaded: model=%s dim=%d device=%s prepare=%s/%s batch=%d",
+            "encoder %s loaded: model=%s dim=%d device=%s prepare=%s/%s x%d batch=%d",
             enc.version, spec.name, enc.dim, enc.device, enc.prepare_kind,
-            settings.prepare_pool, enc.batch_size,
+            settings.prepare_pool, enc.prepare_workers, enc.batch_size,
         )
         return enc
 

@@ -5,7 +5,9 @@ queue, so while batch n+1 is being decoded, batch n runs through the model and
 batch n-1 is copied back and finished. Backpressure is by construction: when a
 stage is slow, the queue in front of it fills, the stage before it blocks on
 ``put``, and in the end `submit` blocks. At most
-``batch_size * (3 * depth + 4)`` items are ever inside the pipeline.
+``batch_size * (3 * depth + 6)`` items are ever inside the pipeline (the
+inbox holds two batches, the batcher one, each queue ``depth``, each stage
+one).
 
 A batch is dispatched when it is full or when its first item has waited
 ``max_wait_s``; `flush` dispatches a partial batch at once (a caller that
@@ -156,28 +158,42 @@ class StagedPipeline(Generic[T, R]):
         items: list[Any] = []
         futures: list[Future[Any]] = []
         first_at = 0.0
-        stopping = False
-        while not stopping:
-            timeout = (max(0.0, first_at + self.max_wait_s - time.monotonic())
-                       if items else None)
-            try:
-                msg = self._inbox.get(timeout=timeout)
-            except queue.Empty:
-                msg = None
-            flush = msg is _FLUSH
+        stopping = flush = False
+
+        def take(msg: Any) -> None:
+            nonlocal first_at, stopping, flush
             if msg is _STOP:
                 stopping = True
-            elif msg is not None and not flush:
+            elif msg is _FLUSH:
+                flush = True
+            elif msg is not None:
                 item, fut, at = msg
                 if not items:
                     first_at = at
                 items.append(item)
                 futures.append(fut)
+
+        while not stopping:
+            timeout = (max(0.0, first_at + self.max_wait_s - time.monotonic())
+                       if items else None)
+            try:
+                take(self._inbox.get(timeout=timeout))
+            except queue.Empty:
+                pass
+            # take what is already queued, up to a full batch: items that sat in
+            # the inbox behind a busy stage are past their wait, but they must
+            # still travel together, not one by one
+            while not (stopping or flush) and len(items) < self.batch_size:
+                try:
+                    take(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
             full = len(items) >= self.batch_size
             expired = bool(items) and time.monotonic() - first_at >= self.max_wait_s
             if items and (full or expired or stopping or flush):
                 self._dispatch(out, _Job(items, futures, first_at), full)
                 items, futures = [], []
+            flush = False
         out.put(_STOP)
 
     def _dispatch(self, out: queue.Queue[Any], job: _Job, full: bool) -> None:

@@ -234,6 +234,8 @@ def measure_encoder(enc: ImageEncoder, images: Sequence[bytes], min_seconds: flo
         "cpu_fallbacks": enc.fallbacks,
         "prepare": enc.prepare_kind,
         "prepare_pool": enc.settings.prepare_pool,
+        "prepare_workers": enc.prepare_workers,
+        "torch_threads": torch.get_num_threads(),
         "device": str(enc.device),
         "model": enc.spec.name,
         "dim": enc.dim,
@@ -275,7 +277,8 @@ def run_encode_bench(settings: EncoderSettings, images_dir: Path, limit: int | N
     rows: list[tuple[str, object]] = [
         ("model / device", f"{r['model']} / {r['device_name']}"),
         ("batch (mean dispatched)", f"{r['batch_size']} ({r['mean_dispatched_batch']})"),
-        ("prepare path", f"{r['prepare']} ({r['prepare_pool']} pool)"),
+        ("prepare path", f"{r['prepare']} ({r['prepare_pool']} pool x{r['prepare_workers']}, "
+                         f"torch threads {r['torch_threads']})"),
         ("pipeline: JPEG bytes -> vectors, img/s", r["pipeline_img_per_s"]),
         ("  bare forward (ceiling), img/s", r["forward_only_img_per_s"]),
         ("  decode + resize only (ceiling), img/s", r["decode_resize_only_img_per_s"]),
