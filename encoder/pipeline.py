@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 _STOP = object()
+_RECENT = 4096
 _FLUSH = object()
 
 
@@ -57,9 +59,10 @@ class PipelineStats:
     full_batches: int = 0
     #: Largest number of items inside the pipeline at once (submitted, not finished).
     max_in_flight: int = 0
-    batch_sizes: list[int] = field(default_factory=list)
-    #: Seconds between a batch's first item arriving and its dispatch.
-    waits_s: list[float] = field(default_factory=list)
+    #: The last `_RECENT` batches' sizes (bounded: a worker runs for weeks).
+    batch_sizes: deque[int] = field(default_factory=lambda: deque(maxlen=_RECENT))
+    #: Seconds between a batch's first item arriving and its dispatch (last `_RECENT`).
+    waits_s: deque[float] = field(default_factory=lambda: deque(maxlen=_RECENT))
     stage_s: dict[str, float] = field(
         default_factory=lambda: {"prepare": 0.0, "forward": 0.0, "finish": 0.0})
 

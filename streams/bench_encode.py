@@ -219,7 +219,7 @@ def measure_encoder(enc: ImageEncoder, images: Sequence[bytes], min_seconds: flo
     with _GpuSampler(enc.device) as gpu:
         pipe = _median_rate(lambda: len(enc.encode_images(stream)), min_seconds, sync)
     st = enc.pipeline_stats
-    sizes = st.batch_sizes[stats0:]
+    sizes = list(st.batch_sizes)[-(st.batches - stats0):] if st.batches > stats0 else []
     return {
         "pipeline_img_per_s": round(pipe, 1),
         "forward_only_img_per_s": round(forward, 1),
