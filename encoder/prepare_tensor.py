@@ -85,39 +85,50 @@ def _stack_hwc(arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tens
     return t
 
 
-class PilPreparer:
-    """The CPU prepare stage: `prepare_image` for each item in ``pool``."""
+class _CpuDecoder:
+    """Shared by both prepare stages: per-image `prepare_image` calls in ``pool``."""
 
     def __init__(self, spec: PreprocessSpec, device: torch.device, *, pool: Executor,
                  max_pixels: int, min_side: int) -> None:
         self.spec, self.device, self.pool = spec, device, pool
         self.max_pixels, self.min_side = max_pixels, min_side
 
-    def __call__(self, items: Sequence[bytes]) -> PreparedBatch:
-        """Decode every item in the pool; failures become per-item errors."""
-        futures = [self.pool.submit(_pil, d, self.spec, self.max_pixels, self.min_side)
-                   for d in items]
+    def _submit(self, data: bytes) -> Future[np.ndarray]:
+        return self.pool.submit(_pil, data, self.spec, self.max_pixels, self.min_side)
+
+    @staticmethod
+    def _gather(futures: dict[int, Future[np.ndarray]], errors: dict[int, ImageError]
+                ) -> tuple[list[int], list[np.ndarray]]:
+        """Wait for ``futures`` in item order; failures go to ``errors``."""
         rows: list[int] = []
         arrays: list[np.ndarray] = []
-        errors: dict[int, ImageError] = {}
-        for i, fut in enumerate(futures):
-            res = _collect(fut)
+        for i in sorted(futures):
+            res = _collect(futures[i])
             if isinstance(res, ImageError):
                 errors[i] = res
             else:
                 rows.append(i)
                 arrays.append(res)
+        return rows, arrays
+
+
+class PilPreparer(_CpuDecoder):
+    """The CPU prepare stage: `prepare_image` for each item in ``pool``."""
+
+    def __call__(self, items: Sequence[bytes]) -> PreparedBatch:
+        """Decode every item in the pool; failures become per-item errors."""
+        errors: dict[int, ImageError] = {}
+        rows, arrays = self._gather({i: self._submit(d) for i, d in enumerate(items)}, errors)
         pixels = _stack_hwc(arrays, self.device) if arrays else None
         return PreparedBatch(len(items), pixels, rows, errors)
 
 
-class TensorPreparer:
+class TensorPreparer(_CpuDecoder):
     """Batched ``decode_jpeg`` on ``device`` with a per-image CPU fallback."""
 
     def __init__(self, spec: PreprocessSpec, device: torch.device, *, pool: Executor,
                  max_pixels: int, min_side: int) -> None:
-        self.spec, self.device, self.pool = spec, device, pool
-        self.max_pixels, self.min_side = max_pixels, min_side
+        super().__init__(spec, device, pool=pool, max_pixels=max_pixels, min_side=min_side)
         from torchvision.io import ImageReadMode, decode_jpeg
 
         self._decode = decode_jpeg
@@ -152,26 +163,15 @@ class TensorPreparer:
             if isinstance(r, ImageError):
                 errors[i] = r
             elif r == "cpu":
-                fallback[i] = self.pool.submit(_pil, data, self.spec, self.max_pixels,
-                                               self.min_side)
+                fallback[i] = self._submit(data)
             else:
                 on_device.append(i)
         decoded, failed = self._decode_batch([items[i] for i in on_device])
         for j in failed:  # nvjpeg refused it: the CPU decoder gets a go
-            i = on_device[j]
-            fallback[i] = self.pool.submit(_pil, items[i], self.spec, self.max_pixels,
-                                           self.min_side)
+            fallback[on_device[j]] = self._submit(items[on_device[j]])
         rows = [on_device[j] for j in range(len(on_device)) if j not in failed]
         parts = [self._resize(decoded)] if decoded else []
-        cpu_rows: list[int] = []
-        cpu_arrays: list[np.ndarray] = []
-        for i in sorted(fallback):
-            res = _collect(fallback[i])
-            if isinstance(res, ImageError):
-                errors[i] = res
-            else:
-                cpu_rows.append(i)
-                cpu_arrays.append(res)
+        cpu_rows, cpu_arrays = self._gather(fallback, errors)
         if cpu_arrays:
             parts.append(_stack_hwc(cpu_arrays, self.device))
             rows.extend(cpu_rows)

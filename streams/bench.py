@@ -96,7 +96,8 @@ def run_pipeline_bench(settings: Settings, pins: int, fresh_pins: int, out: Path
     forward = statistics.median(
         _rate(len(prepared), lambda: [enc.forward(b) for b in batches]) for _ in range(3))
     decode = statistics.median(
-        _rate(len(sample), lambda: list(enc._pool.map(enc.prepare, sample))) for _ in range(3))
+        _rate(len(sample), lambda: [enc.prepare_batch(sample[i:i + bs])
+                                    for i in range(0, len(sample), bs)]) for _ in range(3))
     model_version = enc.version
     enc_batch = enc.batch_size
     enc.close()
