@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from encoder.config import EncoderSettings
-from encoder.errors import EncoderError, ImageError
+from encoder.errors import EncoderError, ImageError, Reason
 from encoder.model import ModelSpec, build_image_tower, model_spec, version_id
 from encoder.pipeline import StagedPipeline
 from encoder.prepare_tensor import PilPreparer, PreparedBatch, TensorPreparer
@@ -87,7 +87,7 @@ def _finish_rows(y: np.ndarray, ok: np.ndarray) -> list[EncodeResult]:
         if ok[i]:
             out.append(np.array(y[i], dtype=np.float32))
         else:
-            out.append(ImageError("nonfinite_embedding", "encoder produced non-finite values"))
+            out.append(ImageError(Reason.NONFINITE_EMBEDDING, "encoder produced non-finite values"))
     return out
 
 
@@ -293,7 +293,7 @@ class ImageEncoder:
             rows = _finish_rows(y.numpy(), ok.numpy())
             for i, res in zip(pb.rows, rows, strict=True):
                 results[i] = res
-        return [r if r is not None else ImageError("decode_failed", "no result")
+        return [r if r is not None else ImageError(Reason.DECODE_FAILED, "no result")
                 for r in results]
 
     # ---------------------------------------------------------- public API

@@ -6,6 +6,29 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """Why a pin was dead-lettered: the only form in which reasons travel.
+
+    Stable, machine-readable codes (they appear in dead letters, metrics and
+    the integration contract, ``docs/integration.md``); add members, never
+    rename them.
+    """
+
+    MALFORMED_EVENT = "malformed_event"
+    NOT_FOUND = "not_found"
+    FETCH_FAILED = "fetch_failed"
+    FORBIDDEN_LOCATION = "forbidden_location"
+    TOO_LARGE = "too_large"
+    NOT_AN_IMAGE = "not_an_image"
+    DECODE_FAILED = "decode_failed"
+    TOO_MANY_PIXELS = "too_many_pixels"
+    IMAGE_TOO_SMALL = "image_too_small"
+    NONFINITE_EMBEDDING = "nonfinite_embedding"
+    INTERNAL_ERROR = "internal_error"
+
 
 class PinfreshError(Exception):
     """Root of every error pinfresh raises on purpose.
@@ -26,15 +49,14 @@ class ImageError(EncoderError):
     """One image cannot be encoded; permanent for that image.
 
     Attributes:
-        reason: a stable, machine-readable reason code used in dead letters
-            (``not_an_image``, ``decode_failed``, ``too_many_pixels``,
-            ``image_too_small``, ``nonfinite_embedding``).
+        reason: the dead-letter `Reason` (``not_an_image``, ``decode_failed``,
+            ``too_many_pixels``, ``image_too_small``, ``nonfinite_embedding``).
     """
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, reason: Reason, message: str) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.reason = Reason(reason)  # a typo'd code fails here, where it is made
 
-    def __reduce__(self) -> tuple[type[ImageError], tuple[str, str]]:
+    def __reduce__(self) -> tuple[type[ImageError], tuple[Reason, str]]:
         # picklable, so a process-pool decoder can send it back
         return (type(self), (self.reason, str(self)))

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - torch convention
 
-from encoder.errors import ImageError
+from encoder.errors import ImageError, Reason
 from encoder.jpeg import read_header
 from encoder.model import PreprocessSpec
 from encoder.preprocess import prepare_image, sniff_format
@@ -74,7 +74,7 @@ def _collect(fut: Future[np.ndarray]) -> np.ndarray | ImageError:
     except ImageError as exc:
         return exc
     except Exception as exc:  # noqa: BLE001 - one bad image never fails the batch
-        return ImageError("decode_failed", f"unexpected decoder error: {exc!r}")
+        return ImageError(Reason.DECODE_FAILED, f"unexpected decoder error: {exc!r}")
 
 
 def _stack_hwc(arrays: Sequence[np.ndarray], device: torch.device) -> torch.Tensor:
@@ -142,10 +142,10 @@ class TensorPreparer(_CpuDecoder):
         if hdr is None:
             return "cpu"
         if hdr.width * hdr.height > self.max_pixels:
-            return ImageError("too_many_pixels", f"{hdr.width}x{hdr.height} = "
+            return ImageError(Reason.TOO_MANY_PIXELS, f"{hdr.width}x{hdr.height} = "
                               f"{hdr.width * hdr.height} pixels > limit {self.max_pixels}")
         if min(hdr.width, hdr.height) < self.min_side:
-            return ImageError("image_too_small",
+            return ImageError(Reason.IMAGE_TOO_SMALL,
                               f"{hdr.width}x{hdr.height} is below {self.min_side} px")
         if not hdr.gpu_decodable:
             return "cpu"  # CMYK/YCCK, 12-bit, arithmetic or lossless coding

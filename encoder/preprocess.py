@@ -18,7 +18,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
-from encoder.errors import ImageError
+from encoder.errors import ImageError, Reason
 from encoder.model import PreprocessSpec
 
 #: PIL format names that may be opened.
@@ -58,11 +58,11 @@ def prepare_image(
             ``image_too_small`` or ``decode_failed``.
     """
     if not data:
-        raise ImageError("not_an_image", "empty body (0 bytes)")
+        raise ImageError(Reason.NOT_AN_IMAGE, "empty body (0 bytes)")
     fmt = sniff_format(data)
     if fmt is None:
         raise ImageError(
-            "not_an_image",
+            Reason.NOT_AN_IMAGE,
             f"bytes are not a supported image ({', '.join(SUPPORTED_FORMATS)}); "
             f"starts with {data[:8]!r}",
         )
@@ -75,11 +75,10 @@ def prepare_image(
             opened = Image.open(io.BytesIO(data), formats=[fmt])
             w, h = opened.size
             if w * h > max_pixels:
-                raise ImageError(
-                    "too_many_pixels", f"{w}x{h} = {w * h} pixels > limit {max_pixels}"
-                )
+                raise ImageError(Reason.TOO_MANY_PIXELS,
+                                 f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
             if min(w, h) < min_side:
-                raise ImageError("image_too_small", f"{w}x{h} is below {min_side} px")
+                raise ImageError(Reason.IMAGE_TOO_SMALL, f"{w}x{h} is below {min_side} px")
             if fmt == "JPEG":
                 opened.draft("RGB", (size, size))
             img = _resize_crop(_to_rgb(opened, spec.background), size)
@@ -87,11 +86,11 @@ def prepare_image(
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageError("too_many_pixels", f"decompression bomb refused: {exc}") from exc
+        raise ImageError(Reason.TOO_MANY_PIXELS, f"decompression bomb refused: {exc}") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise ImageError("decode_failed", f"{fmt} decode failed: {exc}") from exc
+        raise ImageError(Reason.DECODE_FAILED, f"{fmt} decode failed: {exc}") from exc
     if arr.shape != (size, size, 3):
-        raise ImageError("decode_failed", f"unexpected decoded shape {arr.shape}")
+        raise ImageError(Reason.DECODE_FAILED, f"unexpected decoded shape {arr.shape}")
     return arr
 
 

@@ -14,49 +14,45 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable
 from typing import Any
 
 import faust
+from aiokafka import TopicPartition
+from faust.types import TP
 
 from encoder.engine import ImageEncoder
 from store.errors import StoreUnavailable
 from store.milvus import MilvusStore
 from store.redis import RedisCache
 from store.registry import VersionRegistry
-from streams.events import DeadLetter
+from streams.dlq import KafkaDeadLetters
 from streams.fetch import Fetcher
 from streams.processor import Message, PinProcessor
+from streams.producer import committed_offsets, ensure_topics
 from streams.refresh import RegistryVersions
-from streams.settings import Settings
+from streams.settings import KafkaSettings, Settings
 
 logger = logging.getLogger(__name__)
 
 
-class KafkaDeadLetters:
-    """`DeadLetterSink` writing JSON dead letters to the DLQ topic, keyed by pin id."""
-
-    def __init__(self, app: faust.App, topic: str) -> None:
-        self.app = app
-        self.topic = topic
-
-    async def send(self, letters: Sequence[DeadLetter]) -> None:
-        """Send and wait for the broker's ack of every letter."""
-        for dl in letters:
-            await self.app.producer.send_and_wait(
-                self.topic, (dl.pin_id or "").encode() or None, dl.model_dump_json().encode(),
-                partition=None, timestamp=None, headers=None,
-            )
-
-
 class DrainState:
-    """Shared between the agent and the signal handler of `DrainingWorker`."""
+    """Shared between the agent and the signal handler of `DrainingWorker`.
+
+    Attributes:
+        draining: set by the signal; the agent takes no new batch after it.
+        idle: set while no batch is in flight.
+        acked: per partition, the offset after the last event the agent
+            acknowledged (what a commit must reach for the drain to be clean).
+    """
 
     def __init__(self) -> None:
         self.draining = False
         self.idle = asyncio.Event()
         self.idle.set()
+        self.acked: dict[TP, int] = {}
 
 
 class DrainingWorker(faust.Worker):
@@ -65,43 +61,85 @@ class DrainingWorker(faust.Worker):
     Faust's shutdown suspends flow control, and the stream then acknowledges the
     buffered events it skips, so its final commit would cover events that were
     never written. This worker instead stops taking batches, lets the in-flight
-    batch finish and acknowledge, commits exactly the acknowledged offsets and
-    exits. Its partitions move to the other members once its session expires.
+    batch finish and acknowledge, waits for a periodic commit already in
+    flight, commits the acknowledged offsets, reads the group's committed
+    offsets back from the broker and checks that they reach every offset the
+    agent acknowledged. It logs the committed offset of every partition and
+    exits 0 only when the in-flight batch finished and the commit is
+    confirmed; otherwise it exits 1 (the unconfirmed events are redelivered to
+    the next owner, which the processor's idempotence makes harmless).
     """
 
     def __init__(self, app: faust.App, drain: DrainState, timeout_s: float,
-                 **kwargs: Any) -> None:
+                 kafka: KafkaSettings, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
         self._drain = drain
         self._drain_timeout = timeout_s
+        self._kafka = kafka
         self._pinfresh_app = app
+        self._drain_task: asyncio.Task[None] | None = None
+        self.on_exit: list[Any] = []
 
-    def _on_sigterm(self) -> None:
-        self._start_drain("SIGTERM")
-
-    def _on_sigint(self) -> None:
-        self._start_drain("SIGINT")
+    def install_signal_handlers(self) -> None:
+        """Mode's handlers, with SIGTERM and SIGINT replaced by the drain."""
+        super().install_signal_handlers()
+        self.loop.add_signal_handler(signal.SIGTERM, self._start_drain, "SIGTERM")
+        self.loop.add_signal_handler(signal.SIGINT, self._start_drain, "SIGINT")
 
     def _start_drain(self, name: str) -> None:
         if self._drain.draining:
             return
         self._drain.draining = True
-        asyncio.ensure_future(self._drain_and_exit(name))
+        # keep a reference: the event loop holds tasks only weakly
+        self._drain_task = asyncio.ensure_future(self._drain_and_exit(name))
 
     async def _drain_and_exit(self, name: str) -> None:
         logger.info("%s: draining (finishing the in-flight batch, then commit)", name)
+        clean = True
         try:
             await asyncio.wait_for(self._drain.idle.wait(), self._drain_timeout)
         except TimeoutError:
-            logger.warning("drain timed out after %.0fs: the in-flight batch will be "
-                           "redelivered", self._drain_timeout)
+            clean = False
+            logger.warning("drain timed out after %.0fs: the in-flight batch is not "
+                           "acknowledged and will be redelivered", self._drain_timeout)
         try:
-            await self._pinfresh_app.consumer.commit()
-            logger.info("committed acknowledged offsets; exiting")
-        except Exception:
+            confirmed = await asyncio.wait_for(self._commit_acked(), self._drain_timeout)
+        except Exception:  # noqa: BLE001 - reported, and the exit code says so
             logger.exception("final commit failed; uncommitted events will be redelivered")
+            confirmed = False
+        code = 0 if clean and confirmed else 1
+        logger.info("exiting with code %d", code)
+        for fn in self.on_exit:
+            fn()
         logging.shutdown()
-        os._exit(0)
+        os._exit(code)
+
+    async def _commit_acked(self) -> bool:
+        """Commit what the agent acknowledged and confirm it on the broker."""
+        consumer = self._pinfresh_app.consumer
+        # a periodic commit in flight: its offsets were picked before the last batch's acks
+        # (public on faust's Consumer, missing from its ConsumerT protocol)
+        await consumer.maybe_wait_for_commit_to_finish()  # type: ignore[attr-defined]
+        await consumer.commit()  # False also when that one already covered everything
+        want = dict(self._drain.acked)
+        if not want:
+            logger.info("drain: nothing was acknowledged, nothing to commit")
+            return True
+        got = await committed_offsets(self._kafka, self._kafka.group_id,
+                                      [TopicPartition(tp.topic, tp.partition) for tp in want])
+        short = {tp: (off, got.get(tp.partition)) for tp, off in want.items()
+                 if (got.get(tp.partition) or 0) < off}
+        if short:
+            logger.error("drain: commit NOT confirmed for group %s (partition: acknowledged "
+                         "offset vs committed): %s; those events will be redelivered",
+                         self._kafka.group_id,
+                         " ".join(f"{tp.topic}[{tp.partition}]={a}/{c}"
+                                  for tp, (a, c) in sorted(short.items())))
+            return False
+        logger.info("drain: commit confirmed for group %s: %s", self._kafka.group_id,
+                    " ".join(f"{tp.topic}[{tp.partition}]={got[tp.partition]}"
+                             for tp in sorted(want)))
+        return True
 
 
 def create_app(settings: Settings, encoder: ImageEncoder,
@@ -142,6 +180,8 @@ def create_app(settings: Settings, encoder: ImageEncoder,
         consumer_auto_offset_reset="earliest",
         store="memory://",
         web_enabled=False,
+        # Faust's own state folder, under the data dir instead of the working directory
+        datadir=str(settings.worker_state_dir() / "{conf.name}-data"),
         **app_kwargs,
     )
     topic = app.topic(k.topic, key_type=bytes, value_type=bytes, partitions=k.partitions)
@@ -164,9 +204,10 @@ def create_app(settings: Settings, encoder: ImageEncoder,
             except StoreUnavailable as exc:
                 logger.warning("stores unavailable at start-up (%s); retrying in 2s", exc)
                 await asyncio.sleep(2)
+        dlq = KafkaDeadLetters(k)
         processor = PinProcessor(
             encoder=encoder, milvus=milvus, cache=cache, fetcher=fetcher,
-            dlq=KafkaDeadLetters(app, k.dlq_topic), settings=w, worker_name=worker_name,
+            dlq=dlq, settings=w, worker_name=worker_name,
             versions=RegistryVersions(registry, encoder, settings.encoder),
         )
         await processor.start()
@@ -177,12 +218,16 @@ def create_app(settings: Settings, encoder: ImageEncoder,
                 drain.idle.clear()
                 try:
                     msgs = [Message(e.message.key, e.message.value) for e in events]
-                    await _process_until_done(processor, msgs, w.retry_backoff_max_s)
+                    await processor.handle(msgs)  # never raises, except on cancellation
                     for e in events:
                         await stream.ack(e)
+                        tp, nxt = e.message.tp, e.message.offset + 1
+                        if nxt > drain.acked.get(tp, 0):
+                            drain.acked[tp] = nxt
                 finally:
                     drain.idle.set()
         finally:
+            await dlq.close()
             await fetcher.close()
             await cache.close()
             await milvus.close()
@@ -190,31 +235,24 @@ def create_app(settings: Settings, encoder: ImageEncoder,
     return app
 
 
-async def _process_until_done(
-    processor: PinProcessor, msgs: list[Message], max_backoff: float
-) -> None:
-    """Call `PinProcessor.process` until it returns; an unexpected error pauses, never drops."""
-    delay = 0.5
-    while True:
-        try:
-            await processor.process(msgs)
-            return
-        except asyncio.CancelledError:
-            raise
-        except Exception:
-            logger.exception("batch of %d failed unexpectedly; retrying in %.1fs (not acked)",
-                             len(msgs), delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, max_backoff)
+def run_worker(settings: Settings, on_exit: Callable[[], None] | None = None) -> None:
+    """Check the broker, create missing topics, load the encoder, then run until SIGTERM/SIGINT.
 
+    Called by ``pinfresh worker``; blocks. ``on_exit`` runs before the process
+    exits after a drain (which ends with ``os._exit``, so atexit hooks do not run).
 
-def run_worker(settings: Settings) -> None:
-    """Load the encoder, then run the Faust worker until SIGTERM/SIGINT.
-
-    Called by ``pinfresh worker``; blocks.
+    Raises:
+        KafkaUnavailable: the broker does not answer (checked before the
+            encoder is loaded, which takes seconds).
     """
     from streams.metrics import ENCODER_BATCH, ENCODER_BATCH_WAIT, serve_metrics
 
+    # topics get the configured partition count whoever touches them first; Faust's
+    # subscription would otherwise let the broker auto-create them with its own default
+    created = asyncio.run(ensure_topics(settings.kafka))
+    if created:
+        logger.info("created topics %s with %d partitions", ", ".join(created),
+                    settings.kafka.partitions)
     encoder = ImageEncoder.load(settings.encoder)
 
     def on_batch(size: int, wait_s: float) -> None:
@@ -225,7 +263,9 @@ def run_worker(settings: Settings) -> None:
     serve_metrics(settings.worker.metrics_host, settings.worker.metrics_port)
     drain = DrainState()
     app = create_app(settings, encoder, drain)
-    worker = DrainingWorker(app, drain, settings.worker.drain_timeout_s,
+    worker = DrainingWorker(app, drain, settings.worker.drain_timeout_s, settings.kafka,
                             loglevel=settings.log_level.lower(), quiet=True,
                             redirect_stdouts=False, override_logging=False)
+    if on_exit is not None:
+        worker.on_exit.append(on_exit)
     worker.execute_from_commandline()

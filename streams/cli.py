@@ -27,6 +27,7 @@ from streams.runtime import load_settings
 from streams.settings import Settings
 
 console = Console(stderr=False)
+err_console = Console(stderr=True)
 logger = logging.getLogger("pinfresh")
 
 
@@ -54,8 +55,17 @@ def _configure_logging(settings: Settings) -> None:
 
 class _Ctx:
     def __init__(self) -> None:
-        self.settings = load_settings()
+        from streams.runtime import settings_warnings
+        from streams.settings import SettingsError
+
+        try:
+            self.settings = load_settings()
+        except SettingsError as exc:
+            err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            sys.exit(2)
         _configure_logging(self.settings)
+        for line in settings_warnings():
+            logger.warning("%s", line)
 
 
 pass_ctx = click.make_pass_decorator(_Ctx, ensure=True)
@@ -86,7 +96,7 @@ def up(ctx: _Ctx) -> None:
 @cli.command()
 @pass_ctx
 def down(ctx: _Ctx) -> None:
-    """Stop the workers started by `demo` and the embedded stack."""
+    """Stop every worker of this data dir (drained, SIGKILL after 45 s) and the embedded stack."""
     from streams.runtime import stop_workers
     from streams.stack import EmbeddedStack
 
@@ -226,10 +236,14 @@ def worker(ctx: _Ctx, catalog_root: Path | None, devices: str | None) -> None:
         env = {**os.environ, **settings_env(s)}
         pool = WorkerPool(devs, env=env, metrics_port=s.worker.metrics_port,
                           stop_timeout_s=s.worker.drain_timeout_s + 15)
+        from streams.runtime import register_worker
+
+        register_worker(s)
         sys.exit(pool.run())
     from streams.app import run_worker
+    from streams.runtime import register_worker
 
-    run_worker(s)
+    run_worker(s, on_exit=register_worker(s))
 
 
 @cli.command()
@@ -981,11 +995,11 @@ def bench_encode(ctx: _Ctx, images_dir: Path | None, make_n: int, size: str,
 
 
 def main() -> None:
-    """Console-script entry point; turns PinfreshError into a one-line message."""
+    """Console-script entry point; turns PinfreshError into a one-line message on stderr."""
     try:
         cli(standalone_mode=True)
     except PinfreshError as exc:
-        console.print(f"[red]error:[/] {exc}")
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

@@ -16,33 +16,38 @@ measured from it). Deletes need only ``op``, ``pin_id``, ``version`` and
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import time
-from enum import StrEnum
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
-from encoder.errors import PinfreshError
+from encoder.errors import PinfreshError, Reason
+
+__all__ = ["DeadLetter", "MalformedEvent", "PinEvent", "Reason", "parse_event"]
 
 #: Pin ids: 1-128 characters of ``[A-Za-z0-9._:-]``, starting alphanumeric.
 PIN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+#: Largest event value accepted; bigger ones are dead-lettered as malformed.
 MAX_EVENT_BYTES = 64 * 1024
-
-
-class Reason(StrEnum):
-    """Reason codes carried by dead letters."""
-
-    MALFORMED_EVENT = "malformed_event"
-    NOT_FOUND = "not_found"
-    FETCH_FAILED = "fetch_failed"
-    FORBIDDEN_LOCATION = "forbidden_location"
-    TOO_LARGE = "too_large"
-    NOT_AN_IMAGE = "not_an_image"
-    DECODE_FAILED = "decode_failed"
-    TOO_MANY_PIXELS = "too_many_pixels"
-    IMAGE_TOO_SMALL = "image_too_small"
-    NONFINITE_EMBEDDING = "nonfinite_embedding"
+#: ``event_time`` at or above this is taken for milliseconds (it is the year 5138 in seconds).
+EVENT_TIME_MS_THRESHOLD = 1e11
+#: How far ``event_time`` may lie in the future (producer clock skew), in seconds.
+MAX_EVENT_TIME_SKEW_S = 3600.0
+#: A dead letter keeps at most this many bytes of the original message value
+#: (every valid event fits whole; longer values keep a prefix, their length and sha256).
+MAX_ORIGINAL_BYTES = MAX_EVENT_BYTES
+#: Longest error text and traceback a dead letter carries.
+MAX_ERROR_CHARS = 2000
+MAX_TRACEBACK_CHARS = 8000
 
 
 class MalformedEvent(PinfreshError):
@@ -60,11 +65,21 @@ class PinEvent(BaseModel):
     image: str | None = Field(None, min_length=1, max_length=4096)
     caption: str = Field("", max_length=4000)
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=64)
-    event_time: float = Field(gt=0)
+    event_time: float = Field(gt=0, description="epoch seconds of the change")
     reencode: bool = Field(
         False, description="re-fetch and re-encode even if this version is stored "
         "(`pinfresh stale --requeue`); never overrides a newer version"
     )
+
+    @field_validator("event_time")
+    @classmethod
+    def _seconds_not_ms(cls, v: float) -> float:
+        if v >= EVENT_TIME_MS_THRESHOLD:
+            raise ValueError(f"{v:.0f} looks like milliseconds: event_time is epoch seconds")
+        if v > time.time() + MAX_EVENT_TIME_SKEW_S:
+            raise ValueError(f"{v:.0f} is more than {MAX_EVENT_TIME_SKEW_S:.0f}s in the future "
+                             "(event_time is epoch seconds of the change)")
+        return v
 
     @model_validator(mode="after")
     def _upsert_has_image(self) -> PinEvent:
@@ -135,7 +150,13 @@ def guess_pin_id(raw: bytes | None, key: bytes | None = None) -> str | None:
 
 
 class DeadLetter(BaseModel):
-    """A message the pipeline gave up on, with everything needed to replay it."""
+    """A message the pipeline gave up on, with what is needed to replay it.
+
+    Bounded in size whatever the input: ``original`` holds at most
+    `MAX_ORIGINAL_BYTES` of the message value (every valid event fits whole),
+    ``original_size`` and ``original_sha256`` describe the whole value, and
+    ``original_truncated`` says whether the prefix is all there is.
+    """
 
     model_config = ConfigDict(frozen=True)
 
@@ -143,9 +164,35 @@ class DeadLetter(BaseModel):
     error: str
     attempts: int = 1
     pin_id: str | None = None
-    original: str = Field(description="the original message value (UTF-8, or base64: prefix)")
+    original: str = Field(description="the original message value (UTF-8, or base64: prefix), "
+                          f"at most {MAX_ORIGINAL_BYTES} bytes of it")
+    original_size: int = Field(0, description="length of the whole original value in bytes")
+    original_sha256: str = Field("", description="sha256 of the whole original value")
+    original_truncated: bool = False
+    traceback: str | None = Field(None, description="for internal_error: where it was raised")
     failed_at: float = Field(default_factory=time.time)
     worker: str = ""
+
+    @classmethod
+    def build(
+        cls, reason: Reason, error: str, raw: bytes | None, *, pin_id: str | None = None,
+        attempts: int = 1, worker: str = "", traceback: str | None = None,
+    ) -> DeadLetter:
+        """A dead letter for ``raw`` with every field bounded (see the class docstring)."""
+        raw = raw or b""
+        kept = raw[:MAX_ORIGINAL_BYTES]
+        return cls(
+            reason=reason, error=error[:MAX_ERROR_CHARS], attempts=attempts,
+            pin_id=pin_id[:128] if pin_id else None, original=cls.encode_original(kept),
+            original_size=len(raw), original_sha256=hashlib.sha256(raw).hexdigest(),
+            original_truncated=len(raw) > len(kept), worker=worker,
+            traceback=traceback[-MAX_TRACEBACK_CHARS:] if traceback else None,
+        )
+
+    @property
+    def fingerprint(self) -> str:
+        """Same for two letters about the same message and reason (retry dedupe)."""
+        return f"{self.reason.value}:{self.pin_id}:{self.original_sha256 or self.original}"
 
     @staticmethod
     def encode_original(raw: bytes | None) -> str:
@@ -157,8 +204,21 @@ class DeadLetter(BaseModel):
         except UnicodeDecodeError:
             return "base64:" + base64.b64encode(raw).decode()
 
+    @property
+    def replayable(self) -> bool:
+        """Whether the whole original is kept (a truncated one cannot be replayed)."""
+        return not self.original_truncated
+
     def original_bytes(self) -> bytes:
-        """Inverse of `encode_original`, for replay."""
+        """Inverse of `encode_original`, for replay.
+
+        Raises:
+            PinfreshError: the letter keeps only a prefix of the original.
+        """
+        if self.original_truncated:
+            raise PinfreshError(
+                f"dead letter of {self.pin_id}: only {MAX_ORIGINAL_BYTES} of "
+                f"{self.original_size} bytes kept, cannot replay (republish the pin instead)")
         if self.original.startswith("base64:"):
             return base64.b64decode(self.original[len("base64:") :])
         return self.original.encode("utf-8")

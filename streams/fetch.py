@@ -8,25 +8,35 @@ Rules, all configurable in `FetchSettings`:
   ``max_redirects``) is checked: the host's addresses must all be public
   unless ``allow_private_networks`` or the host is in ``allowed_hosts``;
   loopback, private, link-local (cloud metadata), multicast and reserved
-  addresses are refused, whatever notation or DNS name leads to them;
+  addresses are refused, whatever notation or DNS name leads to them. The
+  check happens inside the connection pool's network backend
+  (`GuardedBackend`), which connects to the very addresses it checked, so DNS
+  rebinding cannot slip an internal address in after the check;
 * the body is streamed and cut at ``max_bytes``; the whole fetch (all hops)
   gets ``timeout_s``.
 
 Errors are `FetchError` with a dead-letter reason and a ``transient`` flag:
 timeouts, connection errors, 429 and 5xx are transient (retried with backoff
-by the caller), everything else is permanent.
+by the caller, after ``Retry-After`` when a 429/503 sends one, capped at
+``timeout_s``), everything else is permanent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime
+import email.utils
 import ipaddress
 import os
 import socket
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
+from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import httpx
+import httpcore
 from pydantic import BaseModel, Field
 
 from encoder.errors import PinfreshError
@@ -47,6 +57,7 @@ class FetchSettings(BaseModel):
         default_factory=list, description="host names allowed even if they resolve privately"
     )
     user_agent: str = "pinfresh/0.1"
+    max_connections: int = Field(64, ge=1, description="HTTP connections kept per worker")
 
 
 class FetchError(PinfreshError):
@@ -55,12 +66,16 @@ class FetchError(PinfreshError):
     Attributes:
         reason: dead-letter reason code.
         transient: whether retrying may succeed.
+        retry_after: what the server asked to wait before retrying (seconds,
+            from ``Retry-After`` on 429/503, capped at the fetch timeout).
     """
 
-    def __init__(self, reason: Reason, message: str, *, transient: bool = False) -> None:
+    def __init__(self, reason: Reason, message: str, *, transient: bool = False,
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.reason = reason
         self.transient = transient
+        self.retry_after = retry_after
 
 
 def _ip_is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -72,22 +87,117 @@ def _ip_is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     )
 
 
-class Fetcher:
-    """Fetches image bytes; one instance per worker, shared HTTP connection pool."""
+Resolver = Callable[[str, int], Awaitable[list[str]]]
 
-    def __init__(self, settings: FetchSettings) -> None:
+
+async def system_resolver(host: str, port: int) -> list[str]:
+    """Addresses of ``host`` from the system resolver (``getaddrinfo``)."""
+    infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    return list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
+
+
+class GuardedBackend(httpcore.AsyncNetworkBackend):
+    """A network backend that connects only to addresses it has just checked.
+
+    Every new connection resolves the host once, checks every address
+    (`_ip_is_public`, unless the host is allowed), and connects to those very
+    addresses, so a DNS answer that changes between the check and the
+    connect (DNS rebinding) cannot lead to an internal address. TLS still
+    verifies the certificate against the host name.
+    """
+
+    def __init__(self, settings: FetchSettings, resolver: Resolver,
+                 inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+        self.settings = settings
+        self.resolver = resolver
+        self.inner = inner or httpcore.AnyIOBackend()
+
+    async def addresses(self, host: str, port: int) -> list[str]:
+        """The checked addresses of ``host``; raises `FetchError` if any is refused."""
+        host = host.strip("[]")
+        try:
+            ips = [ipaddress.ip_address(host)]
+        except ValueError:
+            try:
+                ips = [ipaddress.ip_address(a) for a in await self.resolver(host, port)]
+            except (OSError, ValueError) as exc:
+                raise FetchError(Reason.FETCH_FAILED, f"cannot resolve {host}: {exc}",
+                                 transient=True) from exc
+        if not ips:
+            raise FetchError(Reason.FETCH_FAILED, f"{host} has no address", transient=True)
+        allowed = self.settings.allow_private_networks or host in self.settings.allowed_hosts
+        for ip in ips:
+            if not allowed and not _ip_is_public(ip):
+                raise FetchError(
+                    Reason.FORBIDDEN_LOCATION,
+                    f"{host} resolves to non-public address {ip}: refused (set "
+                    "PINFRESH_FETCH__ALLOWED_HOSTS to allow it deliberately)",
+                )
+        return [str(ip) for ip in ips]
+
+    async def connect_tcp(
+        self, host: str, port: int, timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        """Connect to the first checked address of ``host`` that answers."""
+        last: Exception | None = None
+        for ip in await self.addresses(host, port):
+            try:
+                return await self.inner.connect_tcp(ip, port, timeout=timeout,
+                                                    local_address=local_address,
+                                                    socket_options=socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                last = exc
+        assert last is not None
+        raise last
+
+    async def connect_unix_socket(self, path: str, timeout: float | None = None,
+                                  socket_options: Iterable[Any] | None = None
+                                  ) -> httpcore.AsyncNetworkStream:
+        """Refused: images never come from a Unix socket."""
+        raise FetchError(Reason.FORBIDDEN_LOCATION, "unix sockets are refused")
+
+    async def sleep(self, seconds: float) -> None:
+        """As the inner backend sleeps."""
+        await self.inner.sleep(seconds)
+
+
+def retry_after_s(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or an HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=datetime.UTC)
+    return max(0.0, when.timestamp() - (now if now is not None else time.time()))
+
+
+class Fetcher:
+    """Fetches image bytes; one instance per worker, one shared HTTP connection pool."""
+
+    def __init__(self, settings: FetchSettings, resolver: Resolver | None = None,
+                 network: httpcore.AsyncNetworkBackend | None = None) -> None:
         self.settings = settings
         self._root = settings.catalog_root.resolve() if settings.catalog_root else None
-        self._client = httpx.AsyncClient(
-            follow_redirects=False,
-            headers={"User-Agent": settings.user_agent, "Accept": "image/*"},
-            timeout=httpx.Timeout(settings.timeout_s),
-            trust_env=False,
+        self._headers = [(b"User-Agent", settings.user_agent.encode()), (b"Accept", b"image/*")]
+        self.backend = GuardedBackend(settings, resolver or system_resolver, network)
+        self._pool = httpcore.AsyncConnectionPool(
+            ssl_context=ssl.create_default_context(),
+            max_connections=settings.max_connections,
+            max_keepalive_connections=settings.max_connections,
+            keepalive_expiry=30.0, network_backend=self.backend,
         )
 
     async def close(self) -> None:
         """Close the HTTP connection pool."""
-        await self._client.aclose()
+        await self._pool.aclose()
 
     async def fetch(self, location: str) -> bytes:
         """Return the bytes at ``location``.
@@ -145,53 +255,39 @@ class Fetcher:
         return data
 
     # ------------------------------------------------------------------- http
-    async def _check_host(self, url: str) -> None:
+    @staticmethod
+    def _check_url(url: str) -> None:
         parts = urlsplit(url)
-        host = parts.hostname
-        if parts.scheme not in ("http", "https") or not host:
+        if parts.scheme not in ("http", "https") or not parts.hostname:
             raise FetchError(Reason.FORBIDDEN_LOCATION, f"refused URL {url[:100]!r}")
         if parts.username or parts.password:
             raise FetchError(Reason.FORBIDDEN_LOCATION, "URLs with credentials are refused")
-        if self.settings.allow_private_networks or host in self.settings.allowed_hosts:
-            return
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-        try:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                host, port, type=socket.SOCK_STREAM
-            )
-        except socket.gaierror as exc:
-            raise FetchError(
-                Reason.FETCH_FAILED, f"cannot resolve {host}: {exc}", transient=True
-            ) from exc
-        for info in infos:
-            ip = ipaddress.ip_address(str(info[4][0]).split("%", 1)[0])
-            if not _ip_is_public(ip):
-                raise FetchError(
-                    Reason.FORBIDDEN_LOCATION,
-                    f"{host} resolves to non-public address {ip}: refused (set "
-                    "PINFRESH_FETCH__ALLOWED_HOSTS to allow it deliberately)",
-                )
 
     async def _fetch_http(self, url: str) -> bytes:
+        t = self.settings.timeout_s
+        ext = {"timeout": {"connect": t, "read": t, "write": t, "pool": t}}
         for _hop in range(self.settings.max_redirects + 1):
-            await self._check_host(url)
+            self._check_url(url)  # the addresses are checked by the backend at connect time
             try:
-                async with self._client.stream("GET", url) as resp:
-                    if resp.is_redirect:
-                        loc = resp.headers.get("location")
+                async with self._pool.stream("GET", url, headers=self._headers,
+                                             extensions=ext) as resp:
+                    headers = {k.decode("latin-1").lower(): v.decode("latin-1")
+                               for k, v in resp.headers}
+                    if resp.status in (301, 302, 303, 307, 308):
+                        loc = headers.get("location")
                         if not loc:
                             raise FetchError(Reason.FETCH_FAILED, "redirect without Location")
                         url = urljoin(url, loc)
                         continue
-                    self._check_status(resp)
-                    declared = resp.headers.get("content-length")
+                    self._check_status(resp.status, headers)
+                    declared = headers.get("content-length")
                     if declared and declared.isdigit() and int(declared) > self.settings.max_bytes:
                         raise FetchError(
                             Reason.TOO_LARGE,
                             f"Content-Length {declared} over the {self.settings.max_bytes} limit",
                         )
                     buf = bytearray()
-                    async for chunk in resp.aiter_bytes():
+                    async for chunk in resp.aiter_stream():
                         buf += chunk
                         if len(buf) > self.settings.max_bytes:
                             raise FetchError(
@@ -199,22 +295,26 @@ class Fetcher:
                                 f"body over the {self.settings.max_bytes}-byte limit",
                             )
                     return bytes(buf)
-            except httpx.TimeoutException as exc:
+            except httpcore.TimeoutException as exc:
                 raise FetchError(Reason.FETCH_FAILED, f"timeout: {exc!r}", transient=True) from exc
-            except httpx.TransportError as exc:
+            except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.ProxyError) as exc:
                 raise FetchError(
                     Reason.FETCH_FAILED, f"connection failed: {exc!r}", transient=True
                 ) from exc
+            except httpcore.UnsupportedProtocol as exc:
+                raise FetchError(Reason.FORBIDDEN_LOCATION, f"refused URL: {exc}") from exc
         raise FetchError(
             Reason.FETCH_FAILED, f"more than {self.settings.max_redirects} redirects"
         )
 
-    @staticmethod
-    def _check_status(resp: httpx.Response) -> None:
-        code = resp.status_code
+    def _check_status(self, code: int, headers: dict[str, str]) -> None:
         if code < 300:
             return
         if code in (404, 410):
             raise FetchError(Reason.NOT_FOUND, f"HTTP {code}")
         transient = code == 429 or code >= 500
-        raise FetchError(Reason.FETCH_FAILED, f"HTTP {code}", transient=transient)
+        wait = retry_after_s(headers.get("retry-after")) if code in (429, 503) else None
+        if wait is not None:  # honoured, but never beyond the fetch's own time cap
+            wait = min(wait, self.settings.timeout_s)
+        raise FetchError(Reason.FETCH_FAILED, f"HTTP {code}", transient=transient,
+                         retry_after=wait)

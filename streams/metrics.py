@@ -10,6 +10,14 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 EVENTS = Counter("pinfresh_events_total", "Events consumed, by outcome", ["outcome"])
 IMAGES_ENCODED = Counter("pinfresh_images_encoded_total", "Images run through the encoder")
 DEAD_LETTERS = Counter("pinfresh_dead_letters_total", "Dead letters written, by reason", ["reason"])
+DEAD_LETTERS_DROPPED = Counter(
+    "pinfresh_dead_letters_dropped_total",
+    "Dead letters the broker refused even without their original (logged instead)",
+)
+ISOLATED = Counter(
+    "pinfresh_batches_isolated_total",
+    "Batches split to isolate an event that raised an unexpected error",
+)
 RETRIES = Counter("pinfresh_retries_total", "Retries after transient errors", ["stage"])
 BATCH_SIZE = Histogram(
     "pinfresh_batch_size", "Events per micro-batch", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256)

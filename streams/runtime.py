@@ -3,109 +3,115 @@
 * `load_settings` builds the one settings object and, when an embedded stack
   is recorded in the data dir, points every address that the environment does
   not set explicitly at it;
-* `spawn_worker` starts ``pinfresh worker`` as a detached process with a pid
-  file, so ``pinfresh down`` can stop it;
+* every ``pinfresh worker`` records its pid under ``<data_dir>/workers``
+  (`register_worker`), so ``pinfresh down`` stops workers started by hand as
+  well as those `spawn_worker` started;
 * `wait_readable` polls Redis until given pins are readable.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
+import contextlib
 import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from store.errors import StoreUnavailable
 from store.redis import RedisCache
 from streams.events import DeadLetter
-from streams.settings import KafkaSettings, Settings
+from streams.settings import KafkaSettings, Settings, build_settings, unknown_env
 from streams.stack import EmbeddedStack
 
 logger = logging.getLogger(__name__)
 
-_ADDRESS_ENV = {
-    "kafka": "PINFRESH_KAFKA__BOOTSTRAP_SERVERS",
-    "redis": "PINFRESH_REDIS__URL",
-    "milvus": "PINFRESH_MILVUS__URI",
-}
-
-
 def load_settings() -> Settings:
-    """Settings from the environment, pointed at a running embedded stack if there is one."""
-    settings = Settings()
+    """Settings from the environment and ``.env``, then an embedded stack, lowest first.
+
+    Precedence, highest first: environment variables, ``.env``, the addresses
+    of an embedded stack recorded in the data dir, the defaults. So an address
+    set anywhere (``PINFRESH_REDIS__URL`` in the environment or in ``.env``)
+    is never overridden by a leftover embedded stack.
+
+    Raises:
+        SettingsError: a variable has a bad value (one line naming it).
+    """
+    settings = build_settings(os.environ)
     info = EmbeddedStack(settings.stack).read()
     if info is None:
         return settings
     update: dict[str, Any] = {}
-    if _ADDRESS_ENV["kafka"] not in os.environ:
+    if "bootstrap_servers" not in settings.kafka.model_fields_set:
         update["kafka"] = settings.kafka.model_copy(
             update={"bootstrap_servers": info.kafka_bootstrap})
-    if _ADDRESS_ENV["redis"] not in os.environ:
+    if "url" not in settings.redis.model_fields_set:
         update["redis"] = settings.redis.model_copy(update={"url": info.redis_url})
-    if _ADDRESS_ENV["milvus"] not in os.environ:
+    if "uri" not in settings.milvus.model_fields_set:
         update["milvus"] = settings.milvus.model_copy(update={"uri": info.milvus_uri})
     return settings.model_copy(update=update)
 
 
+def settings_warnings(dotenv: Path = Path(".env")) -> list[str]:
+    """One line per ``PINFRESH_*`` variable (environment or ``.env``) that no setting reads."""
+    names = list(os.environ)
+    if dotenv.is_file():
+        from dotenv import dotenv_values
+
+        names += [n for n in dotenv_values(dotenv) if n not in os.environ]
+    return [f"{name} is not a setting and is ignored"
+            + (f"; did you mean {close}?" if close else "")
+            for name, close in unknown_env(names)]
+
+
 def settings_env(settings: Settings) -> dict[str, str]:
     """Environment variables that make a child process build the same settings."""
-    s = settings
-    env = {
-        "PINFRESH_KAFKA__BOOTSTRAP_SERVERS": s.kafka.bootstrap_servers,
-        "PINFRESH_KAFKA__TOPIC": s.kafka.topic,
-        "PINFRESH_KAFKA__DLQ_TOPIC": s.kafka.dlq_topic,
-        "PINFRESH_KAFKA__GROUP_ID": s.kafka.group_id,
-        "PINFRESH_KAFKA__PARTITIONS": str(s.kafka.partitions),
-        "PINFRESH_REDIS__URL": s.redis.url,
-        "PINFRESH_REDIS__KEY_PREFIX": s.redis.key_prefix,
-        "PINFRESH_MILVUS__URI": s.milvus.uri,
-        "PINFRESH_MILVUS__COLLECTION_PREFIX": s.milvus.collection_prefix,
-        "PINFRESH_ENCODER__MODEL": s.encoder.model,
-        "PINFRESH_ENCODER__BATCH_SIZE": str(s.encoder.batch_size),
-        "PINFRESH_ENCODER__DEVICE": s.encoder.device,
-        "PINFRESH_ENCODER__PREPARE": s.encoder.prepare,
-        "PINFRESH_ENCODER__PREPARE_POOL": s.encoder.prepare_pool,
-        "PINFRESH_ENCODER__MAX_WAIT_S": str(s.encoder.max_wait_s),
-        "PINFRESH_WORKER__BATCH_SIZE": str(s.worker.batch_size),
-        "PINFRESH_WORKER__BATCH_WAIT_S": str(s.worker.batch_wait_s),
-        "PINFRESH_WORKER__METRICS_PORT": str(s.worker.metrics_port),
-        "PINFRESH_WORKER__FETCH_ATTEMPTS": str(s.worker.fetch_attempts),
-        "PINFRESH_WORKER__RETRY_BACKOFF_S": str(s.worker.retry_backoff_s),
-        "PINFRESH_WORKER__RETRY_BACKOFF_MAX_S": str(s.worker.retry_backoff_max_s),
-        "PINFRESH_WORKER__FAULT_CRASH_AT": s.worker.fault_crash_at,
-        "PINFRESH_FETCH__ALLOWED_HOSTS": json.dumps(s.fetch.allowed_hosts),
-        "PINFRESH_FETCH__MAX_BYTES": str(s.fetch.max_bytes),
-        "PINFRESH_FETCH__ALLOW_PRIVATE_NETWORKS": str(s.fetch.allow_private_networks).lower(),
-        "PINFRESH_FETCH__TIMEOUT_S": str(s.fetch.timeout_s),
-        "PINFRESH_STACK__DATA_DIR": str(s.stack.data_dir),
-        "PINFRESH_LOG_LEVEL": s.log_level,
-    }
-    if s.encoder.checkpoint:
-        env["PINFRESH_ENCODER__CHECKPOINT"] = str(s.encoder.checkpoint)
-    if s.fetch.catalog_root:
-        env["PINFRESH_FETCH__CATALOG_ROOT"] = str(s.fetch.catalog_root)
-    if s.redis.password:
-        env["PINFRESH_REDIS__PASSWORD"] = s.redis.password.get_secret_value()
-    return env
+    return settings.to_env()
 
 
 def workers_dir(settings: Settings) -> Path:
-    """Where worker pid files live."""
+    """Where every running worker records its pid (``pinfresh down`` reads it)."""
     return settings.stack.data_dir.resolve() / "workers"
+
+
+def _pid_file(settings: Settings, pid: int) -> Path:
+    return workers_dir(settings) / f"{socket.gethostname()}-{pid}.pid"
+
+
+def register_worker(settings: Settings) -> Callable[[], None]:
+    """Record this process as a worker; returns the function that removes the record.
+
+    Called by ``pinfresh worker`` itself, however it was started (by hand,
+    by `spawn_worker`, by a ``--devices`` pool), so ``pinfresh down`` finds
+    every worker of this data dir. The record is also removed at normal
+    interpreter exit.
+    """
+    path = _pid_file(settings, os.getpid())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(str(os.getpid()))
+
+    def remove() -> None:
+        path.unlink(missing_ok=True)
+
+    atexit.register(remove)
+    return remove
 
 
 def spawn_worker(settings: Settings, name: str, log_path: Path | None = None
                  ) -> subprocess.Popen[bytes]:
-    """Start ``pinfresh worker`` in its own session with a pid file; returns the process."""
-    wdir = workers_dir(settings)
-    wdir.mkdir(parents=True, exist_ok=True)
+    """Start ``pinfresh worker`` in its own session; returns the process.
+
+    Settings travel as environment variables (never as arguments, which
+    other users can read); the worker records its own pid file.
+    """
     log_path = log_path or settings.stack.data_dir.resolve() / "logs" / f"worker-{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, **settings_env(settings)}
@@ -115,24 +121,74 @@ def spawn_worker(settings: Settings, name: str, log_path: Path | None = None
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,
         )
-    (wdir / f"{name}.pid").write_text(str(proc.pid))
+    # written here too, so a `down` right after the spawn finds it; the worker rewrites it
+    _pid_file(settings, proc.pid).parent.mkdir(parents=True, exist_ok=True)
+    _pid_file(settings, proc.pid).write_text(str(proc.pid))
     return proc
 
 
-def stop_workers(settings: Settings, timeout: float = 15.0) -> int:
-    """SIGTERM every recorded worker (SIGKILL after ``timeout``); returns how many."""
+def _is_worker(pid: int) -> bool:
+    """Whether ``pid`` is a live pinfresh process (not a recycled pid)."""
+    try:
+        cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        try:  # no /proc: trust the pid file
+            os.kill(pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    return b"pinfresh" in cmd or b"streams.cli" in cmd
+
+
+def stop_workers(settings: Settings, timeout: float = 45.0) -> int:
+    """SIGTERM every recorded worker of this host, wait for all (SIGKILL after ``timeout``).
+
+    Returns how many were running. Stale records (a pid that is gone or no
+    longer a pinfresh process) are removed without signalling anything.
+    """
     wdir = workers_dir(settings)
-    n = 0
-    for pid_file in sorted(wdir.glob("*.pid")) if wdir.is_dir() else []:
+    host = socket.gethostname()
+    pids: dict[int, Path] = {}
+    for pid_file in sorted(wdir.glob(f"{host}-*.pid")) if wdir.is_dir() else []:
         try:
             pid = int(pid_file.read_text().strip())
-        except ValueError:
+        except (ValueError, OSError):
             pid_file.unlink(missing_ok=True)
             continue
-        if stop_pid(pid, timeout):
-            n += 1
-        pid_file.unlink(missing_ok=True)
-    return n
+        if pid != os.getpid() and _is_worker(pid):
+            pids[pid] = pid_file
+        else:
+            pid_file.unlink(missing_ok=True)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    alive = set(pids)
+    while alive and time.monotonic() < deadline:
+        alive = {p for p in alive if _alive(p)}
+        if alive:
+            time.sleep(0.1)
+    for pid in alive:
+        logger.warning("worker %d did not drain in %.0fs: SIGKILL", pid, timeout)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for path in pids.values():
+        path.unlink(missing_ok=True)
+    return len(pids)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
+        if done == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return _is_worker(pid)
 
 
 def stop_pid(pid: int, timeout: float = 15.0) -> bool:
@@ -142,21 +198,11 @@ def stop_pid(pid: int, timeout: float = 15.0) -> bool:
     except ProcessLookupError:
         return False
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-            done, _ = os.waitpid(pid, os.WNOHANG)
-            if done == pid:
-                return True
-        except ChildProcessError:
-            pass
-        except ProcessLookupError:
-            return True
+    while time.monotonic() < deadline and _alive(pid):
         time.sleep(0.1)
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    if _alive(pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
     return True
 
 

@@ -8,13 +8,17 @@ directory is read too. Secrets are `SecretStr` and print masked.
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Iterator, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from encoder.config import EncoderSettings
+from encoder.errors import PinfreshError
 from store.config import ApiSettings, MilvusSettings, RedisSettings
 from streams.fetch import FetchSettings
 from streams.stack import StackInfo, StackSettings
@@ -56,10 +60,22 @@ class WorkerSettings(BaseModel):
         "the orchestrator's termination grace period)"
     )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off")
+    state_dir: Path | None = Field(
+        None, description="Faust's state folder; default <stack data dir>/faust (never the "
+        "working directory)"
+    )
     metrics_host: str = "127.0.0.1"
+    internal_error_attempts: int = Field(
+        3, ge=1, le=20, description="tries for an event that raises an unexpected error "
+        "(isolated from its batch first) before it is dead-lettered as internal_error"
+    )
     fault_crash_at: Literal["", "after_encode", "after_milvus", "after_redis"] = Field(
         "", description="fault-injection tests only: SIGKILL the worker itself at this point "
         "of its first batch with work (never set in production)"
+    )
+    fault_raise_for_pin: str = Field(
+        "", description="fault-injection tests only: processing a batch that holds this pin "
+        "id raises an unexpected error, as a bug would (never set in production)"
     )
 
 
@@ -67,7 +83,8 @@ class Settings(BaseSettings):
     """Everything configurable, one section per concern."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PINFRESH_", env_nested_delimiter="__", env_file=".env", extra="ignore"
+        env_prefix="PINFRESH_", env_nested_delimiter="__", env_file=".env", extra="ignore",
+        env_parse_none_str="null",
     )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -80,6 +97,10 @@ class Settings(BaseSettings):
     api: ApiSettings = Field(default_factory=ApiSettings)
     log_json: bool = Field(False, description="JSON log lines")
     log_level: str = "INFO"
+
+    def worker_state_dir(self) -> Path:
+        """Where Faust keeps its per-app state folder."""
+        return (self.worker.state_dir or self.stack.data_dir / "faust").resolve()
 
     def with_stack(self, info: StackInfo) -> Settings:
         """Return a copy pointing Kafka, Redis and Milvus at a running embedded stack."""
@@ -96,3 +117,82 @@ class Settings(BaseSettings):
     def masked(self) -> dict[str, Any]:
         """JSON-ready dump with secrets shown as ``**********``."""
         return json.loads(self.model_dump_json())
+
+    def to_env(self) -> dict[str, str]:
+        """Environment variables from which a child process builds these same settings.
+
+        Generated from the model, so every field travels (a round-trip test
+        covers each one). Secrets are included unmasked: pass this only as a
+        process environment, never on a command line or to a log.
+        """
+        return {name: _env_value(value) for name, value in _leaves(self)}
+
+
+ENV_PREFIX = "PINFRESH_"
+
+
+def _leaves(model: BaseModel, prefix: str = ENV_PREFIX) -> Iterator[tuple[str, Any]]:
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        env = f"{prefix}{name.upper()}"
+        if isinstance(value, BaseModel):
+            yield from _leaves(value, env + "__")
+        else:
+            yield env, value
+
+
+def _env_value(value: Any) -> str:
+    if value is None:
+        return "null"  # `env_parse_none_str`
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | dict):
+        return json.dumps(value)
+    return str(value)
+
+
+def env_names() -> list[str]:
+    """Every ``PINFRESH_*`` variable the settings read (one per leaf field)."""
+    return [name for name, _ in _leaves(Settings())]
+
+
+class SettingsError(PinfreshError):
+    """A ``PINFRESH_*`` variable has a value its setting cannot take."""
+
+
+def build_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """`Settings` from the environment and ``.env``, with errors as one clear line.
+
+    Raises:
+        SettingsError: naming the variable, the value and what is expected.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        env = environ if environ is not None else {}
+        problems = []
+        for err in exc.errors():
+            name = ENV_PREFIX + "__".join(str(p).upper() for p in err["loc"])
+            shown = env.get(name, err.get("input"))
+            if "PASSWORD" in name or "TOKEN" in name:
+                shown = "**********"
+            problems.append(f"{name}={shown!r}: {err['msg']}")
+        raise SettingsError("bad setting: " + "; ".join(problems)) from None
+
+
+def unknown_env(names: list[str]) -> list[tuple[str, str | None]]:
+    """``PINFRESH_*`` names that no setting reads, each with the closest real one."""
+    known = set(env_names())
+    sections = {f"{ENV_PREFIX}{n.upper()}" for n, f in Settings.model_fields.items()}
+    out = []
+    for name in sorted(n for n in names if n.upper().startswith(ENV_PREFIX)):
+        if name.upper() in known or name.upper() in sections:
+            continue
+        # compare without the shared prefix, which would make everything look close
+        tails = {k.removeprefix(ENV_PREFIX): k for k in known}
+        close = difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX), tails, n=1,
+                                          cutoff=0.75)
+        out.append((name, tails[close[0]] if close else None))
+    return out

@@ -7,10 +7,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from encoder.errors import ImageError
+from encoder.errors import ImageError, Reason
 from store.base import EmbeddingRecord, PinState
 from store.errors import StoreUnavailable
-from streams.events import DeadLetter, Reason
+from streams.events import DeadLetter
 from streams.fetch import FetchError
 
 
@@ -26,7 +26,7 @@ class FakeEncoder:
         for b in items:
             self.calls.append(b)
             if not b.startswith(b"IMG"):
-                out.append(ImageError("not_an_image", "fake: not an image"))
+                out.append(ImageError(Reason.NOT_AN_IMAGE, "fake: not an image"))
                 continue
             seed = int.from_bytes(hashlib.sha256(b).digest()[:4], "little")
             v = np.random.default_rng(seed).standard_normal(self.dim).astype(np.float32)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
+from encoder.errors import PinfreshError
 from streams.events import DeadLetter, MalformedEvent, PinEvent, Reason, guess_pin_id, parse_event
 
 
@@ -52,3 +54,44 @@ def test_dead_letter_keeps_binary_original():
                     original=DeadLetter.encode_original(raw))
     back = DeadLetter.model_validate_json(dl.model_dump_json())
     assert back.original_bytes() == raw and back.reason is Reason.MALFORMED_EVENT
+
+
+def test_dead_letter_of_a_huge_value_is_bounded_and_describes_the_whole():
+    import hashlib
+
+    from streams.events import MAX_ORIGINAL_BYTES
+
+    for raw in (b'{"caption": "' + b"x" * 1_000_000 + b'"}', bytes(range(256)) * 3200):
+        dl = DeadLetter.build(Reason.MALFORMED_EVENT, "e" * 10_000, raw, pin_id="p" * 500,
+                              traceback="t" * 100_000)
+        wire = dl.model_dump_json().encode()
+        # base64 of the 64 KiB prefix plus bounded error/traceback: far under Kafka's 1 MB
+        assert len(wire) < 4 * MAX_ORIGINAL_BYTES // 3 + 20_000
+        assert dl.original_size == len(raw) and dl.original_truncated
+        assert dl.original_sha256 == hashlib.sha256(raw).hexdigest()
+        assert len(dl.error) <= 2000 and len(dl.pin_id or "") == 128
+        assert not dl.replayable
+        with pytest.raises(PinfreshError, match="cannot replay"):
+            dl.original_bytes()
+
+
+def test_dead_letter_of_a_valid_event_keeps_it_whole():
+    ev = PinEvent.upsert("p1", "/a.png", 3, caption="c" * 4000)
+    dl = DeadLetter.build(Reason.NOT_FOUND, "gone", ev.to_bytes(), pin_id="p1")
+    assert dl.replayable and parse_event(dl.original_bytes()) == ev
+
+
+@pytest.mark.parametrize("t, why", [(1764100000250.0, "milliseconds"),
+                                    (time.time() + 86_400, "future")])
+def test_event_time_must_be_epoch_seconds(t, why):
+    raw = json.dumps({"op": "delete", "pin_id": "p", "version": 1, "event_time": t}).encode()
+    with pytest.raises(MalformedEvent, match=why):
+        parse_event(raw)
+
+
+def test_image_error_accepts_only_known_reasons():
+    from encoder.errors import ImageError
+
+    assert ImageError("decode_failed", "x").reason is Reason.DECODE_FAILED
+    with pytest.raises(ValueError):
+        ImageError("no_such_reason", "x")  # type: ignore[arg-type]

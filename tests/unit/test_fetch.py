@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import httpcore
 import pytest
 
 from streams.events import Reason
-from streams.fetch import Fetcher, FetchError, FetchSettings
+from streams.fetch import Fetcher, FetchError, FetchSettings, retry_after_s
 
 
 @pytest.fixture
@@ -67,3 +72,132 @@ async def test_files_refused_without_root():
         await f.fetch("/etc/hostname")
     assert err.value.reason == Reason.FORBIDDEN_LOCATION
     await f.close()
+
+
+# ------------------------------------------------------------ DNS rebinding
+class _Rebinder:
+    """A resolver that answers a public address first and loopback afterwards."""
+
+    def __init__(self, answers: list[list[str]]) -> None:
+        self.answers = answers
+        self.calls = 0
+
+    async def __call__(self, host: str, port: int) -> list[str]:
+        self.calls += 1
+        return self.answers[min(self.calls, len(self.answers)) - 1]
+
+
+class _RecordingNetwork(httpcore.AsyncNetworkBackend):
+    """Records where connections go and refuses them (no network in unit tests)."""
+
+    def __init__(self) -> None:
+        self.targets: list[tuple[str, int]] = []
+
+    async def connect_tcp(self, host, port, timeout=None, local_address=None,
+                          socket_options=None):
+        self.targets.append((host, port))
+        raise httpcore.ConnectError("recorded, not connected")
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+
+
+async def test_connects_to_the_address_it_checked_not_a_second_answer():
+    resolver = _Rebinder([["93.184.216.34"], ["127.0.0.1"]])
+    net = _RecordingNetwork()
+    f = Fetcher(FetchSettings(timeout_s=2), resolver=resolver, network=net)
+    try:
+        with pytest.raises(FetchError) as err:
+            await f.fetch("http://rebind.example/a.png")
+        assert err.value.transient and err.value.reason == Reason.FETCH_FAILED
+        # one resolution, and the connection went to exactly the checked public address
+        assert resolver.calls == 1
+        assert net.targets == [("93.184.216.34", 80)]
+    finally:
+        await f.close()
+
+
+async def test_rebinding_to_loopback_on_a_later_connection_is_refused():
+    resolver = _Rebinder([["93.184.216.34"], ["127.0.0.1"]])
+    net = _RecordingNetwork()
+    f = Fetcher(FetchSettings(timeout_s=2), resolver=resolver, network=net)
+    try:
+        with pytest.raises(FetchError):
+            await f.fetch("http://rebind.example/a.png")
+        with pytest.raises(FetchError) as err:  # the second answer is loopback
+            await f.fetch("http://rebind.example/a.png")
+        assert err.value.reason == Reason.FORBIDDEN_LOCATION
+        assert net.targets == [("93.184.216.34", 80)]  # never connected to 127.0.0.1
+    finally:
+        await f.close()
+
+
+class _Server:
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]]) -> None:
+        self.hits: list[str] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802
+                outer.hits.append(self.path)
+                code, headers, body = routes[self.path]
+                self.send_response(code)
+                for k, v in {**headers, "Content-Length": str(len(body))}.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(body)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self.httpd.server_address[1]
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+
+
+async def test_name_is_resolved_by_our_resolver_and_allowed_hosts_apply():
+    srv = _Server({"/ok.png": (200, {}, b"PNGDATA")})
+    resolver = _Rebinder([["127.0.0.1"]])
+    url = f"http://images.test:{srv.port}/ok.png"  # not resolvable by DNS: only by ours
+    try:
+        refused = Fetcher(FetchSettings(timeout_s=5), resolver=resolver)
+        with pytest.raises(FetchError) as err:
+            await refused.fetch(url)
+        assert err.value.reason == Reason.FORBIDDEN_LOCATION and srv.hits == []
+        await refused.close()
+        allowed = Fetcher(FetchSettings(timeout_s=5, allowed_hosts=["images.test"]),
+                          resolver=resolver)
+        assert await allowed.fetch(url) == b"PNGDATA"
+        assert await allowed.fetch(url) == b"PNGDATA"  # the pooled connection is reused
+        await allowed.close()
+        assert srv.hits == ["/ok.png", "/ok.png"]
+    finally:
+        srv.close()
+
+
+async def test_retry_after_is_honoured_up_to_the_fetch_timeout():
+    srv = _Server({"/busy": (503, {"Retry-After": "2"}, b""),
+                   "/slow-down": (429, {"Retry-After": "86400"}, b""),
+                   "/dated": (503, {"Retry-After": "Wed, 21 Oct 2015 07:28:00 GMT"}, b""),
+                   "/plain": (500, {"Retry-After": "3"}, b"")})
+    f = Fetcher(FetchSettings(timeout_s=5, allow_private_networks=True))
+    try:
+        got = {}
+        for path in ("/busy", "/slow-down", "/dated", "/plain"):
+            with pytest.raises(FetchError) as err:
+                await f.fetch(f"http://127.0.0.1:{srv.port}{path}")
+            assert err.value.transient
+            got[path] = err.value.retry_after
+        assert got == {"/busy": 2.0, "/slow-down": 5.0, "/dated": 0.0, "/plain": None}
+    finally:
+        await f.close()
+        srv.close()
+
+
+def test_retry_after_header_forms():
+    assert retry_after_s("120") == 120.0
+    assert retry_after_s("Thu, 01 Jan 1970 00:01:40 GMT", now=40.0) == 60.0
+    assert retry_after_s("soon") is None and retry_after_s(None) is None

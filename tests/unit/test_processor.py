@@ -164,3 +164,56 @@ async def test_cache_lost_record_is_repaired_from_milvus_without_encoding(parts)
     rep = await proc.process([up("a", "/c/a.png", 1)])
     assert rep.repaired == 1 and len(enc.calls) == 1
     assert "a" in cache.data[enc.version]
+
+
+# ------------------------------------------------------------ isolation
+async def test_an_event_that_raises_is_isolated_and_the_rest_is_applied(parts):
+    proc, enc, milvus, *_ = parts
+    proc.settings = proc.settings.model_copy(update={"fault_raise_for_pin": "b"})
+    await proc.start()
+    batch = [up("a", "/c/a.png", 1), up("b", "/c/b.png", 1), up("x", "/c/a2.png", 1),
+             msg(PinEvent.delete("gone", 1, event_time=100.0)), up("bad", "/c/bad.png", 1)]
+    rep = await proc.handle(batch)
+    assert set(milvus.data[enc.version]) == {"a", "x"}
+    letters = {dl.pin_id: dl for dl in parts[-1].letters}
+    assert set(letters) == {"b", "bad"}
+    internal = letters["b"]
+    assert internal.reason is Reason.INTERNAL_ERROR and internal.attempts == 3
+    assert "fault injection" in internal.error and "RuntimeError" in (internal.traceback or "")
+    assert internal.replayable and json.loads(internal.original_bytes())["pin_id"] == "b"
+    assert letters["bad"].reason is Reason.NOT_AN_IMAGE
+    assert rep.received == len(batch) and rep.written == 2 and len(rep.dead_letters) == 2
+
+
+async def test_dead_letters_are_not_written_twice_when_the_dlq_fails_half_way(parts):
+    from streams.dlq import DeadLetterSendError
+
+    proc, *_, fetcher, dlq = parts
+
+    class HalfBroken:
+        def __init__(self) -> None:
+            self.letters: list = []
+            self.calls = 0
+
+        async def send(self, letters):
+            self.calls += 1
+            if self.calls == 1:  # the first letter is acknowledged, then the broker goes away
+                self.letters.append(letters[0])
+                raise DeadLetterSendError("broker gone", sent=letters[:1])
+            self.letters.extend(letters)
+
+    proc.dlq = sink = HalfBroken()
+    await proc.start()
+    bad = [Message(f"m{i}".encode(), b"not json") for i in range(4)]
+    await proc.handle(bad)
+    assert sink.calls == 2
+    assert sorted(dl.pin_id for dl in sink.letters) == ["m0", "m1", "m2", "m3"]
+
+
+async def test_batch_retry_after_an_error_does_not_duplicate_dead_letters(parts):
+    proc, *_, dlq = parts
+    proc.settings = proc.settings.model_copy(update={"fault_raise_for_pin": "b"})
+    await proc.start()
+    batch = [Message(b"m1", b"not json"), up("b", "/c/b.png", 1), Message(b"m2", b"{}")]
+    await proc.handle(batch)
+    assert sorted(dl.pin_id for dl in dlq.letters) == ["b", "m1", "m2"]

@@ -62,3 +62,116 @@ def test_kafka_security_settings_pass_through():
     assert kw["security_protocol"] == "SASL_PLAINTEXT" and kw["sasl_plain_password"] == "s3cr3t-pw"
     assert kw["sasl_mechanism"] == "SCRAM-SHA-256"
     assert "s3cr3t-pw" not in repr(k)
+
+
+def _every_field_changed() -> Settings:
+    """Settings with a non-default value in every field that has a non-None default."""
+    from pathlib import Path
+
+    from pydantic import SecretStr
+
+    s = Settings()
+    update = {}
+    for section, sub in s:
+        if not hasattr(sub, "model_fields"):
+            continue
+        changes = {}
+        for name, info in type(sub).model_fields.items():
+            v = getattr(sub, name)
+            ann = str(info.annotation)
+            if isinstance(v, bool):
+                changes[name] = not v
+            elif isinstance(v, int):
+                changes[name] = v + 1 if not (info.metadata and any(
+                    getattr(m, "le", None) == v for m in info.metadata)) else v - 1
+            elif isinstance(v, float):
+                changes[name] = v * 1.5 if v else 0.5
+            elif isinstance(v, Path):
+                changes[name] = v / "x"
+            elif isinstance(v, list):
+                changes[name] = ["a.example", "b.example"]
+            elif v is None and "Path" in ann:
+                changes[name] = Path("/tmp/pf") / name
+            elif v is None and "SecretStr" in ann:
+                changes[name] = SecretStr(f"secret-{name}")
+            elif v is None:
+                changes[name] = f"value-{name}"
+            elif isinstance(v, str) and "Literal" not in ann:
+                changes[name] = v + "_x" if name not in ("log_level",) else v
+        update[section] = sub.model_copy(update=changes)
+    return s.model_copy(update=update)
+
+
+def test_every_setting_travels_to_a_child_process(monkeypatch):
+    from streams.settings import env_names
+
+    original = _every_field_changed()
+    env = original.to_env()
+    assert sorted(env) == sorted(env_names())  # every field, none forgotten
+    for k in [k for k in __import__("os").environ if k.startswith("PINFRESH_")]:
+        monkeypatch.delenv(k)
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    rebuilt = Settings(_env_file=None)
+    assert rebuilt.model_dump(mode="json", exclude={"redis", "milvus", "kafka"}) == \
+        original.model_dump(mode="json", exclude={"redis", "milvus", "kafka"})
+    for section in ("redis", "milvus", "kafka"):  # these hold secrets: compare them unmasked
+        a, b = getattr(rebuilt, section), getattr(original, section)
+        for name in type(a).model_fields:
+            va, vb = getattr(a, name), getattr(b, name)
+            if hasattr(va, "get_secret_value"):
+                va, vb = va.get_secret_value(), vb.get_secret_value()
+            assert va == vb, (section, name)
+    assert "secret-token" in env.values()  # MILVUS__TOKEN went through the environment
+
+
+def test_unknown_variable_is_named_with_the_closest_setting():
+    from streams.settings import unknown_env
+
+    got = unknown_env(["PINFRESH_WORKER__BATCHSIZE", "PINFRESH_WORKER__BATCH_SIZE",
+                       "PINFRESH_KAFKA", "PINFRESH_QQQ", "HOME"])
+    assert got == [("PINFRESH_QQQ", None),
+                   ("PINFRESH_WORKER__BATCHSIZE", "PINFRESH_WORKER__BATCH_SIZE")]
+
+
+def test_cli_warns_about_a_typo_and_refuses_a_bad_value_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    base = {"PATH": "/usr/bin:/bin", "PINFRESH_STACK__DATA_DIR": str(tmp_path)}
+    typo = subprocess.run([sys.executable, "-m", "streams.cli", "config", "show"],
+                          env={**base, "PINFRESH_WORKER__BATCHSIZE": "64"}, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert typo.returncode == 0
+    assert "PINFRESH_WORKER__BATCHSIZE" in typo.stderr
+    assert "did you mean PINFRESH_WORKER__BATCH_SIZE" in typo.stderr
+    bad = subprocess.run([sys.executable, "-m", "streams.cli", "config", "show"],
+                         env={**base, "PINFRESH_WORKER__BATCH_SIZE": "abc"}, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stdout == ""
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "PINFRESH_WORKER__BATCH_SIZE='abc'" in lines[0]
+    assert "integer" in lines[0]
+
+
+def test_dotenv_address_beats_a_recorded_embedded_stack(tmp_path, monkeypatch):
+    import json as _json
+
+    from streams.runtime import load_settings
+
+    data = tmp_path / "data"
+    data.mkdir()
+    svc = {"pid": 1, "port": 1, "log": ""}
+    (data / "stack.json").write_text(_json.dumps({
+        "host": "127.0.0.1", "kafka": {**svc, "name": "kafka", "port": 19999},
+        "redis": {**svc, "name": "redis", "port": 16999},
+        "milvus": {**svc, "name": "milvus", "port": 19599}}))
+    (tmp_path / ".env").write_text("PINFRESH_REDIS__URL=redis://db:6379/0\n")
+    for k in [k for k in __import__("os").environ if k.startswith("PINFRESH_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("PINFRESH_STACK__DATA_DIR", str(data))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("streams.stack._pid_alive", lambda pid: True)
+    s = load_settings()
+    assert s.redis.url == "redis://db:6379/0"  # .env wins over the stack file
+    assert s.kafka.bootstrap_servers == "127.0.0.1:19999"  # unset: the stack's address
