@@ -38,7 +38,7 @@ test-integration: setup
 
 # runs the fault-injection and hostile-input tests, prints the table, writes the JSON
 faults: setup
-	PINFRESH_FAULTS_REPORT=bench/results/faults.json $(PY) -m pytest -q -m faults tests/integration
+	PINFRESH_FAULTS_REPORT=bench/results/faults.json $(PY) -m pytest -q -m faults tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check streams encoder store tests

@@ -151,6 +151,7 @@ def create_app(settings: Settings, encoder: ImageEncoder,
     """
     drain = drain or DrainState()
     k = settings.kafka
+    settings.worker_state_dir().mkdir(parents=True, exist_ok=True)
     app_kwargs: dict[str, Any] = {}
     ssl_context = None
     if k.security_protocol in ("SSL", "SASL_SSL"):

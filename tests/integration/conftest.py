@@ -111,19 +111,22 @@ class Pipeline:
         proc.send_signal(sig)
         proc.wait(timeout=30)
 
-    def metric(self, name: str, worker: str = "w1", labels: str = "") -> float:
+    def metric(self, name: str, worker: str = "w1", labels: str = "",
+               labels_prefix: bool = False) -> float:
+        """A worker's metric; ``labels_prefix`` matches any labels (the first sample)."""
         text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics",
                          timeout=5).text
-        pat = re.compile(rf"^{re.escape(name)}{re.escape(labels)}\s+([0-9.e+-]+)$", re.M)
+        lab = r"(?:\{[^}]*\})?" if labels_prefix else re.escape(labels)
+        pat = re.compile(rf"^{re.escape(name)}{lab}\s+([0-9.e+-]+)$", re.M)
         m = pat.search(text)
         return float(m.group(1)) if m else 0.0
 
     def wait_metric(self, name: str, at_least: float, timeout: float = 60, worker: str = "w1",
-                    labels: str = "") -> float:
+                    labels: str = "", labels_prefix: bool = False) -> float:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                v = self.metric(name, worker, labels)
+                v = self.metric(name, worker, labels, labels_prefix)
             except httpx.HTTPError:
                 v = 0.0
             if v >= at_least or time.monotonic() > deadline:
@@ -178,43 +181,3 @@ async def private_pipeline(tmp_path, stamps):
     yield p
     await p.close()
     st.stop()
-
-
-# ------------------------------------------------------------ fault report
-_FAULTS: list[dict[str, object]] = []
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    rep = outcome.get_result()
-    setattr(item, f"rep_{rep.when}", rep)
-
-
-@pytest.fixture
-def fault_case(request):
-    """Record ``case`` -> ``outcome`` for the faults report (``make faults``)."""
-    record: dict[str, object] = {"case": request.node.name, "outcome": ""}
-    yield record
-    rep = getattr(request.node, "rep_call", None)
-    record["ok"] = bool(rep and rep.passed)
-    if rep is not None and not rep.passed:
-        record["outcome"] = f"FAILED: {str(rep.longrepr).splitlines()[-1][:200]}"
-    _FAULTS.append(record)
-
-
-def pytest_sessionfinish(session, exitstatus):
-    path = os.environ.get("PINFRESH_FAULTS_REPORT")
-    if not path or not _FAULTS:
-        return
-    import json
-
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(_FAULTS, indent=2) + "\n")
-    width = max(len(str(f["case"])) for f in _FAULTS)
-    lines = [f"{'case'.ljust(width)}  ok     outcome"]
-    for f in _FAULTS:
-        lines.append(f"{str(f['case']).ljust(width)}  {'yes' if f['ok'] else 'NO '}    "
-                     f"{f['outcome']}")
-    session.config.pluginmanager.get_plugin("terminalreporter").write_line(
-        "\n" + "\n".join(lines) + f"\nwrote {path}")

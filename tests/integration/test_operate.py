@@ -5,13 +5,16 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
-from streams.producer import scale_partitions
+from aiokafka import TopicPartition
+
+from streams.producer import committed_offsets, consumer_lag, scale_partitions
 from streams.status import collect_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -34,11 +37,24 @@ async def test_sigterm_drains_in_flight_batch_and_commits(pipeline, catalog):
     await pipeline.publish([it.event(1) for it in items])
     version = await _wait_count(pipeline, 30)
     pipeline.procs["w1"].send_signal(signal.SIGTERM)
-    rc = pipeline.procs["w1"].wait(timeout=60)
+    rc = pipeline.procs["w1"].wait(timeout=120)
     pipeline.procs.pop("w1")
     written = await pipeline.milvus.count(version)
     assert await pipeline.cache.count(version) == written
-    assert rc == 0 and "committed acknowledged offsets" in pipeline.worker_log("w1")
+    log = pipeline.worker_log("w1")
+    assert rc == 0, log[-3000:]
+    # the drain logs the offsets the broker confirmed, per partition
+    line = re.search(r"drain: commit confirmed for group \S+: (.*)", log)
+    assert line, log[-3000:]
+    logged = {int(p): int(o) for p, o in re.findall(r"\[(\d+)\]=(\d+)", line.group(1))}
+    k = pipeline.settings.kafka
+    tps = [TopicPartition(k.topic, p) for p in range(k.partitions)]
+    committed = await committed_offsets(k, k.group_id, tps)
+    # the next worker starts exactly where the log says (partitions w1 never acked: at 0)
+    assert {p: o for p, o in committed.items() if o is not None} == logged
+    # every event before those offsets was written, every event after them was not
+    assert sum(logged.values()) == written
+    assert sum((await consumer_lag(k)).values()) == len(items) - written
 
     pipeline.start_worker("w2")
     meta = await pipeline.wait(ids, timeout=180)
