@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from aiokafka import TopicPartition
 
 from streams.producer import committed_offsets, consumer_lag, scale_partitions
