@@ -10,7 +10,7 @@ retry rather than drop.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -30,6 +30,7 @@ class EmbeddingRecord:
         encode_time: when the vector was computed (epoch seconds).
         image_location: where the image was fetched from.
         caption: the pin's text.
+        metadata: the event's ``metadata`` object (flat: string keys, scalar values).
     """
 
     pin_id: str
@@ -41,6 +42,7 @@ class EmbeddingRecord:
     encode_time: float
     image_location: str
     caption: str
+    metadata: dict[str, str | int | float | bool] = field(default_factory=dict)
 
     def state(self) -> PinState:
         """The record's identity without the vector."""

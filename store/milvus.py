@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 _META_FIELDS = [
     "pin_id", "model_version", "content_hash", "pin_version", "event_time", "encode_time",
-    "image_location", "caption",
+    "image_location", "caption", "metadata",
 ]
 _STATE_FIELDS = ["pin_id", "pin_version", "content_hash"]
 _MAX_TEXT = 4096
@@ -72,6 +72,7 @@ class MilvusStore:
                 "(`pinfresh up` starts the embedded one)", retry_after=2.0,
             ) from exc
         self._loaded: set[str] = set()
+        self._no_metadata: set[str] = set()
 
     def collection(self, version: str) -> str:
         """Collection name of a model version."""
@@ -118,6 +119,7 @@ class MilvusStore:
             schema.add_field("encode_time", DataType.DOUBLE)
             schema.add_field("image_location", DataType.VARCHAR, max_length=_MAX_TEXT)
             schema.add_field("caption", DataType.VARCHAR, max_length=_MAX_TEXT)
+            schema.add_field("metadata", DataType.JSON)
             index = self._client.prepare_index_params()
             index.add_index(
                 field_name="vector", index_type="AUTOINDEX", metric_type=self.settings.metric
@@ -131,7 +133,16 @@ class MilvusStore:
     async def _load(self, name: str) -> None:
         if name not in self._loaded:
             await self._call(self._client.load_collection, name)
+            desc = await self._call(self._client.describe_collection, name)
+            if not any(f["name"] == "metadata" for f in desc["fields"]):
+                # created before events' metadata was stored: keep working without it
+                logger.warning("collection %s has no metadata field: pin metadata is not "
+                               "stored in it (a new model version's collection has it)", name)
+                self._no_metadata.add(name)
             self._loaded.add(name)
+
+    def _fields(self, name: str, fields: list[str]) -> list[str]:
+        return [f for f in fields if not (f == "metadata" and name in self._no_metadata)]
 
     async def has_version(self, version: str) -> bool:
         """Whether the version's collection exists."""
@@ -167,10 +178,14 @@ class MilvusStore:
                 "encode_time": float(r.encode_time),
                 "image_location": r.image_location[:_MAX_TEXT],
                 "caption": r.caption[:_MAX_TEXT],
+                "metadata": dict(r.metadata),
             }
             for r in records
         ]
         await self._load(self.collection(version))
+        if self.collection(version) in self._no_metadata:
+            for row in rows:
+                del row["metadata"]
         await self._call(self._client.upsert, self.collection(version), data=rows)
 
     async def delete(self, version: str, pin_ids: Sequence[str]) -> None:
@@ -205,7 +220,8 @@ class MilvusStore:
             raise UnknownVersion(f"no collection for version {version}: see `pinfresh versions`")
         await self._load(name)
         res = await self._call(
-            self._client.query, name, filter=f"pin_id in {_quote(pin_ids)}", output_fields=fields
+            self._client.query, name, filter=f"pin_id in {_quote(pin_ids)}",
+            output_fields=self._fields(name, fields),
         )
         return list(res)
 
@@ -245,7 +261,7 @@ class MilvusStore:
         await self._load(name)
         it = await self._call(
             self._client.query_iterator, name, batch_size=batch_size, filter="",
-            output_fields=_META_FIELDS,
+            output_fields=self._fields(name, _META_FIELDS),
         )
         out: list[dict[str, Any]] = []
         while True:
@@ -276,4 +292,5 @@ def _record(row: dict[str, Any]) -> EmbeddingRecord:
         encode_time=float(row["encode_time"]),
         image_location=str(row["image_location"]),
         caption=str(row["caption"]),
+        metadata=dict(row.get("metadata") or {}),
     )

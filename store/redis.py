@@ -9,7 +9,7 @@ model version id). Any Redis client in any language can read it:
 | ``p:versions`` | set | every known model version id |
 | ``p:version:v`` | hash | ``dim``, ``dtype`` (float16/float32), ``model``, ``created_at``, ``state`` |
 | ``p:v:vec:PIN`` | string | the vector: ``dim`` little-endian values of ``dtype``, L2-normalised |
-| ``p:v:meta:PIN`` | hash | ``pin_version``, ``content_hash``, ``event_time``, ``encode_time``, ``written_at``, ``image_location``, ``caption`` |
+| ``p:v:meta:PIN`` | hash | ``pin_version``, ``content_hash``, ``event_time``, ``encode_time``, ``written_at``, ``image_location``, ``caption``, ``metadata`` (the event's metadata object as JSON) |
 | ``p:v:ids`` | set | pin ids stored in version ``v`` |
 | ``p:tomb:PIN`` | string | version of the pin's last delete (expires after ``tombstone_ttl_s``) |
 
@@ -19,6 +19,7 @@ batch go in one MULTI/EXEC, so a reader never sees a vector without its meta.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from functools import partial
@@ -190,7 +191,7 @@ class RedisCache:
                         "pin_version": r.pin_version, "content_hash": r.content_hash,
                         "event_time": repr(r.event_time), "encode_time": repr(r.encode_time),
                         "written_at": repr(now), "image_location": r.image_location,
-                        "caption": r.caption,
+                        "caption": r.caption, "metadata": json.dumps(r.metadata),
                     })
                 pipe.sadd(ids_key, *[r.pin_id for r in records])
                 await pipe.execute()
@@ -291,6 +292,7 @@ class RedisCache:
                 content_hash=m.get("content_hash", ""), pin_version=int(m.get("pin_version", -1)),
                 event_time=float(m.get("event_time", 0)), encode_time=float(m.get("encode_time", 0)),
                 image_location=m.get("image_location", ""), caption=m.get("caption", ""),
+                metadata=json.loads(m.get("metadata") or "{}"),
             )
         return out
 

@@ -16,6 +16,7 @@ import logging
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -248,6 +249,15 @@ def run_worker(settings: Settings, on_exit: Callable[[], None] | None = None) ->
     """
     from streams.metrics import ENCODER_BATCH, ENCODER_BATCH_WAIT, serve_metrics
 
+    def stop_during_start_up(signum: int, _frame: object) -> None:
+        # nothing consumed yet: leave at once (the drain handler replaces this one later)
+        logger.info("%s during start-up: exiting", signal.Signals(signum).name)
+        if on_exit is not None:
+            on_exit()
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, stop_during_start_up)
+    signal.signal(signal.SIGINT, stop_during_start_up)
     # topics get the configured partition count whoever touches them first; Faust's
     # subscription would otherwise let the broker auto-create them with its own default
     created = asyncio.run(ensure_topics(settings.kafka))

@@ -31,26 +31,10 @@ err_console = Console(stderr=True)
 logger = logging.getLogger("pinfresh")
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        out = {"ts": record.created, "level": record.levelname, "logger": record.name,
-               "msg": record.getMessage()}
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out)
-
-
 def _configure_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_json:
-        handler.setFormatter(_JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level.upper())
-    for noisy in ("aiokafka", "faust", "mode", "pymilvus", "httpx", "urllib3"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    from streams.logconf import configure_logging
+
+    configure_logging(settings.log_level, settings.log_json)
 
 
 class _Ctx:

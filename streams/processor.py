@@ -524,7 +524,7 @@ class PinProcessor:
         return EmbeddingRecord(
             pin_id=ev.pin_id, vector=vector, model_version=ver, content_hash=digest,
             pin_version=ev.version, event_time=ev.event_time, encode_time=encode_time,
-            image_location=ev.image or "", caption=ev.caption,
+            image_location=ev.image or "", caption=ev.caption, metadata=dict(ev.metadata),
         )
 
     def _letter(

@@ -109,7 +109,7 @@ def _as_message(row: dict[str, Any]) -> Message:
     """An upsert event rebuilt from a stored row (the catalog needs no original events)."""
     return Message(row["pin_id"].encode(), PinEvent(
         op="upsert", pin_id=row["pin_id"], version=int(row["pin_version"]),
-        image=row["image_location"], caption=row["caption"],
+        image=row["image_location"], caption=row["caption"], metadata=row.get("metadata") or {},
         event_time=float(row["event_time"]) or time.time()).to_bytes())
 
 
@@ -137,7 +137,8 @@ async def _reconcile(processor: PinProcessor, live: str, target: str, ids: list[
     if newer:
         await processor.process([_as_message({
             "pin_id": r.pin_id, "pin_version": r.pin_version, "image_location": r.image_location,
-            "caption": r.caption, "event_time": r.event_time}) for r in newer])
+            "caption": r.caption, "event_time": r.event_time, "metadata": r.metadata})
+            for r in newer])
 
 
 @dataclass

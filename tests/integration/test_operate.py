@@ -29,7 +29,8 @@ async def _wait_count(pipeline, n: int, timeout: float = 180) -> str:
     raise AssertionError(f"fewer than {n} pins readable after {timeout}s")
 
 
-async def test_sigterm_drains_in_flight_batch_and_commits(pipeline, catalog):
+@pytest.mark.faults
+async def test_sigterm_drains_in_flight_batch_and_commits(pipeline, catalog, fault_case):
     items = [it for it in catalog[100:300] if "party-horn-out" not in it.pin_id]
     ids = [it.pin_id for it in items]
     pipeline.start_worker("w1")
@@ -67,6 +68,10 @@ async def test_sigterm_drains_in_flight_batch_and_commits(pipeline, catalog):
     assert pipeline.metric("pinfresh_events_total", "w2", '{outcome="skipped"}') == 0
     assert pipeline.metric("pinfresh_events_total", "w2",
                            '{outcome="written"}') == len(items) - written
+    fault_case.add("SIGTERM drain under load", "exit 0, logged offsets = the group's committed "
+                   "offsets, the next worker writes only the rest and skips nothing",
+                   f"exit {rc}; {written} written and committed by w1 ({line.group(1)}); "
+                   f"w2 wrote {len(items) - written}, skipped 0")
 
 
 async def test_scaling_one_two_three_workers_rebalances_cleanly(pipeline, catalog):
@@ -118,3 +123,93 @@ async def test_topics_scale_and_status(pipeline, catalog):
     assert st["freshness_p99_s"] is not None and st["freshness_p99_s"] > 0
     assert st["dlq_total"] == 0 and isinstance(st["lag_total"], int)
     assert st["versions"][0]["coverage"] == 1.0
+
+
+@pytest.mark.faults
+async def test_lag_is_exact_on_the_embedded_broker(pipeline, catalog, fault_case):
+    items = catalog[300:337]  # 37 events over 4 partitions, published in batches
+    await pipeline.publish([it.event(1) for it in items])
+    lag = await consumer_lag(pipeline.settings.kafka)
+    fault_case.add("lag with no worker running", f"{len(items)} (events published)",
+                   str(sum(lag.values())), ok=sum(lag.values()) == len(items))
+    assert sum(lag.values()) == len(items), lag
+    pipeline.start_worker("w1")
+    assert len(await pipeline.wait([it.pin_id for it in items], timeout=180)) == len(items)
+    deadline = time.monotonic() + 120  # offsets commit every commit_interval_s
+    while sum((await consumer_lag(pipeline.settings.kafka)).values()) and \
+            time.monotonic() < deadline:
+        await asyncio.sleep(0.5)
+    after = sum((await consumer_lag(pipeline.settings.kafka)).values())
+    fault_case.add("lag after the worker consumed everything", "0", str(after), ok=after == 0)
+    assert after == 0
+
+
+@pytest.mark.faults
+async def test_worker_started_first_creates_topics_with_the_configured_count(
+        pipeline, catalog, fault_case):
+    from aiokafka.admin import AIOKafkaAdminClient
+
+    k = pipeline.settings.kafka.model_copy(update={
+        "topic": pipeline.settings.kafka.topic + "-first", "partitions": 6,
+        "dlq_topic": pipeline.settings.kafka.topic + "-first.dlq"})
+    pipeline.settings = pipeline.settings.model_copy(update={"kafka": k})
+    pipeline.start_worker("w1")  # before anything created the topics
+    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers)
+    await admin.start()
+    try:
+        deadline = time.monotonic() + 180
+        counts: dict[str, int] = {}
+        while time.monotonic() < deadline and len(counts) < 2:
+            if pipeline.procs["w1"].poll() is not None:
+                raise AssertionError(pipeline.worker_log("w1")[-3000:])
+            existing = set(await admin.list_topics())
+            if {k.topic, k.dlq_topic} <= existing:
+                for d in await admin.describe_topics([k.topic, k.dlq_topic]):
+                    counts[d["topic"]] = len(d["partitions"])
+            else:
+                await asyncio.sleep(0.5)
+    finally:
+        await admin.close()
+    fault_case.add("partition count when the worker starts first", "6 and 6 (configured)",
+                   f"{counts.get(k.topic)} and {counts.get(k.dlq_topic)}",
+                   ok=counts == {k.topic: 6, k.dlq_topic: 6})
+    assert counts == {k.topic: 6, k.dlq_topic: 6}
+    # Faust's state folder is under the data dir, never in the working directory
+    assert not list(Path.cwd().glob("*-data"))
+    assert list(pipeline.settings.worker_state_dir().glob("*-data"))
+
+
+async def test_down_stops_a_worker_started_by_hand(pipeline):
+    import subprocess
+    import sys
+
+    from streams.runtime import settings_env, stop_workers, workers_dir
+    from streams.stack import free_port
+
+    port = free_port()
+    s = pipeline.settings.model_copy(update={
+        "worker": pipeline.settings.worker.model_copy(update={"metrics_port": port})})
+    env = {**os.environ, **settings_env(s)}
+    log = open(pipeline.logs / "by-hand.log", "wb")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        pid_file = None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and pid_file is None:
+            assert proc.poll() is None, (pipeline.logs / "by-hand.log").read_text()[-2000:]
+            found = list(workers_dir(pipeline.settings).glob(f"*-{proc.pid}.pid"))
+            pid_file = found[0] if found else None
+            await asyncio.sleep(0.2)
+        assert pid_file is not None, "the worker records its own pid"
+        pipeline.metrics_ports["by-hand"] = port  # wait until its agent runs, then drain it
+        assert pipeline.wait_metric("pinfresh_worker_model_info", 1, timeout=180,
+                                    worker="by-hand", labels_prefix=True) >= 1
+        # `pinfresh down` calls this: it finds the hand-started worker and drains it
+        assert await asyncio.to_thread(stop_workers, pipeline.settings) == 1
+        assert proc.wait(timeout=60) == 0
+        assert not pid_file.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()

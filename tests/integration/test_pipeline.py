@@ -46,6 +46,9 @@ async def test_catalog_pins_readable_everywhere_and_match_direct_encode(
         assert rec.content_hash == hashlib.sha256(images[i]).hexdigest()
         assert rec.model_version == version and rec.pin_version == 1
         assert rec.caption == it.caption and rec.image_location == it.image
+        # the event's metadata is stored in both stores
+        assert it.metadata and rec.metadata == it.metadata
+        assert json.loads(meta[it.pin_id]["metadata"]) == it.metadata
         assert t0 - 5 <= rec.event_time <= rec.encode_time
         assert float(meta[it.pin_id]["written_at"]) >= rec.encode_time
     assert await pipeline.milvus.count(version) == 200

@@ -102,7 +102,8 @@ class _RecordingNetwork(httpcore.AsyncNetworkBackend):
         await asyncio.sleep(seconds)
 
 
-async def test_connects_to_the_address_it_checked_not_a_second_answer():
+@pytest.mark.faults
+async def test_connects_to_the_address_it_checked_not_a_second_answer(fault_case):
     resolver = _Rebinder([["93.184.216.34"], ["127.0.0.1"]])
     net = _RecordingNetwork()
     f = Fetcher(FetchSettings(timeout_s=2), resolver=resolver, network=net)
@@ -113,11 +114,15 @@ async def test_connects_to_the_address_it_checked_not_a_second_answer():
         # one resolution, and the connection went to exactly the checked public address
         assert resolver.calls == 1
         assert net.targets == [("93.184.216.34", 80)]
+        fault_case.add("DNS rebinding (public answer, then loopback)",
+                       "one resolution; the connection goes to the checked address",
+                       f"{resolver.calls} resolution; connected to {net.targets}")
     finally:
         await f.close()
 
 
-async def test_rebinding_to_loopback_on_a_later_connection_is_refused():
+@pytest.mark.faults
+async def test_rebinding_to_loopback_on_a_later_connection_is_refused(fault_case):
     resolver = _Rebinder([["93.184.216.34"], ["127.0.0.1"]])
     net = _RecordingNetwork()
     f = Fetcher(FetchSettings(timeout_s=2), resolver=resolver, network=net)
@@ -128,6 +133,9 @@ async def test_rebinding_to_loopback_on_a_later_connection_is_refused():
             await f.fetch("http://rebind.example/a.png")
         assert err.value.reason == Reason.FORBIDDEN_LOCATION
         assert net.targets == [("93.184.216.34", 80)]  # never connected to 127.0.0.1
+        fault_case.add("DNS rebinding on the next connection",
+                       "forbidden_location; never connects to 127.0.0.1",
+                       f"{err.value.reason.value}; connections: {net.targets}")
     finally:
         await f.close()
 

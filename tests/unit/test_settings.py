@@ -175,3 +175,27 @@ def test_dotenv_address_beats_a_recorded_embedded_stack(tmp_path, monkeypatch):
     s = load_settings()
     assert s.redis.url == "redis://db:6379/0"  # .env wins over the stack file
     assert s.kafka.bootstrap_servers == "127.0.0.1:19999"  # unset: the stack's address
+
+
+def test_broker_outage_flood_becomes_one_warning_per_interval():
+    import logging as _logging
+
+    from streams.logconf import RateLimitFilter
+
+    now = [0.0]
+    f = RateLimitFilter(interval_s=60, clock=lambda: now[0])
+
+    def rec(name: str, msg: str, level: int = _logging.ERROR) -> _logging.LogRecord:
+        return _logging.LogRecord(name, level, __file__, 1, msg, (), None)
+
+    flood = [rec("aiokafka", "Unable connect to node with id 1: [Errno 111] Connect call failed"),
+             rec("aiokafka.consumer.fetcher", "Failed fetch messages from 1: NodeNotReadyError"),
+             rec("aiokafka", "Unable to update metadata from [1]")] * 400
+    passed = [r for r in flood if f.filter(r)]
+    assert len(passed) == 1 and passed[0].levelname == "WARNING"
+    assert passed[0].getMessage().startswith("Kafka broker unreachable: Unable connect")
+    now[0] = 61.0
+    later = rec("aiokafka", "Unable to update metadata from [1]")
+    assert f.filter(later) and "1199 similar line(s) suppressed" in later.getMessage()
+    assert f.filter(rec("streams.app", "our own error"))  # never limited
+    assert f.filter(rec("aiokafka", "a debug line", _logging.INFO))
