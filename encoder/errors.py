@@ -60,3 +60,15 @@ class ImageError(EncoderError):
     def __reduce__(self) -> tuple[type[ImageError], tuple[Reason, str]]:
         # picklable, so a process-pool decoder can send it back
         return (type(self), (self.reason, str(self)))
+
+
+class EncoderUnavailable(EncoderError):
+    """The encoder process cannot be reached; retry after ``retry_after`` seconds.
+
+    An outage, like a store's `StoreUnavailable`: the stream pauses and
+    retries, and acknowledges nothing it has not written.
+    """
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after

@@ -77,16 +77,37 @@ class PreprocessSpec:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """An encoder architecture: open_clip config plus preprocessing."""
+    """An encoder architecture: open_clip config, preprocessing and inference dtype.
+
+    ``inference_dtype`` is the dtype the image tower's weights are cast to,
+    once at load, on a GPU (the CPU always runs float32). It belongs to the
+    model because it is chosen by measured agreement with float32 (the 0.999
+    minimum-cosine gate, `encoder.precision`), and towers differ: measured on
+    an H200, EfficientNet-Lite0 loses precision in bfloat16 (min cosine 0.9966)
+    but not in float16 (0.9999, same speed), while ViTs agree in bfloat16
+    (0.99995 for ViT-B-32, 0.99991 for ViT-L-14). A checkpoint manifest may
+    record its own; `default_inference_dtype` is the rule otherwise.
+    """
 
     name: str
     config: dict[str, Any] = field(hash=False)
     preprocess: PreprocessSpec
+    inference_dtype: str | None = None
 
     @property
     def embed_dim(self) -> int:
         """Dimension of the image embedding."""
         return int(self.config["embed_dim"])
+
+    @property
+    def cuda_dtype(self) -> str:
+        """The dtype this tower runs in on CUDA (see the class docstring)."""
+        return self.inference_dtype or default_inference_dtype(self.config)
+
+
+def default_inference_dtype(config: dict[str, Any]) -> str:
+    """float16 for timm (conv) towers, bfloat16 for open_clip's ViTs (see `ModelSpec`)."""
+    return "float16" if config.get("vision_cfg", {}).get("timm_model_name") else "bfloat16"
 
 
 def packaged_efficientnet_weights() -> Path:
@@ -149,6 +170,7 @@ def model_spec(name: str, checkpoint: Path | None = None) -> ModelSpec:
             name=data["model"],
             config=data["config"],
             preprocess=PreprocessSpec.from_dict(data["preprocess"]),
+            inference_dtype=data.get("inference_dtype"),
         )
     if name == DEFAULT_MODEL:
         return ModelSpec(name=name, config=_builtin_config(), preprocess=PreprocessSpec())

@@ -5,13 +5,18 @@ queue, so while batch n+1 is being decoded, batch n runs through the model and
 batch n-1 is copied back and finished. Backpressure is by construction: when a
 stage is slow, the queue in front of it fills, the stage before it blocks on
 ``put``, and in the end `submit` blocks. At most
-``batch_size * (3 * depth + 6)`` items are ever inside the pipeline (the
-inbox holds two batches, the batcher one, each queue ``depth``, each stage
-one).
+``batch_size * (3 * depth + 5 + lanes)`` items are ever inside the pipeline
+(the inbox holds two batches, the batcher one, each queue ``depth``, each
+stage thread one).
 
 A batch is dispatched when it is full or when its first item has waited
 ``max_wait_s``; `flush` dispatches a partial batch at once (a caller that
 submitted everything it has calls it, so the tail does not wait).
+
+The prepare stage may run in several lanes (threads taking batches from the
+same queue, e.g. one CUDA stream each for the JPEG decoder): batches then
+reach the forward stage in the order their prepare finished, which is fine
+because every batch carries its own futures.
 
 The pipeline knows nothing about images or devices: the three stage functions
 do. ``prepare(items) -> P``, ``forward(P) -> F`` and ``finish(F) -> list[R]``
@@ -90,14 +95,18 @@ class StagedPipeline(Generic[T, R]):
         depth: int = 2,
         name: str = "encode",
         on_batch: Callable[[int, float], None] | None = None,
+        prepare_lanes: int = 1,
     ) -> None:
-        if batch_size < 1 or depth < 1 or max_wait_s < 0:
-            raise ValueError("batch_size and depth must be >= 1 and max_wait_s >= 0")
+        if batch_size < 1 or depth < 1 or max_wait_s < 0 or prepare_lanes < 1:
+            raise ValueError("batch_size, depth and prepare_lanes must be >= 1 and "
+                             "max_wait_s >= 0")
+        self.prepare_lanes = prepare_lanes
+        self._lanes_left = prepare_lanes
         self.batch_size = batch_size
         self.max_wait_s = max_wait_s
         self.stats = PipelineStats()
         self._stages = {"prepare": prepare, "forward": forward, "finish": finish}
-        self._on_batch = on_batch
+        self.on_batch = on_batch
         self._lock = threading.Lock()
         self._in_flight = 0
         self._closed = False
@@ -106,8 +115,9 @@ class StagedPipeline(Generic[T, R]):
         self._queues: list[queue.Queue[Any]] = [queue.Queue(maxsize=depth) for _ in range(3)]
         self._threads = [
             threading.Thread(target=self._batcher, name=f"{name}-batch", daemon=True),
-            threading.Thread(target=self._stage, args=("prepare", 0, 1),
-                             name=f"{name}-prepare", daemon=True),
+            *(threading.Thread(target=self._stage, args=("prepare", 0, 1),
+                               name=f"{name}-prepare-{lane}", daemon=True)
+              for lane in range(prepare_lanes)),
             threading.Thread(target=self._stage, args=("forward", 1, 2),
                              name=f"{name}-forward", daemon=True),
             threading.Thread(target=self._stage, args=("finish", 2, None),
@@ -208,8 +218,8 @@ class StagedPipeline(Generic[T, R]):
             self.stats.full_batches += int(full)
             self.stats.batch_sizes.append(len(job.items))
             self.stats.waits_s.append(wait)
-        if self._on_batch is not None:
-            self._on_batch(len(job.items), wait)
+        if self.on_batch is not None:
+            self.on_batch(len(job.items), wait)
         out.put(job)  # blocks while the prepare stage is `depth` batches behind
 
     def _stage(self, name: str, src: int, dst: int | None) -> None:
@@ -219,6 +229,13 @@ class StagedPipeline(Generic[T, R]):
         while True:
             job = inq.get()
             if job is _STOP:
+                if name == "prepare":  # several lanes: the last one to stop tells forward
+                    with self._lock:
+                        self._lanes_left -= 1
+                        last = self._lanes_left == 0
+                    if not last:
+                        inq.put(_STOP)  # for the sibling lanes
+                        return
                 if outq is not None:
                     outq.put(_STOP)
                 return

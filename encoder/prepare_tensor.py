@@ -16,7 +16,9 @@ device for the M images that decoded, which item each row belongs to, and an
   of JPEGs costs the batch no more than its own decode.
 
 Header checks (pixel limit, minimum side) happen before any decode on either
-path, so a decompression bomb never reaches nvjpeg.
+path, so a decompression bomb never reaches nvjpeg. An item may also arrive
+already decoded, as ``(S, S, 3)`` uint8 pixels (a feeder decoded it,
+`encoder.remote`): it is stacked as is.
 """
 
 from __future__ import annotations
@@ -45,10 +47,6 @@ logger = logging.getLogger(__name__)
 warnings.filterwarnings("ignore", message="The given buffer is not writable")
 warnings.filterwarnings("ignore", message=".*decod.*deprecated.*", category=UserWarning)
 warnings.filterwarnings("ignore", message=".*TorchCodec.*")
-
-#: Images resized together in one float32 kernel call (bounds the temporary).
-_RESIZE_CHUNK = 32
-
 
 @dataclass
 class PreparedBatch:
@@ -93,7 +91,11 @@ class _CpuDecoder:
         self.spec, self.device, self.pool = spec, device, pool
         self.max_pixels, self.min_side = max_pixels, min_side
 
-    def _submit(self, data: bytes) -> Future[np.ndarray]:
+    def _submit(self, data: bytes | np.ndarray) -> Future[np.ndarray]:
+        if isinstance(data, np.ndarray):  # decoded by a feeder already (encoder.remote)
+            done: Future[np.ndarray] = Future()
+            done.set_result(data)
+            return done
         return self.pool.submit(_pil, data, self.spec, self.max_pixels, self.min_side)
 
     @staticmethod
@@ -134,8 +136,10 @@ class TensorPreparer(_CpuDecoder):
         self._decode = decode_jpeg
         self._rgb = ImageReadMode.RGB
 
-    def route(self, data: bytes) -> str | ImageError:
+    def route(self, data: bytes | np.ndarray) -> str | ImageError:
         """``"device"`` or ``"cpu"`` for one image, or the error its header proves."""
+        if isinstance(data, np.ndarray):
+            return "cpu"  # decoded pixels: stacked with the CPU fallbacks, no decode
         if sniff_format(data) != "JPEG":
             return "cpu"  # PNG/GIF/WebP/BMP, or not an image: PIL says which
         hdr = read_header(data)
@@ -206,12 +210,11 @@ class TensorPreparer(_CpuDecoder):
         for k, img in enumerate(images):
             groups[(img.shape[1], img.shape[2])].append(k)
         for (h, w), idx in groups.items():
+            # one kernel per same-size group: a batch of equal-sized photos is one call
             side = min(h, w)
             top, left = (h - side) // 2, (w - side) // 2
-            for c in range(0, len(idx), _RESIZE_CHUNK):
-                chunk = idx[c:c + _RESIZE_CHUNK]
-                x = torch.stack([images[k][:, top:top + side, left:left + side] for k in chunk])
-                out[chunk] = resize_square(x, size)
+            x = torch.stack([images[k][:, top:top + side, left:left + side] for k in idx])
+            out[idx] = resize_square(x, size)
         return out
 
 

@@ -300,6 +300,7 @@ def save_checkpoint(model: Any, spec: ModelSpec, out_dir: Path,
     version = version_id(spec, model.visual)
     manifest = {
         "model": spec.name, "config": spec.config, "preprocess": spec.preprocess.to_dict(),
+        "inference_dtype": spec.cuda_dtype,
         "version": version, "embed_dim": spec.embed_dim,
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **summary,
     }

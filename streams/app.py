@@ -25,6 +25,9 @@ from aiokafka import TopicPartition
 from faust.types import TP
 
 from encoder.engine import ImageEncoder
+from encoder.loading import load_encoder
+from encoder.null import NullEncoder
+from encoder.remote import RemoteEncoder
 from store.errors import StoreUnavailable
 from store.milvus import MilvusStore
 from store.redis import RedisCache
@@ -143,7 +146,10 @@ class DrainingWorker(faust.Worker):
         return True
 
 
-def create_app(settings: Settings, encoder: ImageEncoder,
+WorkerEncoder = ImageEncoder | NullEncoder | RemoteEncoder
+
+
+def create_app(settings: Settings, encoder: WorkerEncoder,
                drain: DrainState | None = None) -> faust.App:
     """Build the Faust app with the encode agent bound to ``encoder``.
 
@@ -197,6 +203,8 @@ def create_app(settings: Settings, encoder: ImageEncoder,
         cache = RedisCache(settings.redis)
         fetcher = Fetcher(settings.fetch)
         registry = VersionRegistry(milvus, cache)
+        if isinstance(encoder, RemoteEncoder):  # a feeder: its encoder process names the model
+            await encoder.connect(wait_s=settings.encoder.remote_wait_s)
         info = encoder.info
         while True:  # a store that is down at start-up delays the worker, never kills it
             try:
@@ -264,7 +272,14 @@ def run_worker(settings: Settings, on_exit: Callable[[], None] | None = None) ->
     if created:
         logger.info("created topics %s with %d partitions", ", ".join(created),
                     settings.kafka.partitions)
-    encoder = ImageEncoder.load(settings.encoder)
+    encoder: WorkerEncoder
+    if settings.encoder.remote is not None:
+        encoder = RemoteEncoder(settings.encoder.remote,
+                                max_pixels=settings.encoder.max_image_pixels,
+                                min_side=settings.encoder.min_image_side)
+        logger.info("feeder of the encoder process at %s", settings.encoder.remote)
+    else:
+        encoder = load_encoder(settings.encoder)
 
     def on_batch(size: int, wait_s: float) -> None:
         ENCODER_BATCH.observe(size)

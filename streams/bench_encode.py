@@ -5,8 +5,10 @@ One process, one model, one device, measured in this order:
 1. warm-up (model load, cuDNN/cuBLAS autotuning, nvjpeg handle);
 2. **bare forward** (ceiling): random uint8 batches already on the device
    through normalise + tower + L2 norm, synchronised;
-3. **decode only** (ceiling): the configured prepare stage alone over the
-   corpus, batch by batch (nvjpeg + resize on CUDA, PIL on CPU);
+3. **decode only** (ceiling): the product's own prepare stage alone, run the
+   way the pipeline runs it (`ImageEncoder.decode_only`: the same batcher,
+   decode lanes and queues, a stream of at least 16 batches), so the ratio
+   against it compares like with like (nvjpeg + resize on CUDA, PIL on CPU);
 4. **naive**: prepare then forward, one batch at a time, nothing overlapped
    (the baseline the overlapped pipeline must beat);
 5. **pipeline**: `ImageEncoder.encode_images` over the corpus repeated to at
@@ -191,13 +193,16 @@ def measure_encoder(enc: ImageEncoder, images: Sequence[bytes], min_seconds: flo
         pixels = pixels.contiguous(memory_format=torch.channels_last)
 
     def forward_only() -> int:
-        enc._forward_tensor(pixels)
+        enc.forward_pixels(pixels)
         return bs
 
+    # the decode ceiling is the product's own prepare stage run the way the pipeline
+    # runs it: a steady stream of batches through the same lanes and queues
+    stream = list(images) * max(1, -(-16 * bs // len(images)))
+
     def decode_only() -> int:
-        for chunk in _batches(images, bs):
-            enc.prepare_batch(chunk)
-        return len(images)
+        enc.decode_only(stream)
+        return len(stream)
 
     def naive() -> int:
         for chunk in _batches(images, bs):
@@ -205,7 +210,7 @@ def measure_encoder(enc: ImageEncoder, images: Sequence[bytes], min_seconds: flo
             if pb.pixels is not None:
                 if cuda:
                     torch.cuda.current_stream(enc.device).wait_event(pb.event)
-                y, _ok = enc._forward_tensor(pb.pixels)
+                y, _ok = enc.forward_pixels(pb.pixels)
                 y.cpu()
         return len(images)
 
@@ -213,9 +218,8 @@ def measure_encoder(enc: ImageEncoder, images: Sequence[bytes], min_seconds: flo
     decode = _median_rate(decode_only, min_seconds, sync)
     seq = _median_rate(naive, min_seconds, sync)
     stats0 = enc.pipeline_stats.batches
-    # a steady stream of at least 16 batches per call, as a busy worker sees it,
-    # so that filling and draining the stages is not what gets measured
-    stream = list(images) * max(1, -(-16 * bs // len(images)))
+    # the same steady stream of at least 16 batches per call, as a busy worker sees
+    # it, so that filling and draining the stages is not what gets measured
     with _GpuSampler(enc.device) as gpu:
         pipe = _median_rate(lambda: len(enc.encode_images(stream)), min_seconds, sync)
     st = enc.pipeline_stats
@@ -235,6 +239,8 @@ def measure_encoder(enc: ImageEncoder, images: Sequence[bytes], min_seconds: flo
         "prepare": enc.prepare_kind,
         "prepare_pool": enc.settings.prepare_pool,
         "prepare_workers": enc.prepare_workers,
+        "decode_lanes": enc.decode_lanes,
+        "dtype": str(enc.dtype).removeprefix("torch."),
         "torch_threads": torch.get_num_threads(),
         "device": str(enc.device),
         "model": enc.spec.name,

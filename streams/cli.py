@@ -197,9 +197,17 @@ def topics_scale(ctx: _Ctx, partitions: int) -> None:
 @click.option("--devices",
               help="one worker process per device: GPU indexes ('0,1'), 'all' or 'cpu' "
               "entries; metrics ports count up from PINFRESH_WORKER__METRICS_PORT")
+@click.option("--feeders", default=None,
+              help="with --devices: per device one encoder process plus N feeder workers "
+              "sharing it; 'auto' = from the cores")
 @pass_ctx
-def worker(ctx: _Ctx, catalog_root: Path | None, devices: str | None) -> None:
+def worker(ctx: _Ctx, catalog_root: Path | None, devices: str | None,
+           feeders: str | None) -> None:
     """Run one stream worker (Faust) until SIGTERM, or a pool of them with --devices.
+
+    With --feeders, each device runs one encoder process that owns the model
+    and N feeder workers (consume, fetch, write, commit) that send it their
+    images over a Unix socket under the data dir.
 
     Batch: PINFRESH_WORKER__BATCH_SIZE, PINFRESH_WORKER__BATCH_WAIT_S; model:
     PINFRESH_ENCODER__MODEL, PINFRESH_ENCODER__CHECKPOINT, PINFRESH_ENCODER__DEVICE;
@@ -209,6 +217,8 @@ def worker(ctx: _Ctx, catalog_root: Path | None, devices: str | None) -> None:
     if catalog_root:
         s = s.model_copy(update={"fetch": s.fetch.model_copy(
             update={"catalog_root": catalog_root})})
+    if feeders is not None and not devices:
+        raise click.UsageError("--feeders needs --devices (e.g. --devices 0 --feeders 8)")
     if devices:
         from streams.pool import WorkerPool, parse_devices
         from streams.runtime import settings_env
@@ -217,9 +227,20 @@ def worker(ctx: _Ctx, catalog_root: Path | None, devices: str | None) -> None:
             devs = parse_devices(devices)
         except ValueError as exc:
             raise click.BadParameter(str(exc), param_hint="--devices") from exc
+        n_feeders = 0
+        if feeders is not None:
+            from streams.pool import auto_feeders
+
+            if feeders == "auto":
+                n_feeders = auto_feeders(len(devs))
+            elif feeders.isdigit() and int(feeders) > 0:
+                n_feeders = int(feeders)
+            else:
+                raise click.BadParameter("a positive number or 'auto'", param_hint="--feeders")
         env = {**os.environ, **settings_env(s)}
         pool = WorkerPool(devs, env=env, metrics_port=s.worker.metrics_port,
-                          stop_timeout_s=s.worker.drain_timeout_s + 15)
+                          stop_timeout_s=s.worker.drain_timeout_s + 15, feeders=n_feeders,
+                          run_dir=s.stack.data_dir / "run")
         from streams.runtime import register_worker
 
         register_worker(s)
@@ -612,7 +633,68 @@ def stale(ctx: _Ctx, older_than: float, check_content: bool, requeue: bool) -> N
 # ---------------------------------------------------------------- encoder
 @cli.group()
 def encoder() -> None:
-    """Train, evaluate and compare encoders."""
+    """Serve, train, evaluate and compare encoders."""
+
+
+@encoder.command("serve")
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path), required=True,
+              help="Unix socket the feeders connect to")
+@pass_ctx
+def encoder_serve(ctx: _Ctx, socket_path: Path) -> None:
+    """Run the encoder process that feeder workers share (one per GPU).
+
+    Model and device: PINFRESH_ENCODER__MODEL, __CHECKPOINT, __DEVICE, __DTYPE;
+    `pinfresh worker --devices 0 --feeders N` starts it with its feeders.
+    """
+    import signal as _signal
+
+    from encoder.engine import ImageEncoder
+    from encoder.server import EncoderServer
+
+    enc = ImageEncoder.load(ctx.settings.encoder)
+    server = EncoderServer(enc, socket_path)
+    _signal.signal(_signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.serve_forever()
+    finally:
+        enc.close()
+
+
+@encoder.command("precision")
+@click.option("--model", help="open_clip model name [PINFRESH_ENCODER__MODEL]")
+@click.option("--checkpoint", type=click.Path(path_type=Path, exists=True),
+              help="[PINFRESH_ENCODER__CHECKPOINT]")
+@click.option("--device", help="cpu, cuda, cuda:N [PINFRESH_ENCODER__DEVICE]")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="directory of JPEGs (default: the sample catalog's images)")
+@click.option("--limit", default=64, show_default=True, help="images to compare")
+@pass_ctx
+def encoder_precision(ctx: _Ctx, model: str | None, checkpoint: Path | None,
+                      device: str | None, images_dir: Path | None, limit: int) -> None:
+    """Min/mean cosine of float16 and bfloat16 embeddings against float32 (same pixels)."""
+    from encoder.model import model_spec
+    from encoder.precision import COSINE_GATE, measure_agreement
+
+    es = ctx.settings.encoder
+    es = es.model_copy(update={k: v for k, v in {"model": model, "checkpoint": checkpoint,
+                                                  "device": device}.items() if v is not None})
+    if images_dir is not None:
+        paths = sorted(p for p in images_dir.iterdir() if p.is_file())[:limit]
+    else:
+        from streams.catalog import load_catalog
+
+        cat = ctx.settings.stack.data_dir / "catalog" / "tuxpaint.jsonl"
+        paths = [Path(it.image) for it in load_catalog(cat, limit)]
+    rows = measure_agreement(es, [p.read_bytes() for p in paths])
+    own = model_spec(es.model, es.checkpoint).cuda_dtype
+    t = Table(title=f"{es.model} on {es.device}: agreement with float32 ({rows[0].images} "
+                    f"images; gate {COSINE_GATE}; the model's CUDA dtype is {own})")
+    for col in ("dtype", "min cosine", "mean cosine", "forward img/s (rough)", "gate"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r.dtype, f"{r.min_cosine:.6f}", f"{r.mean_cosine:.6f}",
+                  f"{r.forward_img_per_s:.0f}", "pass" if r.passes else "FAIL")
+    console.print(t)
 
 
 def _quiet_transformers() -> None:

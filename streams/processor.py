@@ -38,7 +38,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
-from encoder.errors import ImageError, Reason
+from encoder.errors import EncoderUnavailable, ImageError, Reason
 from store.base import EmbeddingRecord, PinState
 from store.errors import StoreUnavailable
 from streams import metrics
@@ -51,10 +51,21 @@ T = TypeVar("T")
 
 
 class Encoder(Protocol):
-    """What the processor needs from an encoder (`encoder.engine.ImageEncoder`)."""
+    """What the processor needs from an encoder.
 
-    version: str
-    dim: int
+    `encoder.engine.ImageEncoder` (in process), `encoder.remote.RemoteEncoder`
+    (a feeder's handle on the encoder process) or `encoder.null.NullEncoder`.
+    """
+
+    @property
+    def version(self) -> str:
+        """The model version id its vectors belong to."""
+        ...
+
+    @property
+    def dim(self) -> int:
+        """The embedding dimension."""
+        ...
 
     async def encode_images_async(self, items: Sequence[bytes]) -> list[np.ndarray | ImageError]:
         """Encode images; one vector or error per image, in order."""
@@ -214,13 +225,16 @@ class PinProcessor:
 
     # ------------------------------------------------------------------ retry
     async def _retry(self, stage: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn`` until it does not raise `StoreUnavailable` (capped backoff)."""
+        """Run ``fn`` until it raises no outage (`StoreUnavailable`, `EncoderUnavailable`).
+
+        Capped exponential backoff, at least the ``retry_after`` the error asks for.
+        """
         delay = self.settings.retry_backoff_s
         attempt = 0
         while True:
             try:
                 return await fn()
-            except StoreUnavailable as exc:
+            except (StoreUnavailable, EncoderUnavailable) as exc:
                 attempt += 1
                 metrics.RETRIES.labels(stage=stage).inc()
                 wait = max(delay, min(exc.retry_after, self.settings.retry_backoff_max_s))
@@ -497,7 +511,9 @@ class PinProcessor:
                     ready.append((ev, fetched[pid][0], digest))
         if ready:
             t = time.perf_counter()
-            results = await enc.encode_images_async([b for _, b, _ in ready])
+            blobs = [b for _, b, _ in ready]
+            # an encoder process that is down is an outage: pause and retry, write nothing
+            results = await self._retry("encoder", partial(enc.encode_images_async, blobs))
             report.seconds["encode"] = report.seconds.get("encode", 0.0) + time.perf_counter() - t
             metrics.IMAGES_ENCODED.inc(len(ready))
             report.encoded += len(ready)

@@ -26,6 +26,8 @@ from tqdm import tqdm
 from encoder.config import EncoderSettings
 from encoder.engine import ImageEncoder
 from encoder.errors import EncoderError
+from encoder.loading import load_encoder
+from encoder.null import NullEncoder
 from store.milvus import MilvusStore
 from store.redis import RedisCache
 from store.registry import VersionInfo, VersionRegistry
@@ -48,14 +50,14 @@ def encoder_settings_for(info: VersionInfo, base: EncoderSettings) -> EncoderSet
                                    else None, "seed": info.seed})
 
 
-def load_version_encoder(info: VersionInfo, base: EncoderSettings) -> ImageEncoder:
+def load_version_encoder(info: VersionInfo, base: EncoderSettings) -> ImageEncoder | NullEncoder:
     """Load the encoder of a registered version and check that its id matches.
 
     Raises:
         EncoderError: the rebuilt encoder has another version id (the
             checkpoint changed on disk since registration).
     """
-    enc = ImageEncoder.load(encoder_settings_for(info, base))
+    enc = load_encoder(encoder_settings_for(info, base))
     if enc.version != info.version:
         enc.close()
         raise EncoderError(
@@ -69,20 +71,14 @@ def load_version_encoder(info: VersionInfo, base: EncoderSettings) -> ImageEncod
 class RegistryVersions:
     """A worker's write set, refreshed from the registry every ``refresh_s`` seconds."""
 
-    def __init__(self, registry: VersionRegistry, base: ImageEncoder,
+    def __init__(self, registry: VersionRegistry, base: Encoder,
                  settings: EncoderSettings, refresh_s: float = 3.0) -> None:
         self.registry = registry
         self.settings = settings
         self.refresh_s = refresh_s
-        self._encoders: dict[str, ImageEncoder] = {base.version: base}
+        self._encoders: dict[str, Encoder] = {base.version: base}
         self._write: dict[str, Encoder] = {base.version: base}
-        self._primary = base.version
         self._at = 0.0
-
-    @property
-    def primary(self) -> str:
-        """The live version (freshness is measured on its writes)."""
-        return self._primary
 
     async def write_set(self) -> dict[str, Encoder]:
         """Encoders of every version to write, live first."""
@@ -100,7 +96,6 @@ class RegistryVersions:
             write[info.version] = enc
         if write:
             self._write = write
-            self._primary = next(iter(write))
         self._at = time.monotonic()
         return self._write
 
@@ -172,7 +167,7 @@ async def run_backfill(
     registry = VersionRegistry(milvus, cache)
     fetcher = Fetcher(settings.fetch)
     dlq = KafkaDeadLetters(settings.kafka)
-    enc: ImageEncoder | None = None
+    enc: ImageEncoder | NullEncoder | None = None
     try:
         info = await registry.get(target)
         live = await cache.get_live()

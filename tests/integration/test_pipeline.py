@@ -132,7 +132,7 @@ async def test_malformed_and_missing_image_dead_lettered_neighbours_processed(
     ])
     assert len(await pipeline.wait([good1.pin_id, good2.pin_id], timeout=120)) == 2
     letters = []
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 180
     while len(letters) < 2 and time.monotonic() < deadline:
         letters = await pipeline.dead_letters()
         await asyncio.sleep(0.3)

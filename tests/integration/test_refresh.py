@@ -55,7 +55,14 @@ async def test_backfill_dual_write_promote_and_rollback(pipeline, catalog, encod
     await registry.register(vb, encoder_b.dim, "pinfresh-effl0-minilm", None, 1)
     with pytest.raises(CoverageError, match="backfill"):
         await registry.promote(vb)
-    await asyncio.sleep(4)  # workers refresh their write set every 3 s
+    # wait until the worker writes vb too: a probe pin becomes readable in vb
+    probe = catalog[705]
+    await pipeline.publish([probe.event(1)])
+    deadline = time.monotonic() + 180
+    while not (await pipeline.cache.get_vectors(vb, [probe.pin_id]))[1].all():
+        assert time.monotonic() < deadline, "the worker never started writing vb"
+        await pipeline.publish([probe.event(1)])  # a redelivery is a no-op in va
+        await asyncio.sleep(0.5)
 
     # backfill while fresh traffic keeps coming: new pins, changed images, deletes
     settings = pipeline.settings
@@ -69,7 +76,7 @@ async def test_backfill_dual_write_promote_and_rollback(pipeline, catalog, encod
                             for p, new in changed.items()])
     rep = await backfill
     assert rep.pins >= len(base) - len(deleted) and rep.dead_letters == 0
-    alive = [it.pin_id for it in base[5:]] + [it.pin_id for it in extra]
+    alive = [it.pin_id for it in base[5:]] + [it.pin_id for it in extra] + [probe.pin_id]
     await pipeline.wait([it.pin_id for it in extra], timeout=120)
     await pipeline.wait(list(changed), timeout=120, min_pin_version=2)
     assert await _count(pipeline.cache, vb, len(alive)) == len(alive)
@@ -84,10 +91,16 @@ async def test_backfill_dual_write_promote_and_rollback(pipeline, catalog, encod
         while not stop.is_set():
             responses.append(await reader.get_many(alive))
 
+    async def responses_from(version: str, n: int) -> None:
+        deadline = time.monotonic() + 120
+        while sum(r.version == version for r in responses) < n:
+            assert time.monotonic() < deadline and not task.done()
+            await asyncio.sleep(0.01)
+
     task = asyncio.create_task(hammer())
-    await asyncio.sleep(0.3)
+    await responses_from(va, 3)  # reads before the cutover...
     cov = await registry.promote(vb)
-    await asyncio.sleep(0.3)
+    await responses_from(vb, 3)  # ...and after it
     stop.set()
     await task
     assert cov is not None and not cov.missing and cov.live == va
@@ -104,7 +117,7 @@ async def test_backfill_dual_write_promote_and_rollback(pipeline, catalog, encod
     for v in (va, vb):
         assert await pipeline.milvus.get_states(v, deleted) == {}
         assert not (await pipeline.cache.get_vectors(v, deleted))[1].any()
-    images = {it.pin_id: it.image for it in base[5:] + extra}
+    images = {it.pin_id: it.image for it in base[5:] + extra + [probe]}
     images.update({p: new.image for p, new in changed.items()})
     direct = encoder_b.encode_images([Path(images[p]).read_bytes() for p in alive])
     res = await reader.get_many(alive)

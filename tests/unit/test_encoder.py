@@ -96,3 +96,29 @@ def test_nonfinite_rows_become_errors():
     out = ImageEncoder._finish(y)
     assert isinstance(out[1], ImageError) and out[1].reason == "nonfinite_embedding"
     assert isinstance(out[0], np.ndarray)
+
+
+def test_precision_is_measured_against_float32_on_the_same_pixels():
+    from encoder.precision import COSINE_GATE, measure_agreement
+    from tests.unit.test_prepare_paths import jpeg, photo
+
+    rows = {a.dtype: a for a in measure_agreement(
+        EncoderSettings(device="cpu"), [jpeg(photo(s)) for s in range(2)] + [b"junk"],
+        dtypes=("float16",), batch=2)}
+    assert rows["float32"].min_cosine == 1.0 and rows["float16"].images == 2
+    # the domain tower's own GPU dtype agrees with float32 (also on the CPU's kernels)
+    assert rows["float16"].passes and rows["float16"].min_cosine >= COSINE_GATE
+    assert rows["float16"].min_cosine < 1.0  # it really ran in float16
+
+
+def test_inference_dtype_belongs_to_the_model():
+    from encoder.engine import resolve_dtype
+    from encoder.model import model_spec
+
+    dom, vit = model_spec("pinfresh-effl0-minilm"), model_spec("ViT-B-32")
+    assert dom.cuda_dtype == "float16" and vit.cuda_dtype == "bfloat16"
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert resolve_dtype("auto", dom, cuda) == torch.float16
+    assert resolve_dtype("auto", vit, cuda) == torch.bfloat16
+    assert resolve_dtype("auto", vit, cpu) == torch.float32
+    assert resolve_dtype("bfloat16", dom, cuda) == torch.bfloat16  # an explicit override

@@ -1,4 +1,4 @@
-"""CUDA-only checks of the GPU prepare stage and bf16 forward (skipped without CUDA).
+"""CUDA-only checks of the GPU prepare stage and each model's own dtype (skipped without CUDA).
 
 `deploy/device/gpu_check.py` runs the same comparisons at benchmark scale.
 """
@@ -37,15 +37,21 @@ def test_nvjpeg_pixels_match_the_cpu_tensor_path():
     assert (a - b).abs().mean() < 1.0
 
 
-def test_bf16_cuda_vectors_match_float32_cpu():
+@pytest.mark.parametrize("model, dtype", [("pinfresh-effl0-minilm", torch.float16),
+                                          ("ViT-B-32", torch.bfloat16)])
+def test_cuda_vectors_in_the_models_own_dtype_match_float32_cpu(model, dtype):
     items = [jpeg(photo(s)) for s in range(16)] + [b"junk"]
-    cpu = ImageEncoder.load(EncoderSettings(device="cpu", prepare="tensor", batch_size=8))
-    gpu = ImageEncoder.load(EncoderSettings(device="cuda", batch_size=8))
+    cpu = ImageEncoder.load(EncoderSettings(model=model, device="cpu", prepare="tensor",
+                                            batch_size=8))
+    gpu = ImageEncoder.load(EncoderSettings(model=model, device="cuda", batch_size=8))
     try:
         a, b = cpu.encode_images(items), gpu.encode_images(items)
     finally:
         cpu.close()
         gpu.close()
+    assert gpu.dtype == dtype and cpu.dtype == torch.float32
+    assert next(gpu.tower.parameters()).dtype == dtype  # cast once at load
+    assert gpu.version == cpu.version  # the dtype is not part of the model version
     assert isinstance(b[16], ImageError) and b[16].reason == "not_an_image"
     cos = [float(x @ y) for x, y in zip(a[:16], b[:16], strict=True)]
     assert min(cos) >= 0.999, cos

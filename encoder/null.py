@@ -1,0 +1,57 @@
+"""The null encoder: a deterministic unit vector per image, with no decode and no model.
+
+A product option for measuring everything around the encoder (``pinfresh
+bench pipeline --encoder null``, ``PINFRESH_ENCODER__MODEL=null``): Kafka,
+fetch, hashing, store writes and commits run for real while the encoder
+costs almost nothing. The vector is a function of the image bytes only
+(sha512, tiled), so a redelivery produces the same vector and the
+pipeline's idempotence can be checked with it. Never serve its vectors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from encoder.engine import EncodeResult, EncoderInfo
+
+#: Model name that selects the null encoder.
+NULL_MODEL = "null"
+
+
+def null_vector(data: bytes, dim: int) -> np.ndarray:
+    """The unit vector the null encoder gives ``data``."""
+    digest = np.frombuffer(hashlib.sha512(data).digest(), dtype=np.int8)
+    v = np.resize(digest, dim).astype(np.float32) + 0.5  # never all zero
+    return v / np.linalg.norm(v)
+
+
+class NullEncoder:
+    """Implements what the stream needs from an encoder (`streams.processor.Encoder`)."""
+
+    def __init__(self, dim: int = 512) -> None:
+        self.dim = dim
+        self.version = f"null_{dim}"
+        self.images_forwarded = 0
+        self.on_batch: Any = None
+
+    @property
+    def info(self) -> EncoderInfo:
+        """Version and dimension (no checkpoint, no preprocessing)."""
+        return EncoderInfo(version=self.version, dim=self.dim, model=NULL_MODEL,
+                           checkpoint=None, preprocess={})
+
+    def encode_images(self, items: Sequence[bytes]) -> list[EncodeResult]:
+        """One vector per item, in order; never an error."""
+        self.images_forwarded += len(items)
+        return [null_vector(b, self.dim) for b in items]
+
+    async def encode_images_async(self, items: Sequence[bytes]) -> list[EncodeResult]:
+        """`encode_images`, inline (it is cheaper than a thread hand-off)."""
+        return self.encode_images(items)
+
+    def close(self) -> None:
+        """Nothing to release."""

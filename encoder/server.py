@@ -1,0 +1,187 @@
+"""The encoder process: one per GPU, serving many feeders over a Unix socket.
+
+`EncoderServer` owns one `ImageEncoder` and accepts any number of feeder
+connections (`encoder.remote.RemoteEncoder`). Every connection has a reader
+thread that submits each request's items to the encoder's staged pipeline,
+where they share batches with every other feeder's items (dynamic batching
+across feeders), and a writer thread that sends the responses as their
+batches finish. Back-pressure runs end to end: a full pipeline blocks the
+reader's ``submit``, the reader stops reading, the socket buffer fills and
+the feeder's ``drain`` waits.
+
+Run with ``pinfresh encoder serve --socket PATH`` (the ``--feeders`` pool
+starts it). A killed encoder process loses nothing: its feeders' calls fail
+with `EncoderUnavailable`, they pause without acknowledging, and retry when
+the pool has restarted it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import queue
+import socket
+import struct
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from encoder.engine import EncodeResult, ImageEncoder
+from encoder.errors import ImageError
+from encoder.remote import KIND_PIXELS, MAX_FRAME, decode_request, encode_response, frame
+
+logger = logging.getLogger(__name__)
+_LEN = struct.Struct(">I")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> memoryview | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], n - got)
+        if k == 0:
+            return None
+        got += k
+    return view
+
+
+class EncoderServer:
+    """Serves one loaded encoder at a Unix socket (see the module docstring)."""
+
+    def __init__(self, encoder: ImageEncoder, path: Path) -> None:
+        self.encoder = encoder
+        self.path = path
+        self.size = encoder.spec.preprocess.image_size
+        self.decode = "server" if encoder.prepare_kind == "tensor" else "client"
+        self._stop = threading.Event()
+        self._sock: socket.socket | None = None
+        self.connections = 0
+
+    def hello(self) -> bytes:
+        """The JSON hello a feeder reads on connect."""
+        info = self.encoder.info
+        return json.dumps({"version": info.version, "dim": info.dim, "model": info.model,
+                           "checkpoint": info.checkpoint, "preprocess": info.preprocess,
+                           "decode": self.decode}).encode()
+
+    def serve_forever(self, ready: threading.Event | None = None) -> None:
+        """Listen and serve until `stop` (or the process ends)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(str(self.path))
+        os.chmod(self.path, 0o600)  # only this user's feeders
+        sock.listen(64)
+        sock.settimeout(0.5)
+        self._sock = sock
+        logger.info("encoder %s serving feeders at %s (decode on the %s)",
+                    self.encoder.version, self.path, self.decode)
+        if ready is not None:
+            ready.set()
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = sock.accept()
+                except TimeoutError:
+                    continue
+                except OSError:
+                    if self._stop.is_set():
+                        break
+                    raise
+                conn.settimeout(None)
+                self.connections += 1
+                threading.Thread(target=self._serve, args=(conn,), daemon=True,
+                                 name=f"feeder-{self.connections}").start()
+        finally:
+            sock.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.path.unlink()
+
+    def stop(self) -> None:
+        """Stop accepting; open connections end with the process."""
+        self._stop.set()
+
+    # --------------------------------------------------------- connection
+    def _serve(self, conn: socket.socket) -> None:
+        out: queue.Queue[Any] = queue.Queue()
+        writer = threading.Thread(target=self._write, args=(conn, out), daemon=True)
+        writer.start()
+        out.put(frame(self.hello()))
+        try:
+            while True:
+                head = _recv_exactly(conn, _LEN.size)
+                if head is None:
+                    break
+                (size,) = _LEN.unpack(head)
+                if size > MAX_FRAME:
+                    raise ValueError(f"frame of {size} bytes")
+                payload = _recv_exactly(conn, size)
+                if payload is None:
+                    break
+                self._request(payload, out)
+        except (OSError, ValueError, struct.error) as exc:
+            logger.warning("feeder connection dropped: %r", exc)
+        finally:
+            out.put(None)
+            writer.join(timeout=30)
+            conn.close()
+
+    def _request(self, payload: memoryview, out: queue.Queue[Any]) -> None:
+        req_id, raw = decode_request(payload)
+        items: list[Any] = []
+        for kind, body in raw:
+            if kind == KIND_PIXELS:
+                items.append(np.frombuffer(body, dtype=np.uint8).reshape(
+                    self.size, self.size, 3))
+            else:
+                items.append(bytes(body))
+        futures = self.encoder.submit(items)  # blocks while the pipeline is full
+        n = len(futures)
+        lock = threading.Lock()
+        left = [n]
+
+        def done(_f: Future[EncodeResult]) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                out.put((req_id, futures))
+
+        for f in futures:
+            f.add_done_callback(done)
+
+    def _write(self, conn: socket.socket, out: queue.Queue[Any]) -> None:
+        dim = self.encoder.dim
+        while True:
+            msg = out.get()
+            if msg is None:
+                return
+            if isinstance(msg, bytes):
+                data = msg
+            else:
+                req_id, futures = msg
+                vecs = np.zeros((len(futures), dim), dtype=np.float32)
+                errors: dict[int, ImageError] = {}
+                failed: Exception | None = None
+                for i, f in enumerate(futures):
+                    exc = f.exception()
+                    if exc is not None:  # a whole batch failed (a CUDA error): not the image's
+                        failed = exc  # fault, so the feeder treats it as an outage
+                        continue
+                    res = f.result()
+                    if isinstance(res, ImageError):
+                        errors[i] = res
+                    else:
+                        vecs[i] = res
+                data = frame(encode_response(req_id, vecs, errors, failed=failed))
+            try:
+                conn.sendall(data)
+            except OSError:
+                return
