@@ -132,8 +132,8 @@ class WorkerPool:
             if feeders:
                 sock = str((run_dir / f"encoder-{d}.sock").resolve())
                 self.children.append(_Child(len(self.children), d, "encoder", sock))
-                self.children += [_Child(len(self.children), d, "feeder", sock)
-                                  for _ in range(feeders)]
+                for _ in range(feeders):
+                    self.children.append(_Child(len(self.children), d, "feeder", sock))
             else:
                 self.children.append(_Child(len(self.children), d))
         self.env = dict(os.environ if env is None else env)

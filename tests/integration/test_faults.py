@@ -7,6 +7,7 @@ and writes the table to ``bench/results/faults.json``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import threading
@@ -413,3 +414,92 @@ async def test_poison_events_do_not_stop_the_stream(pipeline, catalog, fault_cas
         assert ok, dl.model_dump_json()[:2000]
     assert not dup, f"dead letters written more than once: {dup}"
     assert pipeline.procs["w1"].poll() is None
+
+
+# ------------------------------------------------- feeders and the encoder process
+async def test_feeders_share_one_encoder_process_and_survive_kills(pipeline, catalog,
+                                                                   fault_case):
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+
+    from streams.runtime import settings_env
+    from streams.stack import free_port
+
+    items = catalog[100:220]
+    ids = [it.pin_id for it in items]
+    base_port = free_port()
+    s = pipeline.settings.model_copy(update={
+        "worker": pipeline.settings.worker.model_copy(update={"metrics_port": base_port})})
+    log_path = pipeline.logs / "pool.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
+    pool = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--devices", "cpu",
+                             "--feeders", "2"], env={**os.environ, **settings_env(s)},
+                            stdout=log, stderr=subprocess.STDOUT)
+
+    def started(role: str) -> list[int]:
+        text = log_path.read_text(errors="replace")
+        return [int(p) for p in re.findall(rf"{role} \d+ on cpu started \(pid (\d+)\)", text)]
+
+    try:
+        for slot in (1, 2):  # the feeders' agents run (their encoder process answered)
+            pipeline.metrics_ports[f"f{slot}"] = base_port + slot
+            assert pipeline.wait_metric("pinfresh_worker_model_info", 1, timeout=300,
+                                        worker=f"f{slot}", labels_prefix=True) >= 1, \
+                log_path.read_text()[-3000:]
+        await pipeline.publish([it.event(1) for it in items])
+        version = None
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            version = await pipeline.cache.get_live()
+            if version and await pipeline.cache.count(version) >= 20:
+                break
+            await asyncio.sleep(0.1)
+        encoders = started("encoder")
+        os.kill(encoders[-1], signal.SIGKILL)  # the encoder process, mid-stream
+        deadline = time.monotonic() + 300
+        while len(started("encoder")) < 2:  # the pool restarts it
+            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+            await asyncio.sleep(0.2)
+        os.kill(started("feeder")[0], signal.SIGKILL)  # and one feeder
+        meta = await pipeline.wait(ids, timeout=400)
+        assert len(meta) == len(ids), log_path.read_text()[-3000:]
+        rows = await pipeline.milvus.iter_pins(version)
+        assert sorted(r["pin_id"] for r in rows) == sorted(ids)  # none lost, none twice
+        await _stores_agree(pipeline, version)
+        direct = {it.pin_id: v for it, v in zip(
+            items[:10], ImageEncoderForCheck.encode([it.image for it in items[:10]]),
+            strict=True)}
+        stored = await pipeline.milvus.get_many(version, list(direct))
+        assert all(float(stored[p].vector @ v) >= 0.999 for p, v in direct.items())
+        for case in ("kill point: SIGKILL the encoder process mid-stream",
+                     "kill point: SIGKILL one of two feeders"):
+            fault_case.add(case, "the pool restarts it; every pin servable once, stores agree",
+                           f"{len(meta)}/{len(ids)} servable once, stores agree, vectors equal "
+                           "the in-process encoder's")
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    finally:
+        if pool.poll() is None:
+            pool.kill()
+            for pid in started("encoder") + started("feeder"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
+class ImageEncoderForCheck:
+    """The in-process CPU encoder, to check what the encoder process wrote."""
+
+    @staticmethod
+    def encode(paths: list[str]) -> list[np.ndarray]:
+        from encoder.config import EncoderSettings
+        from encoder.engine import ImageEncoder
+
+        enc = ImageEncoder.load(EncoderSettings(device="cpu"))
+        try:
+            return enc.encode_images([Path(p).read_bytes() for p in paths])
+        finally:
+            enc.close()

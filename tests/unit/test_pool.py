@@ -104,3 +104,20 @@ def test_a_crash_loop_stops_the_pool(tmp_path):
     finally:
         sp.time.monotonic = orig  # type: ignore[assignment]
     assert pool.failed and "exited 5" in pool.failed
+
+
+def test_feeders_layout_one_encoder_per_device_and_distinct_slots(tmp_path):
+    from streams.pool import WorkerPool, auto_feeders, child_env
+
+    pool = WorkerPool(["0", "1"], feeders=3, run_dir=tmp_path, metrics_port=9000)
+    roles = [(c.role, c.device, c.slot) for c in pool.children]
+    assert roles == [("encoder", "0", 0), ("feeder", "0", 1), ("feeder", "0", 2),
+                     ("feeder", "0", 3), ("encoder", "1", 4), ("feeder", "1", 5),
+                     ("feeder", "1", 6), ("feeder", "1", 7)]
+    socks = {c.device: c.socket for c in pool.children}
+    assert socks["0"] != socks["1"] and all(c.socket == socks[c.device] for c in pool.children)
+    env = child_env("0", 2, {}, 9000, remote=socks["0"])
+    assert env["CUDA_VISIBLE_DEVICES"] == "" and env["PINFRESH_ENCODER__REMOTE"] == socks["0"]
+    assert env["PINFRESH_WORKER__METRICS_PORT"] == "9002"
+    assert auto_feeders(1, cores=16) == 14 and auto_feeders(2, cores=16) == 6
+    assert auto_feeders(1, cores=2) == 1
