@@ -37,7 +37,6 @@ import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -50,27 +49,16 @@ from encoder.model import ModelSpec, build_image_tower, model_spec, version_id
 from encoder.pipeline import StagedPipeline
 from encoder.prepare_tensor import PilPreparer, PreparedBatch, TensorPreparer
 from encoder.preprocess import prepare_image
+from encoder.types import EncodeResult, EncoderInfo
 
 logger = logging.getLogger(__name__)
 
-EncodeResult = np.ndarray | ImageError
 
 #: Batch size on CPU when the settings say 0 (auto).
 CPU_BATCH = 32
 #: Largest automatic batch on CUDA (the forward rate is flat beyond it for
 #: the towers measured, and latency is not).
 MAX_AUTO_BATCH = 256
-
-
-@dataclass(frozen=True)
-class EncoderInfo:
-    """What the store needs to know about an encoder."""
-
-    version: str
-    dim: int
-    model: str
-    checkpoint: str | None
-    preprocess: dict[str, object]
 
 
 def resolve_device(name: str) -> torch.device:

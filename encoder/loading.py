@@ -6,13 +6,22 @@ is built by the stream worker itself.)
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from encoder.config import EncoderSettings
-from encoder.engine import ImageEncoder
 from encoder.null import NULL_MODEL, NullEncoder
+
+if TYPE_CHECKING:
+    from encoder.engine import ImageEncoder
 
 
 def load_encoder(settings: EncoderSettings) -> ImageEncoder | NullEncoder:
-    """`NullEncoder` for ``model = "null"``, else `ImageEncoder.load` (see there for errors)."""
+    """`NullEncoder` for ``model = "null"``, else `ImageEncoder.load` (see there for errors).
+
+    torch and open_clip are imported only in the second case.
+    """
     if settings.model == NULL_MODEL:
         return NullEncoder()
+    from encoder.engine import ImageEncoder
+
     return ImageEncoder.load(settings)

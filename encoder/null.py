@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import numpy as np
 
-from encoder.engine import EncodeResult, EncoderInfo
+from encoder.types import EncodeResult, EncoderInfo
 
 #: Model name that selects the null encoder.
 NULL_MODEL = "null"
@@ -24,13 +25,17 @@ NULL_MODEL = "null"
 
 def null_vector(data: bytes, dim: int) -> np.ndarray:
     """The unit vector the null encoder gives ``data``."""
-    digest = np.frombuffer(hashlib.sha512(data).digest(), dtype=np.int8)
-    v = np.resize(digest, dim).astype(np.float32) + 0.5  # never all zero
-    return v / np.linalg.norm(v)
+    digest = hashlib.sha512(data).digest()
+    raw = np.frombuffer(digest * (dim // len(digest) + 1), dtype=np.int8, count=dim)
+    v = raw.astype(np.float32) + 0.5  # never all zero
+    return v / np.sqrt(float(v @ v))
 
 
 class NullEncoder:
     """Implements what the stream needs from an encoder (`streams.processor.Encoder`)."""
+
+    #: Tells an encoder process (`encoder.server`) that feeders send bytes as they are.
+    prepare_kind = "none"
 
     def __init__(self, dim: int = 512) -> None:
         self.dim = dim
@@ -48,6 +53,15 @@ class NullEncoder:
         """One vector per item, in order; never an error."""
         self.images_forwarded += len(items)
         return [null_vector(b, self.dim) for b in items]
+
+    def submit(self, items: Sequence[bytes]) -> list[Future[EncodeResult]]:
+        """Completed futures, one per item (what an encoder process calls)."""
+        out: list[Future[EncodeResult]] = []
+        for res in self.encode_images([bytes(b) for b in items]):
+            fut: Future[EncodeResult] = Future()
+            fut.set_result(res)
+            out.append(fut)
+        return out
 
     async def encode_images_async(self, items: Sequence[bytes]) -> list[EncodeResult]:
         """`encode_images`, inline (it is cheaper than a thread hand-off)."""

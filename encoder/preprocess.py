@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
 
 from encoder.errors import ImageError, Reason
-from encoder.model import PreprocessSpec
+from encoder.types import PreprocessSpec
 
 #: PIL format names that may be opened.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")

@@ -11,7 +11,8 @@ Frames are a 4-byte big-endian length and a payload:
 * on connect the server sends a JSON hello: ``version``, ``dim``, ``model``,
   ``checkpoint``, ``preprocess``, ``decode`` (``"server"``: send JPEG bytes,
   the server's device decodes them; ``"client"``: decode everything here, the
-  server is a CPU encoder whose cores belong to the forward pass);
+  server is a CPU encoder whose cores belong to the forward pass; ``"none"``:
+  the null encoder, send bytes as they are);
 * a request is ``b"Q"``, an 8-byte id, a 4-byte count, then per item a kind
   byte (0 = encoded image bytes, 1 = decoded ``S x S x 3`` uint8 pixels) and a
   4-byte length, then the item bodies;
@@ -40,10 +41,9 @@ from typing import Any
 
 import numpy as np
 
-from encoder.engine import EncodeResult, EncoderInfo
 from encoder.errors import EncoderUnavailable, ImageError, Reason
-from encoder.model import PreprocessSpec
 from encoder.preprocess import prepare_image, sniff_format
+from encoder.types import EncodeResult, EncoderInfo, PreprocessSpec
 
 logger = logging.getLogger(__name__)
 
@@ -258,6 +258,8 @@ class RemoteEncoder:
     def _local_items(self, items: Sequence[bytes], hello: Hello
                      ) -> tuple[list[tuple[int, bytes]], dict[int, ImageError], list[int]]:
         """What to send: JPEG bytes for a decoding server, pixels for everything else."""
+        if hello.decode == "none":  # the null encoder: bytes as they are
+            return [(KIND_BYTES, data) for data in items], {}, list(range(len(items)))
         spec = PreprocessSpec.from_dict(hello.preprocess)
         send: list[tuple[int, bytes]] = []
         errors: dict[int, ImageError] = {}
@@ -290,7 +292,10 @@ class RemoteEncoder:
             if self._writer is None:
                 await self._connect_once()
         hello = self._need_hello()
-        send, errors, rows = await asyncio.to_thread(self._local_items, items, hello)
+        if hello.decode == "none":  # nothing to decode: no thread hand-off either
+            send, errors, rows = self._local_items(items, hello)
+        else:
+            send, errors, rows = await asyncio.to_thread(self._local_items, items, hello)
         results: list[EncodeResult | None] = [None] * len(items)
         for i, e in errors.items():
             results[i] = e

@@ -33,6 +33,7 @@ import numpy as np
 
 from encoder.engine import EncodeResult, ImageEncoder
 from encoder.errors import ImageError
+from encoder.null import NullEncoder
 from encoder.remote import KIND_PIXELS, MAX_FRAME, decode_request, encode_response, frame
 
 logger = logging.getLogger(__name__)
@@ -54,11 +55,14 @@ def _recv_exactly(sock: socket.socket, n: int) -> memoryview | None:
 class EncoderServer:
     """Serves one loaded encoder at a Unix socket (see the module docstring)."""
 
-    def __init__(self, encoder: ImageEncoder, path: Path) -> None:
+    def __init__(self, encoder: ImageEncoder | NullEncoder, path: Path) -> None:
         self.encoder = encoder
         self.path = path
-        self.size = encoder.spec.preprocess.image_size
-        self.decode = "server" if encoder.prepare_kind == "tensor" else "client"
+        # tensor prepare: JPEGs decode on this device; pil: the feeders decode (this
+        # process's CPU runs the forward); the null encoder decodes nothing
+        self.decode = {"tensor": "server", "pil": "client"}.get(encoder.prepare_kind, "none")
+        self.size = (encoder.spec.preprocess.image_size
+                     if isinstance(encoder, ImageEncoder) else 0)
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self.connections = 0

@@ -12,19 +12,19 @@ batch is acked.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import faust
 from aiokafka import TopicPartition
 from faust.types import TP
 
-from encoder.engine import ImageEncoder
 from encoder.loading import load_encoder
 from encoder.null import NullEncoder
 from encoder.remote import RemoteEncoder
@@ -38,6 +38,9 @@ from streams.processor import Message, PinProcessor
 from streams.producer import committed_offsets, ensure_topics
 from streams.refresh import RegistryVersions
 from streams.settings import KafkaSettings, Settings
+
+if TYPE_CHECKING:  # a feeder never imports torch: the model stack loads only where it runs
+    from encoder.engine import ImageEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +60,67 @@ class DrainState:
         self.idle = asyncio.Event()
         self.idle.set()
         self.acked: dict[TP, int] = {}
+
+
+class BatchesInFlight:
+    """Up to ``limit`` micro-batches processed at once, acknowledged strictly in order.
+
+    One Python process otherwise spends most of a batch waiting (on Milvus,
+    Redis, image servers) with nothing else to do. Batch n+1 starts while
+    batch n writes, unless the two share a pin id: then n+1 waits for n,
+    because the processor's version check is a read followed by a write, and
+    two batches writing one pin at once could let the older event win. The
+    acker acknowledges batch n only after batch n finished, and never before
+    batch n-1, so the committed offset only covers written events.
+    """
+
+    def __init__(self, processor: PinProcessor, stream: Any, drain: DrainState,
+                 limit: int) -> None:
+        self.processor, self.stream, self.drain = processor, stream, drain
+        self._slots = asyncio.Semaphore(limit)
+        self._queue: asyncio.Queue[tuple[asyncio.Task[Any], list[Any]]] = asyncio.Queue()
+        self._pins: dict[asyncio.Task[Any], set[bytes | None]] = {}
+        self._acker: asyncio.Task[None] | None = None
+
+    async def submit(self, events: list[Any]) -> None:
+        """Start a batch once no batch in flight holds one of its pins (blocks at the limit)."""
+        if self._acker is None:
+            self._acker = asyncio.create_task(self._ack_in_order())
+        pins = {e.message.key for e in events}
+        clash = [t for t, held in self._pins.items() if held & pins]
+        if clash:
+            await asyncio.wait(clash)
+        await self._slots.acquire()
+        self.drain.idle.clear()
+        msgs = [Message(e.message.key, e.message.value) for e in events]
+        task = asyncio.create_task(self.processor.handle(msgs))  # never raises but cancelled
+        self._pins[task] = pins
+        self._queue.put_nowait((task, events))
+
+    async def _ack_in_order(self) -> None:
+        while True:
+            task, events = await self._queue.get()
+            try:
+                await asyncio.shield(task)
+            finally:
+                self._pins.pop(task, None)
+            for e in events:
+                await self.stream.ack(e)
+                tp, nxt = e.message.tp, e.message.offset + 1
+                if nxt > self.drain.acked.get(tp, 0):
+                    self.drain.acked[tp] = nxt
+            self._slots.release()
+            if self._queue.empty() and not self._pins:
+                self.drain.idle.set()
+
+    async def cancel(self) -> None:
+        """Stop: batches in flight are cancelled and never acknowledged."""
+        for t in list(self._pins):
+            t.cancel()
+        if self._acker is not None:
+            self._acker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._acker
 
 
 class DrainingWorker(faust.Worker):
@@ -146,7 +210,7 @@ class DrainingWorker(faust.Worker):
         return True
 
 
-WorkerEncoder = ImageEncoder | NullEncoder | RemoteEncoder
+WorkerEncoder: TypeAlias = "ImageEncoder | NullEncoder | RemoteEncoder"
 
 
 def create_app(settings: Settings, encoder: WorkerEncoder,
@@ -221,22 +285,14 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
             versions=RegistryVersions(registry, encoder, settings.encoder),
         )
         await processor.start()
+        flight = BatchesInFlight(processor, stream, drain, w.batches_in_flight)
         try:
             async for events in stream.noack_take(w.batch_size, within=w.batch_wait_s):
                 if drain.draining:  # taken after SIGTERM: leave unacked for the next owner
                     await asyncio.Event().wait()
-                drain.idle.clear()
-                try:
-                    msgs = [Message(e.message.key, e.message.value) for e in events]
-                    await processor.handle(msgs)  # never raises, except on cancellation
-                    for e in events:
-                        await stream.ack(e)
-                        tp, nxt = e.message.tp, e.message.offset + 1
-                        if nxt > drain.acked.get(tp, 0):
-                            drain.acked[tp] = nxt
-                finally:
-                    drain.idle.set()
+                await flight.submit(events)
         finally:
+            await flight.cancel()
             await dlq.close()
             await fetcher.close()
             await cache.close()

@@ -287,7 +287,6 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
     import sys
 
     from store.client import PinfreshClient
-    from streams.runtime import settings_env
     from streams.stack import free_port
 
     path = prepare_sample_catalog(settings.stack.data_dir.resolve())
@@ -298,7 +297,7 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
         with private_stack(settings, catalog_root_of(path)) as (s, tmp):
             asyncio.run(_fill(s, enc, items))
             port = free_port()
-            env = {**os.environ, **settings_env(s), "PINFRESH_API__PORT": str(port)}
+            env = {**s.child_environ(os.environ), "PINFRESH_API__PORT": str(port)}
             server = subprocess.Popen([sys.executable, "-m", "streams.cli", "serve"], env=env,
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             url = f"http://127.0.0.1:{port}"

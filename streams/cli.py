@@ -221,7 +221,6 @@ def worker(ctx: _Ctx, catalog_root: Path | None, devices: str | None,
         raise click.UsageError("--feeders needs --devices (e.g. --devices 0 --feeders 8)")
     if devices:
         from streams.pool import WorkerPool, parse_devices
-        from streams.runtime import settings_env
 
         try:
             devs = parse_devices(devices)
@@ -237,7 +236,7 @@ def worker(ctx: _Ctx, catalog_root: Path | None, devices: str | None,
                 n_feeders = int(feeders)
             else:
                 raise click.BadParameter("a positive number or 'auto'", param_hint="--feeders")
-        env = {**os.environ, **settings_env(s)}
+        env = s.child_environ(os.environ)
         pool = WorkerPool(devs, env=env, metrics_port=s.worker.metrics_port,
                           stop_timeout_s=s.worker.drain_timeout_s + 15, feeders=n_feeders,
                           run_dir=s.stack.data_dir / "run")
@@ -648,10 +647,10 @@ def encoder_serve(ctx: _Ctx, socket_path: Path) -> None:
     """
     import signal as _signal
 
-    from encoder.engine import ImageEncoder
+    from encoder.loading import load_encoder
     from encoder.server import EncoderServer
 
-    enc = ImageEncoder.load(ctx.settings.encoder)
+    enc = load_encoder(ctx.settings.encoder)
     server = EncoderServer(enc, socket_path)
     _signal.signal(_signal.SIGTERM, lambda *_: server.stop())
     try:
@@ -970,17 +969,39 @@ def bench() -> None:
 
 
 @bench.command("pipeline")
-@click.option("--pins", type=int, default=400, show_default=True, help="pins for capacity")
+@click.option("--encoder", "encoder_kind", type=click.Choice(["model", "null"]),
+              default="model", show_default=True,
+              help="null: measure feeders with a stub encoder (bare consumer, 1/2/4 feeders, "
+              "files and HTTP) and write bench/results/pipeline_null.json")
+@click.option("--pins", type=int, default=None,
+              help="pins for capacity [default: 400; with --encoder null, 4000 per round]")
 @click.option("--fresh-pins", type=int, default=200, show_default=True,
               help="pins published at half capacity for freshness")
-@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/pipeline.json"),
-              show_default=True)
+@click.option("--feeders", default="1,2,4", show_default=True,
+              help="with --encoder null: feeder counts to measure")
+@click.option("--sources", default="file,http", show_default=True,
+              help="with --encoder null: image sources to measure")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="[default: bench/results/pipeline.json, or pipeline_null.json]")
 @pass_ctx
-def bench_pipeline(ctx: _Ctx, pins: int, fresh_pins: int, out: Path) -> None:
-    """Bare encoder vs whole pipeline on this machine, and freshness at half capacity."""
+def bench_pipeline(ctx: _Ctx, encoder_kind: str, pins: int | None, fresh_pins: int,
+                   feeders: str, sources: str, out: Path | None) -> None:
+    """Bare encoder vs whole pipeline on this machine, and freshness at half capacity.
+
+    With --encoder null: the stream machinery alone (feeders with a stub
+    encoder) against a bare Faust consumer measured in the same run.
+    """
+    if encoder_kind == "null":
+        from streams.bench_null import run_null_bench
+
+        run_null_bench(ctx.settings, pins or 4000, [int(x) for x in feeders.split(",")],
+                       [x.strip() for x in sources.split(",")],
+                       out or Path("bench/results/pipeline_null.json"), console)
+        return
     from streams.bench import run_pipeline_bench
 
-    run_pipeline_bench(ctx.settings, pins, fresh_pins, out, console)
+    run_pipeline_bench(ctx.settings, pins or 400, fresh_pins,
+                       out or Path("bench/results/pipeline.json"), console)
 
 
 @bench.command("refresh")

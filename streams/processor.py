@@ -34,7 +34,7 @@ import traceback
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -96,6 +96,10 @@ class Fetch(Protocol):
 
     async def fetch(self, location: str) -> bytes:
         """Return image bytes or raise `FetchError`."""
+        ...
+
+    async def fetch_many(self, locations: Sequence[str]) -> list[bytes | FetchError]:
+        """One result or `FetchError` per location (a batch's first attempt)."""
         ...
 
 
@@ -366,12 +370,16 @@ class PinProcessor:
         primary = next(iter(write))
         ids = [e.pin_id for e in events]
         t = time.perf_counter()
-        tombs = await self._retry("redis", lambda: self.cache.get_tombstones(ids))
-        states: dict[str, tuple[dict[str, PinState], dict[str, PinState]]] = {}
+        # every lookup of the batch at once: tombstones, then each version in both stores
+        lookups: list[Awaitable[Any]] = [
+            self._retry("redis", partial(self.cache.get_tombstones, ids))]
         for ver in write:
-            m = await self._retry("milvus", partial(self.milvus.get_states, ver, ids))
-            r = await self._retry("redis", partial(self.cache.get_states, ver, ids))
-            states[ver] = (m, r)
+            lookups.append(self._retry("milvus", partial(self.milvus.get_states, ver, ids)))
+            lookups.append(self._retry("redis", partial(self.cache.get_states, ver, ids)))
+        found: list[Any] = await asyncio.gather(*lookups)
+        tombs: dict[str, int] = found[0]
+        states: dict[str, tuple[dict[str, PinState], dict[str, PinState]]] = {
+            ver: (found[1 + 2 * k], found[2 + 2 * k]) for k, ver in enumerate(write)}
         report.seconds["lookup"] = time.perf_counter() - t
 
         # deletes: stale only if a newer state or delete is already applied in the primary
@@ -451,10 +459,11 @@ class PinProcessor:
             await self._retry("redis", partial(self.cache.delete, v, ids))
         report.deleted = len(ids)
 
-    async def _fetch_one(self, ev: PinEvent) -> bytes | DeadLetter:
+    async def _fetch_one(self, ev: PinEvent, first: int = 1) -> bytes | DeadLetter:
+        """Fetch with retries of transient errors, from attempt ``first`` on."""
         assert ev.image is not None  # guaranteed by PinEvent validation
         delay = self.settings.retry_backoff_s
-        for attempt in range(1, self.settings.fetch_attempts + 1):
+        for attempt in range(first, self.settings.fetch_attempts + 1):
             try:
                 async with self._fetch_sem:
                     return await self.fetcher.fetch(ev.image)
@@ -470,19 +479,46 @@ class PinProcessor:
                                     ev.pin_id, attempt)
         raise AssertionError("unreachable")
 
+    async def _retry_fetch(self, ev: PinEvent, exc: FetchError) -> bytes | DeadLetter:
+        """After a first attempt failed with ``exc``: give up, or wait and try again."""
+        if not exc.transient or self.settings.fetch_attempts <= 1:
+            return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, 1)
+        metrics.RETRIES.labels(stage="fetch").inc()
+        await self._sleep(max(self.settings.retry_backoff_s, exc.retry_after or 0.0))
+        return await self._fetch_one(ev, first=2)
+
     async def _fetch_all(self, events: list[PinEvent], report: BatchReport
                          ) -> dict[str, tuple[bytes, str]]:
-        """Fetch each pin's image once (for every version); failures become dead letters."""
+        """Fetch each pin's image once (for every version); failures become dead letters.
+
+        The first attempt goes out for the whole batch at once (`Fetcher.fetch_many`:
+        local files in one thread hand-off, URLs concurrently); only transient
+        failures are retried one by one. The content hashes are computed in a
+        thread too (hashlib releases the GIL), one hand-off per batch.
+        """
         t = time.perf_counter()
-        got = await asyncio.gather(*(self._fetch_one(ev) for ev in events))
+        try:
+            first: list[bytes | FetchError] = await self.fetcher.fetch_many(
+                [ev.image or "" for ev in events])
+        except Exception as exc:  # noqa: BLE001 - never raise out of the agent
+            first = [FetchError(Reason.FETCH_FAILED, f"unexpected: {exc!r}", transient=True)
+                     for _ in events]
+        got: list[bytes | DeadLetter | None] = [r if isinstance(r, bytes) else None
+                                                for r in first]
+        retry = [i for i, r in enumerate(first) if isinstance(r, FetchError)]
+        if retry:
+            again = await asyncio.gather(*(self._retry_fetch(events[i], first[i])  # type: ignore[arg-type]
+                                           for i in retry))
+            for i, later in zip(retry, again, strict=True):
+                got[i] = later
         report.seconds["fetch"] = time.perf_counter() - t
-        out: dict[str, tuple[bytes, str]] = {}
-        for ev, res in zip(events, got, strict=True):
-            if isinstance(res, DeadLetter):
-                report.dead_letters.append(res)
-            else:
-                out[ev.pin_id] = (res, hashlib.sha256(res).hexdigest())
-        return out
+        ok = [(ev, res) for ev, res in zip(events, got, strict=True) if isinstance(res, bytes)]
+        digests = await asyncio.to_thread(lambda: [hashlib.sha256(b).hexdigest()
+                                                   for _, b in ok]) if ok else []
+        for item in got:
+            if isinstance(item, DeadLetter):
+                report.dead_letters.append(item)
+        return {ev.pin_id: (data, h) for (ev, data), h in zip(ok, digests, strict=True)}
 
     async def _build_records(
         self, ver: str, enc: Encoder, todo: list[PinEvent],

@@ -19,12 +19,11 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
 from encoder.config import EncoderSettings
-from encoder.engine import ImageEncoder
 from encoder.errors import EncoderError
 from encoder.loading import load_encoder
 from encoder.null import NullEncoder
@@ -37,6 +36,9 @@ from streams.fetch import Fetcher
 from streams.processor import Encoder, Message, PinProcessor, StaticVersions
 from streams.producer import consumer_lag
 from streams.settings import Settings
+
+if TYPE_CHECKING:
+    from encoder.engine import ImageEncoder
 
 logger = logging.getLogger(__name__)
 

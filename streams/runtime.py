@@ -72,11 +72,6 @@ def settings_warnings(dotenv: Path = Path(".env")) -> list[str]:
             for name, close in unknown_env(names)]
 
 
-def settings_env(settings: Settings) -> dict[str, str]:
-    """Environment variables that make a child process build the same settings."""
-    return settings.to_env()
-
-
 def workers_dir(settings: Settings) -> Path:
     """Where every running worker records its pid (``pinfresh down`` reads it)."""
     return settings.stack.data_dir.resolve() / "workers"
@@ -114,7 +109,7 @@ def spawn_worker(settings: Settings, name: str, log_path: Path | None = None
     """
     log_path = log_path or settings.stack.data_dir.resolve() / "logs" / f"worker-{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, **settings_env(settings)}
+    env = settings.child_environ(os.environ)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "streams.cli", "worker"], stdout=log,

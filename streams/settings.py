@@ -52,6 +52,10 @@ class WorkerSettings(BaseModel):
     batch_size: int = Field(32, ge=1, le=4096, description="max events per micro-batch")
     batch_wait_s: float = Field(0.25, gt=0, description="max wait to fill a micro-batch")
     fetch_concurrency: int = Field(16, ge=1, description="images fetched at once per worker")
+    batches_in_flight: int = Field(
+        2, ge=1, le=8, description="micro-batches processed at once (acknowledged in order; "
+        "a batch sharing a pin with one in flight waits for it)"
+    )
     fetch_attempts: int = Field(3, ge=1, description="tries for a transient fetch error")
     retry_backoff_s: float = Field(0.2, gt=0, description="first backoff; doubles per retry")
     retry_backoff_max_s: float = Field(10.0, gt=0)
@@ -84,7 +88,6 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(
         env_prefix="PINFRESH_", env_nested_delimiter="__", env_file=".env", extra="ignore",
-        env_parse_none_str="null",
     )
 
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
@@ -122,10 +125,21 @@ class Settings(BaseSettings):
         """Environment variables from which a child process builds these same settings.
 
         Generated from the model, so every field travels (a round-trip test
-        covers each one). Secrets are included unmasked: pass this only as a
-        process environment, never on a command line or to a log.
+        covers each one); a field that is None is left out (every optional
+        setting defaults to None). Secrets are included unmasked: pass this only
+        as a process environment, never on a command line or to a log. See
+        `child_environ` for the whole environment of a child.
         """
-        return {name: _env_value(value) for name, value in _leaves(self)}
+        return {name: _env_value(value) for name, value in _leaves(self) if value is not None}
+
+    def child_environ(self, base: Mapping[str, str]) -> dict[str, str]:
+        """``base`` (usually ``os.environ``) without its ``PINFRESH_*`` variables, plus `to_env`.
+
+        So a child builds exactly these settings, not a mix with whatever the
+        parent's environment held.
+        """
+        return {**{k: v for k, v in base.items() if not k.upper().startswith(ENV_PREFIX)},
+                **self.to_env()}
 
 
 ENV_PREFIX = "PINFRESH_"
@@ -142,8 +156,6 @@ def _leaves(model: BaseModel, prefix: str = ENV_PREFIX) -> Iterator[tuple[str, A
 
 
 def _env_value(value: Any) -> str:
-    if value is None:
-        return "null"  # `env_parse_none_str`
     if isinstance(value, SecretStr):
         return value.get_secret_value()
     if isinstance(value, bool):

@@ -425,7 +425,6 @@ async def test_feeders_share_one_encoder_process_and_survive_kills(pipeline, cat
     import subprocess
     import sys
 
-    from streams.runtime import settings_env
     from streams.stack import free_port
 
     items = catalog[100:220]
@@ -436,7 +435,7 @@ async def test_feeders_share_one_encoder_process_and_survive_kills(pipeline, cat
     log_path = pipeline.logs / "pool.log"
     log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
     pool = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--devices", "cpu",
-                             "--feeders", "2"], env={**os.environ, **settings_env(s)},
+                             "--feeders", "2"], env=s.child_environ(os.environ),
                             stdout=log, stderr=subprocess.STDOUT)
 
     def started(role: str) -> list[int]:

@@ -185,13 +185,13 @@ async def test_down_stops_a_worker_started_by_hand(pipeline):
     import subprocess
     import sys
 
-    from streams.runtime import settings_env, stop_workers, workers_dir
+    from streams.runtime import stop_workers, workers_dir
     from streams.stack import free_port
 
     port = free_port()
     s = pipeline.settings.model_copy(update={
         "worker": pipeline.settings.worker.model_copy(update={"metrics_port": port})})
-    env = {**os.environ, **settings_env(s)}
+    env = s.child_environ(os.environ)
     log = open(pipeline.logs / "by-hand.log", "wb")  # noqa: SIM115 - closed below
     proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker"], env=env,
                             stdout=log, stderr=subprocess.STDOUT)

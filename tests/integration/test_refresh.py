@@ -19,7 +19,6 @@ from store.reader import EmbeddingReader
 from store.registry import CoverageError, VersionRegistry
 from streams.events import PinEvent
 from streams.refresh import run_backfill
-from streams.runtime import settings_env
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -143,7 +142,7 @@ async def test_killed_backfill_resumes_without_reencoding(pipeline, catalog, enc
     await registry.register(vb, encoder_b.dim, "pinfresh-effl0-minilm", None, 1)
     pipeline.kill_worker("w1")  # only the backfill writes the new version now
 
-    env = {**os.environ, **settings_env(pipeline.settings)}
+    env = pipeline.settings.child_environ(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "streams.cli", "backfill", "--to", vb,
                              "--batch", "8", "--yield-lag", "1000000"], env=env,
                             stdout=subprocess.DEVNULL,

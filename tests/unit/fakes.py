@@ -113,6 +113,15 @@ class FakeFetcher:
             raise got
         return got
 
+    async def fetch_many(self, locations: Sequence[str]) -> list[bytes | FetchError]:
+        out: list[bytes | FetchError] = []
+        for loc in locations:
+            try:
+                out.append(await self.fetch(loc))
+            except FetchError as exc:
+                out.append(exc)
+        return out
+
 
 class FakeDLQ:
     def __init__(self) -> None:

@@ -209,3 +209,19 @@ def test_retry_after_header_forms():
     assert retry_after_s("120") == 120.0
     assert retry_after_s("Thu, 01 Jan 1970 00:01:40 GMT", now=40.0) == 60.0
     assert retry_after_s("soon") is None and retry_after_s(None) is None
+
+
+async def test_fetch_many_reads_files_in_one_go_with_per_item_errors(fetcher, tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "pipe.png")  # opening a FIFO must not block the worker
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "up.png").symlink_to(tmp_path / "ok.png")  # inside: fine
+    got = await fetcher.fetch_many([
+        str(tmp_path / "ok.png"), str(tmp_path / "missing.png"), "/etc/hostname",
+        str(tmp_path / "pipe.png"), str(tmp_path / "sub" / "up.png"),
+        f"file://{tmp_path / 'big.png'}", "gopher://x/"])
+    assert got[0] == b"x" * 10 and got[4] == b"x" * 10
+    reasons = [g.reason if isinstance(g, FetchError) else None for g in got]
+    assert reasons == [None, Reason.NOT_FOUND, Reason.FORBIDDEN_LOCATION, Reason.NOT_FOUND,
+                       None, Reason.TOO_LARGE, Reason.FORBIDDEN_LOCATION]

@@ -199,3 +199,14 @@ def test_broker_outage_flood_becomes_one_warning_per_interval():
     assert f.filter(later) and "1199 similar line(s) suppressed" in later.getMessage()
     assert f.filter(rec("streams.app", "our own error"))  # never limited
     assert f.filter(rec("aiokafka", "a debug line", _logging.INFO))
+
+
+def test_child_environ_drops_the_parents_pinfresh_variables():
+    s = Settings(_env_file=None).model_copy(update={"encoder": Settings().encoder.model_copy(
+        update={"model": "null"})})
+    env = s.child_environ({"PATH": "/bin", "PINFRESH_ENCODER__CHECKPOINT": "/old",
+                           "pinfresh_worker__batch_size": "7"})
+    assert env["PATH"] == "/bin" and env["PINFRESH_ENCODER__MODEL"] == "null"
+    assert "PINFRESH_ENCODER__CHECKPOINT" not in env  # None here: not inherited either
+    assert "pinfresh_worker__batch_size" not in env
+    assert env["PINFRESH_WORKER__BATCH_SIZE"] == str(s.worker.batch_size)

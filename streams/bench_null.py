@@ -1,0 +1,294 @@
+"""``pinfresh bench pipeline --encoder null``: what feeders cost, with the encoder taken out.
+
+Everything but the encoder is real: a private embedded stack (Kafka protocol
+broker, Valkey, Milvus Lite), ``pinfresh worker`` processes consuming,
+validating, fetching, hashing, writing both stores and committing. The
+encoder is the null stub (a unit vector from the image bytes, no decode), so
+the rate measures the stream machinery a GPU host needs to feed its GPU.
+
+Measured in one run, per image source (local files; a local HTTP server):
+
+* **bare consumer**: a Faust agent that takes the same micro-batches and acks
+  them with no work (one Redis INCRBY per batch so progress can be read) -
+  the ceiling of one consuming process on this broker;
+* **feeders**: ``pinfresh worker --devices cpu --feeders N`` with the null
+  model, N = 1, 2, 4: one encoder process serving N feeders over the Unix
+  socket, as on a GPU host;
+* **in-process**: one plain worker with the null encoder in its own process,
+  to show what the socket hop costs.
+
+Each rate is pins readable in Redis per second while draining a backlog: the
+``pins`` events are published first, then the processes start, and the rate
+is taken between 10 % and 90 % of the backlog written (from the pins'
+``written_at`` in Redis; for the bare consumer, from its acked count polled
+every 20 ms), so process start-up, group joins and the tail are left out.
+One run each; the machine's conditions are in the JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from store.redis import RedisCache
+from streams.bench import private_stack
+from streams.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
+from streams.producer import ensure_topics, publish_events
+from streams.report import emit, machine
+from streams.settings import Settings
+from streams.stack import free_port
+
+NULL_VERSION = "null_512"
+
+
+# ------------------------------------------------------------ helper processes
+def bare_consumer_main() -> None:
+    """Entry of the bare consumer process (settings from the environment)."""
+    import faust
+    import redis.asyncio as aioredis
+
+    from streams.logconf import configure_logging
+
+    s = Settings()
+    configure_logging("WARNING", as_json=False)
+    k = s.kafka
+    s.worker_state_dir().mkdir(parents=True, exist_ok=True)
+    app = faust.App(f"{k.group_id}", broker=[f"kafka://{h}" for h in
+                                            k.bootstrap_servers.split(",")],
+                    value_serializer="raw", key_serializer="raw",
+                    topic_partitions=k.partitions, broker_rebalance_timeout=k.rebalance_timeout_s,
+                    broker_session_timeout=k.session_timeout_s,
+                    broker_heartbeat_interval=k.heartbeat_interval_s,
+                    broker_commit_interval=k.commit_interval_s,
+                    consumer_auto_offset_reset="earliest", store="memory://",
+                    web_enabled=False, datadir=str(s.worker_state_dir() / "{conf.name}-data"))
+    topic = app.topic(k.topic, key_type=bytes, value_type=bytes, partitions=k.partitions)
+    counter = f"{s.redis.key_prefix}:bench:bare"
+
+    @app.agent(topic)
+    async def consume(stream: Any) -> None:
+        r = aioredis.Redis.from_url(s.redis.url)
+        async for events in stream.noack_take(s.worker.batch_size,
+                                              within=s.worker.batch_wait_s):
+            for e in events:
+                await stream.ack(e)
+            await r.incrby(counter, len(events))
+
+    faust.Worker(app, loglevel="warning", quiet=True, redirect_stdouts=False,
+                 override_logging=False).execute_from_commandline()
+
+
+_FILE_SERVER = """
+import sys
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+class H(SimpleHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as a CDN serves
+    def log_message(self, *a):
+        pass
+
+srv = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), partial(H, directory=sys.argv[1]))
+srv.daemon_threads = True
+srv.serve_forever()
+"""
+
+
+@contextlib.contextmanager
+def file_server(root: Path) -> Iterator[str]:
+    """A local HTTP/1.1 (keep-alive) server over ``root``; yields its base URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _FILE_SERVER, str(root), str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+                break
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+# ------------------------------------------------------------------ one round
+async def _progress(cache: RedisCache, r: Any, key: str | None) -> int:
+    """Pins written (null version's id set) or, with ``key``, events the bare consumer acked."""
+    if key is not None:
+        return int(await r.get(key) or 0)
+    return await cache.count(NULL_VERSION) if await cache.get_live() else 0
+
+
+async def _track(cache: RedisCache, r: Any, key: str | None, start: int, n: int,
+                 timeout: float) -> list[tuple[float, int]]:
+    """Poll progress every 20 ms until ``n`` more are done; ``(time, done)`` samples."""
+    deadline = time.monotonic() + timeout
+    samples: list[tuple[float, int]] = []
+    while True:
+        got = await _progress(cache, r, key) - start
+        samples.append((time.time(), got))
+        if got >= n:
+            return samples
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {got} of {n} after {timeout:.0f}s (see the logs)")
+        await asyncio.sleep(0.02)
+
+
+def _crossing(samples: list[tuple[float, int]], at: float) -> float:
+    return next(t for t, done in samples if done >= at)
+
+
+def _start(cmd: Sequence[str], s: Settings, log: Path) -> subprocess.Popen[bytes]:
+    with open(log, "ab") as f:
+        return subprocess.Popen(list(cmd), env=s.child_environ(os.environ), stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins: int,
+                 logs: Path, console: Console) -> dict[str, Any]:
+    """Start the processes of one configuration, publish the backlog, time it."""
+    tag = f"{kind}-{n}-{int(time.time() * 1000) % 10_000_000}"
+    s = s.model_copy(update={"kafka": s.kafka.model_copy(update={
+        "topic": f"bench-{tag}", "dlq_topic": f"bench-{tag}.dlq", "group_id": f"g-{tag}"})})
+    import redis.asyncio as aioredis
+
+    await ensure_topics(s.kafka)
+    cache = RedisCache(s.redis)
+    r = aioredis.Redis.from_url(s.redis.url)
+    py = [sys.executable, "-m", "streams.cli"]
+    key: str | None = None
+    procs: list[subprocess.Popen[bytes]] = []
+    if kind == "bare":
+        cmd = [sys.executable, "-c", "from streams.bench_null import bare_consumer_main as m; m()"]
+        bare_key = f"{s.redis.key_prefix}:bench:bare"
+        await r.delete(bare_key)
+        key = bare_key
+    elif kind == "in-process":
+        cmd = [*py, "worker", "--devices", ",".join(["cpu"] * n)]
+    else:
+        cmd = [*py, "worker", "--devices", "cpu", "--feeders", str(n)]
+    try:
+        # the backlog is published before the processes start; the rate is taken
+        # between 10 % and 90 % of it done, so start-up, joins and the tail do not count
+        before = await _progress(cache, r, key)
+        backlog = [replace(items[i % len(items)], pin_id=f"p-{tag}-{i}") for i in range(pins)]
+        await publish_events(s.kafka, (it.event(1) for it in backlog), progress=False)
+        procs = [_start(cmd, s, logs / f"{tag}.log")]
+        samples = await _track(cache, r, key, before, len(backlog), 1200)
+        if key is None:  # Redis write times are exact: use them instead of the poll times
+            metas = await cache.get_meta(NULL_VERSION, [it.pin_id for it in backlog])
+            written = sorted(float(m["written_at"]) for m in metas.values())
+            t0, t1 = written[len(written) // 10], written[len(written) * 9 // 10]
+        else:
+            t0, t1 = _crossing(samples, 0.1 * pins), _crossing(samples, 0.9 * pins)
+    finally:
+        for p in procs:
+            _stop(p)
+        await cache.close()
+        await r.aclose()
+    rate = 0.8 * len(backlog) / (t1 - t0)
+    console.print(f"{kind} x{n}: {len(backlog)} pins, 10-90 % in {t1 - t0:.1f}s = "
+                  f"{rate:.0f} pins/s")
+    return {"kind": kind, "processes": n, "pins": len(backlog),
+            "seconds_10_to_90_pct": round(t1 - t0, 2), "pins_per_s": round(rate, 1)}
+
+
+def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
+                   sources: Sequence[str], out: Path, console: Console) -> dict[str, Any]:
+    """Run every round, print the table and write the JSON (see the module docstring)."""
+    data_dir = settings.stack.data_dir.resolve()
+    path = prepare_sample_catalog(data_dir)
+    items = [it for it in load_catalog(path) if "party-horn-out" not in it.pin_id]
+    root = catalog_root_of(path)
+    base = settings.model_copy(update={
+        "encoder": settings.encoder.model_copy(update={"model": "null"}),
+        "worker": settings.worker.model_copy(update={"metrics_port": 0}),
+        "log_level": "WARNING"})
+    rounds: list[dict[str, Any]] = []
+    logs = data_dir / "logs" / "bench-null"
+    logs.mkdir(parents=True, exist_ok=True)
+    console.print(f"process logs: {logs}")
+    with private_stack(base, root) as (s, _tmp):
+        s = s.model_copy(update={"kafka": s.kafka.model_copy(update={"partitions": 8})})
+        for source in sources:
+            src_items = items
+            ctx: contextlib.AbstractContextManager[str | None] = contextlib.nullcontext(None)
+            if source == "http":
+                ctx = file_server(root)
+            with ctx as url:
+                ss = s
+                if url is not None:
+                    src_items = [replace(it, image=url + "/" + str(Path(it.image)
+                                                                 .relative_to(root)))
+                                 for it in items]
+                    ss = s.model_copy(update={"fetch": s.fetch.model_copy(update={
+                        "allowed_hosts": ["127.0.0.1"]})})
+                configs = [("bare", 1), ("in-process", 1)] + [("feeders", n) for n in feeders]
+                for kind, n in configs:
+                    res = asyncio.run(_round(ss, kind, n, src_items, pins, logs, console))
+                    res["source"] = source
+                    rounds.append(res)
+
+    def rate(kind: str, n: int, source: str) -> float | None:
+        return next((r["pins_per_s"] for r in rounds if r["kind"] == kind
+                     and r["processes"] == n and r["source"] == source), None)
+
+    src0 = sources[0]
+    bare = rate("bare", 1, src0)
+    one = rate("feeders", 1, src0)
+    report: dict[str, Any] = {
+        "bare_consumer_events_per_s": bare,
+        "null_pins_per_s": {str(n): rate("feeders", n, src0) for n in feeders},
+        "null_pins_per_s_http": ({str(n): rate("feeders", n, "http") for n in feeders}
+                                 if "http" in sources else None),
+        "in_process_null_pins_per_s": rate("in-process", 1, src0),
+        "one_feeder_vs_bare_consumer": round(one / bare, 3) if one and bare else None,
+        "rounds": rounds,
+        "pins_per_round": pins,
+        "partitions": 8,
+        "worker_batch_size": settings.worker.batch_size,
+        "images": "Tux Paint stamps (PNG), local files or a local HTTP/1.1 server "
+                  "(Python ThreadingHTTPServer, keep-alive) in a separate process",
+        "note": "one run of each; everything (broker, Valkey, Milvus Lite, HTTP server, "
+                "processes under test, this driver) shares this machine's cores",
+        "machine": machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    rows: list[tuple[str, object]] = []
+    for r in rounds:
+        label = {"bare": "bare Faust consumer (ack only)", "in-process":
+                 "1 worker, null encoder in-process", "feeders":
+                 f"{r['processes']} feeder(s) + null encoder process"}[r["kind"]]
+        rows.append((f"{r['source']}: {label}, pins/s", r["pins_per_s"]))
+    rows.append(("1 feeder / bare consumer", report["one_feeder_vs_bare_consumer"]))
+    emit(f"pinfresh bench pipeline --encoder null ({pins} pins per round, one run each)",
+         rows, report, out, console)
+    return report
