@@ -78,34 +78,54 @@ def _photo_sources(catalog: Path | None) -> tuple[list[Image.Image], str]:
     return imgs, f"sample catalog stamps ({len(imgs)}), flattened on white"
 
 
+_SOURCES: list[Image.Image] = []
+
+
+def _make_one(args: tuple[int, Path, int, int, int, int]) -> None:
+    i, out_dir, width, height, quality, seed = args
+    rng = np.random.default_rng([seed, i])  # per image: the same files whatever the workers
+    src = _SOURCES[i % len(_SOURCES)]
+    aspect = width / height
+    w, h = src.size
+    ch = int(min(h, w / aspect) * rng.uniform(0.5, 1.0))
+    cw = int(ch * aspect)
+    x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
+    im = src.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height), Image.Resampling.BICUBIC)
+    if rng.random() < 0.5:
+        im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.asarray(im, dtype=np.float32) * rng.uniform(0.85, 1.15, 3)
+    im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+    buf = io.BytesIO()
+    im.save(buf, format="JPEG", quality=quality)
+    (out_dir / f"img-{i:05d}.jpg").write_bytes(buf.getvalue())
+
+
 def make_jpeg_corpus(out_dir: Path, n: int, *, width: int = 736, height: int = 920,
                      quality: int = 90, catalog: Path | None = None,
-                     seed: int = 0) -> str:
+                     seed: int = 0, workers: int = 1) -> str:
     """Write ``n`` distinct ``width x height`` JPEGs to ``out_dir``; returns the source.
 
     Each image is a random crop (50-100 % of the short side), maybe mirrored,
     of a source photo, resized to the target size with a small colour jitter,
-    so no two files share a bitstream.
+    so no two files share a bitstream. Files already there are kept.
+    ``workers`` > 1 forks that many processes (call it before CUDA is touched).
     """
+    global _SOURCES
     sources, what = _photo_sources(catalog)
-    rng = np.random.default_rng(seed)
+    _SOURCES = sources
     out_dir.mkdir(parents=True, exist_ok=True)
-    aspect = width / height
-    for i in tqdm(range(n), desc="jpeg corpus", unit="img"):
-        src = sources[i % len(sources)]
-        w, h = src.size
-        ch = int(min(h, w / aspect) * rng.uniform(0.5, 1.0))
-        cw = int(ch * aspect)
-        x0, y0 = int(rng.integers(0, w - cw + 1)), int(rng.integers(0, h - ch + 1))
-        im = src.crop((x0, y0, x0 + cw, y0 + ch)).resize((width, height),
-                                                        Image.Resampling.BICUBIC)
-        if rng.random() < 0.5:
-            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        arr = np.asarray(im, dtype=np.float32) * rng.uniform(0.85, 1.15, 3)
-        im = Image.fromarray(arr.clip(0, 255).astype(np.uint8))
-        buf = io.BytesIO()
-        im.save(buf, format="JPEG", quality=quality)
-        (out_dir / f"img-{i:05d}.jpg").write_bytes(buf.getvalue())
+    todo = [(i, out_dir, width, height, quality, seed) for i in range(n)
+            if not (out_dir / f"img-{i:05d}.jpg").exists()]
+    if workers > 1 and len(todo) > 64:
+        import multiprocessing
+
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            for _ in tqdm(pool.imap_unordered(_make_one, todo, chunksize=32), total=len(todo),
+                          desc="jpeg corpus", unit="img"):
+                pass
+    else:
+        for args in tqdm(todo, desc="jpeg corpus", unit="img"):
+            _make_one(args)
     return what
 
 

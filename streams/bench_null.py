@@ -22,7 +22,9 @@ Each rate is pins readable in Redis per second while draining a backlog: the
 is taken between 10 % and 90 % of the backlog written (from the pins'
 ``written_at`` in Redis; for the bare consumer, from its acked count polled
 every 20 ms), so process start-up, group joins and the tail are left out.
-One run each; the machine's conditions are in the JSON.
+Each configuration runs ``repeat`` times (3), interleaved with the others;
+the median is reported, every run is in the JSON with the machine's
+conditions.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -222,7 +225,8 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
 
 
 def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
-                   sources: Sequence[str], out: Path, console: Console) -> dict[str, Any]:
+                   sources: Sequence[str], out: Path, console: Console,
+                   repeat: int = 3) -> dict[str, Any]:
     """Run every round, print the table and write the JSON (see the module docstring)."""
     data_dir = settings.stack.data_dir.resolve()
     path = prepare_sample_catalog(data_dir)
@@ -252,14 +256,16 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
                     ss = s.model_copy(update={"fetch": s.fetch.model_copy(update={
                         "allowed_hosts": ["127.0.0.1"]})})
                 configs = [("bare", 1), ("in-process", 1)] + [("feeders", n) for n in feeders]
-                for kind, n in configs:
-                    res = asyncio.run(_round(ss, kind, n, src_items, pins, logs, console))
-                    res["source"] = source
-                    rounds.append(res)
+                for _ in range(repeat):  # interleaved, so drift hits every configuration alike
+                    for kind, n in configs:
+                        res = asyncio.run(_round(ss, kind, n, src_items, pins, logs, console))
+                        res["source"] = source
+                        rounds.append(res)
 
     def rate(kind: str, n: int, source: str) -> float | None:
-        return next((r["pins_per_s"] for r in rounds if r["kind"] == kind
-                     and r["processes"] == n and r["source"] == source), None)
+        got = [r["pins_per_s"] for r in rounds if r["kind"] == kind
+               and r["processes"] == n and r["source"] == source]
+        return round(statistics.median(got), 1) if got else None
 
     src0 = sources[0]
     bare = rate("bare", 1, src0)
@@ -273,6 +279,8 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
         "one_feeder_vs_bare_consumer": round(one / bare, 3) if one and bare else None,
         "rounds": rounds,
         "pins_per_round": pins,
+        "runs_per_configuration": repeat,
+        "statistic": "median of the runs",
         "partitions": 8,
         "worker_batch_size": settings.worker.batch_size,
         "images": "Tux Paint stamps (PNG), local files or a local HTTP/1.1 server "
@@ -283,12 +291,16 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     rows: list[tuple[str, object]] = []
-    for r in rounds:
-        label = {"bare": "bare Faust consumer (ack only)", "in-process":
-                 "1 worker, null encoder in-process", "feeders":
-                 f"{r['processes']} feeder(s) + null encoder process"}[r["kind"]]
-        rows.append((f"{r['source']}: {label}, pins/s", r["pins_per_s"]))
+    for source in sources:
+        for kind, n in [("bare", 1), ("in-process", 1)] + [("feeders", n) for n in feeders]:
+            label = {"bare": "bare Faust consumer (ack only)", "in-process":
+                     "1 worker, null encoder in-process", "feeders":
+                     f"{n} feeder(s) + null encoder process"}[kind]
+            runs = [r["pins_per_s"] for r in rounds if r["kind"] == kind
+                    and r["processes"] == n and r["source"] == source]
+            rows.append((f"{source}: {label}, pins/s (median; runs)",
+                         f"{rate(kind, n, source)} ({', '.join(f'{x:.0f}' for x in runs)})"))
     rows.append(("1 feeder / bare consumer", report["one_feeder_vs_bare_consumer"]))
-    emit(f"pinfresh bench pipeline --encoder null ({pins} pins per round, one run each)",
+    emit(f"pinfresh bench pipeline --encoder null ({pins} pins per round, median of {repeat})",
          rows, report, out, console)
     return report

@@ -974,18 +974,20 @@ def bench() -> None:
               help="null: measure feeders with a stub encoder (bare consumer, 1/2/4 feeders, "
               "files and HTTP) and write bench/results/pipeline_null.json")
 @click.option("--pins", type=int, default=None,
-              help="pins for capacity [default: 400; with --encoder null, 4000 per round]")
+              help="pins for capacity [default: 400; with --encoder null, 6000 per round]")
 @click.option("--fresh-pins", type=int, default=200, show_default=True,
               help="pins published at half capacity for freshness")
 @click.option("--feeders", default="1,2,4", show_default=True,
               help="with --encoder null: feeder counts to measure")
 @click.option("--sources", default="file,http", show_default=True,
               help="with --encoder null: image sources to measure")
+@click.option("--repeat", default=3, show_default=True,
+              help="with --encoder null: runs per configuration (the median is reported)")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="[default: bench/results/pipeline.json, or pipeline_null.json]")
 @pass_ctx
 def bench_pipeline(ctx: _Ctx, encoder_kind: str, pins: int | None, fresh_pins: int,
-                   feeders: str, sources: str, out: Path | None) -> None:
+                   feeders: str, sources: str, repeat: int, out: Path | None) -> None:
     """Bare encoder vs whole pipeline on this machine, and freshness at half capacity.
 
     With --encoder null: the stream machinery alone (feeders with a stub
@@ -994,9 +996,9 @@ def bench_pipeline(ctx: _Ctx, encoder_kind: str, pins: int | None, fresh_pins: i
     if encoder_kind == "null":
         from streams.bench_null import run_null_bench
 
-        run_null_bench(ctx.settings, pins or 4000, [int(x) for x in feeders.split(",")],
+        run_null_bench(ctx.settings, pins or 6000, [int(x) for x in feeders.split(",")],
                        [x.strip() for x in sources.split(",")],
-                       out or Path("bench/results/pipeline_null.json"), console)
+                       out or Path("bench/results/pipeline_null.json"), console, repeat=repeat)
         return
     from streams.bench import run_pipeline_bench
 
