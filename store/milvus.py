@@ -152,8 +152,12 @@ class MilvusStore:
         return bool(await self._call(self._client.has_collection, self.collection(version)))
 
     async def drop_version(self, version: str) -> None:
-        """Drop a version's collection."""
-        await self._call(self._client.drop_collection, self.collection(version))
+        """Drop a version's collection (and any alias still naming it)."""
+        name = self.collection(version)
+        aliases = await self._call(self._client.list_aliases, collection_name=name)
+        for alias in aliases.get("aliases", []):
+            await self._call(self._client.drop_alias, alias)
+        await self._call(self._client.drop_collection, name)
         self._loaded.discard(self.collection(version))
         self._schemas.pop(self.collection(version), None)
 

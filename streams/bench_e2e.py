@@ -49,7 +49,6 @@ def _writer(args: tuple[Settings, str, str, int, float, int]) -> int:
         now = time.time()
         backend: Any = MilvusStore(s.milvus) if store == "milvus" else RedisCache(s.redis)
         try:
-            await backend.ensure_version(version, 512)
             n, k = 0, 0
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:
@@ -71,10 +70,13 @@ def store_write_ceiling(s: Settings, writers: int, seconds: float = 8.0,
     """Rows/s into Milvus and into Redis from ``writers`` processes each (forked)."""
     out: dict[str, float] = {}
     ctx = multiprocessing.get_context("fork")
+    # its own namespace: a version registered where the workers look would be dual-written
+    s = s.model_copy(update={
+        "milvus": s.milvus.model_copy(update={"collection_prefix": "ceiling"}),
+        "redis": s.redis.model_copy(update={"key_prefix": "ceiling"})})
     for store in ("milvus", "redis"):
         version = f"ceiling_{store}_{int(time.time())}"
-        if store == "redis":  # the cache needs its namespace registered first
-            asyncio.run(_register(s, version))
+        asyncio.run(_register(s, store, version))  # once, before the writers race to it
         with ctx.Pool(writers) as pool:
             t = time.monotonic()
             rows = sum(pool.map(_writer, [(s, store, version, i, seconds, batch)
@@ -84,12 +86,12 @@ def store_write_ceiling(s: Settings, writers: int, seconds: float = 8.0,
     return out
 
 
-async def _register(s: Settings, version: str) -> None:
-    cache = RedisCache(s.redis)
+async def _register(s: Settings, store: str, version: str) -> None:
+    backend: Any = MilvusStore(s.milvus) if store == "milvus" else RedisCache(s.redis)
     try:
-        await cache.ensure_version(version, 512)
+        await backend.ensure_version(version, 512)
     finally:
-        await cache.close()
+        await backend.close()
 
 
 # --------------------------------------------------------------- the pipeline

@@ -45,7 +45,6 @@ from typing import Any
 from rich.console import Console
 
 from store.redis import RedisCache
-from streams.bench import private_stack
 from streams.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
 from streams.producer import ensure_topics, publish_events
 from streams.report import emit, machine
@@ -165,6 +164,21 @@ def _start(cmd: Sequence[str], s: Settings, log: Path) -> subprocess.Popen[bytes
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
+async def _drop(s: Settings) -> None:
+    """Drop the round's collection and keys, so rounds do not weigh on each other."""
+    from store.milvus import MilvusStore
+
+    milvus, cache = MilvusStore(s.milvus), RedisCache(s.redis)
+    try:
+        await cache.drop_version(NULL_VERSION)
+        await milvus.drop_version(NULL_VERSION)
+    except Exception as exc:  # noqa: BLE001 - a benchmark's clean-up; say so and go on
+        print(f"clean-up of round {s.milvus.collection_prefix} failed: {exc!r}")
+    finally:
+        await milvus.close()
+        await cache.close()
+
+
 def _stop(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGTERM)
@@ -179,8 +193,15 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
                  logs: Path, console: Console) -> dict[str, Any]:
     """Start the processes of one configuration, publish the backlog, time it."""
     tag = f"{kind}-{n}-{int(time.time() * 1000) % 10_000_000}"
-    s = s.model_copy(update={"kafka": s.kafka.model_copy(update={
-        "topic": f"bench-{tag}", "dlq_topic": f"bench-{tag}.dlq", "group_id": f"g-{tag}"})})
+    # a fresh topic, group, collection and key prefix per round: Milvus Lite slows down as
+    # a collection grows (its upserts timed out after 20 rounds into one collection), and
+    # each round must start from the same store state
+    prefix = "b" + tag.replace("-", "_")
+    s = s.model_copy(update={
+        "kafka": s.kafka.model_copy(update={
+            "topic": f"bench-{tag}", "dlq_topic": f"bench-{tag}.dlq", "group_id": f"g-{tag}"}),
+        "milvus": s.milvus.model_copy(update={"collection_prefix": prefix}),
+        "redis": s.redis.model_copy(update={"key_prefix": prefix})})
     import redis.asyncio as aioredis
 
     await ensure_topics(s.kafka)
@@ -217,6 +238,7 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
             _stop(p)
         await cache.close()
         await r.aclose()
+        await _drop(s)
     rate = 0.8 * len(backlog) / (t1 - t0)
     console.print(f"{kind} x{n}: {len(backlog)} pins, 10-90 % in {t1 - t0:.1f}s = "
                   f"{rate:.0f} pins/s")
@@ -237,6 +259,8 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
         "worker": settings.worker.model_copy(update={"metrics_port": 0}),
         "log_level": "WARNING"})
     rounds: list[dict[str, Any]] = []
+    from streams.bench import private_stack  # imports torch: not in the consumer processes
+
     logs = data_dir / "logs" / "bench-null"
     logs.mkdir(parents=True, exist_ok=True)
     console.print(f"process logs: {logs}")

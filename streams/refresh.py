@@ -80,6 +80,7 @@ class RegistryVersions:
         self.refresh_s = refresh_s
         self._encoders: dict[str, Encoder] = {base.version: base}
         self._write: dict[str, Encoder] = {base.version: base}
+        self._broken: set[str] = set()  # registered versions whose encoder failed to load
         self._at = 0.0
 
     async def write_set(self) -> dict[str, Encoder]:
@@ -90,10 +91,21 @@ class RegistryVersions:
         write: dict[str, Encoder] = {}
         for info in sorted(infos, key=lambda v: not v.live):
             enc = self._encoders.get(info.version)
+            if enc is None and info.version in self._broken:
+                continue
             if enc is None:
                 logger.info("loading encoder of version %s (%s) for dual writes",
                             info.version, info.state)
-                enc = await asyncio.to_thread(load_version_encoder, info, self.settings)
+                try:
+                    enc = await asyncio.to_thread(load_version_encoder, info, self.settings)
+                except EncoderError as exc:
+                    # one version this worker cannot build must not stop the stream for the
+                    # others: it gets no dual writes here (so its coverage check will refuse
+                    # a promotion) and the operator is told once, with the fix
+                    self._broken.add(info.version)
+                    logger.error("version %s is registered but its encoder does not load here, "
+                                 "so this worker does not write it: %s", info.version, exc)
+                    continue
                 self._encoders[info.version] = enc
             write[info.version] = enc
         if write:

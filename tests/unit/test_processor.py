@@ -217,3 +217,23 @@ async def test_batch_retry_after_an_error_does_not_duplicate_dead_letters(parts)
     batch = [Message(b"m1", b"not json"), up("b", "/c/b.png", 1), Message(b"m2", b"{}")]
     await proc.handle(batch)
     assert sorted(dl.pin_id for dl in dlq.letters) == ["b", "m1", "m2"]
+
+
+async def test_a_registered_version_that_does_not_load_is_skipped_not_fatal(caplog):
+    from encoder.config import EncoderSettings
+    from encoder.null import NullEncoder
+    from store.registry import VersionInfo
+    from streams.refresh import RegistryVersions
+
+    base = NullEncoder()
+
+    class Registry:
+        async def written(self):
+            return [VersionInfo(base.version, "live", 512, "null", "", 0, 0.0, True),
+                    VersionInfo("ghost_123", "building", 512, "no-such-model", "", 0, 0.0,
+                                False)]
+
+    rv = RegistryVersions(Registry(), base, EncoderSettings(), refresh_s=0)
+    for _ in range(2):  # tried once, then remembered as broken
+        assert list(await rv.write_set()) == [base.version]
+    assert sum("ghost_123" in r.message for r in caplog.records) == 1
