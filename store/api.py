@@ -1,6 +1,10 @@
 """The read API for ranking services: an app factory over the reader.
 
-Routes (JSON in and out, one error envelope ``{"error": {"code", "message"}}``):
+Routes (JSON in and out, one error envelope ``{"error": {"code", "message"}}``
+for every error: a bad body (422, ``unknown_field`` for a field the route does
+not know), invalid JSON (400), another content type (415), an unknown route
+(404) or method (405), an unknown or absent version, an unknown pin (404), a
+store that is down (503 with ``Retry-After``)):
 
 * ``POST /v1/embeddings:batchGet`` ``{"pin_ids": [...], "version": null,
   "encoding": "json" | "base64", "dtype": "float32" | "float16"}`` returns
@@ -37,16 +41,23 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from store.config import ApiSettings, MilvusSettings, RedisSettings
-from store.errors import StoreError, StoreUnavailable, UnknownVersion
+from store.errors import NoLiveVersion, PinNotFound, StoreError, StoreUnavailable, UnknownVersion
 from store.milvus import MilvusStore
 from store.reader import EmbeddingReader
 from store.redis import RedisCache
 
 
-class BatchGetRequest(BaseModel):
+class _Body(BaseModel):
+    """Request bodies refuse fields they do not know (a typo is an error, not ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class BatchGetRequest(_Body):
     """Body of ``/v1/embeddings:batchGet``."""
 
     pin_ids: list[str] = Field(min_length=1)
@@ -55,14 +66,14 @@ class BatchGetRequest(BaseModel):
     dtype: Literal["float32", "float16"] = "float32"
 
 
-class SimilarFilter(BaseModel):
+class SimilarFilter(_Body):
     """Simple metadata filters for ``/v1/similar``."""
 
     caption_contains: str | None = Field(None, max_length=200)
     exclude: list[str] = Field(default_factory=list, max_length=1000)
 
 
-class SimilarRequest(BaseModel):
+class SimilarRequest(_Body):
     """Body of ``/v1/similar``: a pin id or a vector."""
 
     pin_id: str | None = None
@@ -120,13 +131,37 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {"loc": [], "msg": "invalid request"}
+        first: dict[str, Any] = dict(exc.errors()[0]) if exc.errors() else {
+            "loc": [], "msg": "invalid request"}
+        if first.get("type") == "json_invalid":
+            ctx: dict[str, Any] = first.get("ctx") or {}
+            return _envelope(400, "invalid_json",
+                             f"the body is not valid JSON: {ctx.get('error', first.get('msg'))}")
         where = ".".join(str(p) for p in first.get("loc", []) if p != "body")
+        if first.get("type") == "extra_forbidden":
+            return _envelope(422, "unknown_field", f"{where}: no such field")
         return _envelope(422, "invalid_request", f"{where}: {first.get('msg')}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        resp = _envelope(exc.status_code, code, str(exc.detail))
+        for k, v in (exc.headers or {}).items():
+            resp.headers[k] = v  # e.g. Allow on a 405
+        return resp
+
+    # the store's typed errors, mapped here at the boundary (httpx-style), never by message
+    @app.exception_handler(NoLiveVersion)
+    async def no_live(_: Request, exc: NoLiveVersion) -> JSONResponse:
+        return _envelope(404, "no_live_version", str(exc))
 
     @app.exception_handler(UnknownVersion)
     async def unknown(_: Request, exc: UnknownVersion) -> JSONResponse:
         return _envelope(404, "unknown_version", str(exc))
+
+    @app.exception_handler(PinNotFound)
+    async def pin_not_found(_: Request, exc: PinNotFound) -> JSONResponse:
+        return _envelope(404, "pin_not_found", str(exc))
 
     @app.exception_handler(StoreUnavailable)
     async def unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
@@ -136,7 +171,17 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
 
     @app.exception_handler(StoreError)
     async def store_error(_: Request, exc: StoreError) -> JSONResponse:
-        return _envelope(404 if "not found" in str(exc) else 500, "store_error", str(exc))
+        return _envelope(500, "store_error", str(exc))
+
+    @app.middleware("http")
+    async def json_only(request: Request,
+                        call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        if request.method == "POST":
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if ctype != "application/json":
+                return _envelope(415, "unsupported_media_type",
+                                 f"send the body as application/json, not {ctype or 'nothing'}")
+        return await call_next(request)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

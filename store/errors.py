@@ -26,3 +26,15 @@ class DimensionMismatch(StoreError):
 
 class UnknownVersion(StoreError):
     """No such model version in the store."""
+
+
+class NoLiveVersion(UnknownVersion):
+    """No model version is live yet (nothing has been encoded)."""
+
+
+class PinNotFound(StoreError):
+    """A pin the request names is not stored in the version read."""
+
+    def __init__(self, pin_id: str, version: str) -> None:
+        super().__init__(f"pin {pin_id} not found in version {version}")
+        self.pin_id, self.version = pin_id, version

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from store.base import SearchHit
-from store.errors import StoreError, UnknownVersion
+from store.errors import NoLiveVersion, PinNotFound, StoreError
 from store.milvus import MilvusStore
 from store.redis import RedisCache
 
@@ -57,7 +57,7 @@ class EmbeddingReader:
             return version
         live = await self.cache.get_live()
         if live is None:
-            raise UnknownVersion("no live model version yet: run a worker (`pinfresh worker`)")
+            raise NoLiveVersion("no live model version yet: run a worker (`pinfresh worker`)")
         return live
 
     async def get_many(self, pin_ids: Sequence[str], version: str | None = None) -> ReadResult:
@@ -94,7 +94,7 @@ class EmbeddingReader:
         if pin_id is not None:
             res = await self.get_many([pin_id], ver)
             if not res.found[0]:
-                raise StoreError(f"pin {pin_id} not found in version {ver}")
+                raise PinNotFound(pin_id, ver)
             vector = res.vectors[0]
             exclude = [pin_id]
         if vector is None:

@@ -112,13 +112,31 @@ async def test_similar_by_pin_and_vector_with_filters(api):
     ("/v1/similar", {"pin_id": "cat-1", "k": 500}, 422, "k_too_large"),
     ("/v1/similar", {"k": 3}, 422, "invalid_request"),
     ("/v1/similar", {"vector": [1.0, 2.0], "k": 3}, 422, "bad_vector"),
-    ("/v1/similar", {"pin_id": "ghost", "k": 3}, 404, "store_error"),
+    ("/v1/similar", {"pin_id": "ghost", "k": 3}, 404, "pin_not_found"),
+    ("/v1/embeddings:batchGet", {"pin_ids": ["a"], "encodng": "json"}, 422, "unknown_field"),
+    ("/v1/similar", {"pin_id": "cat-1", "filter": {"captions": "x"}}, 422, "unknown_field"),
 ])
 async def test_limits_and_errors_use_one_envelope(api, path, body, status, code):
     http, _, _ = api
     r = await http.post(path, json=body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+async def test_http_level_errors_use_the_envelope_too(api):
+    http, _, _ = api
+    cases = [
+        (await http.post("/v1/embeddings:batchGet", content=b"{not json",
+                         headers={"content-type": "application/json"}), 400, "invalid_json"),
+        (await http.post("/v1/embeddings:batchGet", content=b"pin_ids=a",
+                         headers={"content-type": "application/x-www-form-urlencoded"}),
+         415, "unsupported_media_type"),
+        (await http.get("/v1/no-such-route"), 404, "not_found"),
+        (await http.get("/v1/embeddings:batchGet"), 405, "method_not_allowed"),
+    ]
+    for r, status, code in cases:
+        assert r.status_code == status, r.text
+        assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
 
 
 async def test_health_ready_metrics(api):
