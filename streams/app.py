@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import faust
@@ -34,9 +35,11 @@ from store.redis import RedisCache
 from store.registry import VersionRegistry
 from streams.dlq import KafkaDeadLetters
 from streams.fetch import Fetcher
+from streams.kafka import faust_kwargs
 from streams.processor import Message, PinProcessor
 from streams.producer import committed_offsets, ensure_topics
 from streams.refresh import RegistryVersions
+from streams.retry import Backoff, retry
 from streams.settings import KafkaSettings, Settings
 
 if TYPE_CHECKING:  # a feeder never imports torch: the model stack loads only where it runs
@@ -223,23 +226,9 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
     drain = drain or DrainState()
     k = settings.kafka
     settings.worker_state_dir().mkdir(parents=True, exist_ok=True)
-    app_kwargs: dict[str, Any] = {}
-    ssl_context = None
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        ssl_context = create_ssl_context(cafile=k.ssl_cafile)
-    if k.security_protocol.startswith("SASL"):
-        app_kwargs["broker_credentials"] = faust.SASLCredentials(
-            username=k.sasl_username or "",
-            password=k.sasl_password.get_secret_value() if k.sasl_password else "",
-            mechanism=k.sasl_mechanism, ssl_context=ssl_context,
-        )
-    elif ssl_context is not None:
-        app_kwargs["broker_credentials"] = faust.SSLCredentials(ssl_context)
     app = faust.App(
         k.group_id,
-        broker=[f"kafka://{h.strip()}" for h in k.bootstrap_servers.split(",")],
+        **faust_kwargs(k),
         value_serializer="raw",
         key_serializer="raw",
         topic_partitions=k.partitions,
@@ -254,7 +243,6 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
         web_enabled=False,
         # Faust's own state folder, under the data dir instead of the working directory
         datadir=str(settings.worker_state_dir() / "{conf.name}-data"),
-        **app_kwargs,
     )
     topic = app.topic(k.topic, key_type=bytes, value_type=bytes, partitions=k.partitions)
     app.topic(k.dlq_topic, key_type=bytes, value_type=bytes, partitions=k.partitions)
@@ -270,14 +258,12 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
         if isinstance(encoder, RemoteEncoder):  # a feeder: its encoder process names the model
             await encoder.connect(wait_s=settings.encoder.remote_wait_s)
         info = encoder.info
-        while True:  # a store that is down at start-up delays the worker, never kills it
-            try:
-                await registry.register(info.version, info.dim, info.model, info.checkpoint,
-                                        settings.encoder.seed)
-                break
-            except StoreUnavailable as exc:
-                logger.warning("stores unavailable at start-up (%s); retrying in 2s", exc)
-                await asyncio.sleep(2)
+        # a store that is down at start-up delays the worker, never kills it
+        await retry(partial(registry.register, info.version, info.dim, info.model,
+                            info.checkpoint, settings.encoder.seed),
+                    retry_on=(StoreUnavailable,), backoff=Backoff(1.0, 10.0),
+                    on_retry=lambda exc, n, wait: logger.warning(
+                        "stores unavailable at start-up (%s); retry %d in %.1fs", exc, n, wait))
         dlq = KafkaDeadLetters(k)
         processor = PinProcessor(
             encoder=encoder, milvus=milvus, cache=cache, fetcher=fetcher,

@@ -33,7 +33,7 @@ from aiokafka.errors import (
 from store.errors import StoreUnavailable
 from streams import metrics
 from streams.events import DeadLetter
-from streams.producer import _sasl
+from streams.kafka import aiokafka_kwargs
 from streams.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
@@ -60,8 +60,7 @@ class KafkaDeadLetters:
 
     async def _ensure(self) -> AIOKafkaProducer:
         if self._producer is None:
-            producer = AIOKafkaProducer(bootstrap_servers=self.k.bootstrap_servers,
-                                        acks="all", **_sasl(self.k))
+            producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(self.k))
             try:
                 await producer.start()
             except KafkaError as exc:

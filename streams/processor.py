@@ -44,6 +44,7 @@ from store.errors import StoreUnavailable
 from streams import metrics
 from streams.events import DeadLetter, MalformedEvent, PinEvent, guess_pin_id, parse_event
 from streams.fetch import FetchError
+from streams.retry import Backoff, retry
 from streams.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
@@ -147,6 +148,15 @@ class Cache(VectorStore, Protocol):
     ) -> None: ...
 
 
+class _TransientFetch(Exception):  # noqa: N818 - internal marker, never leaves the module
+    """A transient `FetchError`, the only kind worth another try."""
+
+    def __init__(self, error: FetchError) -> None:
+        super().__init__(str(error))
+        self.error = error
+        self.retry_after = error.retry_after
+
+
 @dataclass(frozen=True, slots=True)
 class Message:
     """One raw Kafka message (key and value bytes)."""
@@ -228,24 +238,23 @@ class PinProcessor:
             metrics.MODEL_INFO.labels(version=ver).set(1)
 
     # ------------------------------------------------------------------ retry
+    def _backoff(self) -> Backoff:
+        return Backoff(self.settings.retry_backoff_s, self.settings.retry_backoff_max_s,
+                       sleep=self._sleep)
+
     async def _retry(self, stage: str, fn: Callable[[], Awaitable[T]]) -> T:
         """Run ``fn`` until it raises no outage (`StoreUnavailable`, `EncoderUnavailable`).
 
-        Capped exponential backoff, at least the ``retry_after`` the error asks for.
+        Capped exponential backoff with jitter, at least the ``retry_after``
+        the error asks for; for ever, since nothing may be acknowledged unwritten.
         """
-        delay = self.settings.retry_backoff_s
-        attempt = 0
-        while True:
-            try:
-                return await fn()
-            except (StoreUnavailable, EncoderUnavailable) as exc:
-                attempt += 1
-                metrics.RETRIES.labels(stage=stage).inc()
-                wait = max(delay, min(exc.retry_after, self.settings.retry_backoff_max_s))
-                logger.warning("%s unavailable (attempt %d, retry in %.1fs): %s",
-                               stage, attempt, wait, exc)
-                await self._sleep(wait)
-                delay = min(delay * 2, self.settings.retry_backoff_max_s)
+        def note(exc: BaseException, attempt: int, wait: float) -> None:
+            metrics.RETRIES.labels(stage=stage).inc()
+            logger.warning("%s unavailable (attempt %d, retry in %.1fs): %s",
+                           stage, attempt, wait, exc)
+
+        return await retry(fn, retry_on=(StoreUnavailable, EncoderUnavailable),
+                           backoff=self._backoff(), on_retry=note)
 
     # ---------------------------------------------------------------- process
     async def process(self, messages: Sequence[Message]) -> BatchReport:
@@ -319,15 +328,13 @@ class PinProcessor:
             self._sent = set()
 
     async def _isolate(self, msgs: list[Message]) -> BatchReport:
-        attempt = 0
-        delay = self.settings.retry_backoff_s
+        backoff = self._backoff()
         while True:
             try:
                 return await self.process(msgs)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - isolate whatever it is
-                attempt += 1
                 if len(msgs) > 1:
                     metrics.ISOLATED.inc()
                     logger.warning("batch of %d raised %r: splitting it to isolate the event",
@@ -335,13 +342,13 @@ class PinProcessor:
                     mid = len(msgs) // 2
                     first = await self._isolate(msgs[:mid])
                     return first.merge(await self._isolate(msgs[mid:]))
-                if attempt < self.settings.internal_error_attempts:
-                    logger.warning("event raised %r (attempt %d of %d); retrying in %.1fs", exc,
-                                   attempt, self.settings.internal_error_attempts, delay)
-                    await self._sleep(delay)
-                    delay = min(delay * 2, self.settings.retry_backoff_max_s)
+                if backoff.attempt + 1 < self.settings.internal_error_attempts:
+                    delay = await backoff.wait()
+                    logger.warning("event raised %r (attempt %d of %d); retried after %.1fs",
+                                   exc, backoff.attempt, self.settings.internal_error_attempts,
+                                   delay)
                     continue
-                return await self._dead_letter_internal(msgs[0], exc, attempt)
+                return await self._dead_letter_internal(msgs[0], exc, backoff.attempt + 1)
 
     async def _dead_letter_internal(self, msg: Message, exc: Exception,
                                     attempts: int) -> BatchReport:
@@ -462,29 +469,45 @@ class PinProcessor:
     async def _fetch_one(self, ev: PinEvent, first: int = 1) -> bytes | DeadLetter:
         """Fetch with retries of transient errors, from attempt ``first`` on."""
         assert ev.image is not None  # guaranteed by PinEvent validation
-        delay = self.settings.retry_backoff_s
-        for attempt in range(first, self.settings.fetch_attempts + 1):
-            try:
-                async with self._fetch_sem:
-                    return await self.fetcher.fetch(ev.image)
-            except FetchError as exc:
-                if not exc.transient or attempt == self.settings.fetch_attempts:
-                    return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, attempt)
-                metrics.RETRIES.labels(stage="fetch").inc()
-                # the server's Retry-After (already capped by the fetcher) wins when longer
-                await self._sleep(max(delay, exc.retry_after or 0.0))
-                delay = min(delay * 2, self.settings.retry_backoff_max_s)
-            except Exception as exc:  # noqa: BLE001 - never raise out of the agent
-                return self._letter(Reason.FETCH_FAILED, f"unexpected: {exc!r}", ev.to_bytes(),
-                                    ev.pin_id, attempt)
-        raise AssertionError("unreachable")
+        image = ev.image
+        backoff = self._backoff()
+        backoff.attempt = first - 1
+        tried = first - 1
+
+        async def once() -> bytes:
+            nonlocal tried
+            tried += 1
+            async with self._fetch_sem:
+                try:
+                    return await self.fetcher.fetch(image)
+                except FetchError as exc:
+                    if exc.transient:
+                        raise _TransientFetch(exc) from exc
+                    raise
+
+        def note(_exc: BaseException, _attempt: int, _wait: float) -> None:
+            metrics.RETRIES.labels(stage="fetch").inc()
+
+        try:
+            # the server's Retry-After (already capped by the fetcher) wins when longer
+            return await retry(once, retry_on=(_TransientFetch,), backoff=backoff,
+                               attempts=self.settings.fetch_attempts - first + 1,
+                               on_retry=note)
+        except _TransientFetch as exc:
+            return self._letter(exc.error.reason, str(exc.error), ev.to_bytes(), ev.pin_id,
+                                tried)
+        except FetchError as exc:
+            return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, tried)
+        except Exception as exc:  # noqa: BLE001 - never raise out of the agent
+            return self._letter(Reason.FETCH_FAILED, f"unexpected: {exc!r}", ev.to_bytes(),
+                                ev.pin_id, tried)
 
     async def _retry_fetch(self, ev: PinEvent, exc: FetchError) -> bytes | DeadLetter:
         """After a first attempt failed with ``exc``: give up, or wait and try again."""
         if not exc.transient or self.settings.fetch_attempts <= 1:
             return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, 1)
         metrics.RETRIES.labels(stage="fetch").inc()
-        await self._sleep(max(self.settings.retry_backoff_s, exc.retry_after or 0.0))
+        await self._backoff().wait(exc.retry_after or 0.0)
         return await self._fetch_one(ev, first=2)
 
     async def _fetch_all(self, events: list[PinEvent], report: BatchReport

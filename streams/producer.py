@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from encoder.errors import PinfreshError
 from streams.events import DeadLetter, PinEvent
+from streams.kafka import aiokafka_kwargs
 from streams.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
@@ -28,27 +29,13 @@ class KafkaUnavailable(PinfreshError):
     """The broker cannot be reached."""
 
 
-def _sasl(k: KafkaSettings) -> dict[str, object]:
-    """Aiokafka security keyword arguments from the settings (secrets unwrapped here only)."""
-    out: dict[str, object] = {"security_protocol": k.security_protocol}
-    if k.security_protocol in ("SSL", "SASL_SSL"):
-        from aiokafka.helpers import create_ssl_context
-
-        out["ssl_context"] = create_ssl_context(cafile=k.ssl_cafile)
-    if k.security_protocol.startswith("SASL"):
-        out.update(sasl_mechanism=k.sasl_mechanism, sasl_plain_username=k.sasl_username,
-                   sasl_plain_password=k.sasl_password.get_secret_value()
-                   if k.sasl_password else None)
-    return out
-
-
 async def ensure_topics(k: KafkaSettings) -> list[str]:
     """Create the events and DLQ topics if missing; return the ones created.
 
     Raises:
         KafkaUnavailable: the broker does not answer.
     """
-    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, **_sasl(k))
+    admin = AIOKafkaAdminClient(**aiokafka_kwargs(k))
     try:
         await admin.start()
     except KafkaError as exc:
@@ -83,7 +70,7 @@ async def scale_partitions(k: KafkaSettings, partitions: int) -> int:
     """
     from aiokafka.admin import NewPartitions
 
-    admin = AIOKafkaAdminClient(bootstrap_servers=k.bootstrap_servers, **_sasl(k))
+    admin = AIOKafkaAdminClient(**aiokafka_kwargs(k))
     await admin.start()
     try:
         desc = await admin.describe_topics([k.topic])
@@ -121,8 +108,8 @@ async def publish_events(
         stamp: set each event's ``event_time`` to the moment it is sent, so
             freshness measures the pipeline, not the catalog's age.
     """
-    producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap_servers, acks="all",
-                                linger_ms=5, **_sasl(k))
+    producer = AIOKafkaProducer(acks="all",
+                                linger_ms=5, **aiokafka_kwargs(k))
     try:
         await producer.start()
     except KafkaError as exc:
@@ -157,7 +144,7 @@ async def publish_events(
 async def publish_raw(k: KafkaSettings, messages: Sequence[tuple[bytes | None, bytes]],
                       topic: str | None = None) -> None:
     """Send raw (key, value) messages as they are (tests, DLQ replay)."""
-    producer = AIOKafkaProducer(bootstrap_servers=k.bootstrap_servers, acks="all", **_sasl(k))
+    producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(k))
     await producer.start()
     try:
         for key, value in messages:
@@ -168,8 +155,8 @@ async def publish_raw(k: KafkaSettings, messages: Sequence[tuple[bytes | None, b
 
 async def read_dead_letters(k: KafkaSettings, timeout_s: float = 3.0) -> list[DeadLetter]:
     """Read the whole DLQ topic from the beginning (no consumer group, commits nothing)."""
-    consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, enable_auto_commit=False,
-                                auto_offset_reset="earliest", group_id=None, **_sasl(k))
+    consumer = AIOKafkaConsumer(enable_auto_commit=False,
+                                auto_offset_reset="earliest", group_id=None, **aiokafka_kwargs(k))
     await consumer.start()
     out: list[DeadLetter] = []
     try:
@@ -250,8 +237,8 @@ async def committed_offsets(k: KafkaSettings, group_id: str,
     Asks the group coordinator from a consumer that never subscribes, so it
     neither joins nor disturbs the group.
     """
-    consumer = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, group_id=group_id,
-                                enable_auto_commit=False, **_sasl(k))
+    consumer = AIOKafkaConsumer(group_id=group_id,
+                                enable_auto_commit=False, **aiokafka_kwargs(k))
     await consumer.start()
     try:
         return {tp.partition: await consumer.committed(tp) for tp in tps}
@@ -268,8 +255,8 @@ async def consumer_lag(k: KafkaSettings, group_id: str | None = None,
     never committed counts its whole log.
     """
     name = topic or k.topic
-    reader = AIOKafkaConsumer(bootstrap_servers=k.bootstrap_servers, group_id=None,
-                              enable_auto_commit=False, **_sasl(k))
+    reader = AIOKafkaConsumer(group_id=None,
+                              enable_auto_commit=False, **aiokafka_kwargs(k))
     await reader.start()
     try:
         parts = reader.partitions_for_topic(name)

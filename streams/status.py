@@ -22,7 +22,8 @@ from rich.table import Table
 from store.milvus import MilvusStore
 from store.redis import RedisCache
 from store.registry import VersionRegistry
-from streams.producer import consumer_lag, read_dead_letters
+from streams.kafka import aiokafka_kwargs
+from streams.producer import consumer_lag, end_offsets, read_dead_letters
 from streams.settings import Settings
 from streams.stack import check_kafka
 
@@ -48,16 +49,18 @@ async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str,
         if out["health"]["kafka"] == "ok":
             from aiokafka import AIOKafkaConsumer, TopicPartition
 
-            c = AIOKafkaConsumer(bootstrap_servers=settings.kafka.bootstrap_servers)
+            c = AIOKafkaConsumer(group_id=None, enable_auto_commit=False,
+                                 **aiokafka_kwargs(settings.kafka))
             await c.start()
             try:
                 parts = c.partitions_for_topic(settings.kafka.topic) or set()
                 tps = [TopicPartition(settings.kafka.topic, p) for p in sorted(parts)]
-                ends1 = sum((await c.end_offsets(tps)).values()) if tps else 0
+                # log ends read from the log (the embedded broker's ListOffsets is off)
+                ends1 = sum((await end_offsets(c, tps)).values()) if tps else 0
                 lag1, total1 = await _offsets(settings)
                 enc1 = (await cache.batch_stats())[1] if out["health"]["redis"] == "ok" else 0
                 await asyncio.sleep(interval)
-                ends2 = sum((await c.end_offsets(tps)).values()) if tps else 0
+                ends2 = sum((await end_offsets(c, tps)).values()) if tps else 0
                 lag2, total2 = await _offsets(settings)
                 enc2 = (await cache.batch_stats())[1] if out["health"]["redis"] == "ok" else 0
             finally:
@@ -80,6 +83,7 @@ async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str,
                 out.update({f"freshness_p{q}_s": round(float(np.percentile(arr, q)), 3)
                             for q in (50, 95, 99)})
                 out["freshness_samples"] = len(fresh)
+        if out["health"]["redis"] == "ok" and out["health"]["milvus"] == "ok":
             reg = VersionRegistry(milvus, cache)
             versions = await reg.all()
             live = next((v.version for v in versions if v.live), None)

@@ -53,15 +53,17 @@ def test_config_show_masks_secrets(monkeypatch, tmp_path):
 
 
 def test_kafka_security_settings_pass_through():
-    from streams.producer import _sasl
+    from streams.kafka import aiokafka_kwargs, faust_kwargs
     from streams.settings import KafkaSettings
 
     k = KafkaSettings(security_protocol="SASL_PLAINTEXT", sasl_mechanism="SCRAM-SHA-256",
                       sasl_username="u", sasl_password="s3cr3t-pw")
-    kw = _sasl(k)
+    kw = aiokafka_kwargs(k)
     assert kw["security_protocol"] == "SASL_PLAINTEXT" and kw["sasl_plain_password"] == "s3cr3t-pw"
     assert kw["sasl_mechanism"] == "SCRAM-SHA-256"
     assert "s3cr3t-pw" not in repr(k)
+    creds = faust_kwargs(k)["broker_credentials"]
+    assert creds.password == "s3cr3t-pw" and creds.username == "u"
 
 
 def _every_field_changed() -> Settings:
