@@ -51,14 +51,19 @@ def read_pairs(paths: Iterable[Path]) -> list[Pair]:
     return out
 
 
-def is_test_caption(caption: str, test_fraction: float) -> bool:
+#: Share of captions held out of every training run (encoder and graft alike), so no
+#: evaluation caption is ever trained on. The one place this number lives.
+HELD_OUT_FRACTION = 0.25
+
+
+def is_test_caption(caption: str, test_fraction: float = HELD_OUT_FRACTION) -> bool:
     """Whether a caption belongs to the held-out split (stable hash of the caption)."""
     h = int.from_bytes(hashlib.sha256(normalize_caption(caption).encode()).digest()[:8], "big")
     return h / 2**64 < test_fraction
 
 
 def split_by_caption(
-    pairs: Sequence[Pair], test_fraction: float = 0.25
+    pairs: Sequence[Pair], test_fraction: float = HELD_OUT_FRACTION
 ) -> tuple[list[Pair], list[Pair]]:
     """``(train, test)``; all pairs sharing a caption land on the same side."""
     train = [p for p in pairs if not is_test_caption(p.caption, test_fraction)]

@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm import tqdm
 
-from encoder.data import Pair, normalize_caption
+from encoder.data import HELD_OUT_FRACTION, Pair, normalize_caption
 from encoder.errors import EncoderError, ImageError
 from encoder.model import MANIFEST, WEIGHTS, ModelSpec, get_tokenizer, version_id
 from encoder.preprocess import prepare_image
@@ -342,7 +342,8 @@ def train_checkpoint(
 
 def compare_encoders(
     domain_pairs: Sequence[Pair], generic_pairs: Sequence[Pair], models_dir: Path,
-    cache_dir: Path, cfg: TrainConfig, test_fraction: float = 0.25, progress: bool = True,
+    cache_dir: Path, cfg: TrainConfig, test_fraction: float = HELD_OUT_FRACTION,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """Untrained vs generic (emoji only) vs domain (emoji + domain train split).
 

@@ -28,6 +28,7 @@ import base64
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -46,9 +47,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from store.config import ApiSettings, MilvusSettings, RedisSettings
 from store.errors import NoLiveVersion, PinNotFound, StoreError, StoreUnavailable, UnknownVersion
-from store.milvus import MilvusStore
+from store.lifecycle import open_stores
 from store.reader import EmbeddingReader
-from store.redis import RedisCache
 
 
 class _Body(BaseModel):
@@ -95,6 +95,12 @@ def _envelope(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+@dataclass(frozen=True)
+class _Sections:
+    redis: RedisSettings
+    milvus: MilvusSettings
+
+
 def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -> FastAPI:
     """Build the read API; clients are opened and closed by the app's lifespan."""
     registry = CollectorRegistry()
@@ -105,13 +111,9 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        cache, store = RedisCache(redis), MilvusStore(milvus)
-        app.state.reader = EmbeddingReader(store, cache)
-        try:
+        async with open_stores(_Sections(redis, milvus)) as stores:
+            app.state.reader = stores.reader
             yield
-        finally:
-            await cache.close()
-            await store.close()
 
     app = FastAPI(title="pinfresh read API", version="0.1.0", lifespan=lifespan)
 

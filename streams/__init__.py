@@ -10,10 +10,10 @@ if TYPE_CHECKING:
     from streams.events import PinEvent
     from streams.processor import PinProcessor
     from streams.settings import Settings
-    from streams.stack import EmbeddedStack
+    from streams.tools.stack import EmbeddedStack
 
 _LAZY = {
-    "EmbeddedStack": "streams.stack",
+    "EmbeddedStack": "streams.tools.stack",
     "PinEvent": "streams.events",
     "PinProcessor": "streams.processor",
     "Settings": "streams.settings",

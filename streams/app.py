@@ -30,9 +30,7 @@ from encoder.loading import load_encoder
 from encoder.null import NullEncoder
 from encoder.remote import RemoteEncoder
 from store.errors import StoreUnavailable
-from store.milvus import MilvusStore
-from store.redis import RedisCache
-from store.registry import VersionRegistry
+from store.lifecycle import open_stores
 from streams.dlq import KafkaDeadLetters
 from streams.fetch import Fetcher
 from streams.kafka import faust_kwargs
@@ -251,38 +249,35 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
 
     @app.agent(topic, name="encode_pins")
     async def encode_pins(stream: Any) -> None:
-        milvus = MilvusStore(settings.milvus)
-        cache = RedisCache(settings.redis)
-        fetcher = Fetcher(settings.fetch)
-        registry = VersionRegistry(milvus, cache)
-        if isinstance(encoder, RemoteEncoder):  # a feeder: its encoder process names the model
-            await encoder.connect(wait_s=settings.encoder.remote_wait_s)
-        info = encoder.info
-        # a store that is down at start-up delays the worker, never kills it
-        await retry(partial(registry.register, info.version, info.dim, info.model,
-                            info.checkpoint, settings.encoder.seed),
-                    retry_on=(StoreUnavailable,), backoff=Backoff(1.0, 10.0),
-                    on_retry=lambda exc, n, wait: logger.warning(
-                        "stores unavailable at start-up (%s); retry %d in %.1fs", exc, n, wait))
-        dlq = KafkaDeadLetters(k)
-        processor = PinProcessor(
-            encoder=encoder, milvus=milvus, cache=cache, fetcher=fetcher,
-            dlq=dlq, settings=w, worker_name=worker_name,
-            versions=RegistryVersions(registry, encoder, settings.encoder),
-        )
-        await processor.start()
-        flight = BatchesInFlight(processor, stream, drain, w.batches_in_flight)
-        try:
+        async with contextlib.AsyncExitStack() as resources:  # closed in reverse, always
+            stores = await resources.enter_async_context(open_stores(settings))
+            fetcher = Fetcher(settings.fetch)
+            resources.push_async_callback(fetcher.close)
+            dlq = KafkaDeadLetters(k)
+            resources.push_async_callback(dlq.close)
+            if isinstance(encoder, RemoteEncoder):  # a feeder: its encoder process names it
+                await encoder.connect(wait_s=settings.encoder.remote_wait_s)
+            info = encoder.info
+            registry = stores.registry
+            # a store that is down at start-up delays the worker, never kills it
+            await retry(partial(registry.register, info.version, info.dim, info.model,
+                                info.checkpoint, settings.encoder.seed),
+                        retry_on=(StoreUnavailable,), backoff=Backoff(1.0, 10.0),
+                        on_retry=lambda exc, n, wait: logger.warning(
+                            "stores unavailable at start-up (%s); retry %d in %.1fs",
+                            exc, n, wait))
+            processor = PinProcessor(
+                encoder=encoder, milvus=stores.milvus, cache=stores.cache, fetcher=fetcher,
+                dlq=dlq, settings=w, worker_name=worker_name,
+                versions=RegistryVersions(registry, encoder, settings.encoder),
+            )
+            await processor.start()
+            flight = BatchesInFlight(processor, stream, drain, w.batches_in_flight)
+            resources.push_async_callback(flight.cancel)
             async for events in stream.noack_take(w.batch_size, within=w.batch_wait_s):
                 if drain.draining:  # taken after SIGTERM: leave unacked for the next owner
                     await asyncio.Event().wait()
                 await flight.submit(events)
-        finally:
-            await flight.cancel()
-            await dlq.close()
-            await fetcher.close()
-            await cache.close()
-            await milvus.close()
 
     return app
 

@@ -8,9 +8,11 @@ in-sync replicas, a progress bar with rate, and an optional rate limit.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -29,6 +31,23 @@ class KafkaUnavailable(PinfreshError):
     """The broker cannot be reached."""
 
 
+async def start_client(client: Any, k: KafkaSettings) -> None:
+    """Start an aiokafka client; a broker that does not answer is one line with the fix.
+
+    Raises:
+        KafkaUnavailable: naming the address and what to do.
+    """
+    try:
+        await client.start()
+    except KafkaError as exc:
+        with contextlib.suppress(Exception):
+            await client.close() if hasattr(client, "close") else await client.stop()
+        raise KafkaUnavailable(
+            f"Kafka at {k.bootstrap_servers} is unreachable ({type(exc).__name__}): is the "
+            "broker up? `pinfresh up` starts the embedded one; elsewhere set "
+            "PINFRESH_KAFKA__BOOTSTRAP_SERVERS") from None
+
+
 async def ensure_topics(k: KafkaSettings) -> list[str]:
     """Create the events and DLQ topics if missing; return the ones created.
 
@@ -36,13 +55,7 @@ async def ensure_topics(k: KafkaSettings) -> list[str]:
         KafkaUnavailable: the broker does not answer.
     """
     admin = AIOKafkaAdminClient(**aiokafka_kwargs(k))
-    try:
-        await admin.start()
-    except KafkaError as exc:
-        raise KafkaUnavailable(
-            f"Kafka at {k.bootstrap_servers} unreachable ({exc}): is the broker up? "
-            "(`pinfresh up` starts the embedded one)"
-        ) from exc
+    await start_client(admin, k)
     created: list[str] = []
     try:
         existing = set(await admin.list_topics())
@@ -71,7 +84,7 @@ async def scale_partitions(k: KafkaSettings, partitions: int) -> int:
     from aiokafka.admin import NewPartitions
 
     admin = AIOKafkaAdminClient(**aiokafka_kwargs(k))
-    await admin.start()
+    await start_client(admin, k)
     try:
         desc = await admin.describe_topics([k.topic])
         before = len(desc[0]["partitions"])
@@ -110,10 +123,7 @@ async def publish_events(
     """
     producer = AIOKafkaProducer(acks="all",
                                 linger_ms=5, **aiokafka_kwargs(k))
-    try:
-        await producer.start()
-    except KafkaError as exc:
-        raise KafkaUnavailable(f"Kafka at {k.bootstrap_servers} unreachable: {exc}") from exc
+    await start_client(producer, k)
     sent = 0
     start = time.monotonic()
     bar = tqdm(total=total, unit="pin", desc="publish", disable=not progress, smoothing=0.1)
@@ -145,7 +155,7 @@ async def publish_raw(k: KafkaSettings, messages: Sequence[tuple[bytes | None, b
                       topic: str | None = None) -> None:
     """Send raw (key, value) messages as they are (tests, DLQ replay)."""
     producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(k))
-    await producer.start()
+    await start_client(producer, k)
     try:
         for key, value in messages:
             await producer.send_and_wait(topic or k.topic, value=value, key=key)
@@ -157,7 +167,7 @@ async def read_dead_letters(k: KafkaSettings, timeout_s: float = 3.0) -> list[De
     """Read the whole DLQ topic from the beginning (no consumer group, commits nothing)."""
     consumer = AIOKafkaConsumer(enable_auto_commit=False,
                                 auto_offset_reset="earliest", group_id=None, **aiokafka_kwargs(k))
-    await consumer.start()
+    await start_client(consumer, k)
     out: list[DeadLetter] = []
     try:
         parts = consumer.partitions_for_topic(k.dlq_topic) or set()
@@ -239,7 +249,7 @@ async def committed_offsets(k: KafkaSettings, group_id: str,
     """
     consumer = AIOKafkaConsumer(group_id=group_id,
                                 enable_auto_commit=False, **aiokafka_kwargs(k))
-    await consumer.start()
+    await start_client(consumer, k)
     try:
         return {tp.partition: await consumer.committed(tp) for tp in tps}
     finally:
@@ -257,7 +267,7 @@ async def consumer_lag(k: KafkaSettings, group_id: str | None = None,
     name = topic or k.topic
     reader = AIOKafkaConsumer(group_id=None,
                               enable_auto_commit=False, **aiokafka_kwargs(k))
-    await reader.start()
+    await start_client(reader, k)
     try:
         parts = reader.partitions_for_topic(name)
         if parts is None:

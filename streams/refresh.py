@@ -27,8 +27,7 @@ from encoder.config import EncoderSettings
 from encoder.errors import EncoderError
 from encoder.loading import load_encoder
 from encoder.null import NullEncoder
-from store.milvus import MilvusStore
-from store.redis import RedisCache
+from store.lifecycle import Stores, open_stores
 from store.registry import VersionInfo, VersionRegistry
 from streams.dlq import KafkaDeadLetters
 from streams.events import PinEvent
@@ -177,8 +176,17 @@ async def run_backfill(
     yield_lag: int | None = 100, progress: bool = True, limit: int | None = None,
 ) -> BackfillReport:
     """Re-encode the live version's pins into ``target`` (see module docstring)."""
-    milvus, cache = MilvusStore(settings.milvus), RedisCache(settings.redis)
-    registry = VersionRegistry(milvus, cache)
+    async with open_stores(settings) as stores:
+        return await _backfill(stores, settings, target, batch=batch, max_rate=max_rate,
+                               yield_lag=yield_lag, progress=progress, limit=limit)
+
+
+async def _backfill(
+    stores: Stores, settings: Settings, target: str, *, batch: int, max_rate: float | None,
+    yield_lag: int | None, progress: bool, limit: int | None,
+) -> BackfillReport:
+    milvus, cache = stores.milvus, stores.cache
+    registry = stores.registry
     fetcher = Fetcher(settings.fetch)
     dlq = KafkaDeadLetters(settings.kafka)
     enc: ImageEncoder | NullEncoder | None = None
@@ -231,16 +239,20 @@ async def run_backfill(
             enc.close()
         await dlq.close()
         await fetcher.close()
-        await cache.close()
-        await milvus.close()
 
 
 async def find_stale(settings: Settings, older_than_s: float, check_content: bool
                      ) -> list[dict[str, object]]:
     """Live pins encoded more than ``older_than_s`` ago, or whose image bytes changed."""
+    async with open_stores(settings) as stores:
+        return await _find_stale(stores, settings, older_than_s, check_content)
+
+
+async def _find_stale(stores: Stores, settings: Settings, older_than_s: float,
+                      check_content: bool) -> list[dict[str, object]]:
     import hashlib
 
-    milvus, cache = MilvusStore(settings.milvus), RedisCache(settings.redis)
+    milvus, cache = stores.milvus, stores.cache
     fetcher = Fetcher(settings.fetch)
     try:
         live = await cache.get_live()
@@ -264,8 +276,6 @@ async def find_stale(settings: Settings, older_than_s: float, check_content: boo
         return out
     finally:
         await fetcher.close()
-        await cache.close()
-        await milvus.close()
 
 
 async def requeue_stale(settings: Settings, rows: list[dict[str, object]]) -> int:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import difflib
 import json
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -21,7 +22,76 @@ from encoder.config import EncoderSettings
 from encoder.errors import PinfreshError
 from store.config import ApiSettings, MilvusSettings, RedisSettings
 from streams.fetch import FetchSettings
-from streams.stack import StackInfo, StackSettings
+
+
+class StackSettings(BaseModel):
+    """Embedded stack. Env prefix ``PINFRESH_STACK__``; a port of 0 picks a free one."""
+
+    data_dir: Path = Field(Path("data"), description="root of all embedded service data")
+    host: str = Field("127.0.0.1", description="bind address (loopback unless you mean it)")
+    kafka_port: int = Field(19092, ge=0, le=65535)
+    redis_port: int = Field(16379, ge=0, le=65535)
+    milvus_port: int = Field(19530, ge=0, le=65535)
+    start_timeout_s: float = Field(60.0, gt=0)
+
+
+class StackAddresses(Protocol):
+    """Where a running embedded stack listens (`streams.tools.stack.StackInfo`)."""
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        """``host:port`` of the broker."""
+        ...
+
+    @property
+    def redis_url(self) -> str:
+        """URL of Valkey."""
+        ...
+
+    @property
+    def milvus_uri(self) -> str:
+        """URI of Milvus Lite."""
+        ...
+
+
+@dataclass(frozen=True)
+class DataPaths:
+    """The layout of the data dir (``PINFRESH_STACK__DATA_DIR``, default ``data``)."""
+
+    root: Path
+
+    def catalog(self, name: str) -> Path:
+        """A sample catalog's JSONL (``tuxpaint``, ``emoji``)."""
+        return self.root / "catalog" / f"{name}.jsonl"
+
+    @property
+    def features(self) -> Path:
+        """Cache of frozen-tower features for training."""
+        return self.root / "cache" / "features"
+
+    @property
+    def models(self) -> Path:
+        """Trained checkpoints and projectors."""
+        return self.root / "models"
+
+    def graft(self, version: str) -> Path:
+        """The grafted LM's projector for a model version."""
+        return self.models / f"graft-{version}"
+
+    @property
+    def workers(self) -> Path:
+        """Pid files of running workers."""
+        return self.root / "workers"
+
+    @property
+    def logs(self) -> Path:
+        """Logs of processes pinfresh starts."""
+        return self.root / "logs"
+
+    @property
+    def run(self) -> Path:
+        """Sockets of encoder processes."""
+        return self.root / "run"
 
 
 class KafkaSettings(BaseModel):
@@ -101,11 +171,16 @@ class Settings(BaseSettings):
     log_json: bool = Field(False, description="JSON log lines")
     log_level: str = "INFO"
 
+    @property
+    def paths(self) -> DataPaths:
+        """Every place under the data dir, named once."""
+        return DataPaths(self.stack.data_dir.resolve())
+
     def worker_state_dir(self) -> Path:
         """Where Faust keeps its per-app state folder."""
-        return (self.worker.state_dir or self.stack.data_dir / "faust").resolve()
+        return (self.worker.state_dir or self.paths.root / "faust").resolve()
 
-    def with_stack(self, info: StackInfo) -> Settings:
+    def with_stack(self, info: StackAddresses) -> Settings:
         """Return a copy pointing Kafka, Redis and Milvus at a running embedded stack."""
         return self.model_copy(
             update={

@@ -20,12 +20,12 @@ from encoder.config import EncoderSettings
 from encoder.engine import ImageEncoder
 from store.milvus import MilvusStore
 from store.redis import RedisCache
-from streams.catalog import CatalogItem, scan_directory, stamps_dir
 from streams.events import PinEvent
 from streams.producer import ensure_topics, publish_events, publish_raw, read_dead_letters
-from streams.runtime import spawn_worker, wait_readable, wait_settled
 from streams.settings import Settings
-from streams.stack import EmbeddedStack, StackInfo, StackSettings, free_port
+from streams.tools.catalog import CatalogItem, scan_directory, stamps_dir
+from streams.tools.runtime import spawn_worker, wait_readable, wait_settled
+from streams.tools.stack import EmbeddedStack, StackInfo, StackSettings, free_port
 
 pytestmark = pytest.mark.integration
 _counter = itertools.count()

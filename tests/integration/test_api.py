@@ -15,7 +15,7 @@ from store.client import ApiClientError, AsyncPinfreshClient
 from store.config import ApiSettings, MilvusSettings, RedisSettings
 from store.milvus import MilvusStore
 from store.redis import RedisCache
-from streams.stack import EmbeddedStack, StackSettings
+from streams.tools.stack import EmbeddedStack, StackSettings
 
 pytestmark = pytest.mark.integration
 DIM = 16

@@ -14,7 +14,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from streams.producer import committed_offsets, consumer_lag, scale_partitions
-from streams.status import collect_status
+from streams.tools.status import collect_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -185,8 +185,8 @@ async def test_down_stops_a_worker_started_by_hand(pipeline):
     import subprocess
     import sys
 
-    from streams.runtime import stop_workers, workers_dir
-    from streams.stack import free_port
+    from streams.tools.runtime import stop_workers, workers_dir
+    from streams.tools.stack import free_port
 
     port = free_port()
     s = pipeline.settings.model_copy(update={

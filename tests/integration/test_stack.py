@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from streams.stack import EmbeddedStack, StackError, StackSettings
+from streams.tools.stack import EmbeddedStack, StackError, StackSettings
 
 pytestmark = pytest.mark.integration
 
@@ -63,7 +63,7 @@ def test_milvus_connections_survive_idle_time(stack):
     import time
 
     from store.milvus import connect
-    from streams.stack import check_milvus
+    from streams.tools.stack import check_milvus
 
     check_milvus(stack.milvus_uri)  # what `pinfresh up` and the tests do first
     idle = connect(stack.milvus_uri, timeout_s=2.0)

@@ -32,12 +32,12 @@ from rich.console import Console
 
 from encoder.engine import ImageEncoder
 from store.redis import RedisCache
-from streams.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
 from streams.producer import ensure_topics, publish_events
-from streams.report import emit, machine
-from streams.runtime import spawn_worker, stop_pid, wait_readable, wait_settled
 from streams.settings import Settings
-from streams.stack import EmbeddedStack, StackSettings
+from streams.tools.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
+from streams.tools.report import emit, machine
+from streams.tools.runtime import spawn_worker, stop_pid, wait_readable, wait_settled
+from streams.tools.stack import EmbeddedStack, StackSettings
 
 __all__ = ["emit", "machine", "private_stack", "run_pipeline_bench", "run_read_bench",
            "run_refresh_bench"]
@@ -287,7 +287,7 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
     import sys
 
     from store.client import PinfreshClient
-    from streams.stack import free_port
+    from streams.tools.stack import free_port
 
     path = prepare_sample_catalog(settings.stack.data_dir.resolve())
     items = [it for it in load_catalog(path) if "party-horn-out" not in it.pin_id][:pins]
@@ -329,7 +329,8 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
                 encode_ms.append((time.perf_counter() - t) * 1000)
             ids_file = Path(tmp) / "ids.txt"
             ids_file.write_text("\n".join(it.pin_id for it in items))
-            load = subprocess.run([sys.executable, "-m", "streams.loadgen", url, str(ids_file),
+            load = subprocess.run([sys.executable, "-m", "streams.tools.loadgen", url,
+                                   str(ids_file),
                                    "--concurrency", "16", "--seconds", "10"],
                                   capture_output=True, text=True, check=True)
             loadres = json.loads(load.stdout.strip().splitlines()[-1])

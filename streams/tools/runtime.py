@@ -30,7 +30,7 @@ from store.errors import StoreUnavailable
 from store.redis import RedisCache
 from streams.events import DeadLetter
 from streams.settings import KafkaSettings, Settings, build_settings, unknown_env
-from streams.stack import EmbeddedStack
+from streams.tools.stack import EmbeddedStack
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def settings_warnings(dotenv: Path = Path(".env")) -> list[str]:
 
 def workers_dir(settings: Settings) -> Path:
     """Where every running worker records its pid (``pinfresh down`` reads it)."""
-    return settings.stack.data_dir.resolve() / "workers"
+    return settings.paths.workers
 
 
 def _pid_file(settings: Settings, pid: int) -> Path:
@@ -107,7 +107,7 @@ def spawn_worker(settings: Settings, name: str, log_path: Path | None = None
     Settings travel as environment variables (never as arguments, which
     other users can read); the worker records its own pid file.
     """
-    log_path = log_path or settings.stack.data_dir.resolve() / "logs" / f"worker-{name}.log"
+    log_path = log_path or settings.paths.logs / f"worker-{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = settings.child_environ(os.environ)
     with open(log_path, "ab") as log:

@@ -45,11 +45,11 @@ from typing import Any
 from rich.console import Console
 
 from store.redis import RedisCache
-from streams.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
 from streams.producer import ensure_topics, publish_events
-from streams.report import emit, machine
 from streams.settings import Settings
-from streams.stack import free_port
+from streams.tools.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
+from streams.tools.report import emit, machine
+from streams.tools.stack import free_port
 
 NULL_VERSION = "null_512"
 
@@ -60,7 +60,7 @@ def bare_consumer_main() -> None:
     import faust
     import redis.asyncio as aioredis
 
-    from streams.logconf import configure_logging
+    from streams.tools.logconf import configure_logging
 
     s = Settings()
     configure_logging("WARNING", as_json=False)
@@ -211,7 +211,8 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
     key: str | None = None
     procs: list[subprocess.Popen[bytes]] = []
     if kind == "bare":
-        cmd = [sys.executable, "-c", "from streams.bench_null import bare_consumer_main as m; m()"]
+        cmd = [sys.executable, "-c",
+               "from streams.tools.bench_null import bare_consumer_main as m; m()"]
         bare_key = f"{s.redis.key_prefix}:bench:bare"
         await r.delete(bare_key)
         key = bare_key
@@ -259,7 +260,7 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
         "worker": settings.worker.model_copy(update={"metrics_port": 0}),
         "log_level": "WARNING"})
     rounds: list[dict[str, Any]] = []
-    from streams.bench import private_stack  # imports torch: not in the consumer processes
+    from streams.tools.bench import private_stack  # imports torch: not in the consumer processes
 
     logs = data_dir / "logs" / "bench-null"
     logs.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,6 @@
 """A load generator for the read API, run as its own process by the benchmark.
 
-``python -m streams.loadgen URL IDS_FILE --concurrency 16 --seconds 10 --batch 25``
+``python -m streams.tools.loadgen URL IDS_FILE --concurrency 16 --seconds 10 --batch 25``
 prints one JSON line: requests, requests/s, p50/p99 latency in ms, errors.
 """
 

@@ -19,13 +19,12 @@ import numpy as np
 from rich.console import Group
 from rich.table import Table
 
-from store.milvus import MilvusStore
-from store.redis import RedisCache
+from store.lifecycle import open_stores
 from store.registry import VersionRegistry
 from streams.kafka import aiokafka_kwargs
 from streams.producer import consumer_lag, end_offsets, read_dead_letters
 from streams.settings import Settings
-from streams.stack import check_kafka
+from streams.tools.stack import check_kafka
 
 
 async def _offsets(settings: Settings) -> tuple[dict[int, int], int]:
@@ -36,8 +35,8 @@ async def _offsets(settings: Settings) -> tuple[dict[int, int], int]:
 async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str, Any]:
     """One status snapshot; rates are measured over ``interval`` seconds."""
     out: dict[str, Any] = {"time": time.time(), "health": {}}
-    cache, milvus = RedisCache(settings.redis), MilvusStore(settings.milvus)
-    try:
+    async with open_stores(settings) as stores:
+        cache, milvus = stores.cache, stores.milvus
         for name, check in (("kafka", lambda: asyncio.to_thread(
                 check_kafka, settings.kafka.bootstrap_servers.split(",")[0])),
                 ("redis", cache.ping), ("milvus", milvus.ping)):
@@ -94,9 +93,6 @@ async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str,
                     v.version)), "coverage": round(n / live_n, 4) if live_n else None}
                 for v in versions if v.state != "retired"
             ]
-    finally:
-        await cache.close()
-        await milvus.close()
     for key in ("lag_total", "freshness_p99_s", "live_version", "dlq_total"):
         out.setdefault(key, None)
     return out

@@ -27,28 +27,17 @@ import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-
-from pydantic import BaseModel, Field
 
 from encoder.errors import PinfreshError
+from streams.settings import StackSettings
+
+__all__ = ["EmbeddedStack", "StackError", "StackInfo", "StackSettings", "free_port"]
 
 logger = logging.getLogger(__name__)
 
 
 class StackError(PinfreshError):
     """The embedded stack could not start or stop."""
-
-
-class StackSettings(BaseModel):
-    """Embedded stack. Env prefix ``PINFRESH_STACK__``; a port of 0 picks a free one."""
-
-    data_dir: Path = Field(Path("data"), description="root of all embedded service data")
-    host: str = Field("127.0.0.1", description="bind address (loopback unless you mean it)")
-    kafka_port: int = Field(19092, ge=0, le=65535)
-    redis_port: int = Field(16379, ge=0, le=65535)
-    milvus_port: int = Field(19530, ge=0, le=65535)
-    start_timeout_s: float = Field(60.0, gt=0)
 
 
 @dataclass

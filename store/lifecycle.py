@@ -1,0 +1,64 @@
+"""One lifecycle for the store clients: ``async with open_stores(settings) as stores``.
+
+Every command, the worker, the backfill, the status view and the read API open
+Milvus and Redis this way and nowhere else, so connections are always closed,
+in one order, whatever happens in between.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Protocol
+
+from store.config import MilvusSettings, RedisSettings
+from store.milvus import MilvusStore
+from store.reader import EmbeddingReader
+from store.redis import RedisCache
+from store.registry import VersionRegistry
+
+
+class StoreSettings(Protocol):
+    """Anything with the two store sections (the project's `Settings` has them)."""
+
+    @property
+    def redis(self) -> RedisSettings:
+        """Redis/Valkey settings."""
+        ...
+
+    @property
+    def milvus(self) -> MilvusSettings:
+        """Milvus settings."""
+        ...
+
+
+@dataclass(frozen=True)
+class Stores:
+    """Open store clients, and the views built on them."""
+
+    milvus: MilvusStore
+    cache: RedisCache
+
+    @property
+    def reader(self) -> EmbeddingReader:
+        """Reads for ranking services (Redis first, Milvus for misses)."""
+        return EmbeddingReader(self.milvus, self.cache)
+
+    @property
+    def registry(self) -> VersionRegistry:
+        """The model-version registry."""
+        return VersionRegistry(self.milvus, self.cache)
+
+
+@asynccontextmanager
+async def open_stores(settings: StoreSettings) -> AsyncIterator[Stores]:
+    """Open both clients (lazily connecting); close both on the way out."""
+    milvus, cache = MilvusStore(settings.milvus), RedisCache(settings.redis)
+    try:
+        yield Stores(milvus, cache)
+    finally:
+        try:
+            await cache.close()
+        finally:
+            await milvus.close()

@@ -1,0 +1,141 @@
+"""``demo`` and the benchmarks (``bench``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from streams.cli.base import Ctx, cli, console, pass_ctx
+
+
+@cli.command()
+@click.option("--catalog", "catalog_path", type=click.Path(path_type=Path, exists=True),
+              help="catalog to publish (default: the Tux Paint sample)")
+@click.option("--limit", type=int, help="publish at most N pins")
+@pass_ctx
+def demo(ctx: Ctx, catalog_path: Path | None, limit: int | None) -> None:
+    """Stack up, sample catalog published and encoded, summary printed."""
+    from streams.tools.demo import run_demo
+
+    run_demo(ctx.settings, catalog_path, limit, console)
+
+
+@cli.group()
+def bench() -> None:
+    """Benchmarks (print a table, write JSON under bench/results/)."""
+
+
+@bench.command("pipeline")
+@click.option("--encoder", "encoder_kind", type=click.Choice(["model", "null"]),
+              default="model", show_default=True,
+              help="null: measure feeders with a stub encoder (bare consumer, 1/2/4 feeders, "
+              "files and HTTP) and write bench/results/pipeline_null.json")
+@click.option("--pins", type=int, default=None,
+              help="pins for capacity [default: 400; with --encoder null, 6000 per round]")
+@click.option("--fresh-pins", type=int, default=200, show_default=True,
+              help="pins published at half capacity for freshness")
+@click.option("--feeders", default="1,2,4", show_default=True,
+              help="with --encoder null: feeder counts to measure")
+@click.option("--sources", default="file,http", show_default=True,
+              help="with --encoder null: image sources to measure")
+@click.option("--repeat", default=3, show_default=True,
+              help="with --encoder null: runs per configuration (the median is reported)")
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="[default: bench/results/pipeline.json, or pipeline_null.json]")
+@pass_ctx
+def bench_pipeline(ctx: Ctx, encoder_kind: str, pins: int | None, fresh_pins: int,
+                   feeders: str, sources: str, repeat: int, out: Path | None) -> None:
+    """Bare encoder vs whole pipeline on this machine, and freshness at half capacity.
+
+    With --encoder null: the stream machinery alone (feeders with a stub
+    encoder) against a bare Faust consumer measured in the same run.
+    """
+    if encoder_kind == "null":
+        from streams.tools.bench_null import run_null_bench
+
+        run_null_bench(ctx.settings, pins or 6000, [int(x) for x in feeders.split(",")],
+                       [x.strip() for x in sources.split(",")],
+                       out or Path("bench/results/pipeline_null.json"), console, repeat=repeat)
+        return
+    from streams.tools.bench import run_pipeline_bench
+
+    run_pipeline_bench(ctx.settings, pins or 400, fresh_pins,
+                       out or Path("bench/results/pipeline.json"), console)
+
+
+@bench.command("refresh")
+@click.option("--pins", type=int, default=600, show_default=True, help="catalog to backfill")
+@click.option("--rate", type=float, default=5.0, show_default=True, help="live pins/s")
+@click.option("--out", type=click.Path(path_type=Path), default=Path("bench/results/refresh.json"),
+              show_default=True)
+@pass_ctx
+def bench_refresh(ctx: Ctx, pins: int, rate: float, out: Path) -> None:
+    """Backfill throughput and live freshness with/without a backfill running."""
+    from streams.tools.bench import run_refresh_bench
+
+    run_refresh_bench(ctx.settings, pins, rate, out, console)
+
+
+@bench.command("read")
+@click.option("--pins", type=int, default=300, show_default=True)
+@click.option("--requests", type=int, default=500, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("bench/results/read_vs_encode.json"), show_default=True)
+@pass_ctx
+def bench_read(ctx: Ctx, pins: int, requests: int, out: Path) -> None:
+    """Why precompute: read 25 embeddings via the API vs encode 25 images per request."""
+    from streams.tools.bench import run_read_bench
+
+    run_read_bench(ctx.settings, pins, requests, out, console)
+
+
+@bench.command("encode")
+@click.option("--images", "images_dir", type=click.Path(path_type=Path, file_okay=False),
+              help="directory of JPEGs (default: a corpus made under the data dir)")
+@click.option("--make", "make_n", type=int, default=256, show_default=True,
+              help="JPEGs to make when --images is not given")
+@click.option("--size", default="736x920", show_default=True, help="WxH of made JPEGs")
+@click.option("--limit", type=int, help="use at most N images")
+@click.option("--model", help="open_clip model name [PINFRESH_ENCODER__MODEL]")
+@click.option("--checkpoint", type=click.Path(path_type=Path, exists=True),
+              help="local checkpoint (default: packaged or random weights)")
+@click.option("--device", help="cpu, cuda, cuda:N [PINFRESH_ENCODER__DEVICE]")
+@click.option("--batch-size", type=int, help="0 = auto [PINFRESH_ENCODER__BATCH_SIZE]")
+@click.option("--prepare", type=click.Choice(["auto", "pil", "tensor"]),
+              help="decode path [PINFRESH_ENCODER__PREPARE]")
+@click.option("--prepare-pool", type=click.Choice(["thread", "process"]),
+              help="CPU decode pool [PINFRESH_ENCODER__PREPARE_POOL]")
+@click.option("--seconds", type=float, default=3.0, show_default=True,
+              help="minimum length of each timed run (median of 3)")
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("bench/results/encode.json"), show_default=True)
+@pass_ctx
+def bench_encode(ctx: Ctx, images_dir: Path | None, make_n: int, size: str,
+                 limit: int | None, model: str | None, checkpoint: Path | None,
+                 device: str | None, batch_size: int | None, prepare: str | None,
+                 prepare_pool: str | None, seconds: float, out: Path) -> None:
+    """JPEG bytes -> vectors: pipeline vs bare-forward and decode-only ceilings."""
+    from streams.tools.bench_encode import make_jpeg_corpus, run_encode_bench
+    from streams.tools.catalog import prepare_sample_catalog
+
+    s = ctx.settings
+    updates = {k: v for k, v in dict(model=model, checkpoint=checkpoint, device=device,
+                                     batch_size=batch_size, prepare=prepare,
+                                     prepare_pool=prepare_pool).items() if v is not None}
+    enc_settings = s.encoder.model_copy(update=updates)
+    enc_settings = type(enc_settings).model_validate(enc_settings.model_dump())
+    source = None
+    if images_dir is None:
+        try:
+            w, h = (int(v) for v in size.lower().split("x"))
+        except ValueError as exc:
+            raise click.BadParameter(f"--size wants WxH, got {size!r}") from exc
+        images_dir = s.stack.data_dir / "bench" / f"jpeg-{w}x{h}-{make_n}"
+        marker = images_dir / "SOURCE"
+        if not marker.exists():
+            catalog = prepare_sample_catalog(s.stack.data_dir.resolve())
+            what = make_jpeg_corpus(images_dir, make_n, width=w, height=h, catalog=catalog)
+            marker.write_text(what + "\n")
+        source = marker.read_text().strip() + f", {w}x{h} JPEG q90"
+    run_encode_bench(enc_settings, images_dir, limit, seconds, out, console, source)

@@ -1,0 +1,112 @@
+"""Operator commands: ``dlq`` and ``store``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+from typing import Any
+
+import click
+from rich.table import Table
+
+from streams.cli.base import Ctx, cli, console, pass_ctx
+
+
+@cli.group()
+def dlq() -> None:
+    """Dead letters."""
+
+
+@dlq.command("list")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@pass_ctx
+def dlq_list(ctx: Ctx, as_json: bool) -> None:
+    """List the dead letters on the DLQ topic."""
+    from streams.producer import read_dead_letters
+
+    letters = asyncio.run(read_dead_letters(ctx.settings.kafka))
+    if as_json:
+        for dl in letters:
+            click.echo(dl.model_dump_json())
+        return
+    t = Table(title=f"{len(letters)} dead letters on {ctx.settings.kafka.dlq_topic}")
+    for col in ("pin", "reason", "attempts", "error"):
+        t.add_column(col)
+    for dl in letters:
+        t.add_row(dl.pin_id or "?", dl.reason.value, str(dl.attempts), dl.error[:80])
+    console.print(t)
+
+
+@dlq.command("show")
+@click.argument("pin_id")
+@pass_ctx
+def dlq_show(ctx: Ctx, pin_id: str) -> None:
+    """Print every dead letter of one pin, with its original event."""
+    from streams.producer import read_dead_letters
+
+    letters = [d for d in asyncio.run(read_dead_letters(ctx.settings.kafka))
+               if d.pin_id == pin_id]
+    if not letters:
+        console.print(f"no dead letters for {pin_id}")
+    for dl in letters:
+        click.echo(dl.model_dump_json(indent=2))
+
+
+@dlq.command("replay")
+@click.option("--reason", help="only letters with this reason code")
+@click.option("--pin", "pin_ids", multiple=True, help="only these pins (repeatable)")
+@click.option("--dry-run", is_flag=True, help="list what would be replayed")
+@pass_ctx
+def dlq_replay(ctx: Ctx, reason: str | None, pin_ids: tuple[str, ...], dry_run: bool) -> None:
+    """Re-publish dead letters' original events to the events topic (e.g. after a fix).
+
+    Replays are safe to repeat: the workers' writes are idempotent.
+    """
+    from streams.producer import publish_raw, read_dead_letters
+
+    letters = asyncio.run(read_dead_letters(ctx.settings.kafka))
+    chosen = [d for d in letters if (not reason or d.reason.value == reason)
+              and (not pin_ids or d.pin_id in pin_ids)]
+    for d in chosen:
+        console.print(f"{'would replay' if dry_run else 'replay'} {d.pin_id}: {d.reason.value}")
+    if not dry_run and chosen:
+        asyncio.run(publish_raw(ctx.settings.kafka, [
+            ((d.pin_id or "").encode() or None, d.original_bytes()) for d in chosen]))
+    verb = "selected" if dry_run else "replayed"
+    console.print(f"{len(chosen)} of {len(letters)} dead letters {verb}")
+
+
+@cli.group()
+def store() -> None:
+    """Store maintenance."""
+
+
+@store.command("verify")
+@click.option("--model-version", "model_version", help="model version id (default: live)")
+@click.option("--repair/--no-repair", default=False, show_default=True,
+              help="copy Milvus records over missing/wrong cache entries, drop extras")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def store_verify(ctx: Ctx, model_version: str | None, repair: bool, as_json: bool) -> None:
+    """Compare the Redis cache with Milvus (existence, version, hash, vector)."""
+    from dataclasses import asdict
+
+    from store.lifecycle import open_stores
+    from store.verify import verify_cache
+
+    async def go() -> Any:
+        async with open_stores(ctx.settings) as stores:
+            ver = await stores.reader.resolve_version(model_version)
+            return await verify_cache(stores.milvus, stores.cache, ver, repair=repair)
+
+    rep = asyncio.run(go())
+    if as_json:
+        click.echo(json.dumps({**asdict(rep), "ok": rep.ok}, indent=2))
+    else:
+        console.print(f"version {rep.version}: {rep.milvus_pins} pins in Milvus, {rep.cache_pins} "
+                      f"cached; missing {len(rep.missing_in_cache)}, stale "
+                      f"{len(rep.stale_in_cache)}, wrong vector {len(rep.vector_mismatch)}, extra "
+                      f"{len(rep.extra_in_cache)}; repaired {rep.repaired}")
+    if not rep.ok and not repair:
+        sys.exit(1)
