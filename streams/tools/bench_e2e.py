@@ -18,10 +18,8 @@ on the CPU as a dry run). On a private embedded stack:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import multiprocessing
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -37,6 +35,7 @@ from store.redis import RedisCache
 from streams.events import PinEvent
 from streams.producer import ensure_topics, publish_events
 from streams.settings import Settings
+from streams.tools.runtime import stop_group
 
 
 # ------------------------------------------------------------ write ceiling
@@ -200,13 +199,7 @@ def run_e2e(s: Settings, images: Sequence[Path], *, device: str, feeders: int, p
 
         fresh = np.array(asyncio.run(freshness()))
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pool.pid, signal.SIGTERM)
-        try:
-            pool.wait(120)
-        except subprocess.TimeoutExpired:
-            os.killpg(pool.pid, signal.SIGKILL)
-            pool.wait()
+        stop_group(pool, 120)
     return {
         "e2e_pins_per_s": round(rate, 1),
         "e2e_gpu_util_mean_pct": util.mean,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -49,6 +48,7 @@ from streams.producer import ensure_topics, publish_events
 from streams.settings import Settings
 from streams.tools.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
 from streams.tools.report import emit, machine
+from streams.tools.runtime import stop_group
 from streams.tools.stack import free_port
 
 NULL_VERSION = "null_512"
@@ -179,16 +179,6 @@ async def _drop(s: Settings) -> None:
         await cache.close()
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-
-
 async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins: int,
                  logs: Path, console: Console) -> dict[str, Any]:
     """Start the processes of one configuration, publish the backlog, time it."""
@@ -236,7 +226,7 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
             t0, t1 = _crossing(samples, 0.1 * pins), _crossing(samples, 0.9 * pins)
     finally:
         for p in procs:
-            _stop(p)
+            stop_group(p)
         await cache.close()
         await r.aclose()
         await _drop(s)

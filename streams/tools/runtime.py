@@ -186,6 +186,18 @@ def _alive(pid: int) -> bool:
     return _is_worker(pid)
 
 
+def stop_group(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:
+    """SIGTERM a child started in its own session (and its children), SIGKILL after ``timeout``."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def stop_pid(pid: int, timeout: float = 15.0) -> bool:
     """SIGTERM, wait, then SIGKILL one process. Returns whether it was running."""
     try:
