@@ -320,14 +320,6 @@ class ImageEncoder:
             self.images_forwarded += len(batch)
         return _finish_rows(y.cpu().numpy(), ok.cpu().numpy())
 
-    @staticmethod
-    def _finish(y: np.ndarray) -> list[EncodeResult]:
-        """Unnormalised (N, D) float rows -> unit vectors, non-finite rows -> errors."""
-        norms = np.linalg.norm(y, axis=1)
-        ok = np.isfinite(y).all(axis=1) & (norms > 0)
-        safe = np.where(ok[:, None], y / np.where(norms > 0, norms, 1.0)[:, None], 0.0)
-        return _finish_rows(safe.astype(np.float32), ok)
-
     def encode_images(self, items: Sequence[bytes]) -> list[EncodeResult]:
         """Run prepare -> forward -> finish over images; order is preserved.
 

@@ -92,12 +92,17 @@ def bare_consumer_main() -> None:
 
 
 _FILE_SERVER = """
+import socket
 import sys
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 class H(SimpleHTTPRequestHandler):
     protocol_version = "HTTP/1.1"  # keep-alive, as a CDN serves
+    wbufsize = 1 << 16  # headers and body in one write: no Nagle/delayed-ACK stall
+    def setup(self):
+        super().setup()
+        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     def log_message(self, *a):
         pass
 

@@ -91,11 +91,21 @@ def test_encode_images_order_errors_and_norm(enc):
 
 
 def test_nonfinite_rows_become_errors():
-    y = np.ones((3, 4), dtype=np.float32)
-    y[1, 2] = np.nan
-    out = ImageEncoder._finish(y)
+    enc = ImageEncoder.load(EncoderSettings())
+    real = enc.tower
+
+    def poisoned(x):
+        y = real(x).clone()
+        y[1, 2] = float("nan")
+        return y
+
+    enc.tower = poisoned  # type: ignore[assignment]
+    try:
+        out = enc.forward(np.zeros((3, 224, 224, 3), dtype=np.uint8))
+    finally:
+        enc.close()
     assert isinstance(out[1], ImageError) and out[1].reason == "nonfinite_embedding"
-    assert isinstance(out[0], np.ndarray)
+    assert isinstance(out[0], np.ndarray) and isinstance(out[2], np.ndarray)
 
 
 def test_precision_is_measured_against_float32_on_the_same_pixels():
