@@ -8,10 +8,10 @@ Rules, all configurable in `FetchSettings`:
   ``max_redirects``) is checked: the host's addresses must all be public
   unless ``allow_private_networks`` or the host is in ``allowed_hosts``;
   loopback, private, link-local (cloud metadata), multicast and reserved
-  addresses are refused, whatever notation or DNS name leads to them. The
-  check happens inside the connection pool's network backend
-  (`GuardedBackend`), which connects to the very addresses it checked, so DNS
-  rebinding cannot slip an internal address in after the check;
+  addresses are refused, whatever notation or DNS name leads to them. Names
+  are checked by the HTTP client's resolver (`GuardedResolver`), and the
+  client connects to the very addresses it returned, so DNS rebinding cannot
+  slip an internal address in after the check;
 * the body is streamed and cut at ``max_bytes``; the whole fetch (all hops)
   gets ``timeout_s``.
 
@@ -32,12 +32,13 @@ import socket
 import ssl
 import stat
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
-import httpcore
+import aiohttp
+import aiohttp.abc
 from pydantic import BaseModel, Field
 
 from encoder.errors import PinfreshError
@@ -105,71 +106,49 @@ async def system_resolver(host: str, port: int) -> list[str]:
     return list(dict.fromkeys(str(info[4][0]).split("%", 1)[0] for info in infos))
 
 
-class GuardedBackend(httpcore.AsyncNetworkBackend):
-    """A network backend that connects only to addresses it has just checked.
+class GuardedResolver(aiohttp.abc.AbstractResolver):
+    """The HTTP client's resolver: it hands out only addresses it has just checked.
 
-    Every new connection resolves the host once, checks every address
-    (`_ip_is_public`, unless the host is allowed), and connects to those very
-    addresses, so a DNS answer that changes between the check and the
-    connect (DNS rebinding) cannot lead to an internal address. TLS still
-    verifies the certificate against the host name.
+    aiohttp connects to exactly the addresses its resolver returns, so the
+    check and the connection use one DNS answer: a name that resolves to a
+    public address first and to an internal one a moment later (DNS
+    rebinding) cannot slip through. Literal IP hosts never reach a resolver;
+    `Fetcher` checks those itself before each request.
     """
 
-    def __init__(self, settings: FetchSettings, resolver: Resolver,
-                 inner: httpcore.AsyncNetworkBackend | None = None) -> None:
+    def __init__(self, settings: FetchSettings, resolver: Resolver) -> None:
         self.settings = settings
         self.resolver = resolver
-        self.inner = inner or httpcore.AnyIOBackend()
 
-    async def addresses(self, host: str, port: int) -> list[str]:
-        """The checked addresses of ``host``; raises `FetchError` if any is refused."""
-        host = host.strip("[]")
-        try:
-            ips = [ipaddress.ip_address(host)]
-        except ValueError:
-            try:
-                ips = [ipaddress.ip_address(a) for a in await self.resolver(host, port)]
-            except (OSError, ValueError) as exc:
-                raise FetchError(Reason.FETCH_FAILED, f"cannot resolve {host}: {exc}",
-                                 transient=True) from exc
-        if not ips:
-            raise FetchError(Reason.FETCH_FAILED, f"{host} has no address", transient=True)
-        allowed = self.settings.allow_private_networks or host in self.settings.allowed_hosts
+    def check(self, host: str, ips: list[ipaddress.IPv4Address | ipaddress.IPv6Address]) -> None:
+        """Raise `FetchError` if any address of ``host`` is refused."""
+        if self.settings.allow_private_networks or host in self.settings.allowed_hosts:
+            return
         for ip in ips:
-            if not allowed and not _ip_is_public(ip):
+            if not _ip_is_public(ip):
                 raise FetchError(
                     Reason.FORBIDDEN_LOCATION,
                     f"{host} resolves to non-public address {ip}: refused (set "
                     "PINFRESH_FETCH__ALLOWED_HOSTS to allow it deliberately)",
                 )
-        return [str(ip) for ip in ips]
 
-    async def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None,
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        """Connect to the first checked address of ``host`` that answers."""
-        last: Exception | None = None
-        for ip in await self.addresses(host, port):
-            try:
-                return await self.inner.connect_tcp(ip, port, timeout=timeout,
-                                                    local_address=local_address,
-                                                    socket_options=socket_options)
-            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
-                last = exc
-        assert last is not None
-        raise last
+    async def resolve(self, host: str, port: int = 0,
+                      family: socket.AddressFamily = socket.AF_INET) -> list[Any]:
+        """Resolve once, check every address, return them for the connection."""
+        try:
+            ips = [ipaddress.ip_address(a) for a in await self.resolver(host, port)]
+        except (OSError, ValueError) as exc:
+            raise FetchError(Reason.FETCH_FAILED, f"cannot resolve {host}: {exc}",
+                             transient=True) from exc
+        if not ips:
+            raise FetchError(Reason.FETCH_FAILED, f"{host} has no address", transient=True)
+        self.check(host, ips)
+        return [{"hostname": host, "host": str(ip), "port": port,
+                 "family": socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
+                 "proto": 0, "flags": socket.AI_NUMERICHOST} for ip in ips]
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Iterable[Any] | None = None
-                                  ) -> httpcore.AsyncNetworkStream:
-        """Refused: images never come from a Unix socket."""
-        raise FetchError(Reason.FORBIDDEN_LOCATION, "unix sockets are refused")
-
-    async def sleep(self, seconds: float) -> None:
-        """As the inner backend sleeps."""
-        await self.inner.sleep(seconds)
+    async def close(self) -> None:
+        """Nothing to release."""
 
 
 def retry_after_s(value: str | None, now: float | None = None) -> float | None:
@@ -191,26 +170,35 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
 class Fetcher:
     """Fetches image bytes; one instance per worker, one shared HTTP connection pool."""
 
-    def __init__(self, settings: FetchSettings, resolver: Resolver | None = None,
-                 network: httpcore.AsyncNetworkBackend | None = None) -> None:
+    def __init__(self, settings: FetchSettings, resolver: Resolver | None = None) -> None:
         self.settings = settings
         self._root = settings.catalog_root.resolve() if settings.catalog_root else None
         self._root_s = str(self._root) if self._root else ""
         # lexical prefixes a path may start with: the root as configured and as resolved
         self._roots = ({os.path.normpath(os.path.abspath(settings.catalog_root)), self._root_s}
                        if settings.catalog_root else set())
-        self._headers = [(b"User-Agent", settings.user_agent.encode()), (b"Accept", b"image/*")]
-        self.backend = GuardedBackend(settings, resolver or system_resolver, network)
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl.create_default_context(),
-            max_connections=settings.max_connections,
-            max_keepalive_connections=settings.max_connections,
-            keepalive_expiry=30.0, network_backend=self.backend,
-        )
+        self.guard = GuardedResolver(settings, resolver or system_resolver)
+        self._session: aiohttp.ClientSession | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        # made on first use, inside the event loop that uses it
+        if self._session is None:
+            t = self.settings.timeout_s
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=self.settings.max_connections, resolver=self.guard,
+                    ttl_dns_cache=10, ssl=ssl.create_default_context()),
+                headers={"User-Agent": self.settings.user_agent, "Accept": "image/*"},
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=t, sock_read=t),
+                auto_decompress=False, trust_env=False,
+            )
+        return self._session
 
     async def close(self) -> None:
         """Close the HTTP connection pool."""
-        await self._pool.aclose()
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
     async def fetch(self, location: str) -> bytes:
         """Return the bytes at ``location``.
@@ -334,24 +322,26 @@ class Fetcher:
         return data
 
     # ------------------------------------------------------------------- http
-    @staticmethod
-    def _check_url(url: str) -> None:
+    def _check_url(self, url: str) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        host = parts.hostname
+        if parts.scheme not in ("http", "https") or not host:
             raise FetchError(Reason.FORBIDDEN_LOCATION, f"refused URL {url[:100]!r}")
         if parts.username or parts.password:
             raise FetchError(Reason.FORBIDDEN_LOCATION, "URLs with credentials are refused")
+        try:  # a literal address never reaches the resolver: check it here
+            literal = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return
+        self.guard.check(host, [literal])
 
     async def _fetch_http(self, url: str) -> bytes:
-        t = self.settings.timeout_s
-        ext = {"timeout": {"connect": t, "read": t, "write": t, "pool": t}}
+        session = self._client()
         for _hop in range(self.settings.max_redirects + 1):
-            self._check_url(url)  # the addresses are checked by the backend at connect time
+            self._check_url(url)  # names are checked by the resolver, at connect time
             try:
-                async with self._pool.stream("GET", url, headers=self._headers,
-                                             extensions=ext) as resp:
-                    headers = {k.decode("latin-1").lower(): v.decode("latin-1")
-                               for k, v in resp.headers}
+                async with session.get(url, allow_redirects=False) as resp:
+                    headers = {k.lower(): v for k, v in resp.headers.items()}
                     if resp.status in (301, 302, 303, 307, 308):
                         loc = headers.get("location")
                         if not loc:
@@ -366,7 +356,7 @@ class Fetcher:
                             f"Content-Length {declared} over the {self.settings.max_bytes} limit",
                         )
                     buf = bytearray()
-                    async for chunk in resp.aiter_stream():
+                    async for chunk in resp.content.iter_chunked(1 << 16):
                         buf += chunk
                         if len(buf) > self.settings.max_bytes:
                             raise FetchError(
@@ -374,14 +364,14 @@ class Fetcher:
                                 f"body over the {self.settings.max_bytes}-byte limit",
                             )
                     return bytes(buf)
-            except httpcore.TimeoutException as exc:
+            except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
                 raise FetchError(Reason.FETCH_FAILED, f"timeout: {exc!r}", transient=True) from exc
-            except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.ProxyError) as exc:
+            except aiohttp.InvalidURL as exc:
+                raise FetchError(Reason.FORBIDDEN_LOCATION, f"refused URL: {exc}") from exc
+            except (aiohttp.ClientError, OSError) as exc:
                 raise FetchError(
                     Reason.FETCH_FAILED, f"connection failed: {exc!r}", transient=True
                 ) from exc
-            except httpcore.UnsupportedProtocol as exc:
-                raise FetchError(Reason.FORBIDDEN_LOCATION, f"refused URL: {exc}") from exc
         raise FetchError(
             Reason.FETCH_FAILED, f"more than {self.settings.max_redirects} redirects"
         )

@@ -91,32 +91,12 @@ def bare_consumer_main() -> None:
                  override_logging=False).execute_from_commandline()
 
 
-_FILE_SERVER = """
-import socket
-import sys
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
-
-class H(SimpleHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"  # keep-alive, as a CDN serves
-    wbufsize = 1 << 16  # headers and body in one write: no Nagle/delayed-ACK stall
-    def setup(self):
-        super().setup()
-        self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    def log_message(self, *a):
-        pass
-
-srv = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[2])), partial(H, directory=sys.argv[1]))
-srv.daemon_threads = True
-srv.serve_forever()
-"""
-
-
 @contextlib.contextmanager
 def file_server(root: Path) -> Iterator[str]:
-    """A local HTTP/1.1 (keep-alive) server over ``root``; yields its base URL."""
+    """A local HTTP/1.1 keep-alive server over ``root`` (`streams.tools.fileserver`); its URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _FILE_SERVER, str(root), str(port)],
+    proc = subprocess.Popen([sys.executable, "-m", "streams.tools.fileserver", str(root),
+                             str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         import httpx
@@ -303,8 +283,8 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
         "statistic": "median of the runs",
         "partitions": 8,
         "worker_batch_size": settings.worker.batch_size,
-        "images": "Tux Paint stamps (PNG), local files or a local HTTP/1.1 server "
-                  "(Python ThreadingHTTPServer, keep-alive) in a separate process",
+        "images": "Tux Paint stamps (PNG), local files or a local HTTP/1.1 keep-alive server "
+                  "(one asyncio event loop) in a separate process",
         "note": "one run of each; everything (broker, Valkey, Milvus Lite, HTTP server, "
                 "processes under test, this driver) shares this machine's cores",
         "machine": machine(),

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import httpcore
 import pytest
 
 from streams.events import Reason
@@ -87,61 +85,70 @@ class _Rebinder:
         return self.answers[min(self.calls, len(self.answers)) - 1]
 
 
-class _RecordingNetwork(httpcore.AsyncNetworkBackend):
-    """Records where connections go and refuses them (no network in unit tests)."""
+def _two_servers(monkeypatch):
+    """A server on 127.0.0.2, which the test declares public, and one on 127.0.0.1, same port.
 
-    def __init__(self) -> None:
-        self.targets: list[tuple[str, int]] = []
+    Loopback answers on all of 127/8, so the two stand for "the public address
+    the name resolved to first" and "the internal address a rebinding answer
+    points at"; their hits show where connections really went.
+    """
+    import streams.fetch as fetch_mod
 
-    async def connect_tcp(self, host, port, timeout=None, local_address=None,
-                          socket_options=None):
-        self.targets.append((host, port))
-        raise httpcore.ConnectError("recorded, not connected")
-
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    real = fetch_mod._ip_is_public
+    monkeypatch.setattr(fetch_mod, "_ip_is_public",
+                        lambda ip: str(ip) == "127.0.0.2" or real(ip))
+    public = _Server({"/a.png": (200, {}, b"PUBLIC")}, host="127.0.0.2")
+    internal = _Server({"/a.png": (200, {}, b"INTERNAL")}, host="127.0.0.1",
+                       port=public.port)
+    return public, internal
 
 
 @pytest.mark.faults
-async def test_connects_to_the_address_it_checked_not_a_second_answer(fault_case):
-    resolver = _Rebinder([["93.184.216.34"], ["127.0.0.1"]])
-    net = _RecordingNetwork()
-    f = Fetcher(FetchSettings(timeout_s=2), resolver=resolver, network=net)
+async def test_connects_to_the_address_it_checked_not_a_second_answer(monkeypatch, fault_case):
+    public, internal = _two_servers(monkeypatch)
+    resolver = _Rebinder([["127.0.0.2"], ["127.0.0.1"]])
+    f = Fetcher(FetchSettings(timeout_s=5), resolver=resolver)
     try:
-        with pytest.raises(FetchError) as err:
-            await f.fetch("http://rebind.example/a.png")
-        assert err.value.transient and err.value.reason == Reason.FETCH_FAILED
-        # one resolution, and the connection went to exactly the checked public address
-        assert resolver.calls == 1
-        assert net.targets == [("93.184.216.34", 80)]
+        # the name is unknown to DNS: only our resolver's (checked) answer can be used
+        assert await f.fetch(f"http://rebind.example:{public.port}/a.png") == b"PUBLIC"
+        assert await f.fetch(f"http://rebind.example:{public.port}/a.png") == b"PUBLIC"
+        assert resolver.calls == 1 and public.hits == ["/a.png"] * 2 and internal.hits == []
         fault_case.add("DNS rebinding (public answer, then loopback)",
                        "one resolution; the connection goes to the checked address",
-                       f"{resolver.calls} resolution; connected to {net.targets}")
+                       f"{resolver.calls} resolution for 2 fetches; public server hit twice, "
+                       "internal server never")
     finally:
         await f.close()
+        public.close()
+        internal.close()
 
 
 @pytest.mark.faults
-async def test_rebinding_to_loopback_on_a_later_connection_is_refused(fault_case):
-    resolver = _Rebinder([["93.184.216.34"], ["127.0.0.1"]])
-    net = _RecordingNetwork()
-    f = Fetcher(FetchSettings(timeout_s=2), resolver=resolver, network=net)
+async def test_rebinding_to_loopback_on_a_later_connection_is_refused(monkeypatch, fault_case):
+    public, internal = _two_servers(monkeypatch)
+    resolver = _Rebinder([["127.0.0.2"], ["127.0.0.1"]])
+    url = f"http://rebind.example:{public.port}/a.png"
+    first = Fetcher(FetchSettings(timeout_s=5), resolver=resolver)
+    second = Fetcher(FetchSettings(timeout_s=5), resolver=resolver)  # a new connection
     try:
-        with pytest.raises(FetchError):
-            await f.fetch("http://rebind.example/a.png")
+        assert await first.fetch(url) == b"PUBLIC"
         with pytest.raises(FetchError) as err:  # the second answer is loopback
-            await f.fetch("http://rebind.example/a.png")
+            await second.fetch(url)
         assert err.value.reason == Reason.FORBIDDEN_LOCATION
-        assert net.targets == [("93.184.216.34", 80)]  # never connected to 127.0.0.1
+        assert internal.hits == []  # never connected to 127.0.0.1
         fault_case.add("DNS rebinding on the next connection",
                        "forbidden_location; never connects to 127.0.0.1",
-                       f"{err.value.reason.value}; connections: {net.targets}")
+                       f"{err.value.reason.value}; internal server hits: {len(internal.hits)}")
     finally:
-        await f.close()
+        await first.close()
+        await second.close()
+        public.close()
+        internal.close()
 
 
 class _Server:
-    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]]) -> None:
+    def __init__(self, routes: dict[str, tuple[int, dict[str, str], bytes]],
+                 host: str = "127.0.0.1", port: int = 0) -> None:
         self.hits: list[str] = []
         outer = self
 
@@ -158,7 +165,7 @@ class _Server:
                 self.end_headers()
                 self.wfile.write(body)
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd = ThreadingHTTPServer((host, port), Handler)
         self.port = self.httpd.server_address[1]
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
 
