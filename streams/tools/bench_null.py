@@ -285,8 +285,9 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
         "worker_batch_size": settings.worker.batch_size,
         "images": "Tux Paint stamps (PNG), local files or a local HTTP/1.1 keep-alive server "
                   "(one asyncio event loop) in a separate process",
-        "note": "one run of each; everything (broker, Valkey, Milvus Lite, HTTP server, "
-                "processes under test, this driver) shares this machine's cores",
+        "note": "every configuration runs `runs_per_configuration` times, interleaved; "
+                "everything (broker, Valkey, Milvus Lite, HTTP server, processes under test, "
+                "this driver) shares this machine's cores",
         "machine": machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
