@@ -103,6 +103,7 @@ class _Child:
     device: str
     role: str = "worker"  # "worker" (encodes itself), "encoder" or "feeder"
     socket: str | None = None  # the encoder process's socket (encoder and feeders)
+    metrics_slot: int = 0  # workers and feeders serve metrics on port + this
     proc: subprocess.Popen[bytes] | None = None
     restarts: list[float] = field(default_factory=list)
     next_start: float = 0.0
@@ -128,14 +129,18 @@ class WorkerPool:
                  encoder_command: Sequence[str] | None = None) -> None:
         self.children: list[_Child] = []
         run_dir = run_dir or Path("data/run")
+        served = 0  # metrics ports go to the stream processes only: base, base+1, ...
         for d in devices:
             if feeders:
                 sock = str((run_dir / f"encoder-{d}.sock").resolve())
                 self.children.append(_Child(len(self.children), d, "encoder", sock))
                 for _ in range(feeders):
-                    self.children.append(_Child(len(self.children), d, "feeder", sock))
+                    self.children.append(_Child(len(self.children), d, "feeder", sock,
+                                                metrics_slot=served))
+                    served += 1
             else:
-                self.children.append(_Child(len(self.children), d))
+                self.children.append(_Child(len(self.children), d, metrics_slot=served))
+                served += 1
         self.env = dict(os.environ if env is None else env)
         self.metrics_port = metrics_port
         self.command = list(command or [sys.executable, "-m", "streams.cli", "worker"])
@@ -153,7 +158,8 @@ class WorkerPool:
             cmd = [*self.encoder_command, child.socket]
         else:
             remote = child.socket if child.role == "feeder" else None
-            env = child_env(child.device, child.slot, self.env, self.metrics_port, remote)
+            env = child_env(child.device, child.metrics_slot, self.env, self.metrics_port,
+                            remote)
             cmd = self.command
         child.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
         logger.info("%s started (pid %d)", child.label, child.proc.pid)

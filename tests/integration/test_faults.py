@@ -443,7 +443,7 @@ async def test_feeders_share_one_encoder_process_and_survive_kills(pipeline, cat
         return [int(p) for p in re.findall(rf"{role} \d+ on cpu started \(pid (\d+)\)", text)]
 
     try:
-        for slot in (1, 2):  # the feeders' agents run (their encoder process answered)
+        for slot in (0, 1):  # the feeders' agents run (their encoder process answered)
             pipeline.metrics_ports[f"f{slot}"] = base_port + slot
             assert pipeline.wait_metric("pinfresh_worker_model_info", 1, timeout=300,
                                         worker=f"f{slot}", labels_prefix=True) >= 1, \

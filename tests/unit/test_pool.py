@@ -114,6 +114,7 @@ def test_feeders_layout_one_encoder_per_device_and_distinct_slots(tmp_path):
     assert roles == [("encoder", "0", 0), ("feeder", "0", 1), ("feeder", "0", 2),
                      ("feeder", "0", 3), ("encoder", "1", 4), ("feeder", "1", 5),
                      ("feeder", "1", 6), ("feeder", "1", 7)]
+    assert [c.metrics_slot for c in pool.children if c.role == "feeder"] == [0, 1, 2, 3, 4, 5]
     socks = {c.device: c.socket for c in pool.children}
     assert socks["0"] != socks["1"] and all(c.socket == socks[c.device] for c in pool.children)
     env = child_env("0", 2, {}, 9000, remote=socks["0"])
