@@ -31,6 +31,7 @@ import numpy as np
 from rich.console import Console
 
 from encoder.engine import ImageEncoder
+from store.lifecycle import open_stores
 from store.redis import RedisCache
 from streams.producer import ensure_topics, publish_events
 from streams.settings import Settings
@@ -215,49 +216,48 @@ async def _refresh(s: Settings, base: list[CatalogItem], live_a: list[CatalogIte
                    live_b: list[CatalogItem], rate: float, console: Console
                    ) -> dict[str, object]:
     from encoder.config import EncoderSettings
-    from store.milvus import MilvusStore
     from store.registry import VersionRegistry
     from streams.refresh import run_backfill
 
     await ensure_topics(s.kafka)
     worker = spawn_worker(s, "bench-refresh")
-    cache, milvus = RedisCache(s.redis), MilvusStore(s.milvus)
-    try:
-        console.print(f"encoding the catalog ({len(base)} pins) into the live version")
-        await publish_events(s.kafka, (it.event(1) for it in base), total=len(base))
-        await wait_settled(cache, s.kafka, [it.pin_id for it in base], 900)
-        enc_b = ImageEncoder.load(EncoderSettings(seed=1))
-        vb = enc_b.version
-        enc_b.close()
-        await VersionRegistry(milvus, cache).register(vb, 512, "pinfresh-effl0-minilm", None, 1)
-        await asyncio.sleep(4)  # the worker picks up the new version (dual writes)
+    async with open_stores(s) as stores:
+        cache, milvus = stores.cache, stores.milvus
+        try:
+            console.print(f"encoding the catalog ({len(base)} pins) into the live version")
+            await publish_events(s.kafka, (it.event(1) for it in base), total=len(base))
+            await wait_settled(cache, s.kafka, [it.pin_id for it in base], 900)
+            enc_b = ImageEncoder.load(EncoderSettings(seed=1))
+            vb = enc_b.version
+            enc_b.close()
+            await VersionRegistry(milvus, cache).register(vb, 512, "pinfresh-effl0-minilm", None, 1)
+            await asyncio.sleep(4)  # the worker picks up the new version (dual writes)
 
-        async def live_traffic(items: list[CatalogItem], until: asyncio.Task | None) -> list[float]:
-            sent: list[str] = []
-            t0 = time.monotonic()
-            for i, it in enumerate(items):
-                if until is not None and until.done():
-                    break
-                if until is None and i >= 100:
-                    break
-                await publish_events(s.kafka, [it.event(1)], progress=False)
-                sent.append(it.pin_id)
-                ahead = t0 + (i + 1) / rate - time.monotonic()
-                if ahead > 0:
-                    await asyncio.sleep(ahead)
-            meta = await wait_readable(cache, sent, 300)
-            return [float(m["written_at"]) - float(m["event_time"]) for m in meta.values()]
+            async def live_traffic(items: list[CatalogItem],
+                                   until: asyncio.Task | None) -> list[float]:
+                sent: list[str] = []
+                t0 = time.monotonic()
+                for i, it in enumerate(items):
+                    if until is not None and until.done():
+                        break
+                    if until is None and i >= 100:
+                        break
+                    await publish_events(s.kafka, [it.event(1)], progress=False)
+                    sent.append(it.pin_id)
+                    ahead = t0 + (i + 1) / rate - time.monotonic()
+                    if ahead > 0:
+                        await asyncio.sleep(ahead)
+                meta = await wait_readable(cache, sent, 300)
+                return [float(m["written_at"]) - float(m["event_time"]) for m in meta.values()]
 
-        console.print(f"idle: 100 live pins at {rate}/s")
-        idle = np.array(await live_traffic(live_a, None))
-        console.print("backfill running, live pins at the same rate")
-        task = asyncio.create_task(run_backfill(s, vb, progress=False, yield_lag=20))
-        during = np.array(await live_traffic(live_b, task))
-        rep = await task
-    finally:
-        stop_pid(worker.pid)
-        await cache.close()
-        await milvus.close()
+            console.print(f"idle: 100 live pins at {rate}/s")
+            idle = np.array(await live_traffic(live_a, None))
+            console.print("backfill running, live pins at the same rate")
+            task = asyncio.create_task(run_backfill(s, vb, progress=False, yield_lag=20))
+            during = np.array(await live_traffic(live_b, task))
+            rep = await task
+        finally:
+            stop_pid(worker.pid)
     return {
         "backfill_pins_per_s": round(rep.pins_per_s, 2),
         "backfill_pins": rep.pins, "backfill_encoded": rep.encoded,
@@ -366,20 +366,13 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
 
 async def _fill(s: Settings, enc: ImageEncoder, items: list[CatalogItem]) -> None:
     from store.base import EmbeddingRecord
-    from store.milvus import MilvusStore
-    from store.registry import VersionRegistry
 
-    milvus, cache = MilvusStore(s.milvus), RedisCache(s.redis)
-    try:
-        await VersionRegistry(milvus, cache).register(enc.version, enc.dim, enc.spec.name,
-                                                      None, 0)
+    async with open_stores(s) as stores:
+        await stores.registry.register(enc.version, enc.dim, enc.spec.name, None, 0)
         now = time.time()
         vecs = enc.encode_images([Path(it.image).read_bytes() for it in items])
         recs = [EmbeddingRecord(it.pin_id, v, enc.version, "-", 1, now, now, it.image,
                                 it.caption) for it, v in zip(items, vecs, strict=True)
                 if isinstance(v, np.ndarray)]
-        await milvus.upsert(enc.version, recs)
-        await cache.upsert(enc.version, recs)
-    finally:
-        await milvus.close()
-        await cache.close()
+        await stores.milvus.upsert(enc.version, recs)
+        await stores.cache.upsert(enc.version, recs)

@@ -43,6 +43,7 @@ from typing import Any
 
 from rich.console import Console
 
+from store.lifecycle import open_stores
 from store.redis import RedisCache
 from streams.producer import ensure_topics, publish_events
 from streams.settings import Settings
@@ -151,17 +152,12 @@ def _start(cmd: Sequence[str], s: Settings, log: Path) -> subprocess.Popen[bytes
 
 async def _drop(s: Settings) -> None:
     """Drop the round's collection and keys, so rounds do not weigh on each other."""
-    from store.milvus import MilvusStore
-
-    milvus, cache = MilvusStore(s.milvus), RedisCache(s.redis)
-    try:
-        await cache.drop_version(NULL_VERSION)
-        await milvus.drop_version(NULL_VERSION)
-    except Exception as exc:  # noqa: BLE001 - a benchmark's clean-up; say so and go on
-        print(f"clean-up of round {s.milvus.collection_prefix} failed: {exc!r}")
-    finally:
-        await milvus.close()
-        await cache.close()
+    async with open_stores(s) as stores:
+        try:
+            await stores.cache.drop_version(NULL_VERSION)
+            await stores.milvus.drop_version(NULL_VERSION)
+        except Exception as exc:  # noqa: BLE001 - a benchmark's clean-up; say so and go on
+            print(f"clean-up of round {s.milvus.collection_prefix} failed: {exc!r}")
 
 
 async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins: int,
