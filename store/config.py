@@ -36,6 +36,27 @@ class MilvusSettings(BaseModel):
         300.0, gt=0, description="gRPC keepalive ping interval; servers (Milvus Lite) refuse "
         "pings more often than every 5 minutes on idle connections"
     )
+    index_type: str = Field(
+        "AUTOINDEX", pattern=r"^[A-Z_0-9]{2,32}$",
+        description="vector index of a new version's collection: AUTOINDEX (the server "
+        "chooses; HNSW on Milvus Lite with faiss), HNSW, IVF_FLAT, FLAT, ...",
+    )
+    index_params: dict[str, int | float | str] = Field(
+        default_factory=dict,
+        description='build parameters of that index, as JSON: {"M": 16, '
+        '"efConstruction": 200} for HNSW, {"nlist": 1024} for IVF_FLAT',
+    )
+    search_params: dict[str, int | float | str] = Field(
+        default_factory=dict,
+        description='search parameters of `similar`, as JSON: {"ef": 64} for HNSW, '
+        '{"nprobe": 16} for IVF_FLAT; empty: the index\'s defaults',
+    )
+    seal_rows: int | None = Field(
+        None, ge=0,
+        description="seal (flush) a collection after this many rows upserted by one "
+        "process; 0 never; unset: 256 against Milvus Lite, whose unsealed rows make "
+        "every search slow, and never against a Milvus server, which seals by itself",
+    )
 
 
 class ApiSettings(BaseModel):

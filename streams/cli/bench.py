@@ -139,3 +139,29 @@ def bench_encode(ctx: Ctx, images_dir: Path | None, make_n: int, size: str,
             marker.write_text(what + "\n")
         source = marker.read_text().strip() + f", {w}x{h} JPEG q90"
     run_encode_bench(enc_settings, images_dir, limit, seconds, out, console, source)
+
+
+@bench.command("similar")
+@click.option("--rows", type=int, default=200_000, show_default=True,
+              help="rows in the collection under test")
+@click.option("--stream-rows", type=int, default=20_000, show_default=True,
+              help="rows written per policy while searching")
+@click.option("--cost-rows", type=int, default=20_000, show_default=True,
+              help="rows written per policy for the write cost")
+@click.option("--rate", type=float, default=1000.0, show_default=True,
+              help="rows/s the stream writes while searching")
+@click.option("--queries", type=int, default=1000, show_default=True,
+              help="searches at rest (latency and recall@10)")
+@click.option("--writers", type=int, default=2, show_default=True)
+@click.option("--batch", type=int, default=64, show_default=True)
+@click.option("--clusters", type=int, default=2000, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("bench/results/similar.json"), show_default=True)
+@pass_ctx
+def bench_similar(ctx: Ctx, rows: int, stream_rows: int, cost_rows: int, rate: float,
+                  queries: int, writers: int, batch: int, clusters: int, out: Path) -> None:
+    """`similar` on the embedded Milvus while the stream writes: sealing against none."""
+    from streams.tools.bench_similar import run_similar_bench
+
+    run_similar_bench(ctx.settings, rows, stream_rows, cost_rows, rate, queries, writers,
+                      batch, clusters, out, console)

@@ -92,6 +92,10 @@ def _every_field_changed() -> Settings:
                 changes[name] = v / "x"
             elif isinstance(v, list):
                 changes[name] = ["a.example", "b.example"]
+            elif isinstance(v, dict):
+                changes[name] = {"a": 1, "b": 0.5, "c": "x"}
+            elif v is None and "int" in ann:
+                changes[name] = 7
             elif v is None and "Path" in ann:
                 changes[name] = Path("/tmp/pf") / name
             elif v is None and "SecretStr" in ann:
@@ -99,7 +103,8 @@ def _every_field_changed() -> Settings:
             elif v is None:
                 changes[name] = f"value-{name}"
             elif isinstance(v, str) and "Literal" not in ann:
-                changes[name] = v + "_x" if name not in ("log_level",) else v
+                changes[name] = v if name in ("log_level",) else (
+                    v + "_X" if v.isupper() else v + "_x")
         update[section] = sub.model_copy(update=changes)
     return s.model_copy(update=update)
 

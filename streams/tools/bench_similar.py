@@ -1,0 +1,223 @@
+"""``pinfresh bench similar``: `similar` on the embedded Milvus while the stream writes.
+
+Milvus Lite scans its unsealed rows one by one on every search (see
+`store.milvus`), so the store seals a collection every ``seal_rows`` rows it
+writes. This benchmark measures that policy against writing with no seals,
+in one run, on a private embedded stack (the launcher the CLI uses):
+
+1. **write cost**: ``cost_rows`` rows upserted as fast as ``writers``
+   concurrent writers go (batches of ``batch``, as a feeder writes), into a
+   fresh collection per policy: rows/s, the number of seals and their time;
+2. **fill**: ``rows`` rows into the collection under test (sealed);
+3. **search while the stream writes**: per policy, ``stream_rows`` new rows
+   written at ``rate`` rows/s while one reader runs ``similar`` (k=10) back
+   to back: p50/p99 of its latency and the write rate reached;
+4. **at rest**: after a flush and the background index builds, ``queries``
+   searches: p50/p99, and recall@10 against an exact search (numpy, every
+   stored vector) for the same queries.
+
+The vectors are synthetic, not model output: L2-normalised points around
+``clusters`` random centres, so the nearest neighbours are not ties; queries
+are stored vectors with noise added. Latency is the client's (pymilvus over
+gRPC to the server process), as `similar` sees it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.console import Console
+from rich.progress import Progress
+
+from store.base import EmbeddingRecord
+from store.milvus import MilvusStore
+from streams.settings import Settings
+from streams.tools.report import emit, machine
+
+DIM = 512
+
+
+def clustered(n: int, rng: np.random.Generator, clusters: int, dim: int = DIM) -> np.ndarray:
+    """``n`` unit vectors scattered around ``clusters`` random unit centres."""
+    centres = rng.standard_normal((clusters, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    v = centres[rng.integers(0, clusters, n)] + 0.6 * rng.standard_normal((n, dim)).astype(
+        np.float32) / np.sqrt(dim)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def _records(version: str, vecs: np.ndarray, first: int) -> list[EmbeddingRecord]:
+    now = time.time()
+    return [EmbeddingRecord(pin_id=f"b{first + i}", vector=v, model_version=version,
+                            content_hash="0" * 64, pin_version=1, event_time=now,
+                            encode_time=now, image_location=f"bench://{first + i}",
+                            caption="", metadata={})
+            for i, v in enumerate(vecs)]
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 1)
+
+
+async def _write(store: MilvusStore, version: str, vecs: np.ndarray, first: int, batch: int,
+                 writers: int, rate: float | None, progress: Progress | None = None,
+                 label: str = "") -> float:
+    """Upsert ``vecs`` as pins ``first..``; at ``rate`` rows/s if given. Returns seconds."""
+    starts = list(range(0, len(vecs), batch))
+    task = progress.add_task(label, total=len(vecs)) if progress else None
+    t0 = time.perf_counter()
+
+    async def writer(k: int) -> None:
+        for j in starts[k::writers]:
+            if rate:  # the schedule says when row j is due
+                await asyncio.sleep(max(0.0, t0 + j / rate - time.perf_counter()))
+            chunk = vecs[j:j + batch]
+            await store.upsert(version, _records(version, chunk, first + j))
+            if progress is not None and task is not None:
+                progress.advance(task, len(chunk))
+
+    await asyncio.gather(*(writer(k) for k in range(writers)))
+    return time.perf_counter() - t0
+
+
+async def _search_loop(store: MilvusStore, version: str, queries: np.ndarray,
+                       stop: asyncio.Event) -> list[float]:
+    lat: list[float] = []
+    i = 0
+    while not stop.is_set():
+        t = time.perf_counter()
+        await store.search(version, queries[i % len(queries)], 10)
+        lat.append((time.perf_counter() - t) * 1000)
+        i += 1
+    return lat
+
+
+async def _settle(store: MilvusStore, version: str) -> float:
+    """Seal, then wait for the background index builds; returns the seconds it took."""
+    t0 = time.perf_counter()
+    await store.settle(version)
+    return time.perf_counter() - t0
+
+
+async def _run(settings: Settings, rows: int, stream_rows: int, cost_rows: int, rate: float,
+               queries: int, writers: int, batch: int, clusters: int,
+               console: Console) -> dict[str, Any]:
+    rng = np.random.default_rng(0)
+    base = settings.milvus
+    policies = {"seal": None, "no seal": 0}  # None: the store's default (256 on Milvus Lite)
+    report: dict[str, Any] = {"rows": rows, "stream_rows": stream_rows, "rate_rows_per_s": rate,
+                              "batch": batch, "writers": writers, "dim": DIM,
+                              "index_type": base.index_type, "index_params": base.index_params,
+                              "search_params": base.search_params}
+    stores = {p: MilvusStore(base.model_copy(update={"seal_rows": v}))
+              for p, v in policies.items()}
+    try:
+        seal_rows = await stores["seal"].seal_rows()
+        report["seal_rows"] = seal_rows
+        with Progress(console=console, transient=True) as progress:
+            # 1. the write cost of sealing
+            cost: dict[str, Any] = {}
+            for p, st in stores.items():
+                version = f"cost_{'seal' if p == 'seal' else 'noseal'}"
+                await st.ensure_version(version, DIM)
+                seals0, secs0 = st.seals, st.seal_seconds
+                s = await _write(st, version, clustered(cost_rows, rng, clusters), 0, batch,
+                                 writers, None, progress, f"write cost, {p}")
+                cost[p] = {"rows_per_s": round(cost_rows / s), "seals": st.seals - seals0,
+                           "seal_seconds": round(st.seal_seconds - secs0, 2)}
+                await st.drop_version(version)
+            report["write_cost"] = cost
+
+            # 2. fill the collection under test
+            vecs = clustered(rows + stream_rows * len(policies), rng, clusters)
+            sealed = stores["seal"]
+            await sealed.ensure_version("sim", DIM)
+            fill_s = await _write(sealed, "sim", vecs[:rows], 0, batch, writers, None, progress,
+                                  f"fill {rows:,} rows")
+            report["fill_rows_per_s"] = round(rows / fill_s)
+            report["settle_after_fill_s"] = round(await _settle(sealed, "sim"), 1)
+
+            # 3. similar while the stream writes, per policy
+            picks = rng.integers(0, rows, max(queries, 1000))
+            q = vecs[picks] + 0.3 * rng.standard_normal((len(picks), DIM)).astype(
+                np.float32) / np.sqrt(DIM)
+            q /= np.linalg.norm(q, axis=1, keepdims=True)
+            reader = MilvusStore(base.model_copy(update={"seal_rows": 0}))
+            try:
+                await reader.ensure_version("sim", DIM)
+                during: dict[str, Any] = {}
+                first = rows
+                for p, st in stores.items():
+                    await st.ensure_version("sim", DIM)
+                    await _settle(st, "sim")
+                    stop = asyncio.Event()
+                    probe = asyncio.create_task(_search_loop(reader, "sim", q, stop))
+                    s = await _write(st, "sim", vecs[first:first + stream_rows], first, batch,
+                                     writers, rate, progress, f"stream, {p}")
+                    stop.set()
+                    lat = await probe
+                    during[p] = {"similar_p50_ms": _pct(lat, 0.5),
+                                 "similar_p99_ms": _pct(lat, 0.99), "searches": len(lat),
+                                 "write_rows_per_s": round(stream_rows / s)}
+                    first += stream_rows
+                report["during_stream"] = during
+
+                # 4. at rest: latency and recall against an exact search
+                report["settle_s"] = round(await _settle(sealed, "sim"), 1)
+                stored = vecs[:first]
+                hits: list[list[str]] = []
+                lat = []
+                for i in range(queries):
+                    t = time.perf_counter()
+                    res = await reader.search("sim", q[i], 10)
+                    lat.append((time.perf_counter() - t) * 1000)
+                    hits.append([h.pin_id for h in res])
+                exact = np.argsort(-(q[:queries] @ stored.T), axis=1)[:, :10]
+                recall = statistics.fmean(
+                    len({f"b{j}" for j in exact[i]} & set(hits[i])) / 10 for i in range(queries))
+                report["at_rest"] = {"similar_p50_ms": _pct(lat, 0.5),
+                                     "similar_p99_ms": _pct(lat, 0.99),
+                                     "recall_at_10": round(recall, 4), "queries": queries,
+                                     "rows": int(len(stored))}
+                await sealed.drop_version("sim")
+            finally:
+                await reader.close()
+    finally:
+        for st in stores.values():
+            await st.close()
+    return report
+
+
+def run_similar_bench(settings: Settings, rows: int, stream_rows: int, cost_rows: int,
+                      rate: float, queries: int, writers: int, batch: int, clusters: int,
+                      out: Path, console: Console) -> dict[str, Any]:
+    """Run on a private embedded stack; print the table, write JSON to ``out``."""
+    from streams.tools.bench import private_stack
+
+    with private_stack(settings, Path(".")) as (s, _tmp):
+        report = asyncio.run(_run(s, rows, stream_rows, cost_rows, rate, queries, writers,
+                                  batch, clusters, console))
+    report["machine"] = machine()
+    d, c, r = report["during_stream"], report["write_cost"], report["at_rest"]
+    rows_out: list[tuple[str, object]] = [
+        ("seal every (rows)", report["seal_rows"]),
+        ("write rows/s, seal / no seal", f"{c['seal']['rows_per_s']:,} / "
+                                         f"{c['no seal']['rows_per_s']:,}"),
+        ("seals (total s)", f"{c['seal']['seals']} ({c['seal']['seal_seconds']})"),
+        (f"similar p50/p99 ms at {rows:,} rows, stream {rate:g} rows/s, seal",
+         f"{d['seal']['similar_p50_ms']} / {d['seal']['similar_p99_ms']}"),
+        ("  the same, no seal",
+         f"{d['no seal']['similar_p50_ms']} / {d['no seal']['similar_p99_ms']}"),
+        ("similar p50/p99 ms at rest", f"{r['similar_p50_ms']} / {r['similar_p99_ms']}"),
+        ("recall@10 against exact", r["recall_at_10"]),
+    ]
+    emit("similar on the embedded Milvus", rows_out, report, out, console)
+    return report
