@@ -21,7 +21,7 @@ def load_encoder(settings: EncoderSettings) -> ImageEncoder | NullEncoder:
     torch and open_clip are imported only in the second case.
     """
     if settings.model == NULL_MODEL:
-        return NullEncoder()
+        return NullEncoder(seed=settings.seed)
     from encoder.engine import ImageEncoder
 
     return ImageEncoder.load(settings)

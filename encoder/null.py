@@ -23,9 +23,10 @@ from encoder.types import EncodeResult, EncoderInfo
 NULL_MODEL = "null"
 
 
-def null_vector(data: bytes, dim: int) -> np.ndarray:
-    """The unit vector the null encoder gives ``data``."""
-    digest = hashlib.sha512(data).digest()
+def null_vector(data: bytes, dim: int, seed: int = 0) -> np.ndarray:
+    """The unit vector the null encoder with ``seed`` gives ``data``."""
+    salt = seed.to_bytes(8, "little", signed=True) if seed else b""
+    digest = hashlib.sha512(salt + data).digest()
     raw = np.frombuffer(digest * (dim // len(digest) + 1), dtype=np.int8, count=dim)
     v = raw.astype(np.float32) + 0.5  # never all zero
     return v / np.sqrt(float(v @ v))
@@ -37,9 +38,12 @@ class NullEncoder:
     #: Tells an encoder process (`encoder.server`) that feeders send bytes as they are.
     prepare_kind = "none"
 
-    def __init__(self, dim: int = 512) -> None:
+    def __init__(self, dim: int = 512, seed: int = 0) -> None:
         self.dim = dim
-        self.version = f"null_{dim}"
+        self.seed = seed
+        # another seed is another version with other vectors: a second model version for
+        # refresh and backfill measurements (`pinfresh bench volume`)
+        self.version = f"null_{dim}" if not seed else f"null_{dim}_s{seed}"
         self.images_forwarded = 0
         self.on_batch: Any = None
 
@@ -52,7 +56,7 @@ class NullEncoder:
     def encode_images(self, items: Sequence[bytes]) -> list[EncodeResult]:
         """One vector per item, in order; never an error."""
         self.images_forwarded += len(items)
-        return [null_vector(b, self.dim) for b in items]
+        return [null_vector(b, self.dim, self.seed) for b in items]
 
     def submit(self, items: Sequence[bytes]) -> list[Future[EncodeResult]]:
         """Completed futures, one per item (what an encoder process calls)."""

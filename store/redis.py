@@ -343,6 +343,10 @@ class RedisCache:
         """Pins stored in a version."""
         return int(await self._do(lambda: self._r.scard(self._ids_key(version))))
 
+    async def server_info(self, section: str) -> dict[str, Any]:
+        """A section of the server's ``INFO`` (``memory``, ``persistence``, ...)."""
+        return dict(await self._do(lambda: self._r.info(section)))
+
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless Redis answers PING."""
         await self._do(self._r.ping)

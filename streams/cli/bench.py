@@ -165,3 +165,22 @@ def bench_similar(ctx: Ctx, rows: int, stream_rows: int, cost_rows: int, rate: f
 
     run_similar_bench(ctx.settings, rows, stream_rows, cost_rows, rate, queries, writers,
                       batch, clusters, out, console)
+
+
+@bench.command("volume")
+@click.option("--pins", type=int, default=200_000, show_default=True,
+              help="distinct pins through the pipeline")
+@click.option("--feeders", type=int, default=2, show_default=True)
+@click.option("--queries", type=int, default=1000, show_default=True,
+              help="similar queries (latency and recall@10 against exact)")
+@click.option("--live-rate", type=float, default=20.0, show_default=True,
+              help="live pins/s published during the backfill")
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("bench/results/volume.json"), show_default=True)
+@pass_ctx
+def bench_volume(ctx: Ctx, pins: int, feeders: int, queries: int, live_rate: float,
+                 out: Path) -> None:
+    """Many distinct pins through the real pipeline (null encoder): rate, sizes, backfill."""
+    from streams.tools.bench_volume import run_volume_bench
+
+    run_volume_bench(ctx.settings, pins, feeders, queries, live_rate, out, console)

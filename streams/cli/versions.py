@@ -83,7 +83,7 @@ def versions_show(ctx: Ctx, version: str) -> None:
 def versions_create(ctx: Ctx, checkpoint: Path | None, model: str | None,
                     seed: int | None) -> None:
     """Register a new encoder as a building version (workers start dual-writing it)."""
-    from encoder.engine import ImageEncoder
+    from encoder.loading import load_encoder
 
     upd: dict[str, Any] = {}
     if checkpoint:
@@ -93,7 +93,7 @@ def versions_create(ctx: Ctx, checkpoint: Path | None, model: str | None,
     if seed is not None:
         upd["seed"] = seed
     es = ctx.settings.encoder.model_copy(update=upd)
-    enc = ImageEncoder.load(es)
+    enc = load_encoder(es)
     info = enc.info
     enc.close()
     live = _registry_call(ctx.settings, lambda reg: reg.register(

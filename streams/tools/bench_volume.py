@@ -1,0 +1,314 @@
+"""``pinfresh bench volume``: a catalog of many distinct pins through the real pipeline.
+
+What grows with the catalog, measured on a private embedded stack (the
+launcher the CLI uses) with the null encoder (`encoder.null`), so the run
+measures the stream and the stores, not a model:
+
+1. ``pins`` distinct pins are published (small PNG thumbnails of the sample
+   stamps, each file made distinct by a trailer after its IEND chunk, read
+   from local files), then ``pinfresh worker --devices cpu --feeders N``
+   drains them: pins/s per tenth of the run, to see whether the rate holds
+   or decays as the stores fill;
+2. Redis memory per pin and version (``INFO memory`` before and after), the
+   Milvus server's resident memory and its data on disk;
+3. ``similar`` through `EmbeddingReader` (as the read API runs it) on
+   ``queries`` pins after the collection is sealed and indexed: p50/p99, and
+   recall@10 against an exact search over every stored vector (recomputed
+   from the image bytes, so exact);
+4. ``store verify`` of the whole version;
+5. a backfill of every pin into a second version (the null encoder with
+   another seed) while live pins arrive at ``live_rate``/s: backfill pins/s,
+   and the live pins' freshness (event time to Redis write) meanwhile.
+
+The null encoder's vectors are pseudo-random points (a hash of the bytes),
+with no neighbourhood structure: recall on them is a pessimistic figure for
+an ANN index. `pinfresh bench similar` measures the index on clustered
+vectors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from rich.console import Console
+from rich.progress import Progress
+
+from encoder.null import NullEncoder, null_vector
+from store.lifecycle import open_stores
+from store.reader import EmbeddingReader
+from store.verify import verify_cache
+from streams.events import PinEvent
+from streams.producer import ensure_topics, publish_events
+from streams.refresh import run_backfill
+from streams.settings import Settings
+from streams.tools.catalog import load_catalog, prepare_sample_catalog
+from streams.tools.report import emit, machine
+from streams.tools.runtime import stop_group
+
+LIVE = NullEncoder().version
+BACKFILL_SEED = 1
+
+
+def make_images(root: Path, stamps: list[Path], n: int, side: int = 48) -> list[Path]:
+    """``n`` distinct small PNGs under ``root`` (thumbnails of ``stamps``, unique trailers)."""
+    thumbs = []
+    for p in stamps:
+        with Image.open(p) as src:
+            im = src.convert("RGBA")
+            im.thumbnail((side, side))
+            buf = io.BytesIO()
+            im.save(buf, "PNG", optimize=True)
+            thumbs.append(buf.getvalue())
+    paths = []
+    for i in range(n):
+        d = root / f"{i // 1000:04d}"
+        if i % 1000 == 0:
+            d.mkdir(parents=True, exist_ok=True)
+        path = d / f"{i}.png"
+        # bytes after IEND are ignored by decoders; they make every file's hash distinct
+        path.write_bytes(thumbs[i % len(thumbs)] + b"pinfresh" + i.to_bytes(8, "little"))
+        paths.append(path)
+    return paths
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _du_mb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) / 2**20
+
+
+async def _redis_used(cache: Any) -> int:
+    return int((await cache.server_info("memory"))["used_memory"])
+
+
+async def _drain(s: Settings, pins: int, feeders: int, logs: Path, console: Console
+                 ) -> subprocess.Popen[bytes]:
+    """Start the workers on the published backlog; poll progress until every pin is in."""
+    cmd = [sys.executable, "-m", "streams.cli", "worker", "--devices", "cpu",
+           "--feeders", str(feeders)]
+    with open(logs / "workers.log", "ab") as log:
+        proc = subprocess.Popen(cmd, env=s.child_environ(os.environ), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    last = -1
+    async with open_stores(s) as stores:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("pins written", total=pins)
+            last_change = time.monotonic()
+            while True:
+                got = await stores.cache.count(LIVE) if await stores.cache.get_live() else 0
+                if got != last:
+                    last, last_change = got, time.monotonic()
+                bar.update(task, completed=got)
+                if got >= pins:
+                    return proc
+                if proc.poll() is not None or time.monotonic() - last_change > 300:
+                    raise RuntimeError(f"stalled at {got} of {pins} pins (see {logs})")
+                await asyncio.sleep(1.0)
+
+
+async def _written_times(s: Settings, pins: int) -> list[float]:
+    """Every pin's Redis write time (``written_at`` in its meta), sorted."""
+    out: list[float] = []
+    async with open_stores(s) as stores:
+        for lo in range(0, pins, 2000):
+            metas = await stores.cache.get_meta(LIVE, [f"v{i}" for i in range(lo, min(pins,
+                                                                                  lo + 2000))])
+            out.extend(float(m["written_at"]) for m in metas.values())
+    return sorted(out)
+
+
+def _rates_by_tenth(written: list[float]) -> list[float]:
+    """pins/s within each tenth of the pins, from their exact write times."""
+    n = len(written)
+    marks = [written[min(n - 1, n * k // 10)] for k in range(11)]
+    return [round((n / 10) / max(1e-6, b - a), 1) for a, b in zip(marks, marks[1:],
+                                                                   strict=False)]
+
+
+async def _similar(s: Settings, paths: list[Path], queries: int) -> dict[str, Any]:
+    async with open_stores(s) as stores:
+        settled = await stores.milvus.settle(LIVE)
+        reader = EmbeddingReader(stores.milvus, stores.cache)
+        rng = np.random.default_rng(0)
+        picks = rng.choice(len(paths), size=min(queries, len(paths)), replace=False)
+        lat, hits = [], []
+        for i in picks:
+            t = time.perf_counter()
+            _, res = await reader.similar(pin_id=f"v{i}", k=10)
+            lat.append((time.perf_counter() - t) * 1000)
+            hits.append({h.pin_id for h in res})
+    vecs = np.stack([null_vector(p.read_bytes(), 512) for p in paths])
+    recall = []
+    for lo in range(0, len(picks), 100):
+        q = vecs[picks[lo:lo + 100]]
+        scores = q @ vecs.T
+        scores[np.arange(len(q)), picks[lo:lo + 100]] = -np.inf  # the pin itself is excluded
+        top = np.argpartition(-scores, 10, axis=1)[:, :10]
+        for row, got in zip(top, hits[lo:lo + 100], strict=True):
+            recall.append(len({f"v{j}" for j in row} & got) / 10)
+    return {"similar_p50_ms": round(_pct(lat, 0.5), 1), "similar_p99_ms": round(_pct(lat, 0.99), 1),
+            "similar_recall_at_10": round(statistics.fmean(recall), 4),
+            "similar_queries": len(picks), "index_settled": settled}
+
+
+async def _backfill_with_live(s: Settings, live_rate: float, paths: list[Path],
+                              console: Console) -> dict[str, Any]:
+    """Register the second version, backfill it, publish live pins meanwhile."""
+    target = NullEncoder(seed=BACKFILL_SEED).version
+    async with open_stores(s) as stores:
+        await stores.registry.register(target, 512, "null", None, BACKFILL_SEED)
+    await asyncio.sleep(2 * 3.0)  # the workers' write sets refresh every 3 s: dual writes first
+    stop = asyncio.Event()
+    live_ids: list[str] = []
+
+    async def live() -> None:
+        i = 0
+        while not stop.is_set():
+            batch = []
+            for _ in range(max(1, int(live_rate))):
+                pid = f"live{i}"
+                batch.append(PinEvent.upsert(pid, str(paths[i % len(paths)]), 1))
+                live_ids.append(pid)
+                i += 1
+            await publish_events(s.kafka, batch, progress=False)
+            await asyncio.sleep(1.0)
+
+    pub = asyncio.create_task(live())
+    try:
+        rep = await run_backfill(s, target, progress=True)
+    finally:
+        stop.set()
+        await pub
+    fresh: list[float] = []
+    async with open_stores(s) as stores:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the last live pins are still on their way
+            metas = await stores.cache.get_meta(LIVE, live_ids)
+            if len(metas) == len(live_ids):
+                break
+            await asyncio.sleep(1.0)
+        fresh = [float(m["written_at"]) - float(m["event_time"]) for m in metas.values()]
+        target_pins = await stores.cache.count(target)
+    return {"backfill_pins_per_s": round(rep.pins_per_s, 1), "backfill_pins": rep.pins,
+            "backfill_encoded": rep.encoded, "backfill_yielded_s": round(rep.yielded_s, 1),
+            "backfill_target_pins": target_pins, "live_pins_during_backfill": len(live_ids),
+            "live_pins_written": len(fresh),
+            "freshness_p50_s_during_backfill": round(_pct(fresh, 0.5), 2),
+            "freshness_p99_s_during_backfill": round(_pct(fresh, 0.99), 2)}
+
+
+def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,
+                     live_rate: float, out: Path, console: Console) -> dict[str, Any]:
+    """Run every step (see the module docstring); print the table, write JSON to ``out``."""
+    from streams.tools.bench import private_stack
+
+    data_dir = settings.stack.data_dir.resolve()
+    stamps = [Path(it.image) for it in load_catalog(prepare_sample_catalog(data_dir))]
+    base = settings.model_copy(update={
+        "encoder": settings.encoder.model_copy(update={"model": "null"}),
+        "worker": settings.worker.model_copy(update={"metrics_port": 0}),
+        "log_level": "WARNING"})
+    report: dict[str, Any] = {"pins": pins, "feeders": feeders}
+    for name in ("streams", "store", "encoder"):  # the backfill runs here: no line per batch
+        logging.getLogger(name).setLevel(logging.WARNING)
+    t_all = time.monotonic()
+    with private_stack(base, Path("/")) as (s, tmp):
+        images = tmp / "images"
+        t = time.monotonic()
+        paths = make_images(images, stamps[:200], pins)
+        s = s.model_copy(update={"fetch": s.fetch.model_copy(update={"catalog_root": images})})
+        console.print(f"{pins:,} images in {time.monotonic() - t:.0f}s under {images}")
+        logs = tmp / "logs"
+
+        async def before() -> int:
+            await ensure_topics(s.kafka)
+            async with open_stores(s) as stores:
+                return await _redis_used(stores.cache)
+
+        used0 = asyncio.run(before())
+        t = time.monotonic()
+        asyncio.run(publish_events(s.kafka, (PinEvent.upsert(f"v{i}", str(p), 1)
+                                             for i, p in enumerate(paths)), total=pins))
+        report["publish_s"] = round(time.monotonic() - t, 1)
+        proc = asyncio.run(_drain(s, pins, feeders, logs, console))
+        try:
+            written = asyncio.run(_written_times(s, pins))
+            report["pins_per_s"] = round(len(written) / (written[-1] - written[0]), 1)
+            report["pins_per_s_by_tenth"] = _rates_by_tenth(written)
+
+            async def sizes() -> int:
+                async with open_stores(s) as stores:
+                    return await _redis_used(stores.cache)
+
+            used1 = asyncio.run(sizes())
+            report["redis_bytes_per_pin_version"] = round((used1 - used0) / pins, 1)
+            milvus_pid = _milvus_pid(tmp)
+            report["milvus_rss_mb"] = round(_rss_mb(milvus_pid), 1) if milvus_pid else None
+            report["milvus_disk_mb"] = round(_du_mb(tmp / "milvus"), 1)
+            report.update(asyncio.run(_similar(s, paths, queries)))
+
+            async def verify() -> tuple[float, bool]:
+                async with open_stores(s) as stores:
+                    t = time.perf_counter()
+                    rep = await verify_cache(stores.milvus, stores.cache, LIVE)
+                    return time.perf_counter() - t, rep.ok
+
+            secs, ok = asyncio.run(verify())
+            report["verify_s"], report["verify_ok"] = round(secs, 1), ok
+            report.update(asyncio.run(_backfill_with_live(s, live_rate, paths, console)))
+            report["redis_bytes_per_pin_two_versions"] = round(
+                (asyncio.run(sizes()) - used0) / pins, 1)
+            report["milvus_disk_mb_two_versions"] = round(_du_mb(tmp / "milvus"), 1)
+        finally:
+            stop_group(proc)
+    report["live_rate_pins_per_s"] = live_rate
+    report["seconds"] = round(time.monotonic() - t_all)
+    report["images"] = ("48 px PNG thumbnails of 200 Tux Paint stamps, each file made "
+                        "distinct by a trailer after IEND; local files")
+    report["encoder"] = "null (a hash of the image bytes; no decode, no model)"
+    report["machine"] = machine()
+    report["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    rows: list[tuple[str, object]] = [
+        ("pins", f"{pins:,}"),
+        ("pins/s, whole drain", report["pins_per_s"]),
+        ("pins/s by tenth", ", ".join(f"{x:.0f}" for x in report["pins_per_s_by_tenth"])),
+        ("Redis bytes per pin and version", report["redis_bytes_per_pin_version"]),
+        ("Milvus RSS MB / disk MB", f"{report['milvus_rss_mb']} / {report['milvus_disk_mb']}"),
+        ("similar p50 / p99 ms", f"{report['similar_p50_ms']} / {report['similar_p99_ms']}"),
+        ("similar recall@10 (null vectors)", report["similar_recall_at_10"]),
+        ("store verify s", report["verify_s"]),
+        ("backfill pins/s", report["backfill_pins_per_s"]),
+        (f"live freshness p99 s during backfill ({live_rate:g}/s)",
+         report["freshness_p99_s_during_backfill"]),
+    ]
+    emit(f"pinfresh bench volume ({pins:,} pins)", rows, report, out, console)
+    return report
+
+
+def _milvus_pid(stack_dir: Path) -> int | None:
+    from streams.settings import StackSettings
+    from streams.tools.stack import EmbeddedStack
+
+    info = EmbeddedStack(StackSettings(data_dir=stack_dir)).read()
+    return info.milvus.pid if info else None
