@@ -72,13 +72,13 @@ async def test_new_image_replaces_old_version_ignored_delete_removes(
     pin = "pin-update-1"
     pipeline.start_worker()
     await pipeline.publish([PinEvent.upsert(pin, a.image, 1, "first")])
-    assert await pipeline.wait([pin], timeout=120)
+    assert await pipeline.wait([pin], timeout=300)
     version = await pipeline.cache.get_live()
     vec_a, vec_b = encoder.encode_images([Path(a.image).read_bytes(),
                                           Path(b.image).read_bytes()])
 
     await pipeline.publish([PinEvent.upsert(pin, b.image, 2, "second")])
-    assert await pipeline.wait([pin], timeout=60, min_pin_version=2)
+    assert await pipeline.wait([pin], timeout=180, min_pin_version=2)
     for vec in ((await pipeline.cache.get_vectors(version, [pin]))[0][0],
                 (await pipeline.milvus.get_many(version, [pin]))[pin].vector):
         assert cos(vec, vec_b) >= 0.999 and cos(vec, vec_a) < 0.99
@@ -109,7 +109,7 @@ async def test_same_event_twice_one_record_one_encode(pipeline, catalog):
     ev = PinEvent.upsert("pin-dup-1", it.image, 7, it.caption)
     pipeline.start_worker()
     await pipeline.publish([ev])
-    assert await pipeline.wait([ev.pin_id], timeout=120)
+    assert await pipeline.wait([ev.pin_id], timeout=300)
     assert pipeline.wait_metric("pinfresh_images_encoded_total", 1) == 1
     await pipeline.publish_raw([(ev.pin_id.encode(), ev.to_bytes())])  # the same bytes again
     assert pipeline.wait_metric("pinfresh_events_total", 1, labels='{outcome="skipped"}') >= 1
@@ -130,7 +130,7 @@ async def test_malformed_and_missing_image_dead_lettered_neighbours_processed(
         (missing.pin_id.encode(), missing.to_bytes()),
         (good2.pin_id.encode(), good2.event(1).to_bytes()),
     ])
-    assert len(await pipeline.wait([good1.pin_id, good2.pin_id], timeout=120)) == 2
+    assert len(await pipeline.wait([good1.pin_id, good2.pin_id], timeout=300)) == 2
     letters = []
     deadline = time.monotonic() + 180
     while len(letters) < 2 and time.monotonic() < deadline:

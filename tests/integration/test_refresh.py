@@ -76,7 +76,7 @@ async def test_backfill_dual_write_promote_and_rollback(pipeline, catalog, encod
     rep = await backfill
     assert rep.pins >= len(base) - len(deleted) and rep.dead_letters == 0
     alive = [it.pin_id for it in base[5:]] + [it.pin_id for it in extra] + [probe.pin_id]
-    await pipeline.wait([it.pin_id for it in extra], timeout=120)
+    await pipeline.wait([it.pin_id for it in extra], timeout=300)
     await pipeline.wait(list(changed), timeout=120, min_pin_version=2)
     assert await _count(pipeline.cache, vb, len(alive)) == len(alive)
 
