@@ -51,11 +51,12 @@ class MilvusSettings(BaseModel):
         description='search parameters of `similar`, as JSON: {"ef": 64} for HNSW, '
         '{"nprobe": 16} for IVF_FLAT; empty: the index\'s defaults',
     )
-    seal_rows: int | None = Field(
-        None, ge=0,
+    seal_rows: int = Field(
+        0, ge=0,
         description="seal (flush) a collection after this many rows upserted by one "
-        "process; 0 never; unset: 256 against Milvus Lite, whose unsealed rows make "
-        "every search slow, and never against a Milvus server, which seals by itself",
+        "process; 0: never, the server seals by itself. On Milvus Lite sealing every 256 "
+        "rows halved the write rate and helped search little at 200k rows "
+        "(docs/benchmarks.md); it pays only for small collections",
     )
 
 

@@ -155,16 +155,19 @@ def bench_encode(ctx: Ctx, images_dir: Path | None, make_n: int, size: str,
 @click.option("--writers", type=int, default=2, show_default=True)
 @click.option("--batch", type=int, default=64, show_default=True)
 @click.option("--clusters", type=int, default=2000, show_default=True)
+@click.option("--seal-rows", type=int, default=256, show_default=True,
+              help="the sealing policy measured against none")
 @click.option("--out", type=click.Path(path_type=Path),
               default=Path("bench/results/similar.json"), show_default=True)
 @pass_ctx
 def bench_similar(ctx: Ctx, rows: int, stream_rows: int, cost_rows: int, rate: float,
-                  queries: int, writers: int, batch: int, clusters: int, out: Path) -> None:
+                  queries: int, writers: int, batch: int, clusters: int, seal_rows: int,
+                  out: Path) -> None:
     """`similar` on the embedded Milvus while the stream writes: sealing against none."""
     from streams.tools.bench_similar import run_similar_bench
 
     run_similar_bench(ctx.settings, rows, stream_rows, cost_rows, rate, queries, writers,
-                      batch, clusters, out, console)
+                      batch, clusters, seal_rows, out, console)
 
 
 @bench.command("volume")

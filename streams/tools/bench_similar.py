@@ -1,9 +1,10 @@
 """``pinfresh bench similar``: `similar` on the embedded Milvus while the stream writes.
 
 Milvus Lite scans its unsealed rows one by one on every search (see
-`store.milvus`), so the store seals a collection every ``seal_rows`` rows it
-writes. This benchmark measures that policy against writing with no seals,
-in one run, on a private embedded stack (the launcher the CLI uses):
+`store.milvus`); a store can seal a collection every ``seal_rows`` rows it
+writes (`MilvusSettings.seal_rows`, off by default). This benchmark measures
+that policy against writing with no seals, in one run, on a private embedded
+stack (the launcher the CLI uses):
 
 1. **write cost**: ``cost_rows`` rows upserted as fast as ``writers``
    concurrent writers go (batches of ``batch``, as a feeder writes), into a
@@ -108,11 +109,11 @@ async def _settle(store: MilvusStore, version: str) -> float:
 
 
 async def _run(settings: Settings, rows: int, stream_rows: int, cost_rows: int, rate: float,
-               queries: int, writers: int, batch: int, clusters: int,
+               queries: int, writers: int, batch: int, clusters: int, seal_rows: int,
                console: Console) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     base = settings.milvus
-    policies = {"seal": None, "no seal": 0}  # None: the store's default (256 on Milvus Lite)
+    policies = {"seal": seal_rows, "no seal": 0}
     report: dict[str, Any] = {"rows": rows, "stream_rows": stream_rows, "rate_rows_per_s": rate,
                               "batch": batch, "writers": writers, "dim": DIM,
                               "index_type": base.index_type, "index_params": base.index_params,
@@ -120,7 +121,6 @@ async def _run(settings: Settings, rows: int, stream_rows: int, cost_rows: int, 
     stores = {p: MilvusStore(base.model_copy(update={"seal_rows": v}))
               for p, v in policies.items()}
     try:
-        seal_rows = await stores["seal"].seal_rows()
         report["seal_rows"] = seal_rows
         with Progress(console=console, transient=True) as progress:
             # 1. the write cost of sealing
@@ -198,13 +198,13 @@ async def _run(settings: Settings, rows: int, stream_rows: int, cost_rows: int, 
 
 def run_similar_bench(settings: Settings, rows: int, stream_rows: int, cost_rows: int,
                       rate: float, queries: int, writers: int, batch: int, clusters: int,
-                      out: Path, console: Console) -> dict[str, Any]:
+                      seal_rows: int, out: Path, console: Console) -> dict[str, Any]:
     """Run on a private embedded stack; print the table, write JSON to ``out``."""
     from streams.tools.bench import private_stack
 
     with private_stack(settings, Path(".")) as (s, _tmp):
         report = asyncio.run(_run(s, rows, stream_rows, cost_rows, rate, queries, writers,
-                                  batch, clusters, console))
+                                  batch, clusters, seal_rows, console))
     report["machine"] = machine()
     d, c, r = report["during_stream"], report["write_cost"], report["at_rest"]
     rows_out: list[tuple[str, object]] = [

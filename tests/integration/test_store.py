@@ -71,27 +71,23 @@ async def test_upsert_replay_keeps_one_row_and_reader_falls_back_and_refills(sto
     assert (await reader.get_many(["p5"])).found.tolist() == [False]
 
 
-async def test_milvus_lite_collections_are_sealed_every_seal_rows(stack):
-    """Unsealed rows make every Milvus Lite search scan them one by one: the store seals."""
-    auto = MilvusStore(MilvusSettings(uri=stack.milvus_uri, collection_prefix="seal_auto"))
+async def test_collections_are_sealed_every_seal_rows_when_asked(stack):
+    """Unsealed rows make every Milvus Lite search scan them one by one: a store can seal."""
     every = MilvusStore(MilvusSettings(
         uri=stack.milvus_uri, collection_prefix="seal_100", seal_rows=100, index_type="HNSW",
         index_params={"M": 8, "efConstruction": 64}, search_params={"ef": 32}))
-    never = MilvusStore(MilvusSettings(uri=stack.milvus_uri, collection_prefix="seal_0",
-                                       seal_rows=0))
-    try:
-        assert await auto.seal_rows() == 256  # the server says it is Milvus Lite
-        assert await never.seal_rows() == 0
-        for st in (every, never):
-            await st.ensure_version("v1", 16)
-            for i in range(0, 250, 50):
-                await st.upsert("v1", [rec(f"p{j}", 16) for j in range(i, i + 50)])
-        await every.close()  # waits for the seals in flight
-        await never.close()
-        # after 100 and 200 rows; the last 50 wait for the next seal
-        assert (every.seals, never.seals) == (2, 0)
+    default = MilvusStore(MilvusSettings(uri=stack.milvus_uri, collection_prefix="seal_0"))
+    for st in (every, default):
+        await st.ensure_version("v1", 16)
+        for i in range(0, 250, 50):
+            await st.upsert("v1", [rec(f"p{j}", 16) for j in range(i, i + 50)])
+    await every.close()  # waits for the seals in flight
+    await default.close()
+    # after 100 and 200 rows; the last 50 wait for the next seal; by default never
+    assert (every.seals, default.seals) == (2, 0)
 
-        again = MilvusStore(every.settings)
+    again = MilvusStore(every.settings)
+    try:
         info = again._client.describe_index(again.collection("v1"), "vector")
         assert info["index_type"] == "HNSW"
         assert info["params"] == {"M": 8, "efConstruction": 64}  # the build parameters arrived
@@ -99,6 +95,5 @@ async def test_milvus_lite_collections_are_sealed_every_seal_rows(stack):
         hits = await again.search("v1", rec("p7", 16).vector, 3)
         assert hits[0].pin_id == "p7" and await again.count("v1") == 250
         await again.drop_version("v1")
-        await again.close()
     finally:
-        await auto.close()
+        await again.close()
