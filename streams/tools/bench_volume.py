@@ -35,6 +35,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -233,11 +234,11 @@ def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,
     for name in ("streams", "store", "encoder"):  # the backfill runs here: no line per batch
         logging.getLogger(name).setLevel(logging.WARNING)
     t_all = time.monotonic()
-    with private_stack(base, Path("/")) as (s, tmp):
-        images = tmp / "images"
+    with tempfile.TemporaryDirectory(prefix="pinfresh-volume-") as img_tmp, \
+            private_stack(base, Path(img_tmp)) as (s, tmp):
+        images = Path(img_tmp)
         t = time.monotonic()
         paths = make_images(images, stamps[:200], pins)
-        s = s.model_copy(update={"fetch": s.fetch.model_copy(update={"catalog_root": images})})
         console.print(f"{pins:,} images in {time.monotonic() - t:.0f}s under {images}")
         logs = tmp / "logs"
 
