@@ -83,8 +83,9 @@ async def test_collections_are_sealed_every_seal_rows_when_asked(stack):
             await st.upsert("v1", [rec(f"p{j}", 16) for j in range(i, i + 50)])
     await every.close()  # waits for the seals in flight
     await default.close()
-    # after 100 and 200 rows; the last 50 wait for the next seal; by default never
-    assert (every.seals, default.seals) == (2, 0)
+    # the first seal starts at 100 rows; a second at 200 only if the first has finished
+    # by then (rows written meanwhile wait for the next one); by default never
+    assert 1 <= every.seals <= 2 and default.seals == 0
 
     again = MilvusStore(every.settings)
     try:
