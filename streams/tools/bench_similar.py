@@ -38,7 +38,7 @@ from rich.progress import Progress
 from store.base import EmbeddingRecord
 from store.milvus import MilvusStore
 from streams.settings import Settings
-from streams.tools.report import emit, machine
+from streams.tools.report import emit, machine, percentile
 
 DIM = 512
 
@@ -62,10 +62,7 @@ def _records(version: str, vecs: np.ndarray, first: int) -> list[EmbeddingRecord
 
 
 def _pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    xs = sorted(xs)
-    return round(xs[min(len(xs) - 1, int(q * len(xs)))], 1)
+    return round(percentile(xs, q), 1)
 
 
 async def _write(store: MilvusStore, version: str, vecs: np.ndarray, first: int, batch: int,

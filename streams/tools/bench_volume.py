@@ -54,7 +54,7 @@ from streams.producer import ensure_topics, publish_events
 from streams.refresh import run_backfill
 from streams.settings import Settings
 from streams.tools.catalog import load_catalog, prepare_sample_catalog
-from streams.tools.report import emit, machine
+from streams.tools.report import emit, machine, percentile
 from streams.tools.runtime import stop_group
 
 LIVE = NullEncoder().version
@@ -81,11 +81,6 @@ def make_images(root: Path, stamps: list[Path], n: int, side: int = 48) -> list[
         path.write_bytes(thumbs[i % len(thumbs)] + b"pinfresh" + i.to_bytes(8, "little"))
         paths.append(path)
     return paths
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
 def _rss_mb(pid: int) -> float:
@@ -168,7 +163,8 @@ async def _similar(s: Settings, paths: list[Path], queries: int) -> dict[str, An
         top = np.argpartition(-scores, 10, axis=1)[:, :10]
         for row, got in zip(top, hits[lo:lo + 100], strict=True):
             recall.append(len({f"v{j}" for j in row} & got) / 10)
-    return {"similar_p50_ms": round(_pct(lat, 0.5), 1), "similar_p99_ms": round(_pct(lat, 0.99), 1),
+    return {"similar_p50_ms": round(percentile(lat, 0.5), 1),
+            "similar_p99_ms": round(percentile(lat, 0.99), 1),
             "similar_recall_at_10": round(statistics.fmean(recall), 4),
             "similar_queries": len(picks), "index_settled": settled}
 
@@ -215,8 +211,8 @@ async def _backfill_with_live(s: Settings, live_rate: float, paths: list[Path],
             "backfill_encoded": rep.encoded, "backfill_yielded_s": round(rep.yielded_s, 1),
             "backfill_target_pins": target_pins, "live_pins_during_backfill": len(live_ids),
             "live_pins_written": len(fresh),
-            "freshness_p50_s_during_backfill": round(_pct(fresh, 0.5), 2),
-            "freshness_p99_s_during_backfill": round(_pct(fresh, 0.99), 2)}
+            "freshness_p50_s_during_backfill": round(percentile(fresh, 0.5), 2),
+            "freshness_p99_s_during_backfill": round(percentile(fresh, 0.99), 2)}
 
 
 def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,

@@ -60,3 +60,11 @@ def emit(title: str, rows: list[tuple[str, object]], report: dict[str, object], 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     console.print(f"wrote {out}")
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """The ``q`` quantile (0..1) of ``xs`` by nearest rank; NaN when empty."""
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
