@@ -16,20 +16,38 @@ from encoder.server import EncoderServer
 from tests.unit.test_prepare_paths import jpeg, photo, png
 
 
-@pytest.fixture(scope="module", params=["pil", "tensor"])
-def served(request, tmp_path_factory):
-    """An encoder process in a thread: ``pil`` makes feeders decode, ``tensor`` decodes here."""
-    enc = ImageEncoder.load(EncoderSettings(device="cpu", prepare=request.param, batch_size=8))
+def _serve(tmp_path_factory, **settings):
+    enc = ImageEncoder.load(EncoderSettings(device="cpu", **settings))
     path = tmp_path_factory.mktemp("sock") / "enc.sock"
     server = EncoderServer(enc, path)
     ready = threading.Event()
     t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
     t.start()
     assert ready.wait(30)
-    yield enc, server, path
+    return enc, server, path, t
+
+
+def _stop(enc, server, t):
     server.stop()
     t.join(10)
     enc.close()
+
+
+@pytest.fixture(scope="module", params=["pil", "tensor"])
+def served(request, tmp_path_factory):
+    """An encoder process in a thread: ``pil`` makes feeders decode, ``tensor`` decodes here."""
+    enc, server, path, t = _serve(tmp_path_factory, prepare=request.param, batch_size=8)
+    yield enc, server, path
+    _stop(enc, server, t)
+
+
+@pytest.fixture(params=["pil", "tensor"])
+def patient(request, tmp_path_factory):
+    """An encoder whose batch of 12 waits up to 10 s to fill: batching does not race the clock."""
+    enc, server, path, t = _serve(tmp_path_factory, prepare=request.param, batch_size=12,
+                                  max_wait_s=10.0)
+    yield enc, server, path
+    _stop(enc, server, t)
 
 
 def test_request_frames_round_trip():
@@ -54,8 +72,8 @@ async def test_remote_vectors_equal_in_process_ones(served):
     await remote.close()
 
 
-async def test_many_feeders_share_batches(served):
-    enc, server, path = served
+async def test_many_feeders_share_batches(patient):
+    enc, server, path = patient
     feeders = [RemoteEncoder(path) for _ in range(4)]
     for f in feeders:
         await f.connect(wait_s=10)
@@ -64,8 +82,10 @@ async def test_many_feeders_share_batches(served):
              for i, f in enumerate(feeders)]
     results = await asyncio.gather(*calls)
     assert all(isinstance(v, np.ndarray) for r in results for v in r)
-    # 12 images from 4 feeders, batch 8: they shared batches (fewer than 4 batches)
-    assert enc.pipeline_stats.batches - before < 4
+    # 12 images from 4 feeders, batch 12: one full batch, however the requests
+    # were spread in time (the batch would wait 10 s for them)
+    stats = enc.pipeline_stats
+    assert stats.batches - before == 1 and stats.batch_sizes[-1] == 12
     for f in feeders:
         await f.close()
 
