@@ -1,16 +1,16 @@
 """Model-version registry, the live pointer, cutover and rollback.
 
-A version is registered in Redis (``p:versions`` and the ``p:version:v``
+A version is registered in Redis (``{p}:versions`` and the ``{p}:version:v``
 hash, see `store.redis`) with its dimension, how to build its encoder
 (``model``, ``checkpoint``, ``seed``) and a state:
 
 * ``building``: being backfilled; workers write fresh events to it too;
-* ``live``: what readers get (``p:live``, and the Milvus alias ``<prefix>_live``);
+* ``live``: what readers get (``{p}:live``, and the Milvus alias ``<prefix>_live``);
 * ``previous``: the last live version, still written, so `rollback` returns
   to up-to-date answers;
 * ``retired``: no longer written; `retire` drops its collection and keys.
 
-Readers resolve ``p:live`` once per request, so `promote` is a single SET from
+Readers resolve ``{p}:live`` once per request, so `promote` is a single SET from
 their point of view (the Milvus alias is flipped just before it, for readers
 that use Milvus directly).
 """

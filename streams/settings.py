@@ -31,6 +31,11 @@ class StackSettings(BaseModel):
     host: str = Field("127.0.0.1", description="bind address (loopback unless you mean it)")
     kafka_port: int = Field(19092, ge=0, le=65535)
     redis_port: int = Field(16379, ge=0, le=65535)
+    redis_cluster: int = Field(
+        0, ge=0, le=16,
+        description="0: one Valkey node; N: a Valkey Cluster of N masters (no replicas) on "
+        "redis_port, redis_port+1, ... (bus ports +10000), reached as redis+cluster://",
+    )
     milvus_port: int = Field(19530, ge=0, le=65535)
     start_timeout_s: float = Field(60.0, gt=0)
 

@@ -110,3 +110,23 @@ def store_verify(ctx: Ctx, model_version: str | None, repair: bool, as_json: boo
                       f"{len(rep.extra_in_cache)}; repaired {rep.repaired}")
     if not rep.ok and not repair:
         sys.exit(1)
+
+
+@store.command("migrate-keys")
+@pass_ctx
+def store_migrate_keys(ctx: Ctx) -> None:
+    """Rename a single node's keys from pinfresh 0.1's layout to the cluster-ready one.
+
+    Run once, with the workers stopped, before starting this version. Safe to
+    run again; keys already moved are skipped.
+    """
+    from store.lifecycle import open_stores
+    from store.migrate import migrate_keys
+
+    async def go() -> Any:
+        async with open_stores(ctx.settings) as stores:
+            return await migrate_keys(stores.cache)
+
+    done = asyncio.run(go())
+    console.print("moved " + (", ".join(f"{n} {k}" for k, n in sorted(done.items()))
+                              or "nothing: the keys already use this layout"))

@@ -11,16 +11,24 @@ from streams.cli.base import Ctx, cli, console, pass_ctx
 
 
 @cli.command()
+@click.option("--redis-cluster", type=click.IntRange(0, 16), default=None,
+              help="run Valkey as a cluster of N masters (default: "
+              "PINFRESH_STACK__REDIS_CLUSTER, 0 = one node)")
 @pass_ctx
-def up(ctx: Ctx) -> None:
+def up(ctx: Ctx, redis_cluster: int | None) -> None:
     """Start the embedded Kafka broker, Valkey and Milvus Lite on loopback.
 
     Ports: PINFRESH_STACK__KAFKA_PORT / __REDIS_PORT / __MILVUS_PORT (0 = free port);
-    data: PINFRESH_STACK__DATA_DIR.
+    data: PINFRESH_STACK__DATA_DIR. With --redis-cluster N the Valkey nodes use
+    REDIS_PORT, REDIS_PORT+1, ... and every command of this data dir reaches
+    them as redis+cluster://.
     """
     from streams.tools.stack import EmbeddedStack
 
-    info = EmbeddedStack(ctx.settings.stack).start()
+    st = ctx.settings.stack
+    if redis_cluster is not None:
+        st = st.model_copy(update={"redis_cluster": redis_cluster})
+    info = EmbeddedStack(st).start()
     console.print(f"kafka  {info.kafka_bootstrap}\nredis  {info.redis_url}\n"
                   f"milvus {info.milvus_uri}\n"
                   "Note: the embedded broker keeps its log in memory; it is lost on `down`.")

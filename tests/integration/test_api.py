@@ -59,6 +59,7 @@ async def api(stack, request):
             yield http, truth, app
 
 
+@pytest.mark.cluster
 async def test_batch_get_json_and_base64_with_missing_ids(api):
     http, truth, _ = api
     ids = ["cat-1", "nope", "dog-9", "cat-9"]
@@ -150,6 +151,7 @@ async def test_health_ready_metrics(api):
     assert 'pinfresh_api_requests_total{route="/v1/embeddings:batchGet",status="200"}' in text
 
 
+@pytest.mark.cluster
 async def test_a_response_never_mixes_versions(api):
     http, truth, app = api
     cache = app.state.reader.cache

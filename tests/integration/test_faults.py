@@ -33,21 +33,42 @@ def _png(color=(200, 40, 40), size=(64, 64)) -> bytes:
 
 
 async def _aof_synced(url: str) -> None:
-    """Block until Valkey's AOF is fsynced past every write made so far.
+    """Block until Valkey's AOF is fsynced past every write made so far (every node).
 
     WAITAOF waits for this connection's own writes; the AOF is one file
     appended in order, so once a write made now is on disk, so is every
-    earlier write of the workers.
+    earlier write of the workers. On a cluster each master gets a marker key
+    in a slot it owns.
     """
     import redis.asyncio as aioredis
 
-    r = aioredis.Redis.from_url(url)
-    try:
-        await r.set("pinfresh:test:aof-marker", "1")
-        local, _ = await r.execute_command("WAITAOF", 1, 0, 30_000)
-        assert int(local) == 1, "AOF not fsynced within 30 s"
-    finally:
-        await r.aclose()
+    from store.redis import CLUSTER_SCHEMES, slot_tag
+
+    if url.startswith(CLUSTER_SCHEMES):
+        from redis.asyncio.cluster import RedisCluster
+
+        rc = RedisCluster.from_url(url.replace("+cluster", "", 1))
+        try:
+            slots = await rc.execute_command("CLUSTER SLOTS")  # {(lo, hi): {"primary": ...}}
+            nodes = [(lo, *v["primary"][:2]) for (lo, _hi), v in slots.items()]
+        finally:
+            await rc.aclose()
+    else:
+        nodes = [(None, None, None)]
+    for slot, host, port in nodes:
+        r = (aioredis.Redis.from_url(url) if slot is None
+             else aioredis.Redis(host=_text(host), port=int(port)))
+        try:
+            tag = "" if slot is None else "{" + slot_tag(int(slot)) + "}"
+            await r.set(f"pinfresh:test:aof-marker:{tag}", "1")
+            local, _ = await r.execute_command("WAITAOF", 1, 0, 30_000)
+            assert int(local) == 1, "AOF not fsynced within 30 s"
+        finally:
+            await r.aclose()
+
+
+def _text(x: bytes | str) -> str:
+    return x.decode() if isinstance(x, bytes) else x
 
 
 async def _stores_agree(p, version: str) -> None:
@@ -120,8 +141,16 @@ async def test_kill_one_of_two_workers(pipeline, catalog, fault_case):
 
 
 # ------------------------------------------------------ backend outages
-@pytest.mark.parametrize("service", ["redis", "milvus"])
-async def test_backend_down_then_back(private_pipeline, catalog, service, fault_case):
+@pytest.mark.parametrize(("private_pipeline", "service", "node"),
+                         [(0, "redis", 0), (0, "milvus", 0), (3, "redis", 1)], indirect=[
+                             "private_pipeline"], ids=["redis", "milvus", "redis-cluster-node"])
+async def test_backend_down_then_back(private_pipeline, catalog, service, node, fault_case):
+    """A backend SIGKILLed mid-stream, then restarted from its own data.
+
+    ``redis-cluster-node``: one master of a 3-master Valkey Cluster (no
+    replicas) dies; its slots fail, the other two keep serving, and after the
+    restart it rejoins with its AOF.
+    """
     p = private_pipeline
     first, second = catalog[0:20], catalog[20:40]
     p.start_worker("w1", retry_backoff_s=0.2, retry_backoff_max_s=1.0)
@@ -129,18 +158,20 @@ async def test_backend_down_then_back(private_pipeline, catalog, service, fault_
     assert len(await p.wait([it.pin_id for it in first], timeout=180)) == 20
     version = await p.cache.get_live()
     await _aof_synced(p.settings.redis.url)  # the first 20 pins are on disk before the kill
-    p.stack.kill_service(service)
+    p.stack.kill_service(service, node)
     await p.publish([it.event(1) for it in second])
     retries = p.wait_metric("pinfresh_retries_total", 3, labels=f'{{stage="{service}"}}',
                             timeout=60)
     assert retries >= 3
-    p.stack.start_service(service)
+    p.stack.start_service(service, node)
     ids = [it.pin_id for it in first + second]
     meta = await p.wait(ids, timeout=120)
     assert len(meta) == 40
     assert await p.milvus.count(version) == 40
     await _stores_agree(p, version)
-    fault_case.add(f"outage: {service} SIGKILLed, then restarted",
+    what = f"Valkey Cluster master {node} of 3" if p.settings.redis.url.startswith(
+        "redis+cluster") else service
+    fault_case.add(f"outage: {what} SIGKILLed, then restarted",
                    "the stream pauses with capped backoff and resumes; nothing lost",
                    f"worker retried {int(retries)}+ times, then all 40 servable and stores "
                    "agree after restart")
@@ -340,6 +371,7 @@ async def test_hostile_images_and_events(pipeline, tmp_path, fault_case):
     assert pipeline.procs["w1"].poll() is None  # the worker is still running
 
 
+@pytest.mark.cluster
 async def test_verify_detects_and_repairs_a_corrupted_cache(pipeline, catalog, fault_case):
     items = catalog[40:60]
     pipeline.start_worker("w1")

@@ -20,6 +20,7 @@ def cos(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+@pytest.mark.cluster
 async def test_catalog_pins_readable_everywhere_and_match_direct_encode(
         pipeline, catalog, encoder):
     items = catalog[:200]
@@ -66,6 +67,7 @@ async def _absent(pipeline, version: str, pin_id: str, timeout: float = 60) -> b
     return False
 
 
+@pytest.mark.cluster
 async def test_new_image_replaces_old_version_ignored_delete_removes(
         pipeline, catalog, encoder):
     a, b = catalog[0], catalog[1]

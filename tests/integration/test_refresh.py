@@ -40,6 +40,7 @@ async def _count(cache, version: str, n: int, timeout: float = 120) -> int:
     return await cache.count(version)
 
 
+@pytest.mark.cluster
 async def test_backfill_dual_write_promote_and_rollback(pipeline, catalog, encoder, encoder_b):
     base, extra, swaps = catalog[600:660], catalog[660:680], catalog[700:705]
     pipeline.start_worker("w1")

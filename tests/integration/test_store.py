@@ -33,6 +33,7 @@ def rec(pin: str, dim: int, version: str = "v1") -> EmbeddingRecord:
                            time.time(), f"/img/{pin}.png", f"caption {pin}")
 
 
+@pytest.mark.cluster
 async def test_other_dimension_is_refused_with_the_fix(stores):
     milvus, cache = stores
     await milvus.ensure_version("v1", 512)
@@ -44,6 +45,7 @@ async def test_other_dimension_is_refused_with_the_fix(stores):
         await cache.ensure_version("v1", 768)
 
 
+@pytest.mark.cluster
 async def test_upsert_replay_keeps_one_row_and_reader_falls_back_and_refills(stores):
     milvus, cache = stores
     await milvus.ensure_version("v1", 16)
@@ -98,3 +100,41 @@ async def test_collections_are_sealed_every_seal_rows_when_asked(stack):
         await again.drop_version("v1")
     finally:
         await again.close()
+
+
+async def test_migrate_keys_moves_a_0_1_layout_in_place(stack):
+    """A node written by pinfresh 0.1 (no hash tags, one ids set) keeps its data."""
+    import redis.asyncio as aioredis
+
+    from store.errors import StoreError
+    from store.migrate import migrate_keys
+
+    r = aioredis.Redis.from_url(stack.redis_url)
+    vecs = {pid: np.arange(4, dtype="<f4") + i for i, pid in enumerate(("a", "b"))}
+    await r.sadd("mig:versions", "v1")
+    await r.hset("mig:version:v1", mapping={"dim": 4, "dtype": "float32", "state": "live"})
+    await r.set("mig:live", "v1")
+    for pid, v in vecs.items():
+        await r.set(f"mig:v1:vec:{pid}", v.tobytes())
+        await r.hset(f"mig:v1:meta:{pid}", mapping={"pin_version": 2, "content_hash": "h"})
+    await r.sadd("mig:v1:ids", "a", "b")
+    await r.set("mig:tomb:c", 3, ex=600)
+    cache = RedisCache(RedisSettings(url=stack.redis_url, key_prefix="mig"))
+    try:
+        with pytest.raises(StoreError, match="store migrate-keys"):
+            await cache.ensure_version("v1", 4)
+        done = await migrate_keys(cache)
+        assert dict(done) == {"registry": 3, "vectors": 2, "metas": 2, "ids": 2,
+                              "tombstones": 1}
+        assert await cache.get_live() == "v1" and await cache.count("v1") == 2
+        got, found = await cache.get_vectors("v1", ["a", "b", "z"])
+        assert found.tolist() == [True, True, False] and np.array_equal(got[1], vecs["b"])
+        assert (await cache.get_states("v1", ["a"]))["a"].pin_version == 2
+        assert await cache.get_tombstones(["c"]) == {"c": 3}
+        assert 0 < await r.ttl(cache.tomb_key("c")) <= 600
+        assert await r.keys("mig:v1:vec:a") == [] and not await r.exists("mig:v1:ids")
+        assert dict(await migrate_keys(cache)) == {}  # a second run finds nothing to move
+        await cache.ensure_version("v1", 4)  # the registry is usable again
+    finally:
+        await cache.close()
+        await r.aclose()
