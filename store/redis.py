@@ -472,17 +472,25 @@ class RedisCache:
             return list(await self._do(lambda: self._r.mget_nonatomic(keys)))
         return list(await self._do(lambda: self._r.mget(keys)))
 
+    async def pin_ids_in_slots(self, version: str, lo: int, hi: int) -> list[str]:
+        """Pin ids of a version whose slot is in ``[lo, hi)`` (unsorted).
+
+        A pin has the same slot in every version, so two versions compared
+        slot range by slot range never need all ids in memory at once.
+        """
+        async def go() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for slot in range(lo, min(hi, REDIS_CLUSTER_HASH_SLOTS)):
+                    pipe.smembers(self.ids_key(version, slot))
+                return list(await pipe.execute())
+
+        return [_text(x) for members in await self._do(go) for x in members]
+
     async def iter_pin_ids(self, version: str, slots_per_call: int = 1024
                            ) -> AsyncIterator[list[str]]:
-        """A version's pin ids, a few thousand slots' sets at a time (unsorted)."""
+        """A version's pin ids, ``slots_per_call`` slots' sets at a time (unsorted)."""
         for lo in range(0, REDIS_CLUSTER_HASH_SLOTS, slots_per_call):
-            async def go(lo: int = lo) -> list[Any]:
-                async with self._r.pipeline(transaction=False) as pipe:
-                    for slot in range(lo, min(lo + slots_per_call, REDIS_CLUSTER_HASH_SLOTS)):
-                        pipe.smembers(self.ids_key(version, slot))
-                    return list(await pipe.execute())
-
-            part = [_text(x) for members in await self._do(go) for x in members]
+            part = await self.pin_ids_in_slots(version, lo, lo + slots_per_call)
             if part:
                 yield part
 

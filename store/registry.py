@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from store.errors import StoreError, UnknownVersion
 from store.milvus import MilvusStore
-from store.redis import RedisCache
+from store.redis import REDIS_CLUSTER_HASH_SLOTS, RedisCache
 
 logger = logging.getLogger(__name__)
 
@@ -122,18 +122,32 @@ class VersionRegistry:
         live = await self.cache.get_live()
         if live is None:
             raise UnknownVersion("no live version")
-        live_ids = set(await self.cache.pin_ids(live))
-        new_ids = set(await self.cache.pin_ids(version))
-        missing = sorted(live_ids - new_ids)
-        picked = random.Random(0).sample(sorted(live_ids & new_ids),
-                                         min(sample, len(live_ids & new_ids)))
+        # slot range by slot range: a pin's ids live in the same slot in both versions,
+        # so memory holds one range's ids, not the catalog's
+        rng = random.Random(0)
+        missing: list[str] = []
+        picked: list[str] = []
+        live_n = new_n = common = 0
+        step = 1024
+        for lo in range(0, REDIS_CLUSTER_HASH_SLOTS, step):
+            live_ids = set(await self.cache.pin_ids_in_slots(live, lo, lo + step))
+            new_ids = set(await self.cache.pin_ids_in_slots(version, lo, lo + step))
+            live_n, new_n = live_n + len(live_ids), new_n + len(new_ids)
+            missing.extend(live_ids - new_ids)
+            for pid in sorted(live_ids & new_ids):  # reservoir sample of the common pins
+                common += 1
+                if len(picked) < sample:
+                    picked.append(pid)
+                elif (j := rng.randrange(common)) < sample:
+                    picked[j] = pid
+        missing.sort()
         old_s = await self.milvus.get_states(live, picked)
         new_s = await self.milvus.get_states(version, picked)
         mismatched = [p for p in picked if p in old_s and (
             p not in new_s or new_s[p].content_hash != old_s[p].content_hash
             or new_s[p].pin_version < old_s[p].pin_version)]
-        return Coverage(live=live, version=version, live_pins=len(live_ids),
-                        version_pins=len(new_ids), missing=missing, sampled=len(picked),
+        return Coverage(live=live, version=version, live_pins=live_n,
+                        version_pins=new_n, missing=missing, sampled=len(picked),
                         sample_mismatched=mismatched)
 
     async def promote(self, version: str, sample: int = 50, force: bool = False

@@ -187,3 +187,19 @@ def bench_volume(ctx: Ctx, pins: int, feeders: int, queries: int, live_rate: flo
     from streams.tools.bench_volume import run_volume_bench
 
     run_volume_bench(ctx.settings, pins, feeders, queries, live_rate, out, console)
+
+
+@bench.command("partitions")
+@click.option("--counts", default="8,32,64,128", show_default=True,
+              help="partition counts to measure, comma-separated")
+@click.option("--pins", type=int, default=20_000, show_default=True)
+@click.option("--feeders", type=int, default=2, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("bench/results/partitions.json"), show_default=True)
+@pass_ctx
+def bench_partitions(ctx: Ctx, counts: str, pins: int, feeders: int, out: Path) -> None:
+    """What a topic's partition count costs on the embedded broker (publish, lag, drain)."""
+    from streams.tools.bench_partitions import run_partitions_bench
+
+    run_partitions_bench(ctx.settings, [int(x) for x in counts.split(",")], pins, feeders,
+                         out, console)

@@ -98,9 +98,13 @@ async def _redis_used(cache: Any) -> int:
     return await cache.used_memory()
 
 
-async def _drain(s: Settings, pins: int, feeders: int, logs: Path, console: Console
-                 ) -> subprocess.Popen[bytes]:
-    """Start the workers on the published backlog; poll progress until every pin is in."""
+async def drain_backlog(s: Settings, pins: int, feeders: int, logs: Path, console: Console
+                        ) -> subprocess.Popen[bytes]:
+    """Start null-encoder workers on a published backlog of pins ``v0``...; wait for all.
+
+    Polls the Redis count of the null version until every pin is in; returns
+    the worker process (the caller stops it).
+    """
     cmd = [sys.executable, "-m", "streams.cli", "worker", "--devices", "cpu",
            "--feeders", str(feeders)]
     with open(logs / "workers.log", "ab") as log:
@@ -123,7 +127,7 @@ async def _drain(s: Settings, pins: int, feeders: int, logs: Path, console: Cons
                 await asyncio.sleep(1.0)
 
 
-async def _written_times(s: Settings, pins: int) -> list[float]:
+async def written_times(s: Settings, pins: int) -> list[float]:
     """Every pin's Redis write time (``written_at`` in its meta), sorted."""
     out: list[float] = []
     async with open_stores(s) as stores:
@@ -248,9 +252,9 @@ def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,
         asyncio.run(publish_events(s.kafka, (PinEvent.upsert(f"v{i}", str(p), 1)
                                              for i, p in enumerate(paths)), total=pins))
         report["publish_s"] = round(time.monotonic() - t, 1)
-        proc = asyncio.run(_drain(s, pins, feeders, logs, console))
+        proc = asyncio.run(drain_backlog(s, pins, feeders, logs, console))
         try:
-            written = asyncio.run(_written_times(s, pins))
+            written = asyncio.run(written_times(s, pins))
             report["pins_per_s"] = round(len(written) / (written[-1] - written[0]), 1)
             report["pins_per_s_by_tenth"] = _rates_by_tenth(written)
 
