@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
@@ -368,6 +368,29 @@ class MilvusStore:
             out.extend(page)
         it.close()
         return out
+
+    async def iter_records(self, version: str, batch_size: int = 1000
+                           ) -> AsyncIterator[list[EmbeddingRecord]]:
+        """Every record of a version, vectors included, one page at a time (one pass).
+
+        One query iterator over the collection: on Milvus Lite each query by
+        id costs about as much as reading a whole page, so walking pages is far
+        cheaper than asking for the ids in chunks.
+        """
+        name = self.collection(version)
+        await self._load(name)
+        it = await self._call(
+            self._client.query_iterator, name, batch_size=batch_size, filter="",
+            output_fields=self._fields(name, [*_META_FIELDS, "vector"]),
+        )
+        try:
+            while True:
+                page = await self._call(it.next)
+                if not page:
+                    break
+                yield [_record(row) for row in page]
+        finally:
+            it.close()
 
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless Milvus answers."""

@@ -40,38 +40,42 @@ class VerifyReport:
 
 
 async def verify_cache(milvus: MilvusStore, cache: RedisCache, version: str,
-                       repair: bool = False, chunk: int = 500) -> VerifyReport:
-    """Compare (and optionally repair) one version's cache against Milvus."""
+                       repair: bool = False, chunk: int = 1000) -> VerifyReport:
+    """Compare (and optionally repair) one version's cache against Milvus.
+
+    One pass over Milvus' records, a page of ``chunk`` at a time, each page
+    compared with one pipelined read of the cache; then the cache's ids that
+    Milvus does not have.
+    """
     rep = VerifyReport(version)
-    rows = await milvus.iter_pins(version)
-    truth = {r["pin_id"]: r for r in rows}
-    cached_ids = set(await cache.pin_ids(version))
-    rep.milvus_pins, rep.cache_pins = len(truth), len(cached_ids)
-    ids = sorted(truth)
-    for i in range(0, len(ids), chunk):
-        part = ids[i:i + chunk]
+    truth_ids: set[str] = set()
+    async for page in milvus.iter_records(version, batch_size=chunk):
+        part = [r.pin_id for r in page]
+        truth_ids.update(part)
         meta = await cache.get_meta(version, part)
         vecs, found = await cache.get_vectors(version, part)
-        records = await milvus.get_many(version, part)
-        for j, pid in enumerate(part):
-            m, t = meta.get(pid), truth[pid]
+        bad = []
+        for j, t in enumerate(page):
+            m = meta.get(t.pin_id)
             if m is None or not found[j]:
-                rep.missing_in_cache.append(pid)
-            elif int(m["pin_version"]) != int(t["pin_version"]) or \
-                    m["content_hash"] != t["content_hash"]:
-                rep.stale_in_cache.append(pid)
+                rep.missing_in_cache.append(t.pin_id)
+            elif int(m["pin_version"]) != t.pin_version or m["content_hash"] != t.content_hash:
+                rep.stale_in_cache.append(t.pin_id)
             else:
-                a, b = vecs[j], records[pid].vector
+                a, b = vecs[j], t.vector
                 cos = float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) or 1.0))
-                if cos < 0.999:
-                    rep.vector_mismatch.append(pid)
-        if repair:
-            bad = {*rep.missing_in_cache, *rep.stale_in_cache, *rep.vector_mismatch}
-            fix = [records[p] for p in part if p in bad and p in records]
-            if fix:
-                await cache.upsert(version, fix)
-                rep.repaired += len(fix)
-    rep.extra_in_cache = sorted(cached_ids - set(truth))
+                if cos >= 0.999:
+                    continue
+                rep.vector_mismatch.append(t.pin_id)
+            bad.append(t)
+        if repair and bad:
+            await cache.upsert(version, bad)
+            rep.repaired += len(bad)
+    cached_ids = set(await cache.pin_ids(version))
+    rep.milvus_pins, rep.cache_pins = len(truth_ids), len(cached_ids)
+    for found_list in (rep.missing_in_cache, rep.stale_in_cache, rep.vector_mismatch):
+        found_list.sort()
+    rep.extra_in_cache = sorted(cached_ids - truth_ids)
     if repair and rep.extra_in_cache:
         await cache.delete(version, rep.extra_in_cache)
         rep.repaired += len(rep.extra_in_cache)
