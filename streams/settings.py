@@ -105,7 +105,12 @@ class KafkaSettings(BaseModel):
     bootstrap_servers: str = Field("127.0.0.1:19092", description="comma-separated host:port")
     topic: str = Field("pins", description="pin events, keyed by pin id")
     dlq_topic: str = Field("pins.dlq", description="dead letters")
-    partitions: int = Field(8, ge=1, description="partitions of a newly created topic")
+    partitions: int = Field(
+        64, ge=1,
+        description="partitions of a newly created topic: the most consumers (feeders) that can "
+        "share it, for the topic's life on brokers that cannot add partitions (Tansu); 64 = "
+        "four 16-core GPU hosts at 14 feeders each, with room (docs/capacity.md)",
+    )
     replication_factor: int = Field(1, ge=1)
     group_id: str = Field("pinfresh-workers", description="consumer group of the workers")
     rebalance_timeout_s: float = Field(

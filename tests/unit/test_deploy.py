@@ -68,10 +68,14 @@ def test_scaling_and_drain_are_consistent():
     cfg = docs[("ConfigMap", "pinfresh-config")]["data"]
     scaled = docs[("ScaledObject", "pinfresh-worker")]["spec"]
     trigger = scaled["triggers"][0]["metadata"]
-    assert scaled["maxReplicaCount"] == int(cfg["PINFRESH_KAFKA__PARTITIONS"])
+    pod = docs[("Deployment", "pinfresh-worker")]["spec"]["template"]["spec"]
+    args = pod["containers"][0]["args"]
+    feeders = int(args[args.index("--feeders") + 1])
+    # every feeder is a consumer of the topic: the largest fleet still gets a partition each
+    assert scaled["maxReplicaCount"] * feeders <= int(cfg["PINFRESH_KAFKA__PARTITIONS"])
+    assert (scaled["maxReplicaCount"] + 1) * feeders > int(cfg["PINFRESH_KAFKA__PARTITIONS"])
     assert trigger["consumerGroup"] == cfg["PINFRESH_KAFKA__GROUP_ID"]
     assert trigger["topic"] == cfg["PINFRESH_KAFKA__TOPIC"]
-    pod = docs[("Deployment", "pinfresh-worker")]["spec"]["template"]["spec"]
     assert pod["terminationGracePeriodSeconds"] > float(cfg["PINFRESH_WORKER__DRAIN_TIMEOUT_S"])
     assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     secret_keys = set(docs[("Secret", "pinfresh-secrets")]["stringData"])
