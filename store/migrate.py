@@ -14,13 +14,9 @@ import logging
 from collections import Counter
 
 from store.errors import StoreError
-from store.redis import RedisCache, pin_slot
+from store.redis import RedisCache, as_text, pin_slot
 
 logger = logging.getLogger(__name__)
-
-
-def _text(x: bytes | str) -> str:
-    return x.decode() if isinstance(x, bytes) else x
 
 
 async def migrate_keys(cache: RedisCache, chunk: int = 1000) -> Counter[str]:
@@ -42,7 +38,7 @@ async def migrate_keys(cache: RedisCache, chunk: int = 1000) -> Counter[str]:
                 raise StoreError(f"both {p}:{name} and {cache.reg_key(name)} exist: keep one")
             await r.rename(f"{p}:{name}", cache.reg_key(name))
             done["registry"] += 1
-    versions = sorted(_text(v) for v in await r.smembers(cache.reg_key("versions")))
+    versions = sorted(as_text(v) for v in await r.smembers(cache.reg_key("versions")))
     for v in versions:
         if await r.exists(f"{p}:version:{v}"):
             await r.rename(f"{p}:version:{v}", cache.reg_key(f"version:{v}"))
@@ -51,7 +47,7 @@ async def migrate_keys(cache: RedisCache, chunk: int = 1000) -> Counter[str]:
         cursor: int | None = None
         while cursor != 0:
             cursor, members = await r.sscan(old_ids, cursor or 0, count=chunk)
-            pins = [_text(m) for m in members]
+            pins = [as_text(m) for m in members]
             async with r.pipeline(transaction=False) as pipe:
                 for pid in pins:
                     pipe.rename(f"{p}:{v}:vec:{pid}", cache.vec_key(v, pid))
@@ -67,7 +63,7 @@ async def migrate_keys(cache: RedisCache, chunk: int = 1000) -> Counter[str]:
     for i in range(0, len(tombs), chunk):
         async with r.pipeline(transaction=False) as pipe:
             for k in tombs[i:i + chunk]:
-                pipe.rename(k, cache.tomb_key(_text(k)[len(f"{p}:tomb:"):]))
+                pipe.rename(k, cache.tomb_key(as_text(k)[len(f"{p}:tomb:"):]))
             replies = await pipe.execute(raise_on_error=False)
         done["tombstones"] += sum(1 for x in replies if not isinstance(x, Exception))
     done = +done  # drop the kinds with nothing moved

@@ -116,7 +116,8 @@ def pin_slot(pin_id: str) -> int:
     return int(key_slot(pin_id.encode()))
 
 
-def _text(x: bytes | str) -> str:
+def as_text(x: bytes | str) -> str:
+    """Redis replies arrive as bytes (``decode_responses=False``): their text."""
     return x.decode() if isinstance(x, bytes) else x
 
 
@@ -221,17 +222,17 @@ class RedisCache:
             if not raw:
                 raise UnknownVersion(f"model version {version} is not registered: see "
                                      "`pinfresh versions list`")
-            self._info[version] = (int(raw[b"dim"]), _text(raw[b"dtype"]))
+            self._info[version] = (int(raw[b"dim"]), as_text(raw[b"dtype"]))
         return self._info[version]
 
     async def versions(self) -> dict[str, dict[str, str]]:
         """All registered versions with their info hashes."""
         names = await self._do(lambda: self._r.smembers(self.reg_key("versions")))
         out: dict[str, dict[str, str]] = {}
-        for n in sorted(_text(x) for x in names):
+        for n in sorted(as_text(x) for x in names):
             key = self.reg_key(f"version:{n}")
             raw = await self._do(partial(self._r.hgetall, key))
-            out[n] = {_text(k): _text(v) for k, v in raw.items()}
+            out[n] = {as_text(k): as_text(v) for k, v in raw.items()}
         return out
 
     async def set_version_state(self, version: str, state: str) -> None:
@@ -241,7 +242,7 @@ class RedisCache:
     async def get_live(self) -> str | None:
         """The live version id, or None before the first version goes live."""
         raw = await self._do(lambda: self._r.get(self.reg_key("live")))
-        return _text(raw) if raw else None
+        return as_text(raw) if raw else None
 
     async def set_live(self, version: str) -> None:
         """Point readers at ``version`` (one atomic SET)."""
@@ -250,7 +251,7 @@ class RedisCache:
     async def get_previous(self) -> str | None:
         """The version that was live before the last promote (kept for rollback)."""
         raw = await self._do(lambda: self._r.get(self.reg_key("previous")))
-        return _text(raw) if raw else None
+        return as_text(raw) if raw else None
 
     async def clear_previous(self) -> None:
         """Forget the rollback target."""
@@ -464,7 +465,7 @@ class RedisCache:
         """``(recent freshness samples, total encodes)`` written by the workers."""
         fresh = await self._do(lambda: self._r.lrange(f"{self.p}:stats:freshness", 0, -1))
         enc = await self._do(lambda: self._r.get(f"{self.p}:stats:encoded"))
-        return [float(_text(x)) for x in fresh], int(_text(enc)) if enc else 0
+        return [float(as_text(x)) for x in fresh], int(as_text(enc)) if enc else 0
 
     async def _mget(self, keys: list[str]) -> list[Any]:
         """One MGET on a node; on a cluster one MGET per slot, one pipeline per node."""
@@ -484,7 +485,7 @@ class RedisCache:
                     pipe.smembers(self.ids_key(version, slot))
                 return list(await pipe.execute())
 
-        return [_text(x) for members in await self._do(go) for x in members]
+        return [as_text(x) for members in await self._do(go) for x in members]
 
     async def iter_pin_ids(self, version: str, slots_per_call: int = 1024
                            ) -> AsyncIterator[list[str]]:

@@ -42,7 +42,7 @@ async def _aof_synced(url: str) -> None:
     """
     import redis.asyncio as aioredis
 
-    from store.redis import CLUSTER_SCHEMES, slot_tag
+    from store.redis import CLUSTER_SCHEMES, as_text, slot_tag
 
     if url.startswith(CLUSTER_SCHEMES):
         from redis.asyncio.cluster import RedisCluster
@@ -57,7 +57,7 @@ async def _aof_synced(url: str) -> None:
         nodes = [(None, None, None)]
     for slot, host, port in nodes:
         r = (aioredis.Redis.from_url(url) if slot is None
-             else aioredis.Redis(host=_text(host), port=int(port)))
+             else aioredis.Redis(host=as_text(host), port=int(port)))
         try:
             tag = "" if slot is None else "{" + slot_tag(int(slot)) + "}"
             await r.set(f"pinfresh:test:aof-marker:{tag}", "1")
@@ -65,10 +65,6 @@ async def _aof_synced(url: str) -> None:
             assert int(local) == 1, "AOF not fsynced within 30 s"
         finally:
             await r.aclose()
-
-
-def _text(x: bytes | str) -> str:
-    return x.decode() if isinstance(x, bytes) else x
 
 
 async def _stores_agree(p, version: str) -> None:
