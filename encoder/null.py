@@ -3,9 +3,13 @@
 A product option for measuring everything around the encoder (``pinfresh
 bench pipeline --encoder null``, ``PINFRESH_ENCODER__MODEL=null``): Kafka,
 fetch, hashing, store writes and commits run for real while the encoder
-costs almost nothing. The vector is a function of the image bytes only
-(sha512, tiled), so a redelivery produces the same vector and the
-pipeline's idempotence can be checked with it. Never serve its vectors.
+costs almost nothing. The vector is a function of the image bytes only, so
+a redelivery produces the same vector and the pipeline's idempotence can be
+checked with it. Its coordinates are ``dim`` independent pseudo-random bytes
+(SHAKE-256 of the bytes' SHA-512), so the vectors of distinct images span the
+whole space (full rank, near-isotropic): a search benchmark over them is the
+hard case for an approximate index, with no cluster structure to help it.
+Never serve its vectors.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ def null_vector(data: bytes, dim: int, seed: int = 0) -> np.ndarray:
     """The unit vector the null encoder with ``seed`` gives ``data``."""
     salt = seed.to_bytes(8, "little", signed=True) if seed else b""
     digest = hashlib.sha512(salt + data).digest()
-    raw = np.frombuffer(digest * (dim // len(digest) + 1), dtype=np.int8, count=dim)
+    raw = np.frombuffer(hashlib.shake_256(digest).digest(dim), dtype=np.int8)
     v = raw.astype(np.float32) + 0.5  # never all zero
     return v / np.sqrt(float(v @ v))
 

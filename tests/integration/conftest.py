@@ -108,7 +108,8 @@ class Pipeline:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.metrics_ports: dict[str, int] = {}
         self.cache = RedisCache(self.settings.redis)
-        self.milvus = MilvusStore(self.settings.milvus)
+        # the tests check what the workers wrote: read it as Strong
+        self.milvus = MilvusStore(self.settings.milvus, read_consistency="Strong")
 
     async def setup(self) -> None:
         await ensure_topics(self.settings.kafka)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -76,3 +78,115 @@ def test_milvus_connections_survive_idle_time(stack):
     finally:
         fresh.close()
         idle.close()
+
+
+def _listening(pid: int, view: int | str = "self") -> list[tuple[str, int]]:
+    """``(address, port)`` of every TCP socket ``pid`` listens on in the network
+    namespace of process ``view`` (/proc/VIEW/net/tcp{,6} by ``pid``'s socket inodes)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    out = []
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/{view}/net/{table}") as fh:
+            next(fh)
+            for line in fh:
+                f = line.split()
+                if f[3] == "0A" and f[9] in inodes:  # LISTEN
+                    hexaddr, hexport = f[1].split(":")
+                    raw = bytes.fromhex(hexaddr)
+                    if table == "tcp":
+                        addr = socket.inet_ntop(socket.AF_INET, raw[::-1])
+                    else:
+                        words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
+                        addr = socket.inet_ntop(socket.AF_INET6, words)
+                    out.append((addr, int(hexport, 16)))
+    return out
+
+
+def _children(pid: int) -> list[int]:
+    with open(f"/proc/{pid}/task/{pid}/children") as fh:
+        return [int(x) for x in fh.read().split()]
+
+
+def _milvus_processes(data_dir) -> list[int]:
+    """Pids of `milvus run standalone` servers whose working dir is under ``data_dir``."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
+            if len(cmd) > 2 and cmd[1:3] == [b"run", b"standalone"] and \
+                    os.readlink(f"/proc/{pid}/cwd").startswith(str(data_dir)):
+                out.append(int(pid))
+    return out
+
+
+def test_milvus_server_is_real_loopback_only_and_leaves_no_process(tmp_path):
+    """The embedded Milvus is a real server (it counts VARCHAR lengths in bytes, as
+    Milvus Lite did not), reachable on its one loopback port only; SIGKILLing its
+    wrapper and `down` leave no server behind."""
+    from pymilvus import DataType, MilvusException
+
+    from store.milvus import connect
+
+    st = EmbeddedStack(StackSettings(data_dir=tmp_path, kafka_port=0, redis_port=0,
+                                     milvus_port=0))
+    info = st.start()
+    try:
+        assert info.milvus_engine == "server"
+        (server,) = _children(info.milvus.pid)
+        assert _milvus_processes(tmp_path) == [server]
+        # in this host's network namespace: one socket, the wrapper's, on loopback
+        assert _listening(info.milvus.pid) == [("127.0.0.1", info.milvus.port)]
+        assert _listening(server) == []
+        # the server's own ports (gRPC, etcd, metrics) live in a namespace of its own
+        assert os.readlink(f"/proc/{server}/ns/net") != os.readlink("/proc/self/ns/net")
+        assert len(_listening(server, view=server)) >= 10
+        client = connect(info.milvus_uri, timeout_s=30)
+        try:
+            schema = client.create_schema(auto_id=False)
+            schema.add_field("id", DataType.VARCHAR, is_primary=True, max_length=10)
+            schema.add_field("v", DataType.FLOAT_VECTOR, dim=4)
+            index = client.prepare_index_params()
+            index.add_index(field_name="v", index_type="AUTOINDEX", metric_type="COSINE")
+            client.create_collection("bytes", schema=schema, index_params=index)
+            client.upsert("bytes", [{"id": "日本語", "v": [1, 0, 0, 0]}])  # 9 bytes: fits
+            with pytest.raises(MilvusException) as refused:
+                client.upsert("bytes", [{"id": "日本語の", "v": [1, 0, 0, 0]}])  # 12 bytes
+            assert refused.value.code == 1100
+        finally:
+            client.close()
+
+        # a SIGKILLed wrapper takes the server with it (PR_SET_PDEATHSIG)
+        st.kill_service("milvus")
+        deadline = time.monotonic() + 30
+        while _milvus_processes(tmp_path) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _milvus_processes(tmp_path) == []
+        # started again on its port with its data: the collection is loaded and searchable
+        info = st.start_service("milvus")
+        client = connect(info.milvus_uri, timeout_s=30)
+        try:
+            assert client.query("bytes", filter='id == "日本語"', output_fields=["id"],
+                                consistency_level="Strong")[0]["id"] == "日本語"
+            assert len(client.search("bytes", data=[[1, 0, 0, 0]], limit=1)[0]) == 1
+        finally:
+            client.close()
+    finally:
+        st.stop()
+    assert _milvus_processes(tmp_path) == []
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", info.milvus.port)) != 0
+
+
+def test_milvus_data_of_the_other_engine_is_refused(tmp_path):
+    (tmp_path / "milvus").mkdir()
+    (tmp_path / "milvus" / "ENGINE").write_text("lite\n")
+    st = EmbeddedStack(StackSettings(data_dir=tmp_path, kafka_port=0, redis_port=0,
+                                     milvus_port=0))
+    with pytest.raises(StackError, match="PINFRESH_STACK__MILVUS=lite"):
+        st.start()
+    assert st.read() is None

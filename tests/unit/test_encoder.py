@@ -132,3 +132,15 @@ def test_inference_dtype_belongs_to_the_model():
     assert resolve_dtype("auto", vit, cuda) == torch.bfloat16
     assert resolve_dtype("auto", vit, cpu) == torch.float32
     assert resolve_dtype("bfloat16", dom, cuda) == torch.bfloat16  # an explicit override
+
+
+def test_null_vectors_span_the_whole_space():
+    """A benchmark's recall means little over vectors of low rank (the old null
+    encoder tiled a 64-byte digest: rank 64 at any dim)."""
+    from encoder.null import null_vector
+
+    vecs = np.stack([null_vector(f"img-{i}".encode(), 512) for i in range(600)])
+    assert np.linalg.matrix_rank(vecs) == 512
+    assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
+    assert np.array_equal(null_vector(b"same", 512), null_vector(b"same", 512))
+    assert not np.allclose(null_vector(b"same", 512), null_vector(b"same", 512, seed=1))
