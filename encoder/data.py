@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from encoder.errors import EncoderError
+from encoder.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -36,12 +36,12 @@ def read_pairs(paths: Iterable[Path]) -> list[Pair]:
     """Pairs with a non-empty caption from JSONL catalogs, in file order.
 
     Raises:
-        EncoderError: a file is missing (with the command that writes it).
+        ConfigError: a file is missing (with the command that writes it).
     """
     out: list[Pair] = []
     for path in paths:
         if not path.is_file():
-            raise EncoderError(f"catalog {path} not found: run `pinfresh catalog prepare`")
+            raise ConfigError(f"catalog {path} not found: run `pinfresh catalog prepare`")
         for line in path.read_text().splitlines():
             if not line.strip():
                 continue

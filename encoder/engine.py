@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from encoder.config import EncoderSettings
-from encoder.errors import EncoderError, ImageError, Reason
+from encoder.errors import ConfigError, ImageError, Reason
 from encoder.model import ModelSpec, build_image_tower, model_spec, version_id
 from encoder.pipeline import StagedPipeline
 from encoder.prepare_tensor import PilPreparer, PreparedBatch, TensorPreparer
@@ -67,7 +67,7 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise EncoderError(f"device {name!r} requested but CUDA is not available: use --device cpu")
+        raise ConfigError(f"device {name!r} requested but CUDA is not available: use --device cpu")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", torch.cuda.current_device())
     return dev

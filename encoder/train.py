@@ -30,7 +30,7 @@ from torch import nn
 from tqdm import tqdm
 
 from encoder.data import HELD_OUT_FRACTION, Pair, normalize_caption
-from encoder.errors import EncoderError, ImageError
+from encoder.errors import ConfigError, ImageError
 from encoder.model import MANIFEST, WEIGHTS, ModelSpec, get_tokenizer, version_id
 from encoder.preprocess import prepare_image
 
@@ -66,7 +66,7 @@ def _split_trunk(trunk: Any, k: int) -> tuple[Callable[[torch.Tensor], torch.Ten
     if k == 0:
         return trunk, nn.Identity()
     if blocks is None or k > len(blocks):
-        raise EncoderError(
+        raise ConfigError(
             f"cannot unfreeze {k} stages of {type(trunk).__name__}: only timm EfficientNet-style "
             "trunks with .blocks are supported"
         )

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__all__ = ["EmbeddingReader", "EmbeddingRecord", "MilvusStore", "RedisCache", "StoreError"]
+__all__ = ["EmbeddingReader", "EmbeddingRecord", "MilvusStore", "RedisCache"]
 
 if TYPE_CHECKING:
     from store.base import EmbeddingRecord
-    from store.errors import StoreError
     from store.milvus import MilvusStore
     from store.reader import EmbeddingReader
     from store.redis import RedisCache
@@ -22,7 +21,6 @@ _LAZY = {
     "EmbeddingRecord": "store.base",
     "MilvusStore": "store.milvus",
     "RedisCache": "store.redis",
-    "StoreError": "store.errors",
 }
 
 

@@ -45,8 +45,14 @@ from prometheus_client import (
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from encoder.errors import (
+    NoLiveVersion,
+    PinfreshError,
+    PinNotFound,
+    Unavailable,
+    UnknownVersion,
+)
 from store.config import ApiSettings, MilvusSettings, RedisSettings
-from store.errors import NoLiveVersion, PinNotFound, StoreError, StoreUnavailable, UnknownVersion
 from store.lifecycle import open_stores
 from store.reader import EmbeddingReader
 
@@ -165,14 +171,14 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
     async def pin_not_found(_: Request, exc: PinNotFound) -> JSONResponse:
         return _envelope(404, "pin_not_found", str(exc))
 
-    @app.exception_handler(StoreUnavailable)
-    async def unavailable(_: Request, exc: StoreUnavailable) -> JSONResponse:
+    @app.exception_handler(Unavailable)
+    async def unavailable(_: Request, exc: Unavailable) -> JSONResponse:
         resp = _envelope(503, "store_unavailable", str(exc))
         resp.headers["Retry-After"] = str(int(max(1, exc.retry_after)))
         return resp
 
-    @app.exception_handler(StoreError)
-    async def store_error(_: Request, exc: StoreError) -> JSONResponse:
+    @app.exception_handler(PinfreshError)
+    async def store_error(_: Request, exc: PinfreshError) -> JSONResponse:
         return _envelope(500, "store_error", str(exc))
 
     @app.middleware("http")
@@ -197,7 +203,7 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
             try:
                 await ping()
                 checks[name] = "ok"
-            except StoreError as exc:
+            except PinfreshError as exc:
                 checks[name] = f"down: {exc}"[:200]
         if all(v == "ok" for v in checks.values()):
             return JSONResponse({"status": "ready", "checks": checks})

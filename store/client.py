@@ -16,7 +16,7 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 
-from store.errors import StoreError
+from encoder.errors import ApiClientError
 
 
 @dataclass(frozen=True)
@@ -27,14 +27,6 @@ class Embeddings:
     pin_ids: list[str]
     vectors: np.ndarray
     found: np.ndarray
-
-
-class ApiClientError(StoreError):
-    """The API answered with an error envelope."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status, self.code = status, code
 
 
 def _decode(pin_ids: Sequence[str], body: dict[str, Any]) -> Embeddings:

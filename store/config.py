@@ -22,6 +22,11 @@ class RedisSettings(BaseModel):
     tombstone_ttl_s: int = Field(
         7 * 24 * 3600, ge=60, description="how long a delete's version is remembered"
     )
+    writer_ttl_s: float = Field(
+        60.0, gt=0, description="a writer's claim on a pin (see docs/integration.md, "
+        "concurrent writers) counts as abandoned this long after its last renewal; keep it "
+        "well above PINFRESH_MILVUS__TIMEOUT_S, the longest a Milvus write can take",
+    )
 
 
 class MilvusSettings(BaseModel):

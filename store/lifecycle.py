@@ -35,15 +35,16 @@ class StoreSettings(Protocol):
 
 @dataclass(frozen=True)
 class Stores:
-    """Open store clients, and the views built on them."""
+    """Open store clients, and the views built on them.
+
+    Attributes:
+        reader: reads for ranking services (Redis first, Milvus for misses; its
+            cache refills run in the background until the stores close).
+    """
 
     milvus: MilvusStore
     cache: RedisCache
-
-    @property
-    def reader(self) -> EmbeddingReader:
-        """Reads for ranking services (Redis first, Milvus for misses)."""
-        return EmbeddingReader(self.milvus, self.cache)
+    reader: EmbeddingReader
 
     @property
     def registry(self) -> VersionRegistry:
@@ -55,10 +56,12 @@ class Stores:
 async def open_stores(settings: StoreSettings) -> AsyncIterator[Stores]:
     """Open both clients (lazily connecting); close both on the way out."""
     milvus, cache = MilvusStore(settings.milvus), RedisCache(settings.redis)
+    reader = EmbeddingReader(milvus, cache)
     try:
-        yield Stores(milvus, cache)
+        yield Stores(milvus, cache, reader)
     finally:
         try:
+            await reader.close()
             await cache.close()
         finally:
             await milvus.close()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections import Counter
 
-from store.errors import StoreError
+from encoder.errors import StateError
 from store.redis import RedisCache, as_text, pin_slot
 
 logger = logging.getLogger(__name__)
@@ -23,11 +23,11 @@ async def migrate_keys(cache: RedisCache, chunk: int = 1000) -> Counter[str]:
     """Rename 0.1's keys to the current layout; returns counts per kind of key.
 
     Raises:
-        StoreError: the cache is a cluster (0.1 never ran on one), or a key
+        StateError: the cache is a cluster (0.1 never ran on one), or a key
             exists in both layouts (migrated by hand halfway?).
     """
     if cache.cluster:
-        raise StoreError("pinfresh 0.1 ran on a single node only: nothing to migrate on a "
+        raise StateError("pinfresh 0.1 ran on a single node only: nothing to migrate on a "
                          "cluster (copy the node's keys with `migrate-keys` first, then move "
                          "them)")
     r, p = cache.client, cache.p
@@ -35,7 +35,7 @@ async def migrate_keys(cache: RedisCache, chunk: int = 1000) -> Counter[str]:
     for name in ("live", "previous", "versions"):
         if await r.exists(f"{p}:{name}"):
             if await r.exists(cache.reg_key(name)):
-                raise StoreError(f"both {p}:{name} and {cache.reg_key(name)} exist: keep one")
+                raise StateError(f"both {p}:{name} and {cache.reg_key(name)} exist: keep one")
             await r.rename(f"{p}:{name}", cache.reg_key(name))
             done["registry"] += 1
     versions = sorted(as_text(v) for v in await r.smembers(cache.reg_key("versions")))

@@ -31,23 +31,56 @@ from typing import Any, Literal, TypeVar
 import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
+from pymilvus.exceptions import (
+    DataNotMatchException,
+    DataTypeNotMatchException,
+    MilvusUnavailableException,
+    ParamError,
+)
 
+from encoder.errors import (
+    DimensionMismatch,
+    StateError,
+    StoreRejected,
+    StoreUnavailable,
+    UnknownVersion,
+)
 from store.base import EmbeddingRecord, PinState, SearchHit
 from store.config import MilvusSettings
-from store.errors import DimensionMismatch, StoreUnavailable, UnknownVersion
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
+#: Milvus error codes (``merr`` in Milvus 2.3+) that mean "not now": service not
+#: ready or unavailable, memory/request/disk/rate limits, forced deny, internal;
+#: collection or partition not (fully) loaded; replica, channel, segment or node
+#: missing; storage I/O failed; undefined.
+OUTAGE_CODES = frozenset({1, 2, 3, 4, 5, 7, 8, 9, 101, 103, 201, 202, 401, 501, 503, 601,
+                          602, 901, 902, 903, 905, 1001, 65535})
+#: Codes that blame the request's content: a parameter invalid or missing.
+ROW_CODES = frozenset({1100, 1101})
+COLLECTION_NOT_FOUND = 100
+
 #: Milvus consistency levels the store reads with (``Bounded`` is a collection's default).
 Consistency = Literal["Strong", "Session", "Bounded", "Eventually"]
 
-_META_FIELDS = [
+#: Every stored field but the vector.
+META_FIELDS = _META_FIELDS = [
     "pin_id", "model_version", "content_hash", "pin_version", "event_time", "encode_time",
     "image_location", "caption", "metadata",
 ]
 _STATE_FIELDS = ["pin_id", "pin_version", "content_hash"]
-_MAX_TEXT = 4096
+#: VARCHAR sizes of a new collection, in UTF-8 bytes (what a Milvus server counts).
+#: ``image_location`` is at most 4,096 bytes in a valid event and ``caption`` at
+#: most 4,000 characters, so 16,384 bytes hold any caption whole.
+MAX_LOCATION_BYTES = 4096
+MAX_CAPTION_BYTES = 16384
+
+
+def cut_utf8(text: str, max_bytes: int) -> str:
+    """``text`` cut to at most ``max_bytes`` UTF-8 bytes, at a character boundary."""
+    raw = text.encode()
+    return text if len(raw) <= max_bytes else raw[:max_bytes].decode("utf-8", "ignore")
 
 
 def connect(uri: str, *, token: str = "", timeout_s: float = 10.0,
@@ -94,6 +127,7 @@ class MilvusStore:
             ) from exc
         self._loaded: set[str] = set()
         self._no_metadata: set[str] = set()
+        self._text_bytes: dict[str, dict[str, int]] = {}  # VARCHAR sizes per collection
         self._schemas: dict[str, dict[str, Any]] = {}  # column upserts need the field list
         self._columns_ok = True
         self._unsealed: dict[str, int] = {}
@@ -111,15 +145,44 @@ class MilvusStore:
         return f"{self.settings.collection_prefix}_live"
 
     async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a pymilvus call in a thread; map its errors by the server's code.
+
+        * the network, a deadline, or a code of `OUTAGE_CODES` (not ready, rate
+          limited, memory or disk quota, a collection released by a restart,
+          a node or channel missing): `StoreUnavailable`, and every
+          collection is loaded again before its next use;
+        * a code of `ROW_CODES` (an invalid parameter: a string over its
+          ``max_length`` in UTF-8 bytes, a wrong dimension) or pymilvus's own
+          check of the data it was given: `StoreRejected`, the request's
+          content is at fault and retrying cannot help;
+        * collection not found: `UnknownVersion`;
+        * any other code: `StateError` (a bug or an operator's problem;
+          the stream isolates the event that caused it).
+        """
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
-        except (MilvusException, grpc.RpcError, ConnectionError, TimeoutError) as exc:
-            # Treated as retriable: the stream pauses and retries rather than
-            # acknowledge events that were not written. A restarted server has
-            # its collections released: load them again on the next call.
-            self._loaded.clear()
-            self._schemas.clear()
+        except (grpc.RpcError, ConnectionError, TimeoutError, MilvusUnavailableException) as exc:
+            self._forget_loaded()
             raise StoreUnavailable(f"Milvus {fn.__name__} failed: {exc}", retry_after=1.0) from exc
+        except (ParamError, DataNotMatchException, DataTypeNotMatchException) as exc:
+            raise StoreRejected(f"Milvus {fn.__name__} refused the data: {exc}") from exc
+        except MilvusException as exc:
+            code = int(getattr(exc, "code", -1) or -1)
+            text = f"Milvus {fn.__name__} failed (code {code}): {exc.message}"
+            if code in OUTAGE_CODES:
+                self._forget_loaded()
+                raise StoreUnavailable(text, retry_after=1.0) from exc
+            if code in ROW_CODES:
+                raise StoreRejected(text) from exc
+            if code == COLLECTION_NOT_FOUND:
+                self._forget_loaded()
+                raise UnknownVersion(f"{text}: see `pinfresh versions list`") from exc
+            raise StateError(text) from exc
+
+    def _forget_loaded(self) -> None:
+        # a restarted server has its collections released: load them again before use
+        self._loaded.clear()
+        self._schemas.clear()
 
     # ---------------------------------------------------------------- schema
     async def ensure_version(self, version: str, dim: int) -> None:
@@ -145,8 +208,9 @@ class MilvusStore:
             schema.add_field("pin_version", DataType.INT64)
             schema.add_field("event_time", DataType.DOUBLE)
             schema.add_field("encode_time", DataType.DOUBLE)
-            schema.add_field("image_location", DataType.VARCHAR, max_length=_MAX_TEXT)
-            schema.add_field("caption", DataType.VARCHAR, max_length=_MAX_TEXT)
+            schema.add_field("image_location", DataType.VARCHAR,
+                             max_length=MAX_LOCATION_BYTES)
+            schema.add_field("caption", DataType.VARCHAR, max_length=MAX_CAPTION_BYTES)
             schema.add_field("metadata", DataType.JSON)
             index = self._client.prepare_index_params()
             # nested under "params": the form Milvus servers and Milvus Lite both read
@@ -170,6 +234,12 @@ class MilvusStore:
                 logger.warning("collection %s has no metadata field: pin metadata is not "
                                "stored in it (a new model version's collection has it)", name)
                 self._no_metadata.add(name)
+            # text is cut to the collection's own sizes: one created by an older
+            # pinfresh holds captions of 4,096 bytes, not 16,384
+            self._text_bytes[name] = {
+                f["name"]: int(f["params"]["max_length"]) for f in desc["fields"]
+                if f["name"] in ("image_location", "caption") and "max_length" in f.get(
+                    "params", {})}
             self._loaded.add(name)
 
     def _fields(self, name: str, fields: list[str]) -> list[str]:
@@ -214,6 +284,7 @@ class MilvusStore:
             return
         name = self.collection(version)
         await self._load(name)
+        limits = self._text_bytes.get(name, {})
         cols: dict[str, tuple[Any, list[Any]]] = {
             "pin_id": (DataType.VARCHAR, [r.pin_id for r in records]),
             "vector": (DataType.FLOAT_VECTOR,
@@ -223,8 +294,11 @@ class MilvusStore:
             "pin_version": (DataType.INT64, [int(r.pin_version) for r in records]),
             "event_time": (DataType.DOUBLE, [float(r.event_time) for r in records]),
             "encode_time": (DataType.DOUBLE, [float(r.encode_time) for r in records]),
-            "image_location": (DataType.VARCHAR, [r.image_location[:_MAX_TEXT] for r in records]),
-            "caption": (DataType.VARCHAR, [r.caption[:_MAX_TEXT] for r in records]),
+            "image_location": (DataType.VARCHAR, [
+                cut_utf8(r.image_location, limits.get("image_location", MAX_LOCATION_BYTES))
+                for r in records]),
+            "caption": (DataType.VARCHAR, [
+                cut_utf8(r.caption, limits.get("caption", MAX_CAPTION_BYTES)) for r in records]),
         }
         if name not in self._no_metadata:
             cols["metadata"] = (DataType.JSON, [dict(r.metadata) for r in records])

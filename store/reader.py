@@ -1,21 +1,34 @@
 """The read path used by ranking services, the API and the demo.
 
 `EmbeddingReader.get_many` resolves the version once per call (the live one
-unless given), reads Redis with one MGET, falls back to Milvus for the misses
-and refills the cache with what Milvus had. A result never mixes versions and
-always names its version.
+unless given), reads Redis with one MGET and falls back to Milvus for the
+misses. A result never mixes versions and always names its version.
+
+Refills. The fallback read answers the request at Milvus's default (Bounded)
+consistency: fast, possibly a few seconds behind. The cache is not filled
+from that read. The pins found are queued, and a background task reads them
+again at Strong consistency (every acknowledged write visible; batched, so
+the wait for Milvus's time tick is paid once per batch, not per request) and
+writes them with `RedisCache.refill`, which writes a pin only while it is
+absent from Redis and not deleted at or after the record's version. A refill
+can therefore never bring back a deleted pin or move a pin back to an older
+version, whatever a worker does in between. The queue is bounded
+(``refill_queue``); pins beyond it are dropped and counted, and the next
+miss queues them again.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from encoder.errors import NoLiveVersion, PinfreshError, PinNotFound
 from store.base import SearchHit
-from store.errors import NoLiveVersion, PinNotFound, StoreError
 from store.milvus import MilvusStore
 from store.redis import RedisCache
 
@@ -41,11 +54,77 @@ class ReadResult:
 
 
 class EmbeddingReader:
-    """Redis-first, Milvus-fallback reader over one deployment."""
+    """Redis-first, Milvus-fallback reader over one deployment (see module docstring)."""
 
-    def __init__(self, milvus: MilvusStore, cache: RedisCache) -> None:
+    def __init__(self, milvus: MilvusStore, cache: RedisCache, *, refill: bool = True,
+                 refill_queue: int = 10_000, refill_batch: int = 512) -> None:
         self.milvus = milvus
         self.cache = cache
+        self.refill_enabled = refill
+        self.refill_queue = refill_queue
+        self.refill_batch = refill_batch
+        #: pins refilled into Redis so far, and pins dropped because the queue was full
+        self.refilled = 0
+        self.refill_dropped = 0
+        self._pending: dict[str, set[str]] = {}
+        self._queued = 0
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def _schedule(self, version: str, pin_ids: Sequence[str]) -> None:
+        if not self.refill_enabled or not pin_ids:
+            return
+        room = self.refill_queue - self._queued
+        take = list(pin_ids)[:max(room, 0)]
+        self.refill_dropped += len(pin_ids) - len(take)
+        if take:
+            pending = self._pending.setdefault(version, set())
+            before = len(pending)
+            pending.update(take)
+            self._queued += len(pending) - before
+            self._wake.set()
+            if self._task is None or self._task.done():
+                self._task = asyncio.create_task(self._refiller())
+
+    async def _refiller(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self.flush_refills()
+
+    async def flush_refills(self) -> int:
+        """Refill every queued pin now (Strong read, conditional write); returns how many.
+
+        Errors are logged, never raised: a refill is an optimisation.
+        """
+        done = 0
+        while self._pending:
+            version, pins = next(iter(self._pending.items()))
+            ids = sorted(pins)[:self.refill_batch]
+            pins.difference_update(ids)
+            self._queued -= len(ids)
+            if not pins:
+                self._pending.pop(version, None)
+            try:
+                recs = await self.milvus.get_many(version, ids, consistency="Strong")
+                if recs:
+                    done += len(await self.cache.refill(version, list(recs.values())))
+            except PinfreshError as exc:
+                logger.warning("cache refill of %d pins of %s failed: %s", len(ids), version,
+                               exc)
+        self.refilled += done
+        return done
+
+    async def close(self) -> None:
+        """Finish the queued refills (at most ``timeout``), then stop the refill task."""
+        if self._pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flush_refills(), 10.0)
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
     async def resolve_version(self, version: str | None = None) -> str:
         """Return ``version`` or the live one.
@@ -68,16 +147,13 @@ class EmbeddingReader:
         hits = int(found.sum())
         missing = [p for p, f in zip(ids, found, strict=True) if not f]
         if missing:
-            recs = await self.milvus.get_many(ver, missing)
+            recs = await self.milvus.get_many(ver, missing, consistency="Bounded")
             if recs:
                 index = {p: i for i, p in enumerate(ids)}
                 for pid, rec in recs.items():
                     vectors[index[pid]] = rec.vector
                     found[index[pid]] = True
-                try:
-                    await self.cache.upsert(ver, list(recs.values()))
-                except StoreError as exc:  # a read still succeeds if the refill fails
-                    logger.warning("cache refill of %d pins failed: %s", len(recs), exc)
+                self._schedule(ver, list(recs))
         return ReadResult(ver, ids, vectors, found, hits)
 
     async def similar(
@@ -87,7 +163,7 @@ class EmbeddingReader:
         """Nearest pins to a pin (itself excluded) or to a vector, from one version.
 
         Raises:
-            StoreError: the pin is unknown.
+            PinNotFound: the pin is unknown.
         """
         ver = await self.resolve_version(version)
         exclude: list[str] = []

@@ -45,10 +45,12 @@ of a cluster; ``redis://`` one node.
 from __future__ import annotations
 
 import json
+import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -59,6 +61,9 @@ from redis.crc import REDIS_CLUSTER_HASH_SLOTS, key_slot
 from redis.exceptions import (
     BusyLoadingError,
     ClusterDownError,
+    MasterDownError,
+    OutOfMemoryError,
+    ReadOnlyError,
     RedisClusterException,
     RedisError,
     TryAgainError,
@@ -66,30 +71,127 @@ from redis.exceptions import (
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from encoder.errors import DimensionMismatch, StateError, StoreUnavailable, UnknownVersion
 from store.base import EmbeddingRecord, PinState
 from store.config import RedisSettings
-from store.errors import DimensionMismatch, StoreError, StoreUnavailable, UnknownVersion
 
 T = TypeVar("T")
 
 #: URL schemes that name a Redis/Valkey Cluster (any node of it).
 CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 
-# KEYS: vec, meta, ids set of the pin's slot. ARGV: vector bytes, pin id, meta field/values.
-_UPSERT = """
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('HSET', KEYS[2], unpack(ARGV, 3))
-redis.call('SADD', KEYS[3], ARGV[2])
-return 1
+# Every write of a pin is one of these scripts, atomic on the pin's slot; see
+# "Concurrent writers" in the module docstring. Pin versions travel and are stored
+# as decimal strings and compared as such (exact up to 2**62; Lua's numbers are
+# doubles). A writer's entry in the pin's in-flight hash is "<pin version>:<ms>",
+# the server time of its last claim.
+_LIB = """
+local function cmp(a, b)
+  if a == nil then return b == nil and 0 or -1 end
+  if b == nil then return 1 end
+  if #a ~= #b then return #a < #b and -1 or 1 end
+  if a == b then return 0 end
+  return a < b and -1 or 1
+end
+local function now_ms()
+  local t = redis.call('TIME')
+  return t[1] * 1000 + math.floor(t[2] / 1000)
+end
+local function older(key, v, ttl)
+  local now, n = now_ms(), 0
+  local e = redis.call('HGETALL', key)
+  for i = 1, #e, 2 do
+    local pv, at = string.match(e[i + 1], '^(%d+):(%d+)$')
+    if pv == nil or tonumber(at) < now - ttl then redis.call('HDEL', key, e[i])
+    elseif cmp(pv, v) < 0 then n = n + 1 end
+  end
+  return n
+end
+local function get(key) local x = redis.call('GET', key); if x then return x end end
+local function hget(key, f) local x = redis.call('HGET', key, f); if x then return x end end
 """
-# KEYS: vec, meta, ids set. ARGV: pin id.
-_DELETE = """
-redis.call('DEL', KEYS[1], KEYS[2])
-redis.call('SREM', KEYS[3], ARGV[1])
-return 1
+# KEYS: tomb, wip, meta of each version. ARGV: op (u|d), token, pin version, tomb ttl s,
+# wip ttl ms. Returns one flag per version: 1 = this writer may write it.
+_CLAIM = _LIB + """
+local v = ARGV[3]
+local tomb = get(KEYS[1])
+local out, any = {}, 0
+for i = 3, #KEYS do
+  local ok = cmp(hget(KEYS[i], 'pin_version'), v) <= 0 and
+    (cmp(tomb, v) < 0 or (ARGV[1] == 'd' and cmp(tomb, v) == 0))
+  out[#out + 1] = ok and 1 or 0
+  if ok then any = 1 end
+end
+if ARGV[1] == 'd' and cmp(tomb, v) <= 0 then
+  if cmp(tomb, v) < 0 then redis.call('SET', KEYS[1], v, 'EX', ARGV[4]) end
+  any = 1
+end
+if any == 1 then
+  redis.call('HSET', KEYS[2], ARGV[2], v .. ':' .. now_ms())
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
+return out
+"""
+# KEYS: vec, meta, ids set of the pin's slot, tomb. ARGV: mode (w|r), pin version, vector
+# bytes, pin id, meta field/values. Returns 1 if it wrote.
+_WRITE = _LIB + """
+local v = ARGV[2]
+local s = hget(KEYS[2], 'pin_version')
+if cmp(get(KEYS[4]), v) < 0 and ((ARGV[1] == 'r' and s == nil) or
+                                 (ARGV[1] == 'w' and cmp(s, v) <= 0)) then
+  redis.call('SET', KEYS[1], ARGV[3])
+  redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+  redis.call('SADD', KEYS[3], ARGV[4])
+  return 1
+end
+return 0
+"""
+# KEYS: wip, tomb. ARGV: token, pin version, wip ttl ms. Ends a claim; returns how many
+# writers of older versions are still in flight (0 if a newer delete came since).
+_RELEASE = _LIB + """
+redis.call('HDEL', KEYS[1], ARGV[1])
+if cmp(get(KEYS[2]), ARGV[2]) > 0 then return 0 end
+return older(KEYS[1], ARGV[2], tonumber(ARGV[3]))
+"""
+# KEYS: tomb, wip, then vec, meta, ids set of each version. ARGV: token, pin version
+# ('' removes whatever is stored), pin id, wip ttl ms. Removes the pin from every version
+# where it is not newer; returns how many older writers are still in flight.
+_DELETE = _LIB + """
+local v = ARGV[2]
+for i = 3, #KEYS, 3 do
+  if v == '' or cmp(hget(KEYS[i + 1], 'pin_version'), v) <= 0 then
+    redis.call('DEL', KEYS[i], KEYS[i + 1])
+    redis.call('SREM', KEYS[i + 2], ARGV[3])
+  end
+end
+if ARGV[1] == '' then return 0 end
+redis.call('HDEL', KEYS[2], ARGV[1])
+if cmp(get(KEYS[1]), v) > 0 then return 0 end
+return older(KEYS[2], v, tonumber(ARGV[4]))
+"""
+# KEYS: wip. ARGV: pin version, wip ttl ms. Writers of older versions still in flight.
+_IN_FLIGHT = _LIB + """
+return older(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 """
 
 _slot_tags: list[str] = []
+
+#: Error codes with which a Redis/Valkey server says "not now" rather than "never":
+#: out of memory, a read-only replica, a master or the cluster down, a slot
+#: migrating, the dataset loading, a script running long, writes stopped after a
+#: failed save. A reply that carries one of them (also inside a script error or an
+#: EXECABORT) is an outage.
+OUTAGE_CODES = ("OOM", "READONLY", "MASTERDOWN", "CLUSTERDOWN", "TRYAGAIN", "LOADING", "BUSY",
+                "MISCONF", "NOREPLICAS")
+_OUTAGE_RE = re.compile(r"(?:^|[\s:(\[])(" + "|".join(OUTAGE_CODES) + r")\b")
+_OUTAGES = (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ClusterDownError,
+            TryAgainError, MasterDownError, ReadOnlyError, OutOfMemoryError,
+            RedisClusterException, OSError)
+
+
+def is_outage(exc: BaseException) -> bool:
+    """Whether a redis-py error means the server is out for now (see `OUTAGE_CODES`)."""
+    return isinstance(exc, _OUTAGES) or bool(_OUTAGE_RE.search(str(exc)))
 
 
 def slot_tag(slot: int) -> str:
@@ -125,8 +227,21 @@ _META = ("pin_version", "content_hash", "event_time", "encode_time", "written_at
          "image_location", "caption")
 
 
+@dataclass(frozen=True)
+class WriteResult:
+    """What one conditional `RedisCache.write` did.
+
+    Attributes:
+        written_at: the time recorded as the records' ``written_at``.
+        written: pins whose entry this call wrote (the others were stale).
+    """
+
+    written_at: float
+    written: frozenset[str]
+
+
 class RedisCache:
-    """`VectorBackend` over Redis, plus the live pointer and tombstones."""
+    """`VectorBackend` over Redis, plus the live pointer, tombstones and writer claims."""
 
     def __init__(self, settings: RedisSettings) -> None:
         self.settings = settings
@@ -170,18 +285,26 @@ class RedisCache:
         """Key of a pin's tombstone."""
         return f"{self.p}:tomb:{{{pin_id}}}"
 
+    def wip_key(self, pin_id: str) -> str:
+        """Key of the hash of a pin's writers in flight (token -> ``version:ms``)."""
+        return f"{self.p}:wip:{{{pin_id}}}"
+
     def reg_key(self, name: str) -> str:
         """A registry key: ``{p}:live``, ``{p}:versions``, ``{p}:version:v``, ..."""
         return f"{self.reg}:{name}"
 
     async def _do(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """Run a call; map its errors: an outage (`is_outage`) to `StoreUnavailable`.
+
+        Any other error reply (a wrong type, a script bug) is a `StateError`:
+        retrying will not fix it.
+        """
         try:
             return await fn()
-        except (RedisConnectionError, RedisTimeoutError, BusyLoadingError, ClusterDownError,
-                TryAgainError, RedisClusterException, OSError) as exc:
-            raise StoreUnavailable(f"Redis unavailable: {exc}", retry_after=1.0) from exc
-        except RedisError as exc:
-            raise StoreError(f"Redis error: {exc}") from exc
+        except (RedisError, OSError) as exc:
+            if is_outage(exc):
+                raise StoreUnavailable(f"Redis unavailable: {exc}", retry_after=1.0) from exc
+            raise StateError(f"Redis error: {exc}") from exc
 
     # -------------------------------------------------------------- versions
     async def ensure_version(self, version: str, dim: int, model: str = "",
@@ -191,7 +314,7 @@ class RedisCache:
         if not self.cluster and not await self._do(
                 lambda: self._r.exists(self.reg_key("versions"))) and await self._do(
                 lambda: self._r.exists(f"{self.p}:versions")):
-            raise StoreError(
+            raise StateError(
                 f"Redis holds pinfresh 0.1's key layout ({self.p}:versions, {self.p}:live, "
                 "...): run `pinfresh store migrate-keys` once, then start again")
 
@@ -234,6 +357,42 @@ class RedisCache:
             raw = await self._do(partial(self._r.hgetall, key))
             out[n] = {as_text(k): as_text(v) for k, v in raw.items()}
         return out
+
+    async def report_writer(self, name: str, write_set: Sequence[str],
+                            holding: Sequence[str]) -> None:
+        """Record what one writer writes now (``{p}:writers``, field ``name``).
+
+        ``write_set``: the versions its next batch writes; ``holding``: the
+        versions of its batches in flight. `VersionRegistry.wait_writers`
+        reads these to know when a retired version is no longer written, or a
+        new one is written by everyone.
+        """
+        entry = json.dumps({"at": time.time(), "write_set": list(write_set),
+                            "holding": list(holding)})
+        await self._do(lambda: self._r.hset(self.reg_key("writers"), name, entry))
+
+    async def writers(self) -> dict[str, dict[str, Any]]:
+        """Every writer's last report (see `report_writer`)."""
+        raw = await self._do(lambda: self._r.hgetall(self.reg_key("writers")))
+        return {as_text(k): json.loads(as_text(v)) for k, v in raw.items()}
+
+    async def forget_writers(self, names: Sequence[str]) -> None:
+        """Remove the reports of writers that are gone."""
+        if names:
+            await self._do(lambda: self._r.hdel(self.reg_key("writers"), *names))
+
+    async def registered(self, versions: Sequence[str]) -> set[str]:
+        """Which of ``versions`` are still registered (not dropped)."""
+        if not versions:
+            return set()
+
+        async def go() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for v in versions:
+                    pipe.sismember(self.reg_key("versions"), v)
+                return list(await pipe.execute())
+
+        return {v for v, ok in zip(versions, await self._do(go), strict=True) if int(ok)}
 
     async def set_version_state(self, version: str, state: str) -> None:
         """Record a version's state (building, live, retired)."""
@@ -279,49 +438,159 @@ class RedisCache:
     def _to_bytes(self, vector: np.ndarray, dtype: str) -> bytes:
         return np.asarray(vector, dtype=np.dtype(dtype).newbyteorder("<")).tobytes()
 
+    def _meta_args(self, r: EmbeddingRecord, now: float) -> list[Any]:
+        meta = {
+            "pin_version": str(int(r.pin_version)), "content_hash": r.content_hash,
+            "event_time": repr(r.event_time), "encode_time": repr(r.encode_time),
+            "written_at": repr(now), "image_location": r.image_location,
+            "caption": r.caption, "metadata": json.dumps(r.metadata),
+        }
+        return [x for kv in meta.items() for x in kv]
+
+    async def write(self, version: str, records: Sequence[EmbeddingRecord], *,
+                    mode: Literal["write", "refill"] = "write",
+                    written_at: float | None = None) -> WriteResult:
+        """Conditionally write vectors, metadata and ids, one script per pin.
+
+        ``write`` writes a pin unless its tombstone is at or above the
+        record's version or Redis holds a newer version (an equal version is
+        written again: a re-encode or a replay carries that version's newest
+        vector). ``refill`` (a reader filling the cache from Milvus) writes
+        only a pin that is absent and not deleted at or after that version.
+        """
+        now = written_at if written_at is not None else time.time()
+        if not records:
+            return WriteResult(now, frozenset())
+        _, dtype = await self.version_info(version)
+        m = "w" if mode == "write" else "r"
+
+        async def go() -> list[Any]:
+            async with self._r.pipeline(transaction=not self.cluster) as pipe:
+                for r in records:
+                    pipe.eval(_WRITE, 4, self.vec_key(version, r.pin_id),
+                              self.meta_key(version, r.pin_id),
+                              self.ids_key(version, pin_slot(r.pin_id)),
+                              self.tomb_key(r.pin_id), m, str(int(r.pin_version)),
+                              self._to_bytes(r.vector, dtype), r.pin_id,
+                              *self._meta_args(r, now))
+                return list(await pipe.execute())
+
+        replies = await self._do(go)
+        return WriteResult(
+            now, frozenset(r.pin_id for r, x in zip(records, replies, strict=True) if int(x)))
+
+    async def release(self, token: str, pins: Mapping[str, int]) -> set[str]:
+        """End ``token``'s claims; return the pins with an older writer still in flight.
+
+        Called once the writer's Milvus and Redis writes of every version are
+        done. An older writer still in flight may yet land its Milvus write
+        after this one: the caller waits for it (`in_flight`) and applies
+        these pins again.
+        """
+        if not pins:
+            return set()
+        ttl = str(int(self.settings.writer_ttl_s * 1000))
+
+        async def go() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for pid, ver in pins.items():
+                    pipe.eval(_RELEASE, 2, self.wip_key(pid), self.tomb_key(pid), token,
+                              str(int(ver)), ttl)
+                return list(await pipe.execute())
+
+        replies = await self._do(go)
+        return {pid for pid, n in zip(pins, replies, strict=True) if int(n)}
+
     async def upsert(
         self, version: str, records: Sequence[EmbeddingRecord], written_at: float | None = None
     ) -> float:
-        """Write vectors, metadata and ids; returns the write time.
+        """`write` without a claim (tools, repairs, tests); returns the write time."""
+        return (await self.write(version, records, written_at=written_at)).written_at
 
-        One script per pin writes its vector, meta and id together. On a single
-        node the whole batch is one MULTI/EXEC; on a cluster one pipeline per
-        node (each pin still atomic).
+    async def refill(self, version: str, records: Sequence[EmbeddingRecord]) -> set[str]:
+        """Fill the cache from Milvus: only absent, undeleted pins (see `write`)."""
+        return set((await self.write(version, records, mode="refill")).written)
+
+    async def claim(self, op: Literal["upsert", "delete"], token: str,
+                    pins: Mapping[str, int], versions: Sequence[str]
+                    ) -> dict[str, dict[str, bool]]:
+        """Register ``token`` as a writer of each pin at its version; say where it may write.
+
+        Per pin and version: True unless the pin's tombstone is newer (for an
+        upsert: not older) or Redis holds a newer version there. A delete's
+        claim also raises the pin's tombstone to its version, so from then on
+        no older upsert is written anywhere. Called again before every retry
+        of the Milvus write, which refreshes the entry's time and drops
+        versions that have become stale meanwhile.
         """
-        if not records:
-            return time.time()
-        _, dtype = await self.version_info(version)
+        if not pins:
+            return {}
+        o = "u" if op == "upsert" else "d"
+        ttl = str(int(self.settings.writer_ttl_s * 1000))
+        tomb_ttl = str(self.settings.tombstone_ttl_s)
 
-        async def go() -> float:
-            now = written_at if written_at is not None else time.time()
+        async def go() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for pid, ver in pins.items():
+                    keys = [self.tomb_key(pid), self.wip_key(pid),
+                            *[self.meta_key(v, pid) for v in versions]]
+                    pipe.eval(_CLAIM, len(keys), *keys, o, token, str(int(ver)), tomb_ttl, ttl)
+                return list(await pipe.execute())
+
+        replies = await self._do(go)
+        return {pid: {v: bool(int(f)) for v, f in zip(versions, flags, strict=True)}
+                for pid, flags in zip(pins, replies, strict=True)}
+
+    async def commit_deletes(self, token: str, pins: Mapping[str, int],
+                             versions: Sequence[str]) -> set[str]:
+        """Remove deleted pins from every version where they are not newer.
+
+        Ends the claims of ``token``; returns the pins that still have an
+        older writer in flight (the caller deletes them again after it).
+        """
+        if not pins:
+            return set()
+        ttl = str(int(self.settings.writer_ttl_s * 1000))
+
+        async def go() -> list[Any]:
             async with self._r.pipeline(transaction=not self.cluster) as pipe:
-                for r in records:
-                    meta = {
-                        "pin_version": r.pin_version, "content_hash": r.content_hash,
-                        "event_time": repr(r.event_time), "encode_time": repr(r.encode_time),
-                        "written_at": repr(now), "image_location": r.image_location,
-                        "caption": r.caption, "metadata": json.dumps(r.metadata),
-                    }
-                    pipe.eval(_UPSERT, 3, self.vec_key(version, r.pin_id),
-                              self.meta_key(version, r.pin_id),
-                              self.ids_key(version, pin_slot(r.pin_id)),
-                              self._to_bytes(r.vector, dtype), r.pin_id,
-                              *[x for kv in meta.items() for x in kv])
-                await pipe.execute()
-            return now
+                for pid, ver in pins.items():
+                    keys = [self.tomb_key(pid), self.wip_key(pid)]
+                    for v in versions:
+                        keys += [self.vec_key(v, pid), self.meta_key(v, pid),
+                                 self.ids_key(v, pin_slot(pid))]
+                    pipe.eval(_DELETE, len(keys), *keys, token, str(int(ver)), pid, ttl)
+                return list(await pipe.execute())
 
-        return await self._do(go)
+        replies = await self._do(go)
+        return {pid for pid, n in zip(pins, replies, strict=True) if int(n)}
+
+    async def in_flight(self, pins: Mapping[str, int]) -> set[str]:
+        """The pins that have a writer of an older version in flight (not yet expired)."""
+        if not pins:
+            return set()
+        ttl = str(int(self.settings.writer_ttl_s * 1000))
+
+        async def go() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for pid, ver in pins.items():
+                    pipe.eval(_IN_FLIGHT, 1, self.wip_key(pid), str(int(ver)), ttl)
+                return list(await pipe.execute())
+
+        replies = await self._do(go)
+        return {pid for pid, n in zip(pins, replies, strict=True) if int(n)}
 
     async def delete(self, version: str, pin_ids: Sequence[str]) -> None:
-        """Remove pins from a version's namespace (vector, meta and id together)."""
+        """Remove pins from a version's namespace whatever they hold (tools, drops)."""
         if not pin_ids:
             return
 
         async def go() -> None:
             async with self._r.pipeline(transaction=not self.cluster) as pipe:
                 for pid in pin_ids:
-                    pipe.eval(_DELETE, 3, self.vec_key(version, pid), self.meta_key(version, pid),
-                              self.ids_key(version, pin_slot(pid)), pid)
+                    keys = [self.tomb_key(pid), self.wip_key(pid), self.vec_key(version, pid),
+                            self.meta_key(version, pid), self.ids_key(version, pin_slot(pid))]
+                    pipe.eval(_DELETE, len(keys), *keys, "", "", pid, "0")
                 await pipe.execute()
 
         await self._do(go)

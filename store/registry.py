@@ -8,7 +8,12 @@ hash, see `store.redis`) with its dimension, how to build its encoder
 * ``live``: what readers get (``{p}:live``, and the Milvus alias ``<prefix>_live``);
 * ``previous``: the last live version, still written, so `rollback` returns
   to up-to-date answers;
-* ``retired``: no longer written; `retire` drops its collection and keys.
+* ``retired``: no longer written; `retire` drops its collection and keys
+  once no worker writes it any more (two phases, see `VersionRegistry.retire`).
+
+Workers report what they write (`RedisCache.report_writer`): the write set
+of their next batch and the versions of their batches in flight.
+`VersionRegistry.wait_writers` reads those reports.
 
 Readers resolve ``{p}:live`` once per request, so `promote` is a single SET from
 their point of view (the Milvus alias is flipped just before it, for readers
@@ -17,11 +22,14 @@ that use Milvus directly).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
+from typing import Any
 
-from store.errors import StoreError, UnknownVersion
+from encoder.errors import CoverageError, StateError, UnknownVersion
 from store.milvus import MilvusStore
 from store.redis import REDIS_CLUSTER_HASH_SLOTS, RedisCache
 
@@ -29,6 +37,10 @@ logger = logging.getLogger(__name__)
 
 #: States whose versions workers write to.
 WRITTEN_STATES = ("live", "building", "previous")
+#: How often a worker reads its write set from the registry (`streams.refresh`).
+WRITE_SET_REFRESH_S = 3.0
+#: A writer report older than this is from a worker that stopped or is idle.
+WRITER_REPORT_FRESH_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,15 @@ class VersionInfo:
 
 @dataclass(frozen=True)
 class Coverage:
-    """How completely a version covers the live one."""
+    """How completely a version covers the live one.
+
+    Attributes:
+        missing: live pins the version lacks.
+        behind: pins the version holds at an older pin version than live.
+        compared: pins held by both whose versions were compared (every one).
+        sample_mismatched: of a sample of the compared pins, those whose
+            content hash differs from live's in Milvus (the source of truth).
+    """
 
     live: str
     version: str
@@ -56,10 +76,8 @@ class Coverage:
     missing: list[str]
     sampled: int
     sample_mismatched: list[str]
-
-
-class CoverageError(StoreError):
-    """A version does not cover the live version's pins; promotion refused."""
+    behind: list[str] = field(default_factory=list)
+    compared: int = 0
 
 
 class VersionRegistry:
@@ -129,12 +147,22 @@ class VersionRegistry:
         picked: list[str] = []
         live_n = new_n = common = 0
         step = 1024
+        behind: list[str] = []
         for lo in range(0, REDIS_CLUSTER_HASH_SLOTS, step):
             live_ids = set(await self.cache.pin_ids_in_slots(live, lo, lo + step))
             new_ids = set(await self.cache.pin_ids_in_slots(version, lo, lo + step))
             live_n, new_n = live_n + len(live_ids), new_n + len(new_ids)
             missing.extend(live_ids - new_ids)
-            for pid in sorted(live_ids & new_ids):  # reservoir sample of the common pins
+            shared = sorted(live_ids & new_ids)
+            # every shared pin's version, in pages: a pin the version holds at an older
+            # pin version than live was missed by the dual writes and the backfill
+            for i in range(0, len(shared), 2048):
+                part = shared[i:i + 2048]
+                old_v = await self.cache.get_states(live, part)
+                new_v = await self.cache.get_states(version, part)
+                behind.extend(p for p in part if p in old_v and (
+                    p not in new_v or new_v[p].pin_version < old_v[p].pin_version))
+            for pid in shared:  # reservoir sample of the common pins
                 common += 1
                 if len(picked) < sample:
                     picked.append(pid)
@@ -148,7 +176,7 @@ class VersionRegistry:
             or new_s[p].pin_version < old_s[p].pin_version)]
         return Coverage(live=live, version=version, live_pins=live_n,
                         version_pins=new_n, missing=missing, sampled=len(picked),
-                        sample_mismatched=mismatched)
+                        sample_mismatched=mismatched, behind=sorted(behind), compared=common)
 
     async def promote(self, version: str, sample: int = 50, force: bool = False
                       ) -> Coverage | None:
@@ -163,11 +191,12 @@ class VersionRegistry:
         if live == version:
             return None
         report = await self.coverage(version, sample)
-        if not force and (report.missing or report.sample_mismatched):
+        if not force and (report.missing or report.behind or report.sample_mismatched):
             raise CoverageError(
-                f"{version} misses {len(report.missing)} live pins (e.g. {report.missing[:3]}) "
-                f"and {len(report.sample_mismatched)} sampled pins differ: run "
-                f"`pinfresh backfill --to {version}` and retry (or --force)"
+                f"{version} misses {len(report.missing)} live pins (e.g. {report.missing[:3]}), "
+                f"holds {len(report.behind)} at an older pin version (e.g. "
+                f"{report.behind[:3]}) and {len(report.sample_mismatched)} sampled pins differ: "
+                f"run `pinfresh backfill --to {version}` and retry (or --force)"
             )
         await self.milvus.set_live(info.version)
         await self.cache.promote(version, previous=live)
@@ -178,29 +207,74 @@ class VersionRegistry:
         """Make the previous version live again; returns it.
 
         Raises:
-            StoreError: there is no retained previous version.
+            StateError: there is no retained previous version.
         """
         prev = await self.cache.get_previous()
         if not prev or prev not in await self.cache.versions():
-            raise StoreError("no previous version retained to roll back to")
+            raise StateError("no previous version retained to roll back to")
         live = await self.cache.get_live()
         await self.milvus.set_live(prev)
         await self.cache.promote(prev, previous=live)
         logger.info("rolled back to %s (was %s)", prev, live)
         return prev
 
-    async def retire(self, version: str, drop: bool = True) -> None:
-        """Stop writing a version and drop its collection and keys.
+    async def wait_writers(self, version: str, *, holding: bool, timeout_s: float,
+                           sleep: Any = asyncio.sleep) -> bool:
+        """Wait until every running worker writes ``version`` (``holding``) or none does.
+
+        Reads the workers' reports (`RedisCache.report_writer`); a report older
+        than `WRITER_REPORT_FRESH_S` is a worker that stopped or idles, and
+        counts as writing nothing (an idle worker reads the registry again
+        before its next batch). ``holding=True`` checks the write set of every
+        fresh report; ``holding=False`` checks that no fresh report names the
+        version in its write set or its batches in flight. Returns False if
+        that was not so within ``timeout_s``.
+        """
+        deadline = time.monotonic() + timeout_s
+        while True:
+            now = time.time()
+            fresh = [w for w in (await self.cache.writers()).values()
+                     if now - float(w.get("at", 0)) < WRITER_REPORT_FRESH_S]
+            if holding:
+                ok = all(version in w.get("write_set", []) for w in fresh)
+            else:
+                ok = not any(version in w.get("write_set", []) or version in w.get("holding", [])
+                             for w in fresh)
+            if ok:
+                return True
+            if time.monotonic() > deadline:
+                return False
+            await sleep(0.5)
+
+    async def retire(self, version: str, drop: bool = True, wait_s: float = 300.0,
+                     sleep: Any = asyncio.sleep) -> bool:
+        """Stop writing a version, then drop its collection and keys (two phases).
+
+        Phase 1 marks it ``retired``: workers leave it out of their write set
+        at their next registry read (every `WRITE_SET_REFRESH_S`). Phase 2
+        waits for that read, then until no worker's report still names the
+        version (a batch in flight keeps its write set to the end), at most
+        ``wait_s``, and drops. Returns whether every worker had let go before
+        the drop; if not, a batch still writing it finds the collection gone
+        and drops the version from its write set (`streams.processor`).
 
         Raises:
-            StoreError: it is live.
+            StateError: it is live.
         """
         if await self.cache.get_live() == version:
-            raise StoreError(f"{version} is live: promote another version first")
+            raise StateError(f"{version} is live: promote another version first")
         await self.cache.set_version_state(version, "retired")
         if await self.cache.get_previous() == version:
             await self.cache.clear_previous()
+        clean = True
         if drop:
+            await sleep(WRITE_SET_REFRESH_S + 1.0)
+            clean = await self.wait_writers(version, holding=False, timeout_s=wait_s,
+                                            sleep=sleep)
+            if not clean:
+                logger.warning("workers still report writing %s after %.0fs: dropping it "
+                               "anyway", version, wait_s)
             await self.milvus.drop_version(version)
             await self.cache.drop_version(version)
         logger.info("retired %s%s", version, " (dropped)" if drop else "")
+        return clean

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -26,15 +27,15 @@ import faust
 from aiokafka import TopicPartition
 from faust.types import TP
 
+from encoder.errors import Unavailable
 from encoder.loading import load_encoder
 from encoder.null import NullEncoder
 from encoder.remote import RemoteEncoder
-from store.errors import StoreUnavailable
 from store.lifecycle import open_stores
 from streams.dlq import KafkaDeadLetters
 from streams.fetch import Fetcher
 from streams.kafka import faust_kwargs
-from streams.processor import Message, PinProcessor
+from streams.processor import Message, PinProcessor, ProcessorHooks
 from streams.producer import committed_offsets, ensure_topics
 from streams.refresh import RegistryVersions
 from streams.retry import Backoff, retry
@@ -63,16 +64,28 @@ class DrainState:
         self.acked: dict[TP, int] = {}
 
 
+def _pin_id(value: bytes | None) -> bytes | None:
+    """The ``pin_id`` of a message value, as bytes (None if it has none)."""
+    try:
+        data = json.loads(value or b"")
+    except (ValueError, UnicodeDecodeError):
+        return None
+    pid = data.get("pin_id") if isinstance(data, dict) else None
+    return pid.encode() if isinstance(pid, str) else None
+
+
 class BatchesInFlight:
     """Up to ``limit`` micro-batches processed at once, acknowledged strictly in order.
 
     One Python process otherwise spends most of a batch waiting (on Milvus,
     Redis, image servers) with nothing else to do. Batch n+1 starts while
-    batch n writes, unless the two share a pin id: then n+1 waits for n,
-    because the processor's version check is a read followed by a write, and
-    two batches writing one pin at once could let the older event win. The
-    acker acknowledges batch n only after batch n finished, and never before
-    batch n-1, so the committed offset only covers written events.
+    batch n writes, unless the two share a pin id (the event's ``pin_id``, and
+    its Kafka key, which a valid event has equal to it): then n+1 waits for n,
+    so one process never races itself on a pin and never does one pin's work
+    twice at once. (Writers in other processes are serialised per pin by the
+    processor's claims in Redis.) The acker acknowledges batch n only after
+    batch n finished, and never before batch n-1, so the committed offset
+    only covers written events.
     """
 
     def __init__(self, processor: PinProcessor, stream: Any, drain: DrainState,
@@ -80,14 +93,15 @@ class BatchesInFlight:
         self.processor, self.stream, self.drain = processor, stream, drain
         self._slots = asyncio.Semaphore(limit)
         self._queue: asyncio.Queue[tuple[asyncio.Task[Any], list[Any]]] = asyncio.Queue()
-        self._pins: dict[asyncio.Task[Any], set[bytes | None]] = {}
+        self._pins: dict[asyncio.Task[Any], set[bytes]] = {}
         self._acker: asyncio.Task[None] | None = None
 
     async def submit(self, events: list[Any]) -> None:
         """Start a batch once no batch in flight holds one of its pins (blocks at the limit)."""
         if self._acker is None:
             self._acker = asyncio.create_task(self._ack_in_order())
-        pins = {e.message.key for e in events}
+        pins = {p for e in events for p in (e.message.key, _pin_id(e.message.value))
+                if p is not None}
         clash = [t for t, held in self._pins.items() if held & pins]
         if clash:
             await asyncio.wait(clash)
@@ -215,7 +229,8 @@ WorkerEncoder: TypeAlias = "ImageEncoder | NullEncoder | RemoteEncoder"
 
 
 def create_app(settings: Settings, encoder: WorkerEncoder,
-               drain: DrainState | None = None) -> faust.App:
+               drain: DrainState | None = None, hooks: ProcessorHooks | None = None
+               ) -> faust.App:
     """Build the Faust app with the encode agent bound to ``encoder``.
 
     The encoder is loaded before the app starts, so the worker joins the
@@ -262,7 +277,7 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
             # a store that is down at start-up delays the worker, never kills it
             await retry(partial(registry.register, info.version, info.dim, info.model,
                                 info.checkpoint, settings.encoder.seed),
-                        retry_on=(StoreUnavailable,), backoff=Backoff(1.0, 10.0),
+                        retry_on=(Unavailable,), backoff=Backoff(1.0, 10.0),
                         on_retry=lambda exc, n, wait: logger.warning(
                             "stores unavailable at start-up (%s); retry %d in %.1fs",
                             exc, n, wait))
@@ -270,6 +285,7 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
                 encoder=encoder, milvus=stores.milvus, cache=stores.cache, fetcher=fetcher,
                 dlq=dlq, settings=w, worker_name=worker_name,
                 versions=RegistryVersions(registry, encoder, settings.encoder),
+                hooks=hooks, writer_ttl_s=settings.redis.writer_ttl_s,
             )
             await processor.start()
             flight = BatchesInFlight(processor, stream, drain, w.batches_in_flight)
@@ -282,11 +298,13 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
     return app
 
 
-def run_worker(settings: Settings, on_exit: Callable[[], None] | None = None) -> None:
+def run_worker(settings: Settings, on_exit: Callable[[], None] | None = None,
+               hooks: ProcessorHooks | None = None) -> None:
     """Check the broker, create missing topics, load the encoder, then run until SIGTERM/SIGINT.
 
     Called by ``pinfresh worker``; blocks. ``on_exit`` runs before the process
     exits after a drain (which ends with ``os._exit``, so atexit hooks do not run).
+    ``hooks`` are fault-injection seams, passed only by a test's own entry point.
 
     Raises:
         KafkaUnavailable: the broker does not answer (checked before the
@@ -325,7 +343,7 @@ def run_worker(settings: Settings, on_exit: Callable[[], None] | None = None) ->
     encoder.on_batch = on_batch
     serve_metrics(settings.worker.metrics_host, settings.worker.metrics_port)
     drain = DrainState()
-    app = create_app(settings, encoder, drain)
+    app = create_app(settings, encoder, drain, hooks)
     worker = DrainingWorker(app, drain, settings.worker.drain_timeout_s, settings.kafka,
                             loglevel=settings.log_level.lower(), quiet=True,
                             redirect_stdouts=False, override_logging=False)

@@ -4,7 +4,7 @@ One sink for every writer (stream workers, the backfill). Its contract with
 `streams.processor.PinProcessor`:
 
 * `DeadLetterSink.send` returns once the broker acknowledged every letter;
-* a broker that is down or slow raises `StoreUnavailable`, and the caller
+* a broker that is down or slow raises `KafkaUnavailable`, and the caller
   retries (the stream pauses; nothing is acknowledged meanwhile);
 * a letter the broker or the client refuses for its size or content is a
   permanent problem, never an outage: the sink sends a stripped letter (reason,
@@ -30,7 +30,7 @@ from aiokafka.errors import (
     RecordTooLargeError,
 )
 
-from store.errors import StoreUnavailable
+from encoder.errors import DeadLetterSendError, KafkaUnavailable
 from streams import metrics
 from streams.events import DeadLetter
 from streams.kafka import aiokafka_kwargs
@@ -41,14 +41,6 @@ logger = logging.getLogger(__name__)
 #: Errors that retrying the same record cannot fix.
 _PERMANENT = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError,
               TypeError, ValueError)
-
-
-class DeadLetterSendError(StoreUnavailable):
-    """Some letters were not acknowledged; ``sent`` lists the ones that were."""
-
-    def __init__(self, message: str, sent: Sequence[DeadLetter]) -> None:
-        super().__init__(message)
-        self.sent = list(sent)
 
 
 class KafkaDeadLetters:
@@ -65,7 +57,7 @@ class KafkaDeadLetters:
                 await producer.start()
             except KafkaError as exc:
                 await producer.stop()
-                raise StoreUnavailable(f"DLQ producer cannot reach Kafka: {exc!r}") from exc
+                raise KafkaUnavailable(f"DLQ producer cannot reach Kafka: {exc!r}") from exc
             self._producer = producer
         return self._producer
 
@@ -91,7 +83,7 @@ class KafkaDeadLetters:
         """Send every letter and wait for the broker's acks (see the module docstring).
 
         Raises:
-            StoreUnavailable: the broker is unreachable or timed out; the letters
+            DeadLetterSendError: the broker is unreachable or timed out; the letters
                 that did get through are not sent again by the next call.
         """
         if not letters:

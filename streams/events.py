@@ -30,12 +30,16 @@ from pydantic import (
     model_validator,
 )
 
-from encoder.errors import PinfreshError, Reason
+from encoder.errors import MalformedEvent, PinfreshError, Reason
 
 __all__ = ["DeadLetter", "MalformedEvent", "PinEvent", "Reason", "parse_event"]
 
 #: Pin ids: 1-128 characters of ``[A-Za-z0-9._:-]``, starting alphanumeric.
 PIN_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$"
+#: Longest image location, in UTF-8 bytes (what Milvus's VARCHAR counts).
+MAX_IMAGE_BYTES = 4096
+#: Longest caption, in characters (at most 16,000 UTF-8 bytes: stored whole).
+MAX_CAPTION_CHARS = 4000
 #: Largest event value accepted; bigger ones are dead-lettered as malformed.
 MAX_EVENT_BYTES = 64 * 1024
 #: ``event_time`` at or above this is taken for milliseconds (it is the year 5138 in seconds).
@@ -50,10 +54,6 @@ MAX_ERROR_CHARS = 2000
 MAX_TRACEBACK_CHARS = 8000
 
 
-class MalformedEvent(PinfreshError):
-    """The bytes on the topic are not a valid pin event."""
-
-
 class PinEvent(BaseModel):
     """A validated change to one pin."""
 
@@ -62,14 +62,23 @@ class PinEvent(BaseModel):
     op: Literal["upsert", "delete"]
     pin_id: str = Field(pattern=PIN_ID_PATTERN)
     version: int = Field(ge=0, le=2**62)
-    image: str | None = Field(None, min_length=1, max_length=4096)
-    caption: str = Field("", max_length=4000)
+    image: str | None = Field(None, min_length=1, description=f"at most {MAX_IMAGE_BYTES} "
+                              "UTF-8 bytes")
+    caption: str = Field("", max_length=MAX_CAPTION_CHARS)
     metadata: dict[str, str | int | float | bool] = Field(default_factory=dict, max_length=64)
     event_time: float = Field(gt=0, description="epoch seconds of the change")
     reencode: bool = Field(
         False, description="re-fetch and re-encode even if this version is stored "
         "(`pinfresh stale --requeue`); never overrides a newer version"
     )
+
+    @field_validator("image")
+    @classmethod
+    def _location_bytes(cls, v: str | None) -> str | None:
+        if v is not None and len(v.encode()) > MAX_IMAGE_BYTES:
+            raise ValueError(f"image location is {len(v.encode())} UTF-8 bytes, over the "
+                             f"{MAX_IMAGE_BYTES}-byte limit")
+        return v
 
     @field_validator("event_time")
     @classmethod

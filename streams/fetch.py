@@ -15,10 +15,11 @@ Rules, all configurable in `FetchSettings`:
 * the body is streamed and cut at ``max_bytes``; the whole fetch (all hops)
   gets ``timeout_s``.
 
-Errors are `FetchError` with a dead-letter reason and a ``transient`` flag:
-timeouts, connection errors, 429 and 5xx are transient (retried with backoff
-by the caller, after ``Retry-After`` when a 429/503 sends one, capped at
-``timeout_s``), everything else is permanent.
+Errors are `encoder.errors.FetchError` (a `Rejected`) with a dead-letter
+reason: timeouts, connection errors, 429 and 5xx raise its subclass
+`TransientFetchError` (retried with backoff by the caller, after
+``Retry-After`` when a 429/503 sends one, capped at ``timeout_s``),
+everything else is permanent.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ import aiohttp
 import aiohttp.abc
 from pydantic import BaseModel, Field
 
-from encoder.errors import PinfreshError
+from encoder.errors import FetchError, TransientFetchError
 from streams.events import Reason
 
 
@@ -60,24 +61,6 @@ class FetchSettings(BaseModel):
     )
     user_agent: str = "pinfresh/0.1"
     max_connections: int = Field(64, ge=1, description="HTTP connections kept per worker")
-
-
-class FetchError(PinfreshError):
-    """An image could not be fetched.
-
-    Attributes:
-        reason: dead-letter reason code.
-        transient: whether retrying may succeed.
-        retry_after: what the server asked to wait before retrying (seconds,
-            from ``Retry-After`` on 429/503, capped at the fetch timeout).
-    """
-
-    def __init__(self, reason: Reason, message: str, *, transient: bool = False,
-                 retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.transient = transient
-        self.retry_after = retry_after
 
 
 def _ip_is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
@@ -138,10 +121,10 @@ class GuardedResolver(aiohttp.abc.AbstractResolver):
         try:
             ips = [ipaddress.ip_address(a) for a in await self.resolver(host, port)]
         except (OSError, ValueError) as exc:
-            raise FetchError(Reason.FETCH_FAILED, f"cannot resolve {host}: {exc}",
-                             transient=True) from exc
+            raise TransientFetchError(Reason.FETCH_FAILED,
+                                      f"cannot resolve {host}: {exc}") from exc
         if not ips:
-            raise FetchError(Reason.FETCH_FAILED, f"{host} has no address", transient=True)
+            raise TransientFetchError(Reason.FETCH_FAILED, f"{host} has no address")
         self.check(host, ips)
         return [{"hostname": host, "host": str(ip), "port": port,
                  "family": socket.AF_INET6 if ip.version == 6 else socket.AF_INET,
@@ -211,10 +194,8 @@ class Fetcher:
             try:
                 return await asyncio.wait_for(self._fetch_http(location), self.settings.timeout_s)
             except TimeoutError as exc:
-                raise FetchError(
-                    Reason.FETCH_FAILED, f"timed out after {self.settings.timeout_s}s",
-                    transient=True,
-                ) from exc
+                raise TransientFetchError(
+                    Reason.FETCH_FAILED, f"timed out after {self.settings.timeout_s}s") from exc
         if parts.scheme == "file":
             return await asyncio.to_thread(self._read_file, parts.path)
         if parts.scheme == "" and location.startswith("/"):
@@ -365,13 +346,12 @@ class Fetcher:
                             )
                     return bytes(buf)
             except (aiohttp.ServerTimeoutError, TimeoutError) as exc:
-                raise FetchError(Reason.FETCH_FAILED, f"timeout: {exc!r}", transient=True) from exc
+                raise TransientFetchError(Reason.FETCH_FAILED, f"timeout: {exc!r}") from exc
             except aiohttp.InvalidURL as exc:
                 raise FetchError(Reason.FORBIDDEN_LOCATION, f"refused URL: {exc}") from exc
             except (aiohttp.ClientError, OSError) as exc:
-                raise FetchError(
-                    Reason.FETCH_FAILED, f"connection failed: {exc!r}", transient=True
-                ) from exc
+                raise TransientFetchError(Reason.FETCH_FAILED,
+                                          f"connection failed: {exc!r}") from exc
         raise FetchError(
             Reason.FETCH_FAILED, f"more than {self.settings.max_redirects} redirects"
         )
@@ -381,9 +361,9 @@ class Fetcher:
             return
         if code in (404, 410):
             raise FetchError(Reason.NOT_FOUND, f"HTTP {code}")
-        transient = code == 429 or code >= 500
+        if code != 429 and code < 500:
+            raise FetchError(Reason.FETCH_FAILED, f"HTTP {code}")
         wait = retry_after_s(headers.get("retry-after")) if code in (429, 503) else None
         if wait is not None:  # honoured, but never beyond the fetch's own time cap
             wait = min(wait, self.settings.timeout_s)
-        raise FetchError(Reason.FETCH_FAILED, f"HTTP {code}", transient=transient,
-                         retry_after=wait)
+        raise TransientFetchError(Reason.FETCH_FAILED, f"HTTP {code}", retry_after=wait)

@@ -1,54 +1,100 @@
-"""One micro-batch of pin events: validate, fetch, decode, encode, write, dead-letter.
+"""One micro-batch of pin events: validate, plan, fetch, encode, write, dead-letter.
 
 `PinProcessor` holds the pipeline's rules and knows nothing about Faust, so
 unit tests drive it with in-memory fakes and the Faust agent
 (`streams.app`) only feeds it batches and acks them afterwards.
 
-Guarantees of `PinProcessor.process` (the agent acks a batch only after it
+A batch runs in named steps:
+
+1. **Parse**: every message is validated; a malformed one, or one whose Kafka
+   key is not its pin id (``key_mismatch``), becomes a dead letter. Per pin
+   only the newest event of the batch is kept.
+2. **Look up**: tombstones, then every written model version's state in
+   Milvus (read at Session consistency: this process's own upserts are seen;
+   see "Consistency" below) and in Redis.
+3. **Plan**: `streams.plan.plan_batch`, pure: deletes to apply, images to
+   fetch per version, cache entries to repair, skips.
+4. **Delete**, **fetch and hash**, **encode or reuse** (`streams.plan.split_reuse`).
+5. **Write** under the per-pin claim protocol (below): claim, Milvus, then
+   Redis, then release; pins that an older writer may still overwrite are
+   applied again once it is done.
+6. **Dead-letter**: letters are written to the DLQ before `process` returns.
+
+Guarantees of `PinProcessor.handle` (the agent acks a batch only after it
 returns):
 
-* it never raises (except on cancellation): transient store errors are
-  retried with capped exponential backoff until they pass, so nothing is
-  acknowledged that was not written; permanent per-pin problems become dead
-  letters, written to the DLQ before it returns;
-* per pin, only the highest-version event of the batch is applied; an event
-  older than what Milvus holds, or not newer than the pin's last delete, is
-  skipped;
-* an event whose version is already stored is not fetched or encoded again
-  (a redelivery); if Redis lost it, the cache is repaired from Milvus;
-* a newer version whose image bytes hash the same as the stored one reuses the
-  stored vector instead of encoding;
-* vectors are written to Milvus first, then Redis; deletes remove the pin from
-  every known version in both stores.
+* it never raises (except on cancellation). Errors are sorted by kind
+  (`encoder.errors`): an `Unavailable` (a store, the broker, the encoder) is
+  retried for ever with capped backoff, so nothing is acknowledged that was
+  not written; a `Rejected` event, image or row is dead-lettered with its
+  reason and the rest of the batch goes on; anything else is a bug, isolated
+  by bisection and dead-lettered as ``internal_error`` after
+  ``internal_error_attempts`` tries;
+* failures are tracked per message: one event's dead letter never stands in
+  for another's, even of the same pin id;
+* whichever of several writers of one pin finishes last (two workers after a
+  rebalance, the backfill, a reader's cache refill), both stores end at the
+  pin's highest version, and a deleted pin stays deleted.
+
+Concurrent writers. Milvus has no conditional write, so every writer of a
+pin registers in Redis before its Milvus write (`RedisCache.claim`, which
+also refuses versions that are stale there), writes Milvus, writes Redis
+conditionally (never below the stored version or the tombstone), and then
+releases its claim (`RedisCache.release`). The release reports pins for
+which a writer of an *older* version is still registered: that writer's
+Milvus write may land after ours, so once it has released (or its claim
+expired, ``redis.writer_ttl_s``), this writer claims and writes those pins
+again; the claim refuses them if something newer has landed meanwhile. An
+older writer registering after our Redis write is refused by its claim, so
+one round of waiting suffices. Deletes follow the same protocol: the claim
+raises the tombstone first.
+
+Consistency. The lookups read Milvus at Session consistency (about 2 ms on
+the 2.3 server against 200 ms for Strong, which waits for the next time
+tick): this process sees its own upserts. Other writers' recent writes may
+be missing from the read, and a 2.3 server gives no session timestamp for a
+delete; neither can make a wrong write, because every write is still checked
+by the claim and the conditional write in Redis. A lagging read can only
+cost a useless fetch or encode.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import itertools
 import logging
 import os
-import signal
 import time
 import traceback
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
-from encoder.errors import EncoderUnavailable, ImageError, Reason
+from encoder.errors import (
+    ImageError,
+    MalformedEvent,
+    Reason,
+    Rejected,
+    StoreRejected,
+    TransientRejection,
+    Unavailable,
+    UnknownVersion,
+)
 from store.base import EmbeddingRecord, PinState
-from store.errors import StoreUnavailable
 from streams import metrics
-from streams.events import DeadLetter, MalformedEvent, PinEvent, guess_pin_id, parse_event
+from streams.events import DeadLetter, PinEvent, guess_pin_id, parse_event
 from streams.fetch import FetchError
+from streams.plan import BatchPlan, Lookups, plan_batch, split_reuse
 from streams.retry import Backoff, retry
 from streams.settings import WorkerSettings
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
+_tokens = itertools.count()
 
 
 class Encoder(Protocol):
@@ -80,6 +126,10 @@ class VersionSource(Protocol):
         """Encoders by version id; the first one is the primary (live) version."""
         ...
 
+    def forget(self, version: str) -> None:
+        """A version vanished (retired): leave it out until the registry says otherwise."""
+        ...
+
 
 class StaticVersions:
     """A fixed write set (a backfill, or a worker outside any registry)."""
@@ -90,6 +140,11 @@ class StaticVersions:
     async def write_set(self) -> dict[str, Encoder]:
         """The encoders given at construction."""
         return self._write
+
+    def forget(self, version: str) -> None:
+        """Drop a version that vanished (never the first)."""
+        if version != next(iter(self._write)):
+            self._write.pop(version, None)
 
 
 class Fetch(Protocol):
@@ -111,7 +166,7 @@ class DeadLetterSink(Protocol):
         """Durably write the letters.
 
         Raises:
-            StoreUnavailable: retry later; if it has a ``sent`` attribute, those
+            Unavailable: retry later; if it has a ``sent`` attribute, those
                 letters were written and are not sent again.
         """
         ...
@@ -132,29 +187,59 @@ class VectorStore(Protocol):
     ) -> dict[str, PinState]: ...
 
 
-class Cache(VectorStore, Protocol):
-    """The Redis-side calls the processor makes (adds pointers and tombstones)."""
+class WriteOutcome(Protocol):
+    """What `Cache.write` returns (`store.redis.WriteResult`)."""
+
+    @property
+    def written_at(self) -> float: ...  # noqa: D102
+    @property
+    def written(self) -> frozenset[str]: ...  # noqa: D102
+
+
+class Cache(Protocol):
+    """The Redis-side calls the processor makes: conditional writes, claims, pointers."""
 
     async def ensure_version(self, version: str, dim: int, model: str = "") -> None: ...  # noqa: D102
-    async def upsert(  # type: ignore[override]  # noqa: D102
-        self, version: str, records: Sequence[EmbeddingRecord], written_at: float | None = None
-    ) -> float: ...
     async def set_live_if_none(self, version: str) -> bool: ...  # noqa: D102
     async def versions(self) -> dict[str, dict[str, str]]: ...  # noqa: D102
-    async def set_tombstones(self, versions: dict[str, int]) -> None: ...  # noqa: D102
     async def get_tombstones(self, pin_ids: Sequence[str]) -> dict[str, int]: ...  # noqa: D102
+    async def get_states(  # noqa: D102
+        self, version: str, pin_ids: Sequence[str]
+    ) -> dict[str, PinState]: ...
+    async def write(  # noqa: D102
+        self, version: str, records: Sequence[EmbeddingRecord], *, mode: Any = "write",
+        written_at: float | None = None,
+    ) -> WriteOutcome: ...
+    async def claim(  # noqa: D102
+        self, op: Any, token: str, pins: Mapping[str, int], versions: Sequence[str]
+    ) -> dict[str, dict[str, bool]]: ...
+    async def release(self, token: str, pins: Mapping[str, int]) -> set[str]: ...  # noqa: D102
+    async def commit_deletes(  # noqa: D102
+        self, token: str, pins: Mapping[str, int], versions: Sequence[str]
+    ) -> set[str]: ...
+    async def in_flight(self, pins: Mapping[str, int]) -> set[str]: ...  # noqa: D102
+    async def registered(self, versions: Sequence[str]) -> set[str]: ...  # noqa: D102
+    async def report_writer(  # noqa: D102
+        self, name: str, write_set: Sequence[str], holding: Sequence[str]
+    ) -> None: ...
     async def record_batch_stats(  # noqa: D102
         self, freshness_s: Sequence[float], encoded: int, keep: int = 10_000
     ) -> None: ...
 
 
-class _TransientFetch(Exception):  # noqa: N818 - internal marker, never leaves the module
-    """A transient `FetchError`, the only kind worth another try."""
+class ProcessorHooks:
+    """Seams for fault-injection tests; every method does nothing here.
 
-    def __init__(self, error: FetchError) -> None:
-        super().__init__(str(error))
-        self.error = error
-        self.retry_after = error.retry_after
+    Production never passes hooks. A test's own entry point
+    (``tests/integration/fault_worker.py``) passes a subclass that, say,
+    SIGKILLs the worker after its Milvus write.
+    """
+
+    def before_batch(self, events: Sequence[PinEvent]) -> None:
+        """Called with a batch's valid events before any lookup."""
+
+    def at(self, point: str) -> None:
+        """Called at ``after_encode``, ``after_milvus`` and ``after_redis``."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -176,6 +261,7 @@ class BatchReport:
     deleted: int = 0
     skipped: int = 0
     repaired: int = 0
+    rewritten: int = 0
     dead_letters: list[DeadLetter] = field(default_factory=list)
     freshness_s: list[float] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -184,13 +270,39 @@ class BatchReport:
         """Add up two reports (the halves of a batch split by isolation)."""
         out = BatchReport()
         for name in ("received", "encoded", "reused", "written", "deleted", "skipped",
-                     "repaired"):
+                     "repaired", "rewritten"):
             setattr(out, name, getattr(self, name) + getattr(other, name))
         out.dead_letters = self.dead_letters + other.dead_letters
         out.freshness_s = self.freshness_s + other.freshness_s
         out.seconds = {k: self.seconds.get(k, 0.0) + other.seconds.get(k, 0.0)
                        for k in self.seconds.keys() | other.seconds.keys()}
         return out
+
+    def add_time(self, stage: str, since: float) -> None:
+        """Add the time since ``since`` (`time.perf_counter`) to a stage."""
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + time.perf_counter() - since
+
+
+@dataclass
+class _Batch:
+    """The state of one `process` call between its steps."""
+
+    events: list[PinEvent]
+    report: BatchReport
+    #: index of the event (in ``events``) -> its dead letter; one per event at most
+    failed: dict[int, DeadLetter] = field(default_factory=dict)
+    #: pins whose primary-version entry this batch wrote to Redis (not refused as stale)
+    written: set[str] = field(default_factory=set)
+    primary: str = ""
+
+    def fail(self, ev: PinEvent, letter: DeadLetter) -> None:
+        """Dead-letter one event (its first failure wins)."""
+        i = next(k for k, e in enumerate(self.events) if e is ev)
+        self.failed.setdefault(i, letter)
+
+    def has_failed(self, ev: PinEvent) -> bool:
+        """Whether this very event has a dead letter already."""
+        return any(self.events[i] is ev for i in self.failed)
 
 
 class PinProcessor:
@@ -201,6 +313,7 @@ class PinProcessor:
         dlq: DeadLetterSink, settings: WorkerSettings, worker_name: str = "",
         versions: VersionSource | None = None, observe_freshness: bool = True,
         sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        hooks: ProcessorHooks | None = None, writer_ttl_s: float = 60.0,
     ) -> None:
         self.encoder = encoder
         self.versions: VersionSource = versions or StaticVersions(encoder)
@@ -210,11 +323,16 @@ class PinProcessor:
         self.fetcher = fetcher
         self.dlq = dlq
         self.settings = settings
-        self.worker_name = worker_name
+        self.worker_name = worker_name or f"pid{os.getpid()}"
+        self.hooks = hooks or ProcessorHooks()
+        #: how long to wait at most for an older writer of a pin (its claim expires then)
+        self.writer_ttl_s = writer_ttl_s
         self._sleep = sleep
         self._fetch_sem = asyncio.Semaphore(settings.fetch_concurrency)
         #: Fingerprints of the dead letters written during the current `handle` call.
         self._sent: set[str] = set()
+        #: write sets of the batches in flight (reported with `Cache.report_writer`)
+        self._active: dict[int, frozenset[str]] = {}
 
     @property
     def version(self) -> str:
@@ -243,41 +361,50 @@ class PinProcessor:
                        sleep=self._sleep)
 
     async def _retry(self, stage: str, fn: Callable[[], Awaitable[T]]) -> T:
-        """Run ``fn`` until it raises no outage (`StoreUnavailable`, `EncoderUnavailable`).
+        """Run ``fn`` until it raises no `Unavailable`, for ever.
 
         Capped exponential backoff with jitter, at least the ``retry_after``
-        the error asks for; for ever, since nothing may be acknowledged unwritten.
+        the error asks for; nothing may be acknowledged unwritten.
         """
         def note(exc: BaseException, attempt: int, wait: float) -> None:
             metrics.RETRIES.labels(stage=stage).inc()
             logger.warning("%s unavailable (attempt %d, retry in %.1fs): %s",
                            stage, attempt, wait, exc)
 
-        return await retry(fn, retry_on=(StoreUnavailable, EncoderUnavailable),
-                           backoff=self._backoff(), on_retry=note)
+        return await retry(fn, retry_on=(Unavailable,), backoff=self._backoff(), on_retry=note)
 
     # ---------------------------------------------------------------- process
     async def process(self, messages: Sequence[Message]) -> BatchReport:
-        """Apply one micro-batch; see the module docstring for the guarantees."""
+        """Apply one micro-batch; see the module docstring for the steps and guarantees."""
         report = BatchReport(received=len(messages))
         t0 = time.perf_counter()
+        # Step 1. Parse: one letter per bad message, the newest event per pin
+        letters: list[DeadLetter] = []
         events: dict[str, PinEvent] = {}
         for msg in messages:
             try:
                 ev = parse_event(msg.value)
+                key = msg.key.decode("utf-8", "replace") if msg.key is not None else None
+                if key != ev.pin_id:
+                    raise MalformedEvent(
+                        f"event of pin {ev.pin_id!r} arrived keyed {key!r}: key every event by "
+                        "its pin id, or the pin's events can land on different partitions and "
+                        "be applied out of order (docs/integration.md)", Reason.KEY_MISMATCH)
             except MalformedEvent as exc:
-                report.dead_letters.append(self._letter(
-                    Reason.MALFORMED_EVENT, str(exc), msg.value, guess_pin_id(msg.value, msg.key)
-                ))
+                letters.append(self._letter(exc.reason, str(exc), msg.value,
+                                            guess_pin_id(msg.value, msg.key)))
                 continue
             cur = events.get(ev.pin_id)
             if cur is None or ev.version >= cur.version:
                 events[ev.pin_id] = ev
             if cur is not None:
                 report.skipped += 1
-
-        if events:
-            await self._apply(list(events.values()), report)
+        batch = _Batch(list(events.values()), report)
+        if batch.events:
+            self.hooks.before_batch(batch.events)
+            await self._apply(batch)
+        report.dead_letters = letters + [batch.failed[i] for i in sorted(batch.failed)]
+        # Step 6. Dead-letter
         if report.dead_letters:
             await self._send_letters(report.dead_letters)
         report.seconds["total"] = time.perf_counter() - t0
@@ -285,10 +412,337 @@ class PinProcessor:
         if self.observe_freshness and (report.freshness_s or report.encoded):
             try:
                 await self.cache.record_batch_stats(report.freshness_s, report.encoded)
-            except StoreUnavailable as exc:  # statistics only: never hold the batch for them
+            except Unavailable as exc:  # statistics only: never hold the batch for them
                 logger.warning("could not record batch statistics: %s", exc)
         return report
 
+    async def _report(self, write: Sequence[str]) -> None:
+        holding = sorted(set().union(*self._active.values())) if self._active else []
+        await self._retry("redis", partial(self.cache.report_writer, self.worker_name,
+                                           list(write), holding))
+
+    async def _apply(self, batch: _Batch) -> None:
+        write = dict(await self._retry("registry", self.versions.write_set))
+        key = id(batch)
+        self._active[key] = frozenset(write)
+        # reported before any write: `versions retire` waits until no batch holds a version
+        await self._report(list(write))
+        try:
+            await self._apply_steps(batch, write)
+        finally:
+            self._active.pop(key, None)
+        await self._report(list(write))
+
+    async def _apply_steps(self, batch: _Batch, write: dict[str, Encoder]) -> None:
+        report = batch.report
+        primary = next(iter(write))
+        ids = [e.pin_id for e in batch.events]
+        # Step 2. Look up: tombstones, then each version in both stores, all at once
+        t = time.perf_counter()
+        tombs = await self._retry("redis", partial(self.cache.get_tombstones, ids))
+        found = await asyncio.gather(*(self._states(v, ids, v == primary) for v in write))
+        for ver, got in zip(list(write), found, strict=True):
+            if got is None:
+                write.pop(ver)
+        states = {v: s for v, s in zip(list(write), [f for f in found if f is not None],
+                                       strict=True)}
+        lookups = Lookups(tombs, {v: s[0] for v, s in states.items()},
+                          {v: s[1] for v, s in states.items()})
+        report.add_time("lookup", t)
+        # Step 3. Plan
+        plan = plan_batch(batch.events, list(write), lookups)
+        batch.primary = primary
+        report.skipped += len(plan.skipped)
+        # Step 4. Delete, fetch, encode
+        if plan.deletes:
+            await self._delete(plan, lookups, write, report)
+        fetched = await self._fetch_all(plan.fetches(), batch) if plan.fetches() else {}
+        records: dict[str, list[EmbeddingRecord]] = {}
+        for ver, enc in write.items():
+            work = plan.work[ver]
+            recs = await self._build_records(ver, enc, list(work.fetch), fetched,
+                                             lookups.milvus[ver], batch)
+            if recs:
+                records[ver] = recs
+        if records:
+            self.hooks.at("after_encode")
+        # Step 5. Write
+        if records:
+            written_at = await self._write(records, batch, report)
+            fresh = [r for r in records.get(primary, []) if r.pin_id in batch.written]
+            report.written = len(fresh)
+            # clock skew between producer and worker can make a sample negative: clamp it
+            report.freshness_s = [max(0.0, written_at - r.event_time) for r in fresh]
+        await self._repair(plan, write, report)
+
+    async def _states(self, ver: str, ids: list[str], primary: bool
+                      ) -> tuple[dict[str, PinState], dict[str, PinState]] | None:
+        """Milvus and Redis states of one version; None if a non-primary version vanished."""
+        try:
+            return await asyncio.gather(
+                self._retry("milvus", partial(self.milvus.get_states, ver, ids)),
+                self._retry("redis", partial(self.cache.get_states, ver, ids)))
+        except UnknownVersion:
+            if primary:
+                raise
+            logger.warning("version %s vanished (retired?): no longer written", ver)
+            self.versions.forget(ver)
+            return None
+
+    # ----------------------------------------------------------------- writes
+    async def _write(self, records: dict[str, list[EmbeddingRecord]], batch: _Batch,
+                     report: BatchReport) -> float:
+        """Write records under the claim protocol (see the module docstring).
+
+        Claim, write Milvus then Redis per version, release; then redo what an
+        older writer may still overwrite. Returns the Redis write time of the first
+        round.
+        """
+        written_at: float | None = None
+        todo = records
+        rounds = 0
+        while todo:
+            pins = {r.pin_id: r.pin_version for recs in todo.values() for r in recs}
+            token = f"{self.worker_name}:{next(_tokens)}"
+            at, waiting = await self._write_round(token, todo, pins, batch)
+            written_at = at if written_at is None else written_at
+            if rounds:
+                report.rewritten += len(pins)
+            rounds += 1
+            if not waiting:
+                break
+            logger.info("%d pin(s) have an older writer in flight: waiting, then writing "
+                        "them again", len(waiting))
+            await self._wait_for_older({p: pins[p] for p in waiting})
+            todo = {v: [r for r in recs if r.pin_id in waiting] for v, recs in todo.items()}
+            todo = {v: recs for v, recs in todo.items() if recs}
+        return written_at if written_at is not None else time.time()
+
+    async def _write_round(self, token: str, records: dict[str, list[EmbeddingRecord]],
+                           pins: dict[str, int], batch: _Batch) -> tuple[float, set[str]]:
+        versions = list(records)
+        allowed: dict[str, dict[str, bool]] = {}
+
+        async def claim() -> None:
+            nonlocal allowed
+            allowed = await self.cache.claim("upsert", token, pins, versions)
+
+        for ver in versions:
+            async def milvus_write(ver: str = ver) -> None:
+                await claim()  # renews the claim and drops what turned stale meanwhile
+                recs = [r for r in records[ver] if allowed[r.pin_id][ver]
+                        and not batch.has_failed(self._event(batch, r.pin_id))]
+                await self._upsert_rows(ver, recs, batch)
+
+            t = time.perf_counter()
+            try:
+                await self._retry("milvus", milvus_write)
+            except UnknownVersion:
+                if ver == batch.primary:
+                    raise
+                logger.warning("version %s vanished (retired?): no longer written", ver)
+                self.versions.forget(ver)
+                records[ver] = []
+            batch.report.add_time("milvus", t)
+        self.hooks.at("after_milvus")
+        t = time.perf_counter()
+        written_at = time.time()
+        # a version retired and dropped while this batch ran gets no keys recreated
+        others = [v for v in versions if v != batch.primary]
+        gone = set(others) - await self._retry("redis", partial(self.cache.registered, others))
+        for ver in gone:
+            logger.warning("version %s vanished (retired?): no longer written", ver)
+            self.versions.forget(ver)
+        for ver in [v for v in versions if v not in gone]:
+            recs = [r for r in records[ver] if allowed.get(r.pin_id, {}).get(ver)
+                    and not batch.has_failed(self._event(batch, r.pin_id))]
+            if recs:
+                try:
+                    res = await self._retry("redis", partial(self.cache.write, ver, recs,
+                                                             written_at=written_at))
+                except UnknownVersion:
+                    if ver == batch.primary:
+                        raise
+                    self.versions.forget(ver)
+                    continue
+                if ver == batch.primary:
+                    batch.written |= res.written
+        batch.report.add_time("redis", t)
+        self.hooks.at("after_redis")
+        waiting = await self._retry("redis", partial(self.cache.release, token, pins))
+        return written_at, waiting
+
+    async def _upsert_rows(self, ver: str, recs: list[EmbeddingRecord], batch: _Batch) -> None:
+        """Milvus upsert; a row the server refuses for its content is dead-lettered alone."""
+        if not recs:
+            return
+        try:
+            await self.milvus.upsert(ver, recs)
+        except StoreRejected as exc:
+            if len(recs) == 1:
+                ev = self._event(batch, recs[0].pin_id)
+                logger.error("Milvus refused pin %s: %s", ev.pin_id, exc)
+                batch.fail(ev, self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id))
+                return
+            mid = len(recs) // 2
+            await self._upsert_rows(ver, recs[:mid], batch)
+            await self._upsert_rows(ver, recs[mid:], batch)
+
+    async def _wait_for_older(self, pins: dict[str, int]) -> None:
+        """Wait until no older writer of these pins is in flight (claims expire at worst)."""
+        backoff = Backoff(0.05, 1.0, sleep=self._sleep)
+        deadline = time.monotonic() + self.writer_ttl_s + 5.0
+        while time.monotonic() < deadline:
+            if not await self._retry("redis", partial(self.cache.in_flight, pins)):
+                return
+            await backoff.wait()
+
+    async def _delete(self, plan: BatchPlan, lookups: Lookups, write: Mapping[str, Encoder],
+                      report: BatchReport) -> None:
+        """Apply deletes to every known version under the claim protocol."""
+        t = time.perf_counter()
+        known = await self._retry("redis", self.cache.versions)
+        versions = list(write) + sorted(set(known) - set(write))
+        todo = {e.pin_id: e.version for e in plan.deletes}
+        while todo:
+            token = f"{self.worker_name}:{next(_tokens)}"
+            allowed = await self._retry("redis", partial(self.cache.claim, "delete", token,
+                                                         todo, versions))
+            for ver in versions:
+                # a version whose Milvus holds a newer upsert keeps it (Redis may have lost it)
+                ids = [p for p in todo if allowed[p][ver] and not (
+                    p in lookups.milvus.get(ver, {})
+                    and lookups.milvus[ver][p].pin_version > todo[p])]
+                if ids:
+                    await self._retry("milvus", partial(self.milvus.delete, ver, ids))
+            waiting = await self._retry("redis", partial(self.cache.commit_deletes, token,
+                                                         todo, versions))
+            if not waiting:
+                break
+            await self._wait_for_older({p: todo[p] for p in waiting})
+            todo = {p: todo[p] for p in waiting}
+        report.deleted = len(plan.deletes)
+        report.add_time("delete", t)
+
+    async def _repair(self, plan: BatchPlan, write: Mapping[str, Encoder],
+                      report: BatchReport) -> None:
+        """Rewrite Redis entries that differ from Milvus (conditional: never backwards)."""
+        for ver in write:
+            ids = list(plan.work[ver].repair)
+            if not ids:
+                continue
+            recs = await self._retry("milvus", partial(self.milvus.get_many, ver, ids))
+            if recs:
+                res = await self._retry("redis", partial(self.cache.write, ver,
+                                                         list(recs.values())))
+                report.repaired += len(res.written)
+
+    # ------------------------------------------------------------------ fetch
+    async def _fetch_one(self, ev: PinEvent, first: int = 1) -> bytes | DeadLetter:
+        """Fetch with retries of transient errors, from attempt ``first`` on."""
+        assert ev.image is not None  # guaranteed by PinEvent validation
+        image = ev.image
+        backoff = self._backoff()
+        backoff.attempt = first - 1
+        tried = first - 1
+
+        async def once() -> bytes:
+            nonlocal tried
+            tried += 1
+            async with self._fetch_sem:
+                return await self.fetcher.fetch(image)
+
+        def note(_exc: BaseException, _attempt: int, _wait: float) -> None:
+            metrics.RETRIES.labels(stage="fetch").inc()
+
+        try:
+            # the server's Retry-After (already capped by the fetcher) wins when longer
+            return await retry(once, retry_on=(TransientRejection,), backoff=backoff,
+                               attempts=self.settings.fetch_attempts - first + 1,
+                               on_retry=note)
+        except Rejected as exc:
+            return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, tried)
+        except Exception as exc:  # noqa: BLE001 - never raise out of the agent
+            return self._letter(Reason.FETCH_FAILED, f"unexpected: {exc!r}", ev.to_bytes(),
+                                ev.pin_id, tried)
+
+    async def _retry_fetch(self, ev: PinEvent, exc: FetchError) -> bytes | DeadLetter:
+        """After a first attempt failed with ``exc``: give up, or wait and try again."""
+        if not isinstance(exc, TransientRejection) or self.settings.fetch_attempts <= 1:
+            return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, 1)
+        metrics.RETRIES.labels(stage="fetch").inc()
+        await self._backoff().wait(exc.retry_after or 0.0)
+        return await self._fetch_one(ev, first=2)
+
+    async def _fetch_all(self, events: list[PinEvent], batch: _Batch
+                         ) -> dict[str, tuple[bytes, str]]:
+        """Fetch each pin's image once (for every version); failures become dead letters.
+
+        The first attempt goes out for the whole batch at once (`Fetcher.fetch_many`:
+        local files in one thread hand-off, URLs concurrently); only transient
+        failures are retried one by one. The content hashes are computed in a
+        thread too (hashlib releases the GIL), one hand-off per batch.
+        """
+        t = time.perf_counter()
+        try:
+            first: list[bytes | FetchError] = await self.fetcher.fetch_many(
+                [ev.image or "" for ev in events])
+        except Exception as exc:  # noqa: BLE001 - never raise out of the agent
+            first = [FetchError(Reason.FETCH_FAILED, f"unexpected: {exc!r}") for _ in events]
+        got: list[bytes | DeadLetter | None] = [r if isinstance(r, bytes) else None
+                                                for r in first]
+        again_idx = [i for i, r in enumerate(first) if isinstance(r, FetchError)]
+        if again_idx:
+            again = await asyncio.gather(*(self._retry_fetch(events[i], first[i])  # type: ignore[arg-type]
+                                           for i in again_idx))
+            for i, later in zip(again_idx, again, strict=True):
+                got[i] = later
+        batch.report.add_time("fetch", t)
+        ok = [(ev, res) for ev, res in zip(events, got, strict=True) if isinstance(res, bytes)]
+        digests = await asyncio.to_thread(lambda: [hashlib.sha256(b).hexdigest()
+                                                   for _, b in ok]) if ok else []
+        for ev, item in zip(events, got, strict=True):
+            if isinstance(item, DeadLetter):
+                batch.fail(ev, item)
+        return {ev.pin_id: (data, h) for (ev, data), h in zip(ok, digests, strict=True)}
+
+    # ----------------------------------------------------------------- encode
+    async def _build_records(
+        self, ver: str, enc: Encoder, todo: list[PinEvent],
+        fetched: dict[str, tuple[bytes, str]], m_states: Mapping[str, PinState],
+        batch: _Batch,
+    ) -> list[EmbeddingRecord]:
+        todo = [ev for ev in todo if ev.pin_id in fetched and not batch.has_failed(ev)]
+        encode, reuse = split_reuse(todo, {p: h for p, (_, h) in fetched.items()}, m_states)
+        records: list[EmbeddingRecord] = []
+        if reuse:
+            old = await self._retry("milvus", partial(self.milvus.get_many, ver,
+                                                      [e.pin_id for e in reuse]))
+            for ev in reuse:
+                if ev.pin_id in old:
+                    records.append(self._record(ver, ev, old[ev.pin_id].vector,
+                                                fetched[ev.pin_id][1],
+                                                old[ev.pin_id].encode_time))
+                    batch.report.reused += 1
+                else:  # vanished in between: encode after all
+                    encode.append(ev)
+        if encode:
+            t = time.perf_counter()
+            blobs = [fetched[ev.pin_id][0] for ev in encode]
+            # an encoder process that is down is an outage: pause and retry, write nothing
+            results = await self._retry("encoder", partial(enc.encode_images_async, blobs))
+            batch.report.add_time("encode", t)
+            metrics.IMAGES_ENCODED.inc(len(encode))
+            batch.report.encoded += len(encode)
+            now = time.time()
+            for ev, res in zip(encode, results, strict=True):
+                if isinstance(res, ImageError):  # one dead letter per event, not per version
+                    batch.fail(ev, self._letter(res.reason, str(res), ev.to_bytes(), ev.pin_id))
+                else:
+                    records.append(self._record(ver, ev, res, fetched[ev.pin_id][1], now))
+        return records
+
+    # ------------------------------------------------------------ dead letters
     async def _send_letters(self, letters: Sequence[DeadLetter]) -> None:
         """Write dead letters once each per `handle` call, retrying while the DLQ is down."""
         todo = [dl for dl in letters if dl.fingerprint not in self._sent]
@@ -297,7 +751,7 @@ class PinProcessor:
             nonlocal todo
             try:
                 await self.dlq.send(todo)
-            except StoreUnavailable as exc:
+            except Unavailable as exc:
                 done = {dl.fingerprint for dl in getattr(exc, "sent", [])}
                 self._sent |= done
                 todo = [dl for dl in todo if dl.fingerprint not in done]
@@ -313,13 +767,13 @@ class PinProcessor:
     async def handle(self, messages: Sequence[Message]) -> BatchReport:
         """Apply a batch so that it always completes; what the agent calls.
 
-        Like `process`, but an unexpected exception (a bug, a library error
-        that is not a `StoreUnavailable`) never stalls the stream: the batch is
-        bisected until the failing event stands alone; that event is tried
-        ``internal_error_attempts`` times and then dead-lettered with reason
-        ``internal_error``, its traceback and the attempt count, and the rest
-        of the batch is applied. No dead letter is written twice within one
-        call. Only cancellation propagates.
+        Like `process`, but an unexpected exception (a bug, or a library
+        error that no backend mapped to `Unavailable` or `Rejected`) never
+        stalls the stream: the batch is bisected until the failing event
+        stands alone; that event is tried ``internal_error_attempts`` times
+        and then dead-lettered with reason ``internal_error``, its traceback
+        and the attempt count, and the rest of the batch is applied. No dead
+        letter is written twice within one call. Only cancellation propagates.
         """
         self._sent = set()
         try:
@@ -369,229 +823,10 @@ class PinProcessor:
         metrics.EVENTS.labels(outcome="dead_letter").inc()
         return report
 
-    async def _apply(self, events: list[PinEvent], report: BatchReport) -> None:
-        bad = self.settings.fault_raise_for_pin
-        if bad and any(e.pin_id == bad for e in events):
-            raise RuntimeError(f"fault injection: processing pin {bad} raises")
-        write = await self._retry("registry", self.versions.write_set)
-        primary = next(iter(write))
-        ids = [e.pin_id for e in events]
-        t = time.perf_counter()
-        # every lookup of the batch at once: tombstones, then each version in both stores
-        lookups: list[Awaitable[Any]] = [
-            self._retry("redis", partial(self.cache.get_tombstones, ids))]
-        for ver in write:
-            lookups.append(self._retry("milvus", partial(self.milvus.get_states, ver, ids)))
-            lookups.append(self._retry("redis", partial(self.cache.get_states, ver, ids)))
-        found: list[Any] = await asyncio.gather(*lookups)
-        tombs: dict[str, int] = found[0]
-        states: dict[str, tuple[dict[str, PinState], dict[str, PinState]]] = {
-            ver: (found[1 + 2 * k], found[2 + 2 * k]) for k, ver in enumerate(write)}
-        report.seconds["lookup"] = time.perf_counter() - t
-
-        # deletes: stale only if a newer state or delete is already applied in the primary
-        m_primary = states[primary][0]
-        deletes = [ev for ev in events if ev.op == "delete"
-                   and tombs.get(ev.pin_id, -1) < ev.version
-                   and not (ev.pin_id in m_primary
-                            and m_primary[ev.pin_id].pin_version > ev.version)]
-        report.skipped += sum(1 for ev in events if ev.op == "delete") - len(deletes)
-        if deletes:
-            await self._delete(deletes, report)
-
-        plans: dict[str, tuple[list[PinEvent], list[str]]] = {}
-        for ver in write:
-            m_states, r_states = states[ver]
-            todo: list[PinEvent] = []
-            repair: list[str] = []
-            for ev in events:
-                if ev.op == "delete":
-                    continue
-                ms, rs = m_states.get(ev.pin_id), r_states.get(ev.pin_id)
-                if tombs.get(ev.pin_id, -1) >= ev.version or (ms and ms.pin_version > ev.version):
-                    if ver == primary:
-                        report.skipped += 1  # stale: a newer state or delete already applied
-                    if ms and rs != ms:
-                        repair.append(ev.pin_id)
-                elif ms and ms.pin_version == ev.version and not ev.reencode:
-                    if ver == primary:
-                        report.skipped += 1  # redelivery of what is stored
-                    if rs != ms:
-                        repair.append(ev.pin_id)
-                else:
-                    todo.append(ev)
-            plans[ver] = (todo, repair)
-
-        wanted = {ev.pin_id: ev for todo, _ in plans.values() for ev in todo}
-        fetched = await self._fetch_all(list(wanted.values()), report) if wanted else {}
-        failed: set[str] = {dl.pin_id for dl in report.dead_letters if dl.pin_id}
-        for ver, enc in write.items():
-            todo, repair = plans[ver]
-            todo = [ev for ev in todo if ev.pin_id in fetched]
-            records = await self._build_records(ver, enc, todo, fetched, states[ver][0], report,
-                                                failed)
-            if repair:
-                recs = await self._retry("milvus", partial(self.milvus.get_many, ver, repair))
-                records.extend(recs.values())
-                report.repaired += len(recs)
-            if not records:
-                continue
-            fresh = [r for r in records if r.pin_id not in repair]
-            self._fault("after_encode")
-            t = time.perf_counter()
-            await self._retry("milvus", partial(self.milvus.upsert, ver, fresh))
-            report.seconds["milvus"] = report.seconds.get("milvus", 0.0) + time.perf_counter() - t
-            self._fault("after_milvus")
-            t = time.perf_counter()
-            written_at = await self._retry("redis", partial(self.cache.upsert, ver, records))
-            report.seconds["redis"] = report.seconds.get("redis", 0.0) + time.perf_counter() - t
-            self._fault("after_redis")
-            if ver == primary:
-                report.written = len(fresh)
-                # clock skew between producer and worker can make a sample negative: clamp it
-                report.freshness_s = [max(0.0, written_at - r.event_time) for r in fresh]
-
-    async def _delete(self, deletes: list[PinEvent], report: BatchReport) -> None:
-        ids = [e.pin_id for e in deletes]
-        # tombstones first: a concurrent writer (a backfill) that checks them after its
-        # own write then sees the delete, whichever of the two writes lands last
-        await self._retry(
-            "redis", lambda: self.cache.set_tombstones({e.pin_id: e.version for e in deletes})
-        )
-        known = await self._retry("redis", self.cache.versions)
-        write = await self._retry("registry", self.versions.write_set)
-        versions = set(known) | set(write)
-        for v in sorted(versions):
-            await self._retry("milvus", partial(self.milvus.delete, v, ids))
-            await self._retry("redis", partial(self.cache.delete, v, ids))
-        report.deleted = len(ids)
-
-    async def _fetch_one(self, ev: PinEvent, first: int = 1) -> bytes | DeadLetter:
-        """Fetch with retries of transient errors, from attempt ``first`` on."""
-        assert ev.image is not None  # guaranteed by PinEvent validation
-        image = ev.image
-        backoff = self._backoff()
-        backoff.attempt = first - 1
-        tried = first - 1
-
-        async def once() -> bytes:
-            nonlocal tried
-            tried += 1
-            async with self._fetch_sem:
-                try:
-                    return await self.fetcher.fetch(image)
-                except FetchError as exc:
-                    if exc.transient:
-                        raise _TransientFetch(exc) from exc
-                    raise
-
-        def note(_exc: BaseException, _attempt: int, _wait: float) -> None:
-            metrics.RETRIES.labels(stage="fetch").inc()
-
-        try:
-            # the server's Retry-After (already capped by the fetcher) wins when longer
-            return await retry(once, retry_on=(_TransientFetch,), backoff=backoff,
-                               attempts=self.settings.fetch_attempts - first + 1,
-                               on_retry=note)
-        except _TransientFetch as exc:
-            return self._letter(exc.error.reason, str(exc.error), ev.to_bytes(), ev.pin_id,
-                                tried)
-        except FetchError as exc:
-            return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, tried)
-        except Exception as exc:  # noqa: BLE001 - never raise out of the agent
-            return self._letter(Reason.FETCH_FAILED, f"unexpected: {exc!r}", ev.to_bytes(),
-                                ev.pin_id, tried)
-
-    async def _retry_fetch(self, ev: PinEvent, exc: FetchError) -> bytes | DeadLetter:
-        """After a first attempt failed with ``exc``: give up, or wait and try again."""
-        if not exc.transient or self.settings.fetch_attempts <= 1:
-            return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, 1)
-        metrics.RETRIES.labels(stage="fetch").inc()
-        await self._backoff().wait(exc.retry_after or 0.0)
-        return await self._fetch_one(ev, first=2)
-
-    async def _fetch_all(self, events: list[PinEvent], report: BatchReport
-                         ) -> dict[str, tuple[bytes, str]]:
-        """Fetch each pin's image once (for every version); failures become dead letters.
-
-        The first attempt goes out for the whole batch at once (`Fetcher.fetch_many`:
-        local files in one thread hand-off, URLs concurrently); only transient
-        failures are retried one by one. The content hashes are computed in a
-        thread too (hashlib releases the GIL), one hand-off per batch.
-        """
-        t = time.perf_counter()
-        try:
-            first: list[bytes | FetchError] = await self.fetcher.fetch_many(
-                [ev.image or "" for ev in events])
-        except Exception as exc:  # noqa: BLE001 - never raise out of the agent
-            first = [FetchError(Reason.FETCH_FAILED, f"unexpected: {exc!r}", transient=True)
-                     for _ in events]
-        got: list[bytes | DeadLetter | None] = [r if isinstance(r, bytes) else None
-                                                for r in first]
-        retry = [i for i, r in enumerate(first) if isinstance(r, FetchError)]
-        if retry:
-            again = await asyncio.gather(*(self._retry_fetch(events[i], first[i])  # type: ignore[arg-type]
-                                           for i in retry))
-            for i, later in zip(retry, again, strict=True):
-                got[i] = later
-        report.seconds["fetch"] = time.perf_counter() - t
-        ok = [(ev, res) for ev, res in zip(events, got, strict=True) if isinstance(res, bytes)]
-        digests = await asyncio.to_thread(lambda: [hashlib.sha256(b).hexdigest()
-                                                   for _, b in ok]) if ok else []
-        for item in got:
-            if isinstance(item, DeadLetter):
-                report.dead_letters.append(item)
-        return {ev.pin_id: (data, h) for (ev, data), h in zip(ok, digests, strict=True)}
-
-    async def _build_records(
-        self, ver: str, enc: Encoder, todo: list[PinEvent],
-        fetched: dict[str, tuple[bytes, str]], m_states: dict[str, PinState],
-        report: BatchReport, failed: set[str],
-    ) -> list[EmbeddingRecord]:
-        ready: list[tuple[PinEvent, bytes, str]] = []
-        reuse: dict[str, tuple[PinEvent, str]] = {}
-        for ev in todo:
-            data, digest = fetched[ev.pin_id]
-            ms = m_states.get(ev.pin_id)
-            if ms is not None and ms.content_hash == digest and not ev.reencode:
-                reuse[ev.pin_id] = (ev, digest)
-            else:
-                ready.append((ev, data, digest))
-
-        records: list[EmbeddingRecord] = []
-        if reuse:
-            old = await self._retry("milvus", partial(self.milvus.get_many, ver, list(reuse)))
-            for pid, (ev, digest) in reuse.items():
-                if pid in old:
-                    records.append(self._record(ver, ev, old[pid].vector, digest,
-                                                old[pid].encode_time))
-                    report.reused += 1
-                else:  # vanished in between: encode after all
-                    ready.append((ev, fetched[pid][0], digest))
-        if ready:
-            t = time.perf_counter()
-            blobs = [b for _, b, _ in ready]
-            # an encoder process that is down is an outage: pause and retry, write nothing
-            results = await self._retry("encoder", partial(enc.encode_images_async, blobs))
-            report.seconds["encode"] = report.seconds.get("encode", 0.0) + time.perf_counter() - t
-            metrics.IMAGES_ENCODED.inc(len(ready))
-            report.encoded += len(ready)
-            now = time.time()
-            for (ev, _, digest), res in zip(ready, results, strict=True):
-                if isinstance(res, ImageError):
-                    if ev.pin_id not in failed:  # one dead letter per pin, not per version
-                        failed.add(ev.pin_id)
-                        report.dead_letters.append(self._letter(
-                            res.reason, str(res), ev.to_bytes(), ev.pin_id))
-                else:
-                    records.append(self._record(ver, ev, res, digest, now))
-        return records
-
-    def _fault(self, point: str) -> None:
-        """Fault injection for the crash tests: die here, as a SIGKILL would."""
-        if self.settings.fault_crash_at == point:
-            logger.warning("fault injection: killing this worker %s", point)
-            os.kill(os.getpid(), signal.SIGKILL)
+    # ---------------------------------------------------------------- helpers
+    @staticmethod
+    def _event(batch: _Batch, pin_id: str) -> PinEvent:
+        return next(e for e in batch.events if e.pin_id == pin_id)
 
     def _record(
         self, ver: str, ev: PinEvent, vector: np.ndarray, digest: str, encode_time: float
@@ -622,9 +857,9 @@ class PinProcessor:
         metrics.EVENTS.labels(outcome="dead_letter").inc(len(report.dead_letters))
         logger.info(
             "batch: %d events, %d encoded, %d reused, %d written, %d deleted, %d skipped, "
-            "%d repaired, %d dead letters in %.3fs (%s)",
+            "%d repaired, %d rewritten, %d dead letters in %.3fs (%s)",
             report.received, report.encoded, report.reused, report.written, report.deleted,
-            report.skipped, report.repaired, len(report.dead_letters),
+            report.skipped, report.repaired, report.rewritten, len(report.dead_letters),
             report.seconds.get("total", 0.0),
             " ".join(f"{k}={v:.3f}" for k, v in report.seconds.items() if k != "total"),
         )

@@ -19,16 +19,12 @@ from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from aiokafka.errors import IncompatibleBrokerVersion, KafkaError, TopicAlreadyExistsError
 from tqdm import tqdm
 
-from encoder.errors import PinfreshError
+from encoder.errors import KafkaUnavailable, StateError
 from streams.events import DeadLetter, PinEvent
 from streams.kafka import aiokafka_kwargs
 from streams.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
-
-
-class KafkaUnavailable(PinfreshError):
-    """The broker cannot be reached."""
 
 
 async def start_client(client: Any, k: KafkaSettings) -> None:
@@ -79,7 +75,7 @@ async def scale_partitions(k: KafkaSettings, partitions: int) -> int:
     """Grow the events topic to ``partitions``; returns the count before.
 
     Raises:
-        PinfreshError: the topic would shrink (Kafka cannot remove partitions).
+        StateError: the topic would shrink (Kafka cannot remove partitions).
     """
     from aiokafka.admin import NewPartitions
 
@@ -89,12 +85,12 @@ async def scale_partitions(k: KafkaSettings, partitions: int) -> int:
         desc = await admin.describe_topics([k.topic])
         before = len(desc[0]["partitions"])
         if partitions < before:
-            raise PinfreshError(f"{k.topic} has {before} partitions; Kafka cannot shrink a topic")
+            raise StateError(f"{k.topic} has {before} partitions; Kafka cannot shrink a topic")
         if partitions > before:
             try:
                 await admin.create_partitions({k.topic: NewPartitions(total_count=partitions)})
             except IncompatibleBrokerVersion as exc:
-                raise PinfreshError(
+                raise StateError(
                     f"the broker at {k.bootstrap_servers} cannot add partitions (the embedded "
                     "Tansu broker does not implement CreatePartitions): on the embedded stack "
                     "recreate the topic with PINFRESH_KAFKA__PARTITIONS set; on Kafka this works"

@@ -5,13 +5,20 @@
   from the model/checkpoint/seed recorded at registration). This is the dual
   write: fresh events reach a building version while it is backfilled.
 * `run_backfill` re-encodes every pin of the live version into a target
-  version, reading the catalog (pin ids, image locations, captions, per-pin
-  versions, event times) from Milvus, so the original events are not needed.
-  It goes through the same `PinProcessor` as the stream, so pins already in
-  the target at the same or a newer version are skipped without encoding:
-  an interrupted backfill resumes where it stopped. It yields to live
-  traffic: while the workers' consumer lag is above a threshold it waits (the
-  lag is read every `YIELD_LOOK_S` seconds).
+  version, reading the catalog (pin ids, image locations, captions, metadata,
+  per-pin versions, event times) from Milvus page by page in pin id order, so
+  the original events are not needed and memory holds one page. With
+  ``shard=(i, n)`` it takes only the pins whose id hashes to shard ``i`` of
+  ``n`` (CRC-32), so ``n`` hosts can share one backfill. It goes through the
+  same `PinProcessor` and the same per-pin claims as the stream, so a pin the
+  stream writes or deletes meanwhile ends at its newest state whichever
+  writer finishes last, and pins already in the target at the same or a
+  newer version are skipped without encoding: an interrupted backfill
+  resumes where it stopped. Before it starts it waits until every running
+  worker writes the target too (their write-set reports), so no event slips
+  between the page it read and the dual writes. It yields to live traffic:
+  while the workers' consumer lag is above a threshold it waits (the lag is
+  read every `YIELD_LOOK_S` seconds).
 """
 
 from __future__ import annotations
@@ -19,28 +26,34 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import zlib
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from functools import partial
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm import tqdm
 
 from encoder.config import EncoderSettings
-from encoder.errors import EncoderError
+from encoder.errors import ConfigError, StateError, Unavailable
 from encoder.loading import load_encoder
 from encoder.null import NullEncoder
 from store.lifecycle import Stores, open_stores
+from store.milvus import META_FIELDS, MilvusStore
 from store.registry import VersionInfo, VersionRegistry
 from streams.dlq import KafkaDeadLetters
 from streams.events import PinEvent
 from streams.fetch import Fetcher
 from streams.processor import Encoder, Message, PinProcessor, StaticVersions
 from streams.producer import consumer_lag
+from streams.retry import Backoff, retry
 from streams.settings import Settings
 
 if TYPE_CHECKING:
     from encoder.engine import ImageEncoder
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 #: How often a backfill reads the workers' consumer lag to decide whether to yield.
 YIELD_LOOK_S = 2.0
@@ -59,13 +72,13 @@ def load_version_encoder(info: VersionInfo, base: EncoderSettings) -> ImageEncod
     """Load the encoder of a registered version and check that its id matches.
 
     Raises:
-        EncoderError: the rebuilt encoder has another version id (the
+        ConfigError: the rebuilt encoder has another version id (the
             checkpoint changed on disk since registration).
     """
     enc = load_encoder(encoder_settings_for(info, base))
     if enc.version != info.version:
         enc.close()
-        raise EncoderError(
+        raise ConfigError(
             f"registered version {info.version} rebuilds as {enc.version}: its checkpoint "
             f"{info.checkpoint or '(none)'} changed; register the new one with "
             "`pinfresh versions create`"
@@ -101,7 +114,7 @@ class RegistryVersions:
                             info.version, info.state)
                 try:
                     enc = await asyncio.to_thread(load_version_encoder, info, self.settings)
-                except EncoderError as exc:
+                except ConfigError as exc:
                     # one version this worker cannot build must not stop the stream for the
                     # others: it gets no dual writes here (so its coverage check will refuse
                     # a promotion) and the operator is told once, with the fix
@@ -116,6 +129,12 @@ class RegistryVersions:
         self._at = time.monotonic()
         return self._write
 
+    def forget(self, version: str) -> None:
+        """A version vanished mid-batch (retired): drop it and read the registry next time."""
+        if len(self._write) > 1 and version != next(iter(self._write)):
+            self._write = {v: e for v, e in self._write.items() if v != version}
+        self._at = 0.0
+
 
 def _as_message(row: dict[str, Any]) -> Message:
     """An upsert event rebuilt from a stored row (the catalog needs no original events)."""
@@ -125,32 +144,10 @@ def _as_message(row: dict[str, Any]) -> Message:
         event_time=float(row["event_time"]) or time.time()).to_bytes())
 
 
-async def _reconcile(processor: PinProcessor, live: str, target: str, ids: list[str]) -> None:
-    """Undo what the stream changed while the backfill worked on these pins.
-
-    The backfill and the workers both write the target version. Per-pin
-    ordering protects the workers from each other, but not from the backfill.
-    After each batch the backfill therefore re-reads the pins: a pin deleted in
-    the meantime (tombstone) is removed from the target again, and a pin whose
-    live version is now newer than the target's is processed again from the
-    live row.
-    """
-    milvus, cache = processor.milvus, processor.cache
-    tombs = await cache.get_tombstones(ids)
-    live_rows = await milvus.get_many(live, ids)
-    dead = [p for p in ids if p in tombs
-            and (p not in live_rows or tombs[p] >= live_rows[p].pin_version)]
-    if dead:
-        await milvus.delete(target, dead)
-        await cache.delete(target, dead)
-    target_states = await milvus.get_states(target, ids)
-    newer = [r for p, r in live_rows.items() if p not in dead and (
-        p not in target_states or target_states[p].pin_version < r.pin_version)]
-    if newer:
-        await processor.process([_as_message({
-            "pin_id": r.pin_id, "pin_version": r.pin_version, "image_location": r.image_location,
-            "caption": r.caption, "event_time": r.event_time, "metadata": r.metadata})
-            for r in newer])
+def in_shard(pin_id: str, shard: tuple[int, int]) -> bool:
+    """Whether ``pin_id`` belongs to shard ``i`` of ``n`` (CRC-32 of its UTF-8 bytes)."""
+    i, n = shard
+    return zlib.crc32(pin_id.encode()) % n == i
 
 
 @dataclass
@@ -168,6 +165,7 @@ class BackfillReport:
     seconds: float = 0.0
     yielded_s: float = 0.0
     batches: list[int] = field(default_factory=list)
+    waited_for_workers_s: float = 0.0
 
     @property
     def pins_per_s(self) -> float:
@@ -178,16 +176,25 @@ class BackfillReport:
 async def run_backfill(
     settings: Settings, target: str, *, batch: int = 32, max_rate: float | None = None,
     yield_lag: int | None = 100, progress: bool = True, limit: int | None = None,
+    shard: tuple[int, int] = (0, 1), page: int = 1000, wait_workers_s: float = 30.0,
 ) -> BackfillReport:
-    """Re-encode the live version's pins into ``target`` (see module docstring)."""
+    """Re-encode the live version's pins into ``target`` (see module docstring).
+
+    Raises:
+        StateError: ``target`` is live, nothing is live, or the shard is invalid.
+    """
+    if not 0 <= shard[0] < shard[1]:
+        raise StateError(f"shard {shard[0]}/{shard[1]}: give I/N with 0 <= I < N")
     async with open_stores(settings) as stores:
         return await _backfill(stores, settings, target, batch=batch, max_rate=max_rate,
-                               yield_lag=yield_lag, progress=progress, limit=limit)
+                               yield_lag=yield_lag, progress=progress, limit=limit,
+                               shard=shard, page=page, wait_workers_s=wait_workers_s)
 
 
 async def _backfill(
     stores: Stores, settings: Settings, target: str, *, batch: int, max_rate: float | None,
-    yield_lag: int | None, progress: bool, limit: int | None,
+    yield_lag: int | None, progress: bool, limit: int | None, shard: tuple[int, int],
+    page: int, wait_workers_s: float,
 ) -> BackfillReport:
     milvus, cache = stores.milvus, stores.cache
     registry = stores.registry
@@ -198,56 +205,93 @@ async def _backfill(
         info = await registry.get(target)
         live = await cache.get_live()
         if live is None or live == target:
-            raise EncoderError(f"{target} is live already or nothing is live: nothing to backfill")
+            raise StateError(f"{target} is live already or nothing is live: nothing to backfill")
         enc = await asyncio.to_thread(load_version_encoder, info, settings.encoder)
         processor = PinProcessor(
             encoder=enc, versions=StaticVersions(enc), milvus=milvus, cache=cache,
             fetcher=fetcher, dlq=dlq, settings=settings.worker, worker_name=f"backfill:{target}",
-            observe_freshness=False,
+            observe_freshness=False, writer_ttl_s=settings.redis.writer_ttl_s,
         )
         await processor.start()
-        rows = sorted(await milvus.iter_pins(live), key=lambda r: r["pin_id"])[:limit]
         rep = BackfillReport(target=target, source=live)
+        t_wait = time.monotonic()
+        if not await registry.wait_writers(target, holding=True, timeout_s=wait_workers_s):
+            logger.warning("not every running worker reports writing %s after %.0fs: events "
+                           "they apply meanwhile reach only the live version; `versions "
+                           "promote` compares every pin and refuses until they are filled in",
+                           target, wait_workers_s)
+        rep.waited_for_workers_s = time.monotonic() - t_wait
+        total = await _retry_store(partial(milvus.count, live))
+        total = total // shard[1] + 1 if shard[1] > 1 else total
+        total = min(total, limit) if limit is not None else total
         t0 = time.monotonic()
         next_look = t0  # when to read the workers' lag again
-        bar = tqdm(total=len(rows), unit="pin", desc=f"backfill {target}", disable=not progress)
+        bar = tqdm(total=total, unit="pin", desc=f"backfill {target}", disable=not progress)
         try:
-            for i in range(0, len(rows), batch):
-                if yield_lag is not None and time.monotonic() >= next_look:
-                    # a lag read takes about 0.25 s on the embedded broker: once per
-                    # YIELD_LOOK_S, not per batch (per batch of 32 it bounds a backfill
-                    # near 130 pins/s)
-                    t_wait = time.monotonic()
-                    while sum((await consumer_lag(settings.kafka)).values()) > yield_lag:
-                        await asyncio.sleep(0.5)
-                    rep.yielded_s += time.monotonic() - t_wait
-                    next_look = time.monotonic() + YIELD_LOOK_S
-                chunk = rows[i:i + batch]
-                res = await processor.handle([_as_message(r) for r in chunk])
-                await _reconcile(processor, live, target, [r["pin_id"] for r in chunk])
-                rep.pins += len(chunk)
-                rep.encoded += res.encoded
-                rep.reused += res.reused
-                rep.written += res.written
-                rep.skipped += res.skipped
-                rep.dead_letters += len(res.dead_letters)
-                rep.batches.append(res.encoded)
-                bar.update(len(chunk))
-                if max_rate:
-                    ahead = t0 + rep.pins / max_rate - time.monotonic()
-                    if ahead > 0:
-                        await asyncio.sleep(ahead)
+            async for rows in _pages(milvus, live, page):
+                rows = [r for r in rows if in_shard(r["pin_id"], shard)]
+                if limit is not None:
+                    rows = rows[:max(0, limit - rep.pins)]
+                for i in range(0, len(rows), batch):
+                    if yield_lag is not None and time.monotonic() >= next_look:
+                        # a lag read takes about 0.25 s on the embedded broker: once per
+                        # YIELD_LOOK_S, not per batch
+                        t_y = time.monotonic()
+                        while sum((await consumer_lag(settings.kafka)).values()) > yield_lag:
+                            await asyncio.sleep(0.5)
+                        rep.yielded_s += time.monotonic() - t_y
+                        next_look = time.monotonic() + YIELD_LOOK_S
+                    chunk = rows[i:i + batch]
+                    res = await processor.handle([_as_message(r) for r in chunk])
+                    rep.pins += len(chunk)
+                    rep.encoded += res.encoded
+                    rep.reused += res.reused
+                    rep.written += res.written
+                    rep.skipped += res.skipped
+                    rep.dead_letters += len(res.dead_letters)
+                    rep.batches.append(res.encoded)
+                    bar.update(len(chunk))
+                    if max_rate:
+                        ahead = t0 + rep.pins / max_rate - time.monotonic()
+                        if ahead > 0:
+                            await asyncio.sleep(ahead)
+                if limit is not None and rep.pins >= limit:
+                    break
         finally:
             bar.close()
         rep.seconds = time.monotonic() - t0
-        logger.info("backfill %s -> %s: %d pins, %d encoded, %d skipped, %.1f pins/s",
-                    live, target, rep.pins, rep.encoded, rep.skipped, rep.pins_per_s)
+        logger.info("backfill %s -> %s (shard %d/%d): %d pins, %d encoded, %d skipped, "
+                    "%.1f pins/s", live, target, shard[0], shard[1], rep.pins, rep.encoded,
+                    rep.skipped, rep.pins_per_s)
         return rep
     finally:
         if enc is not None:
             enc.close()
         await dlq.close()
         await fetcher.close()
+
+
+async def _retry_store(fn: Callable[[], Awaitable[T]]) -> T:
+    """A store call retried while the store is unavailable (tools outside the stream)."""
+    return await retry(fn, retry_on=(Unavailable,), backoff=Backoff(0.5, 10.0),
+                       on_retry=lambda exc, n, wait: logger.warning(
+                           "store unavailable (attempt %d, retry in %.1fs): %s", n, wait, exc))
+
+
+async def _pages(milvus: MilvusStore, version: str, page: int
+                 ) -> AsyncIterator[list[dict[str, Any]]]:
+    """The version's rows (no vectors) page by page; a store outage resumes the walk."""
+    last = ""
+    while True:
+        try:
+            async for rows in milvus.walk(version, META_FIELDS, page, after=last):
+                last = max(str(r["pin_id"]) for r in rows)
+                yield rows
+            return
+        except Unavailable as exc:
+            logger.warning("reading the catalog from Milvus failed (%s); resuming after %r",
+                           exc, last)
+            await asyncio.sleep(2.0)
 
 
 async def find_stale(settings: Settings, older_than_s: float, check_content: bool
@@ -269,19 +313,20 @@ async def _find_stale(stores: Stores, settings: Settings, older_than_s: float,
             return []
         now = time.time()
         out: list[dict[str, object]] = []
-        for row in await milvus.iter_pins(live):
-            why = []
-            if older_than_s and now - float(row["encode_time"]) > older_than_s:
-                why.append(f"encoded {now - float(row['encode_time']):.0f}s ago")
-            if check_content:
-                try:
-                    data = await fetcher.fetch(row["image_location"])
-                    if hashlib.sha256(data).hexdigest() != row["content_hash"]:
-                        why.append("image content changed")
-                except Exception as exc:  # noqa: BLE001 - reported, not raised
-                    why.append(f"image unreadable: {exc}")
-            if why:
-                out.append({**row, "why": "; ".join(why)})
+        async for rows in milvus.walk(live, META_FIELDS):
+            for row in rows:
+                why = []
+                if older_than_s and now - float(row["encode_time"]) > older_than_s:
+                    why.append(f"encoded {now - float(row['encode_time']):.0f}s ago")
+                if check_content:
+                    try:
+                        data = await fetcher.fetch(row["image_location"])
+                        if hashlib.sha256(data).hexdigest() != row["content_hash"]:
+                            why.append("image content changed")
+                    except Exception as exc:  # noqa: BLE001 - reported, not raised
+                        why.append(f"image unreadable: {exc}")
+                if why:
+                    out.append({**row, "why": "; ".join(why)})
         return out
     finally:
         await fetcher.close()
@@ -291,7 +336,9 @@ async def requeue_stale(settings: Settings, rows: list[dict[str, object]]) -> in
     """Publish a re-encode event (same per-pin version, ``reencode: true``) per stale pin."""
     from streams.producer import publish_events
 
+    # the stored metadata travels too: the re-encode replaces the pin's record whole
     events = [PinEvent(op="upsert", pin_id=str(r["pin_id"]), version=int(str(r["pin_version"])),
                        image=str(r["image_location"]), caption=str(r["caption"]),
+                       metadata=dict(r.get("metadata") or {}),  # type: ignore[call-overload]
                        event_time=time.time(), reencode=True) for r in rows]
     return await publish_events(settings.kafka, events, total=len(events))

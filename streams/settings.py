@@ -19,7 +19,7 @@ from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from encoder.config import EncoderSettings
-from encoder.errors import PinfreshError
+from encoder.errors import SettingsError
 from store.config import ApiSettings, MilvusSettings, RedisSettings
 from streams.fetch import FetchSettings
 
@@ -165,14 +165,6 @@ class WorkerSettings(BaseModel):
         3, ge=1, le=20, description="tries for an event that raises an unexpected error "
         "(isolated from its batch first) before it is dead-lettered as internal_error"
     )
-    fault_crash_at: Literal["", "after_encode", "after_milvus", "after_redis"] = Field(
-        "", description="fault-injection tests only: SIGKILL the worker itself at this point "
-        "of its first batch with work (never set in production)"
-    )
-    fault_raise_for_pin: str = Field(
-        "", description="fault-injection tests only: processing a batch that holds this pin "
-        "id raises an unexpected error, as a bug would (never set in production)"
-    )
 
 
 class Settings(BaseSettings):
@@ -265,10 +257,6 @@ def _env_value(value: Any) -> str:
 def env_names() -> list[str]:
     """Every ``PINFRESH_*`` variable the settings read (one per leaf field)."""
     return [name for name, _ in _leaves(Settings())]
-
-
-class SettingsError(PinfreshError):
-    """A ``PINFRESH_*`` variable has a value its setting cannot take."""
 
 
 def build_settings(environ: Mapping[str, str] | None = None) -> Settings:

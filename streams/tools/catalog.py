@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from encoder.errors import PinfreshError
+from encoder.errors import CatalogError
 from streams.events import PinEvent
 
 logger = logging.getLogger(__name__)
@@ -33,10 +33,6 @@ logger = logging.getLogger(__name__)
 SYSTEM_STAMPS = Path("/usr/share/tuxpaint/stamps")
 PACKAGE = "tuxpaint-stamps-default"
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".gif", ".webp", ".bmp"}
-
-
-class CatalogError(PinfreshError):
-    """A catalog cannot be found, installed or read."""
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from store.errors import StoreUnavailable
+from encoder.errors import Unavailable
 from store.redis import RedisCache
 from streams.events import DeadLetter
 from streams.settings import KafkaSettings, Settings, build_settings, unknown_env
@@ -100,19 +100,21 @@ def register_worker(settings: Settings) -> Callable[[], None]:
     return remove
 
 
-def spawn_worker(settings: Settings, name: str, log_path: Path | None = None
+def spawn_worker(settings: Settings, name: str, log_path: Path | None = None,
+                 command: Sequence[str] = ("-m", "streams.cli", "worker"),
                  ) -> subprocess.Popen[bytes]:
     """Start ``pinfresh worker`` in its own session; returns the process.
 
     Settings travel as environment variables (never as arguments, which
-    other users can read); the worker records its own pid file.
+    other users can read); the worker records its own pid file. ``command``
+    (the interpreter's arguments) lets a test start its own entry point.
     """
     log_path = log_path or settings.paths.logs / f"worker-{name}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = settings.child_environ(os.environ)
     with open(log_path, "ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "streams.cli", "worker"], stdout=log,
+            [sys.executable, *command], stdout=log,
             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
             start_new_session=True,
         )
@@ -243,7 +245,7 @@ async def wait_readable(
                                 meta[pid] = m
                     bar.update(len(meta) - bar.n)
                     todo = [p for p in pin_ids if p not in meta]
-            except StoreUnavailable:  # keep polling through an outage
+            except Unavailable:  # keep polling through an outage
                 pass
             if not todo or time.monotonic() > deadline:
                 return meta

@@ -46,16 +46,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from encoder.errors import PinfreshError
+from encoder.errors import StackError
 from streams.settings import StackSettings
 
 __all__ = ["EmbeddedStack", "StackError", "StackInfo", "StackSettings", "free_port"]
 
 logger = logging.getLogger(__name__)
-
-
-class StackError(PinfreshError):
-    """The embedded stack could not start or stop."""
 
 
 @dataclass

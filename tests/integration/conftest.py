@@ -114,12 +114,19 @@ class Pipeline:
     async def setup(self) -> None:
         await ensure_topics(self.settings.kafka)
 
-    def start_worker(self, name: str = "w1", **worker: object) -> subprocess.Popen[bytes]:
+    def start_worker(self, name: str = "w1", crash_at: str = "", raise_for_pin: str = "",
+                     **worker: object) -> subprocess.Popen[bytes]:
+        """A worker process; ``crash_at``/``raise_for_pin`` start the fault-injection
+        entry point (tests/integration/fault_worker.py) instead of `pinfresh worker`."""
         port = free_port()
         s = self.settings.model_copy(update={
             "worker": self.settings.worker.model_copy(update={"metrics_port": port, **worker})})
+        command: tuple[str, ...] = ("-m", "streams.cli", "worker")
+        if crash_at or raise_for_pin:
+            command = ("-m", "tests.integration.fault_worker", "--crash-at", crash_at,
+                       "--raise-for-pin", raise_for_pin)
         proc = spawn_worker(s, f"{self.settings.kafka.group_id}-{name}",
-                            log_path=self.logs / f"{name}.log")
+                            log_path=self.logs / f"{name}.log", command=command)
         self.procs[name] = proc
         self.metrics_ports[name] = port
         return proc

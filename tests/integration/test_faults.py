@@ -77,7 +77,7 @@ async def _stores_agree(p, version: str) -> None:
 async def test_sigkill_between_side_effects(pipeline, catalog, encoder, point, fault_case):
     items = catalog[400:440]
     ids = [it.pin_id for it in items]
-    w1 = pipeline.start_worker("w1", fault_crash_at=point)
+    w1 = pipeline.start_worker("w1", crash_at=point)
     await pipeline.publish([it.event(1) for it in items])
     assert w1.wait(timeout=180) == -9, "the worker should have killed itself"
     pipeline.procs.pop("w1")
@@ -400,7 +400,7 @@ async def test_poison_events_do_not_stop_the_stream(pipeline, catalog, fault_cas
     import hashlib
 
     before, after = catalog[700:710], catalog[710:720]
-    pipeline.start_worker("w1", fault_raise_for_pin="bug-pin")
+    pipeline.start_worker("w1", raise_for_pin="bug-pin")
     await pipeline.publish([it.event(1) for it in before])
     now = int(time.time())
     big = (b'{"op": "upsert", "pin_id": "big-caption", "version": 1, "event_time": '

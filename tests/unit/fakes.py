@@ -1,15 +1,30 @@
-"""In-memory fakes of pinfresh's own interfaces (encoder, stores, fetcher, DLQ)."""
+"""In-memory fakes of pinfresh's own interfaces (encoder, stores, fetcher, DLQ).
+
+They behave like the real engines where the processor's correctness depends on
+it: `FakeCache` writes conditionally with the same rules as the Lua scripts of
+`store.redis` (tombstones, stored versions, writer claims that expire), and
+both stores raise each error class the real backends map to. The same
+contract test (`tests/store_contract.py`) runs against `FakeCache` here and
+against a real Valkey in the integration suite, so the two cannot drift apart.
+"""
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
-from encoder.errors import ImageError, Reason
+from encoder.errors import (
+    ImageError,
+    Reason,
+    StoreRejected,
+    StoreUnavailable,
+    UnknownVersion,
+)
 from store.base import EmbeddingRecord, PinState
-from store.errors import StoreUnavailable
 from streams.events import DeadLetter
 from streams.fetch import FetchError
 
@@ -34,25 +49,105 @@ class FakeEncoder:
         return out
 
 
-class FakeBackend:
-    """Both store roles: the processor's Milvus and Redis protocols."""
+class _Faults:
+    """Errors to raise on the next calls, as a real backend would map them."""
 
     def __init__(self) -> None:
-        self.data: dict[str, dict[str, EmbeddingRecord]] = {}
-        self.tombs: dict[str, int] = {}
-        self.live: str | None = None
-        self.registered: dict[str, dict[str, str]] = {}
-        self.fail_next = 0  # raise StoreUnavailable on the next N calls
-        self.upserts = 0
+        self.fail_next = 0  # raise `error` on the next N calls
+        self.error: Callable[[], Exception] = lambda: StoreUnavailable("fake outage", 0.0)
+        self.calls = 0
 
     def _maybe_fail(self) -> None:
+        self.calls += 1
         if self.fail_next > 0:
             self.fail_next -= 1
-            raise StoreUnavailable("fake outage", retry_after=0.0)
+            raise self.error()
 
-    async def ensure_version(self, version: str, dim: int, model: str = "") -> None:
+
+class FakeMilvus(_Faults):
+    """The Milvus side: unconditional upsert by primary key, like the server.
+
+    ``refuse(record)`` returning True makes an upsert that contains the record
+    fail whole with `StoreRejected`, as a server refuses a batch for one bad
+    row (code 1100); a dropped version raises `UnknownVersion`.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.data: dict[str, dict[str, EmbeddingRecord]] = {}
+        self.live: str | None = None
+        self.upserts = 0
+        self.refuse: Callable[[EmbeddingRecord], bool] = lambda r: False
+        #: called with (version, records) before an upsert is applied (to interleave writers)
+        self.before_upsert: Callable[[str, Sequence[EmbeddingRecord]], object] | None = None
+
+    def _coll(self, version: str) -> dict[str, EmbeddingRecord]:
+        if version not in self.data:
+            raise UnknownVersion(f"no collection for version {version}")
+        return self.data[version]
+
+    async def ensure_version(self, version: str, dim: int) -> None:
         self.data.setdefault(version, {})
-        self.registered.setdefault(version, {"dim": str(dim)})
+
+    async def set_live(self, version: str) -> None:
+        self.live = version
+
+    async def upsert(self, version: str, records: Sequence[EmbeddingRecord]) -> None:
+        self._maybe_fail()
+        coll = self._coll(version)
+        if any(self.refuse(r) for r in records):
+            raise StoreRejected("fake: code 1100, the length of a string exceeds max length")
+        if self.before_upsert is not None:
+            res = self.before_upsert(version, records)
+            if hasattr(res, "__await__"):
+                await res  # type: ignore[misc]
+        self.upserts += 1
+        for r in records:
+            coll[r.pin_id] = r
+
+    async def delete(self, version: str, pin_ids: Sequence[str]) -> None:
+        self._maybe_fail()
+        for p in pin_ids:
+            self.data.get(version, {}).pop(p, None)
+
+    async def get_many(self, version: str, pin_ids: Sequence[str], **_: object
+                       ) -> dict[str, EmbeddingRecord]:
+        self._maybe_fail()
+        d = self._coll(version)
+        return {p: d[p] for p in pin_ids if p in d}
+
+    async def get_states(self, version: str, pin_ids: Sequence[str], **_: object
+                         ) -> dict[str, PinState]:
+        return {p: r.state() for p, r in (await self.get_many(version, pin_ids)).items()}
+
+
+@dataclass(frozen=True)
+class _Written:
+    written_at: float
+    written: frozenset[str]
+
+
+class FakeCache(_Faults):
+    """The Redis side with `store.redis`'s semantics: conditional writes and claims."""
+
+    def __init__(self, writer_ttl_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__()
+        self.data: dict[str, dict[str, EmbeddingRecord]] = {}
+        self.tombs: dict[str, int] = {}
+        self.wip: dict[str, dict[str, tuple[int, float]]] = {}  # pin -> token -> (v, at)
+        self.live: str | None = None
+        self.info: dict[str, dict[str, str]] = {}  # registered versions
+        self.writer_reports: dict[str, dict[str, object]] = {}
+        self.writer_ttl_s = writer_ttl_s
+        self.clock = clock
+        self.stats: tuple[list[float], int] | None = None
+
+    # registry
+    async def ensure_version(self, version: str, dim: int, model: str = "") -> None:
+        self._maybe_fail()
+        self.data.setdefault(version, {})
+        self.info.setdefault(version, {"dim": str(dim)})
 
     async def set_live(self, version: str) -> None:
         self.live = version
@@ -64,39 +159,123 @@ class FakeBackend:
         return False
 
     async def versions(self) -> dict[str, dict[str, str]]:
-        return dict(self.registered)
+        self._maybe_fail()
+        return dict(self.info)
+
+    async def registered(self, versions: Sequence[str]) -> set[str]:
+        return {v for v in versions if v in self.info}
+
+    async def report_writer(self, name: str, write_set: Sequence[str],
+                            holding: Sequence[str]) -> None:
+        self.writer_reports[name] = {"at": time.time(), "write_set": list(write_set),
+                                     "holding": list(holding)}
+
+    async def writers(self) -> dict[str, dict[str, object]]:
+        return dict(self.writer_reports)
+
+    # writes (the Lua scripts' rules)
+    def _older(self, pin: str, v: int) -> int:
+        now = self.clock()
+        entries = self.wip.get(pin, {})
+        for tok, (_, at) in list(entries.items()):
+            if at < now - self.writer_ttl_s:
+                del entries[tok]
+        return sum(1 for pv, _ in entries.values() if pv < v)
+
+    async def write(self, version: str, records: Sequence[EmbeddingRecord], *,
+                    mode: str = "write", written_at: float | None = None) -> _Written:
+        self._maybe_fail()
+        if version not in self.info:
+            raise UnknownVersion(f"model version {version} is not registered")
+        ns = self.data.setdefault(version, {})
+        done = set()
+        for r in records:
+            stored = ns.get(r.pin_id)
+            if self.tombs.get(r.pin_id, -1) >= r.pin_version:
+                continue
+            if mode == "refill" and stored is not None:
+                continue
+            if mode == "write" and stored is not None and stored.pin_version > r.pin_version:
+                continue
+            ns[r.pin_id] = r
+            done.add(r.pin_id)
+        return _Written(1000.0 if written_at is None else written_at, frozenset(done))
 
     async def upsert(self, version: str, records: Sequence[EmbeddingRecord],
                      written_at: float | None = None) -> float:
+        return (await self.write(version, records, written_at=written_at)).written_at
+
+    async def refill(self, version: str, records: Sequence[EmbeddingRecord]) -> set[str]:
+        return set((await self.write(version, records, mode="refill")).written)
+
+    async def claim(self, op: str, token: str, pins: Mapping[str, int],
+                    versions: Sequence[str]) -> dict[str, dict[str, bool]]:
         self._maybe_fail()
-        self.upserts += 1
-        for r in records:
-            self.data.setdefault(version, {})[r.pin_id] = r
-        return 1000.0 if written_at is None else written_at
+        out: dict[str, dict[str, bool]] = {}
+        for pid, v in pins.items():
+            tomb = self.tombs.get(pid, -1)
+            flags = {}
+            for ver in versions:
+                stored = self.data.get(ver, {}).get(pid)
+                s = stored.pin_version if stored is not None else -1
+                flags[ver] = s <= v and (tomb < v or (op == "delete" and tomb == v))
+            out[pid] = flags
+            taken = any(flags.values())
+            if op == "delete" and tomb <= v:
+                self.tombs[pid] = max(tomb, v)
+                taken = True
+            if taken:
+                self.wip.setdefault(pid, {})[token] = (v, self.clock())
+        return out
+
+    async def release(self, token: str, pins: Mapping[str, int]) -> set[str]:
+        self._maybe_fail()
+        out = set()
+        for pid, v in pins.items():
+            self.wip.get(pid, {}).pop(token, None)
+            if self.tombs.get(pid, -1) > v:
+                continue
+            if self._older(pid, v):
+                out.add(pid)
+        return out
+
+    async def commit_deletes(self, token: str, pins: Mapping[str, int],
+                             versions: Sequence[str]) -> set[str]:
+        self._maybe_fail()
+        for pid, v in pins.items():
+            for ver in versions:
+                stored = self.data.get(ver, {}).get(pid)
+                if stored is None or stored.pin_version <= v:
+                    self.data.get(ver, {}).pop(pid, None)
+        return await self.release(token, pins)
+
+    async def in_flight(self, pins: Mapping[str, int]) -> set[str]:
+        return {pid for pid, v in pins.items() if self._older(pid, v)}
 
     async def delete(self, version: str, pin_ids: Sequence[str]) -> None:
         self._maybe_fail()
         for p in pin_ids:
             self.data.get(version, {}).pop(p, None)
 
+    # reads
     async def get_many(self, version: str, pin_ids: Sequence[str]) -> dict[str, EmbeddingRecord]:
         self._maybe_fail()
         d = self.data.get(version, {})
         return {p: d[p] for p in pin_ids if p in d}
 
     async def get_states(self, version: str, pin_ids: Sequence[str]) -> dict[str, PinState]:
-        self._maybe_fail()
         return {p: r.state() for p, r in (await self.get_many(version, pin_ids)).items()}
 
     async def set_tombstones(self, versions: dict[str, int]) -> None:
         self.tombs.update(versions)
 
+    async def get_tombstones(self, pin_ids: Sequence[str]) -> dict[str, int]:
+        self._maybe_fail()
+        return {p: self.tombs[p] for p in pin_ids if p in self.tombs}
+
     async def record_batch_stats(self, freshness_s: Sequence[float], encoded: int,
                                  keep: int = 10_000) -> None:
         self.stats = (list(freshness_s), encoded)
-
-    async def get_tombstones(self, pin_ids: Sequence[str]) -> dict[str, int]:
-        return {p: self.tombs[p] for p in pin_ids if p in self.tombs}
 
 
 class FakeFetcher:

@@ -3,28 +3,41 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
 
 from streams.events import PinEvent, Reason
-from streams.fetch import FetchError
-from streams.processor import Message, PinProcessor
+from encoder.errors import TransientFetchError
+from streams.processor import Message, PinProcessor, ProcessorHooks
 from streams.settings import WorkerSettings
-from tests.unit.fakes import FakeBackend, FakeDLQ, FakeEncoder, FakeFetcher
+from tests.unit.fakes import FakeCache, FakeDLQ, FakeEncoder, FakeFetcher, FakeMilvus
 
 
 async def _nosleep(_: float) -> None:
     return None
 
 
+class RaiseFor(ProcessorHooks):
+    """A bug: processing a batch that holds ``pin`` raises."""
+
+    def __init__(self, pin: str) -> None:
+        self.pin = pin
+
+    def before_batch(self, events) -> None:
+        if any(e.pin_id == self.pin for e in events):
+            raise RuntimeError(f"fault injection: processing pin {self.pin} raises")
+
+
 @pytest.fixture
-def parts():
-    enc, milvus, cache, dlq = FakeEncoder(), FakeBackend(), FakeBackend(), FakeDLQ()
+async def parts():
+    enc, milvus, cache, dlq = FakeEncoder(), FakeMilvus(), FakeCache(), FakeDLQ()
     fetcher = FakeFetcher({"/c/a.png": b"IMG-a", "/c/b.png": b"IMG-b", "/c/a2.png": b"IMG-a2",
                            "/c/bad.png": b"<html>", "/c/a-copy.png": b"IMG-a"})
     proc = PinProcessor(encoder=enc, milvus=milvus, cache=cache, fetcher=fetcher, dlq=dlq,
                         settings=WorkerSettings(fetch_attempts=3), sleep=_nosleep)
+    await proc.start()  # creates the version's collection and namespace, as a worker does
     return proc, enc, milvus, cache, fetcher, dlq
 
 
@@ -51,7 +64,8 @@ async def test_upsert_writes_both_stores_with_provenance(parts):
         assert rec.pin_version == 1 and rec.caption == "cap a"
         assert rec.model_version == enc.version and len(rec.content_hash) == 64
         assert np.isclose(np.linalg.norm(rec.vector), 1.0)
-    assert rep.freshness_s == [1000.0 - 100.0]
+    # freshness: from the event's time (100.0) to the Redis write, taken on this clock
+    assert rep.freshness_s == [pytest.approx(time.time() - 100.0, abs=600)]
 
 
 async def test_redelivery_is_not_fetched_or_encoded_again(parts):
@@ -99,7 +113,7 @@ async def test_same_image_new_version_reuses_vector(parts):
 
 async def test_delete_removes_from_every_version_and_blocks_older_upserts(parts):
     proc, enc, milvus, cache, *_ = parts
-    cache.registered["old_v0"] = {"dim": "8"}
+    cache.info["old_v0"] = {"dim": "8"}
     milvus.data["old_v0"] = {}
     await proc.process([up("a", "/c/a.png", 1), up("b", "/c/b.png", 1)])
     milvus.data["old_v0"]["a"] = milvus.data[enc.version]["a"]
@@ -142,7 +156,7 @@ async def test_malformed_and_missing_go_to_dlq_others_processed(parts):
 
 async def test_transient_fetch_error_retried_then_dead_lettered(parts):
     proc, enc, milvus, _, fetcher, dlq = parts
-    fetcher.files["/c/flaky.png"] = FetchError(Reason.FETCH_FAILED, "HTTP 503", transient=True)
+    fetcher.files["/c/flaky.png"] = TransientFetchError(Reason.FETCH_FAILED, "HTTP 503")
     await proc.process([up("f", "/c/flaky.png", 1)])
     assert fetcher.calls.count("/c/flaky.png") == 3
     assert dlq.letters[0].reason == Reason.FETCH_FAILED and dlq.letters[0].attempts == 3
@@ -169,7 +183,7 @@ async def test_cache_lost_record_is_repaired_from_milvus_without_encoding(parts)
 # ------------------------------------------------------------ isolation
 async def test_an_event_that_raises_is_isolated_and_the_rest_is_applied(parts):
     proc, enc, milvus, *_ = parts
-    proc.settings = proc.settings.model_copy(update={"fault_raise_for_pin": "b"})
+    proc.hooks = RaiseFor("b")
     await proc.start()
     batch = [up("a", "/c/a.png", 1), up("b", "/c/b.png", 1), up("x", "/c/a2.png", 1),
              msg(PinEvent.delete("gone", 1, event_time=100.0)), up("bad", "/c/bad.png", 1)]
@@ -186,7 +200,7 @@ async def test_an_event_that_raises_is_isolated_and_the_rest_is_applied(parts):
 
 
 async def test_dead_letters_are_not_written_twice_when_the_dlq_fails_half_way(parts):
-    from streams.dlq import DeadLetterSendError
+    from encoder.errors import DeadLetterSendError
 
     proc, *_, fetcher, dlq = parts
 
@@ -212,7 +226,7 @@ async def test_dead_letters_are_not_written_twice_when_the_dlq_fails_half_way(pa
 
 async def test_batch_retry_after_an_error_does_not_duplicate_dead_letters(parts):
     proc, *_, dlq = parts
-    proc.settings = proc.settings.model_copy(update={"fault_raise_for_pin": "b"})
+    proc.hooks = RaiseFor("b")
     await proc.start()
     batch = [Message(b"m1", b"not json"), up("b", "/c/b.png", 1), Message(b"m2", b"{}")]
     await proc.handle(batch)

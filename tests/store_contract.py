@@ -1,0 +1,98 @@
+"""The cache's write contract, checked against the unit fake and the real Valkey.
+
+`tests/unit/test_fakes.py` runs `check_cache_contract` on `FakeCache`;
+`tests/integration/test_store.py` runs it on a `RedisCache` over the embedded
+Valkey (one node and a cluster). A fake that drifts from the engine fails one
+of the two.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import numpy as np
+
+from store.base import EmbeddingRecord
+
+
+def rec(pin: str, version: int, dim: int = 4, seed: int = 0, model: str = "m1"
+        ) -> EmbeddingRecord:
+    v = np.random.default_rng(seed).standard_normal(dim).astype(np.float32)
+    return EmbeddingRecord(pin, v / np.linalg.norm(v), model, f"hash{seed}", version, 1.0, 2.0,
+                           f"/img/{pin}.png", f"caption {pin}", {"k": "v"})
+
+
+async def _version_of(cache: Any, ver: str, pin: str) -> int | None:
+    st = await cache.get_states(ver, [pin])
+    return st[pin].pin_version if pin in st else None
+
+
+async def check_cache_contract(cache: Any, ver: str = "m1") -> None:
+    """Every rule the processor relies on. ``cache`` has ``ver`` registered with dim 4,
+    no pins written yet, and a ``writer_ttl`` short enough (under 1 s) to wait out."""
+    # conditional writes: never below the stored version; equal versions rewrite
+    assert (await cache.write(ver, [rec("a", 5, seed=1)])).written == {"a"}
+    assert (await cache.write(ver, [rec("a", 4, seed=2)])).written == frozenset()
+    assert await _version_of(cache, ver, "a") == 5
+    assert (await cache.write(ver, [rec("a", 5, seed=3)])).written == {"a"}
+    got = await cache.get_many(ver, ["a"])
+    assert got["a"].content_hash == "hash3"
+
+    # refill: only into an absent, undeleted pin
+    assert await cache.refill(ver, [rec("a", 9)]) == set()  # present
+    assert await cache.refill(ver, [rec("r", 2)]) == {"r"}
+
+    # a delete's claim raises the tombstone; older upserts and refills stay out
+    flags = await cache.claim("delete", "del-1", {"a": 7}, [ver])
+    assert flags == {"a": {ver: True}}
+    assert await cache.get_tombstones(["a"]) == {"a": 7}
+    assert await cache.commit_deletes("del-1", {"a": 7}, [ver]) == set()
+    assert await _version_of(cache, ver, "a") is None
+    assert (await cache.write(ver, [rec("a", 7)])).written == frozenset()
+    assert await cache.refill(ver, [rec("a", 6)]) == set()
+    assert (await cache.claim("upsert", "up-1", {"a": 7}, [ver])) == {"a": {ver: False}}
+    assert (await cache.claim("upsert", "up-2", {"a": 8}, [ver])) == {"a": {ver: True}}
+    assert (await cache.write(ver, [rec("a", 8)])).written == {"a"}
+    assert await cache.release("up-2", {"a": 8}) == set()
+    await cache.release("up-1", {"a": 7})
+    # a redelivered delete (tombstone == its version) may apply again; an older one not
+    assert (await cache.claim("delete", "del-2", {"r": 3}, [ver])) == {"r": {ver: True}}
+    assert await cache.commit_deletes("del-2", {"r": 3}, [ver]) == set()
+    assert (await cache.claim("delete", "del-3", {"r": 3}, [ver])) == {"r": {ver: True}}
+    assert (await cache.claim("delete", "del-4", {"r": 2}, [ver])) == {"r": {ver: False}}
+    await cache.release("del-3", {"r": 3})
+    await cache.release("del-4", {"r": 2})
+    # a delete older than the stored upsert leaves it
+    assert (await cache.claim("delete", "del-5", {"a": 6}, [ver])) == {"a": {ver: False}}
+    assert await cache.commit_deletes("del-5", {"a": 6}, [ver]) == set()
+    assert await _version_of(cache, ver, "a") == 8
+
+    # two writers of one pin: the newer one learns that the older is still in flight
+    assert (await cache.claim("upsert", "w5", {"p": 5}, [ver])) == {"p": {ver: True}}
+    assert (await cache.claim("upsert", "w6", {"p": 6}, [ver])) == {"p": {ver: True}}
+    assert (await cache.write(ver, [rec("p", 6)])).written == {"p"}
+    assert await cache.release("w6", {"p": 6}) == {"p"}
+    assert await cache.in_flight({"p": 6}) == {"p"}
+    assert (await cache.write(ver, [rec("p", 5)])).written == frozenset()  # refused
+    assert await cache.release("w5", {"p": 5}) == set()
+    assert await cache.in_flight({"p": 6}) == set()
+    # ...and an older writer that claims after the newer one's write is refused at once
+    assert (await cache.claim("upsert", "w4", {"p": 4}, [ver])) == {"p": {ver: False}}
+    await cache.release("w4", {"p": 4})
+
+    # a claim that is never released stops counting after the writer ttl
+    assert (await cache.claim("upsert", "dead", {"q": 1}, [ver])) == {"q": {ver: True}}
+    assert await cache.in_flight({"q": 2}) == {"q"}
+    deadline = time.monotonic() + 30
+    while await cache.in_flight({"q": 2}) and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    assert await cache.in_flight({"q": 2}) == set()
+
+    # versions compare exactly up to 2**62 (Lua numbers are doubles)
+    big = 2 ** 62
+    assert (await cache.write(ver, [rec("z", big)])).written == {"z"}
+    assert (await cache.write(ver, [rec("z", big - 1)])).written == frozenset()
+    assert (await cache.claim("upsert", "z1", {"z": big - 1}, [ver])) == {"z": {ver: False}}
+    await cache.release("z1", {"z": big - 1})
