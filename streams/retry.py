@@ -35,7 +35,9 @@ class Backoff:
 
     def next_delay(self, at_least: float = 0.0) -> float:
         """The next wait, and count the attempt."""
-        base = min(self.max_s, self.first_s * (2 ** self.attempt))
+        # the exponent is capped: 2.0 ** 1024 overflows a float, and a retry "for ever"
+        # must not raise after ~1,000 attempts (2.8 hours at the defaults)
+        base = min(self.max_s, self.first_s * (2.0 ** min(self.attempt, 64)))
         self.attempt += 1
         spread = 1.0 + self.jitter * (2.0 * self.rng() - 1.0)
         return max(at_least, min(self.max_s, base * spread))

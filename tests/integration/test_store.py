@@ -1,4 +1,4 @@
-"""Store backends against the real embedded Milvus Lite and Valkey."""
+"""Store backends against the real embedded Milvus server and Valkey."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from store.base import EmbeddingRecord
 from store.config import MilvusSettings, RedisSettings
-from store.errors import DimensionMismatch
+from encoder.errors import DimensionMismatch
 from store.milvus import MilvusStore
 from store.reader import EmbeddingReader
 from store.redis import RedisCache
@@ -63,14 +63,27 @@ async def test_upsert_replay_keeps_one_row_and_reader_falls_back_and_refills(sto
     assert res.from_cache == 2
     assert np.allclose(res.vectors[1], records[7].vector, atol=1e-3)
     assert not res.vectors[2].any()
+    assert await reader.flush_refills() == 1  # p7, read again at Strong consistency
     again = await reader.get_many(["p7"])
     assert again.from_cache == 1  # refilled from Milvus
 
     ver, hits = await reader.similar(pin_id="p5", k=3)
     assert ver == "v1" and len(hits) == 3 and "p5" not in [h.pin_id for h in hits]
-    await milvus.delete("v1", ["p5"])
-    await cache.delete("v1", ["p5"])
-    assert (await reader.get_many(["p5"])).found.tolist() == [False]
+    await reader.close()
+
+
+@pytest.mark.cluster
+async def test_cache_write_contract_on_the_real_engine(stack, request):
+    """The rules the unit fakes copy (tests/store_contract.py), on Valkey itself."""
+    from tests.store_contract import check_cache_contract
+
+    tag = f"k{abs(hash(request.node.name)) % 10**8}"
+    cache = RedisCache(RedisSettings(url=stack.redis_url, key_prefix=tag, writer_ttl_s=0.3))
+    try:
+        await cache.ensure_version("m1", 4)
+        await check_cache_contract(cache, "m1")
+    finally:
+        await cache.close()
 
 
 async def test_collections_are_sealed_every_seal_rows_when_asked(stack):
@@ -106,7 +119,7 @@ async def test_migrate_keys_moves_a_0_1_layout_in_place(stack):
     """A node written by pinfresh 0.1 (no hash tags, one ids set) keeps its data."""
     import redis.asyncio as aioredis
 
-    from store.errors import StoreError
+    from encoder.errors import StateError
     from store.migrate import migrate_keys
 
     r = aioredis.Redis.from_url(stack.redis_url)
@@ -121,7 +134,7 @@ async def test_migrate_keys_moves_a_0_1_layout_in_place(stack):
     await r.set("mig:tomb:c", 3, ex=600)
     cache = RedisCache(RedisSettings(url=stack.redis_url, key_prefix="mig"))
     try:
-        with pytest.raises(StoreError, match="store migrate-keys"):
+        with pytest.raises(StateError, match="store migrate-keys"):
             await cache.ensure_version("v1", 4)
         done = await migrate_keys(cache)
         assert dict(done) == {"registry": 3, "vectors": 2, "metas": 2, "ids": 2,

