@@ -146,6 +146,18 @@ if cmp(get(KEYS[4]), v) < 0 and ((ARGV[1] == 'r' and s == nil) or
 end
 return 0
 """
+# KEYS: vec, meta, ids set, tomb. ARGV: expected stored pin version ('' = absent), pin
+# version, vector bytes, pin id, meta field/values. A repair's compare-and-set.
+_REPLACE = _LIB + """
+local s = hget(KEYS[2], 'pin_version')
+if ((ARGV[1] == '' and s == nil) or s == ARGV[1]) and cmp(get(KEYS[4]), ARGV[2]) < 0 then
+  redis.call('SET', KEYS[1], ARGV[3])
+  redis.call('HSET', KEYS[2], unpack(ARGV, 5))
+  redis.call('SADD', KEYS[3], ARGV[4])
+  return 1
+end
+return 0
+"""
 # KEYS: wip, tomb. ARGV: token, pin version, wip ttl ms. Ends a claim; returns how many
 # writers of older versions are still in flight (0 if a newer delete came since).
 _RELEASE = _LIB + """
@@ -359,16 +371,16 @@ class RedisCache:
         return out
 
     async def report_writer(self, name: str, write_set: Sequence[str],
-                            holding: Sequence[str]) -> None:
+                            batches: Sequence[Sequence[str]]) -> None:
         """Record what one writer writes now (``{p}:writers``, field ``name``).
 
-        ``write_set``: the versions its next batch writes; ``holding``: the
-        versions of its batches in flight. `VersionRegistry.wait_writers`
+        ``write_set``: the versions its next batch writes; ``batches``: the
+        versions each of its batches in flight writes. `VersionRegistry.wait_writers`
         reads these to know when a retired version is no longer written, or a
-        new one is written by everyone.
+        new one is written by every batch.
         """
         entry = json.dumps({"at": time.time(), "write_set": list(write_set),
-                            "holding": list(holding)})
+                            "batches": [list(b) for b in batches]})
         await self._do(lambda: self._r.hset(self.reg_key("writers"), name, entry))
 
     async def writers(self) -> dict[str, dict[str, Any]]:
@@ -478,6 +490,33 @@ class RedisCache:
         replies = await self._do(go)
         return WriteResult(
             now, frozenset(r.pin_id for r, x in zip(records, replies, strict=True) if int(x)))
+
+    async def replace(self, version: str, records: Sequence[EmbeddingRecord],
+                      expected: Mapping[str, str | None]) -> set[str]:
+        """Overwrite pins whose stored ``pin_version`` is still ``expected[pin]`` (a repair).
+
+        `store.verify` read a wrong entry and rewrites it from Milvus: a
+        compare-and-set, so a worker's newer write landing in between is kept.
+        ``None`` expects the pin absent. Returns the pins written.
+        """
+        if not records:
+            return set()
+        _, dtype = await self.version_info(version)
+        now = time.time()
+
+        async def go() -> list[Any]:
+            async with self._r.pipeline(transaction=not self.cluster) as pipe:
+                for r in records:
+                    pipe.eval(_REPLACE, 4, self.vec_key(version, r.pin_id),
+                              self.meta_key(version, r.pin_id),
+                              self.ids_key(version, pin_slot(r.pin_id)),
+                              self.tomb_key(r.pin_id), expected.get(r.pin_id) or "",
+                              str(int(r.pin_version)), self._to_bytes(r.vector, dtype),
+                              r.pin_id, *self._meta_args(r, now))
+                return list(await pipe.execute())
+
+        replies = await self._do(go)
+        return {r.pin_id for r, x in zip(records, replies, strict=True) if int(x)}
 
     async def release(self, token: str, pins: Mapping[str, int]) -> set[str]:
         """End ``token``'s claims; return the pins with an older writer still in flight.

@@ -12,7 +12,7 @@ hash, see `store.redis`) with its dimension, how to build its encoder
   once no worker writes it any more (two phases, see `VersionRegistry.retire`).
 
 Workers report what they write (`RedisCache.report_writer`): the write set
-of their next batch and the versions of their batches in flight.
+of their next batch and the versions each of their batches in flight writes.
 `VersionRegistry.wait_writers` reads those reports.
 
 Readers resolve ``{p}:live`` once per request, so `promote` is a single SET from
@@ -220,26 +220,25 @@ class VersionRegistry:
 
     async def wait_writers(self, version: str, *, holding: bool, timeout_s: float,
                            sleep: Any = asyncio.sleep) -> bool:
-        """Wait until every running worker writes ``version`` (``holding``) or none does.
+        """Wait until every batch in flight writes ``version`` (``holding``), or none does.
 
-        Reads the workers' reports (`RedisCache.report_writer`); a report older
-        than `WRITER_REPORT_FRESH_S` is a worker that stopped or idles, and
-        counts as writing nothing (an idle worker reads the registry again
-        before its next batch). ``holding=True`` checks the write set of every
-        fresh report; ``holding=False`` checks that no fresh report names the
-        version in its write set or its batches in flight. Returns False if
-        that was not so within ``timeout_s``.
+        First waits one write-set refresh (`WRITE_SET_REFRESH_S`, plus a
+        second), so every worker's next batch reads the registry as it is now;
+        then reads the workers' reports (`RedisCache.report_writer`): with
+        ``holding`` every batch in flight must write the version, without it
+        none may. A report older than `WRITER_REPORT_FRESH_S` is from a worker
+        that stopped and counts for nothing; an idle worker has no batch in
+        flight. Returns False if that was not so within ``timeout_s``.
         """
+        await sleep(WRITE_SET_REFRESH_S + 1.0)
         deadline = time.monotonic() + timeout_s
         while True:
             now = time.time()
-            fresh = [w for w in (await self.cache.writers()).values()
-                     if now - float(w.get("at", 0)) < WRITER_REPORT_FRESH_S]
-            if holding:
-                ok = all(version in w.get("write_set", []) for w in fresh)
-            else:
-                ok = not any(version in w.get("write_set", []) or version in w.get("holding", [])
-                             for w in fresh)
+            batches = [b for w in (await self.cache.writers()).values()
+                       if now - float(w.get("at", 0)) < WRITER_REPORT_FRESH_S
+                       for b in w.get("batches", [])]
+            ok = all(version in b for b in batches) if holding else \
+                not any(version in b for b in batches)
             if ok:
                 return True
             if time.monotonic() > deadline:
@@ -268,7 +267,6 @@ class VersionRegistry:
             await self.cache.clear_previous()
         clean = True
         if drop:
-            await sleep(WRITE_SET_REFRESH_S + 1.0)
             clean = await self.wait_writers(version, holding=False, timeout_s=wait_s,
                                             sleep=sleep)
             if not clean:

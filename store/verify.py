@@ -3,7 +3,9 @@
 Checked per pin of a version: present in both, same pin version, same content
 hash, and the cached vector equal to Milvus' (cosine >= 0.999, the cache may
 hold float16). Repair copies Milvus records over missing or wrong cache
-entries and removes cache entries Milvus does not have.
+entries, each a compare-and-set on the version it saw (`RedisCache.replace`:
+a worker's newer write landing meanwhile is kept), and removes cache entries
+Milvus does not have.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ async def verify_cache(milvus: MilvusStore, cache: RedisCache, version: str,
         meta = await cache.get_meta(version, part)
         vecs, found = await cache.get_vectors(version, part)
         bad = []
+        seen: dict[str, str | None] = {}
         for j, t in enumerate(page):
             m = meta.get(t.pin_id)
             if m is None or not found[j]:
@@ -68,9 +71,9 @@ async def verify_cache(milvus: MilvusStore, cache: RedisCache, version: str,
                     continue
                 rep.vector_mismatch.append(t.pin_id)
             bad.append(t)
+            seen[t.pin_id] = m.get("pin_version") if m is not None else None
         if repair and bad:
-            await cache.upsert(version, bad)
-            rep.repaired += len(bad)
+            rep.repaired += len(await cache.replace(version, bad, seen))
     cached_ids = set(await cache.pin_ids(version))
     rep.milvus_pins, rep.cache_pins = len(truth_ids), len(cached_ids)
     for found_list in (rep.missing_in_cache, rep.stale_in_cache, rep.vector_mismatch):

@@ -147,9 +147,10 @@ class DrainingWorker(faust.Worker):
     batch finish and acknowledge, waits for a periodic commit already in
     flight, commits the acknowledged offsets, reads the group's committed
     offsets back from the broker and checks that they reach every offset the
-    agent acknowledged. It logs the committed offset of every partition and
-    exits 0 only when the in-flight batch finished and the commit is
-    confirmed; otherwise it exits 1 (the unconfirmed events are redelivered to
+    agent acknowledged. It logs the committed offset of every partition,
+    leaves the consumer group (so its partitions move at once, not after the
+    session timeout) and exits 0 only when the in-flight batch finished and
+    the commit is confirmed; otherwise it exits 1 (the unconfirmed events are redelivered to
     the next owner, which the processor's idempotence makes harmless).
     """
 
@@ -191,11 +192,31 @@ class DrainingWorker(faust.Worker):
             logger.exception("final commit failed; uncommitted events will be redelivered")
             confirmed = False
         code = 0 if clean and confirmed else 1
+        await self._leave_group()
         logger.info("exiting with code %d", code)
         for fn in self.on_exit:
             fn()
         logging.shutdown()
         os._exit(code)
+
+    async def _leave_group(self) -> None:
+        """Leave the consumer group, so its partitions move to the other members now.
+
+        Without it they sit idle until the broker's session timeout expires.
+        Best effort, through Faust's consumer thread to aiokafka's coordinator
+        (their internals: anything missing is logged and the exit goes on).
+        """
+        try:
+            thread = self._pinfresh_app.consumer._thread  # type: ignore[attr-defined]
+            coordinator = thread._consumer._coordinator
+            fut = asyncio.run_coroutine_threadsafe(coordinator._maybe_leave_group(),
+                                                   thread.thread_loop)
+            await asyncio.wait_for(asyncio.wrap_future(fut), 5.0)
+            logger.info("drain: left consumer group %s", self._kafka.group_id)
+        except Exception as exc:  # noqa: BLE001 - best effort before exiting
+            logger.warning("drain: could not leave consumer group %s (%r): its partitions "
+                           "move to the others after the session timeout",
+                           self._kafka.group_id, exc)
 
     async def _commit_acked(self) -> bool:
         """Commit what the agent acknowledged and confirm it on the broker."""

@@ -220,7 +220,7 @@ class Cache(Protocol):
     async def in_flight(self, pins: Mapping[str, int]) -> set[str]: ...  # noqa: D102
     async def registered(self, versions: Sequence[str]) -> set[str]: ...  # noqa: D102
     async def report_writer(  # noqa: D102
-        self, name: str, write_set: Sequence[str], holding: Sequence[str]
+        self, name: str, write_set: Sequence[str], batches: Sequence[Sequence[str]]
     ) -> None: ...
     async def record_batch_stats(  # noqa: D102
         self, freshness_s: Sequence[float], encoded: int, keep: int = 10_000
@@ -417,9 +417,9 @@ class PinProcessor:
         return report
 
     async def _report(self, write: Sequence[str]) -> None:
-        holding = sorted(set().union(*self._active.values())) if self._active else []
+        batches = [sorted(b) for b in self._active.values()]
         await self._retry("redis", partial(self.cache.report_writer, self.worker_name,
-                                           list(write), holding))
+                                           list(write), batches))
 
     async def _apply(self, batch: _Batch) -> None:
         write = dict(await self._retry("registry", self.versions.write_set))

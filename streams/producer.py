@@ -159,8 +159,16 @@ async def publish_raw(k: KafkaSettings, messages: Sequence[tuple[bytes | None, b
         await producer.stop()
 
 
-async def read_dead_letters(k: KafkaSettings, timeout_s: float = 3.0) -> list[DeadLetter]:
-    """Read the whole DLQ topic from the beginning (no consumer group, commits nothing)."""
+async def read_dead_letters(k: KafkaSettings, stall_s: float = 60.0) -> list[DeadLetter]:
+    """Read the whole DLQ topic, from the beginning to its end (no group, commits nothing).
+
+    The end of each partition is read first; the read goes on until every
+    partition reached it, however long that takes, so `dlq replay` never acts
+    on part of the topic.
+
+    Raises:
+        KafkaUnavailable: no record arrived for ``stall_s`` seconds before the end.
+    """
     consumer = AIOKafkaConsumer(enable_auto_commit=False,
                                 auto_offset_reset="earliest", group_id=None, **aiokafka_kwargs(k))
     await start_client(consumer, k)
@@ -173,12 +181,22 @@ async def read_dead_letters(k: KafkaSettings, timeout_s: float = 3.0) -> list[De
         ends = await end_offsets(consumer, tps)
         consumer.assign(tps)
         await consumer.seek_to_beginning(*tps)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
+        stalled_at = time.monotonic() + stall_s
+        while True:
             positions = [await consumer.position(tp) for tp in tps]
             if all(pos >= ends[tp] for pos, tp in zip(positions, tps, strict=True)):
                 break
+            if time.monotonic() > stalled_at:
+                short = {tp.partition: (pos, ends[tp]) for pos, tp in zip(positions, tps,
+                                                                        strict=True)
+                         if pos < ends[tp]}
+                raise KafkaUnavailable(
+                    f"reading {k.dlq_topic} stalled for {stall_s:.0f}s before its end "
+                    f"(partition: at/end {short}): is the broker healthy? "
+                    "(`pinfresh status`)")
             batch = await consumer.getmany(timeout_ms=200)
+            if batch:
+                stalled_at = time.monotonic() + stall_s
             for records in batch.values():
                 for rec in records:
                     try:

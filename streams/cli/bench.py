@@ -178,15 +178,22 @@ def bench_similar(ctx: Ctx, rows: int, stream_rows: int, cost_rows: int, rate: f
               help="similar queries (latency and recall@10 against exact)")
 @click.option("--live-rate", type=float, default=20.0, show_default=True,
               help="live pins/s published during the backfill")
+@click.option("--stream-rate", type=float, default=200.0, show_default=True,
+              help="updates/s streamed into the searched version during the second round "
+              "of similar queries")
 @click.option("--out", type=click.Path(path_type=Path),
               default=Path("bench/results/volume.json"), show_default=True)
 @pass_ctx
 def bench_volume(ctx: Ctx, pins: int, feeders: int, queries: int, live_rate: float,
-                 out: Path) -> None:
-    """Many distinct pins through the real pipeline (null encoder): rate, sizes, backfill."""
+                 stream_rate: float, out: Path) -> None:
+    """Many distinct pins through the real pipeline (null encoder).
+
+    Rate, sizes, similar at rest and while streaming, verify, backfill.
+    """
     from streams.tools.bench_volume import run_volume_bench
 
-    run_volume_bench(ctx.settings, pins, feeders, queries, live_rate, out, console)
+    run_volume_bench(ctx.settings, pins, feeders, queries, live_rate, out, console,
+                     stream_rate=stream_rate)
 
 
 @bench.command("partitions")

@@ -57,17 +57,34 @@ def dlq_show(ctx: Ctx, pin_id: str) -> None:
 @click.option("--reason", help="only letters with this reason code")
 @click.option("--pin", "pin_ids", multiple=True, help="only these pins (repeatable)")
 @click.option("--dry-run", is_flag=True, help="list what would be replayed")
+@click.option("--force", is_flag=True,
+              help="also replay letters older than the tombstone TTL (PINFRESH_REDIS__"
+              "TOMBSTONE_TTL_S): a delete of their pin may be forgotten by now")
 @pass_ctx
-def dlq_replay(ctx: Ctx, reason: str | None, pin_ids: tuple[str, ...], dry_run: bool) -> None:
+def dlq_replay(ctx: Ctx, reason: str | None, pin_ids: tuple[str, ...], dry_run: bool,
+               force: bool) -> None:
     """Re-publish dead letters' original events to the events topic (e.g. after a fix).
 
-    Replays are safe to repeat: the workers' writes are idempotent.
+    Replays are safe to repeat within the tombstone TTL: the workers' writes
+    are idempotent, and a replayed upsert of a pin deleted since is refused by
+    its tombstone. A letter older than the TTL is skipped unless --force: its
+    pin's tombstone may have expired, and the old upsert would bring a deleted
+    pin back.
     """
+    import time
+
     from streams.producer import publish_raw, read_dead_letters
 
     letters = asyncio.run(read_dead_letters(ctx.settings.kafka))
     chosen = [d for d in letters if (not reason or d.reason.value == reason)
               and (not pin_ids or d.pin_id in pin_ids)]
+    ttl = ctx.settings.redis.tombstone_ttl_s
+    old = [d for d in chosen if time.time() - d.failed_at > ttl]
+    if old and not force:
+        chosen = [d for d in chosen if d not in old]
+        console.print(f"skipped {len(old)} letter(s) older than the tombstone TTL ({ttl}s): a "
+                      "delete of their pin may be forgotten and the replay would bring it "
+                      "back; check those pins, then replay them with --force")
     for d in chosen:
         console.print(f"{'would replay' if dry_run else 'replay'} {d.pin_id}: {d.reason.value}")
     if not dry_run and chosen:

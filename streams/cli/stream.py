@@ -65,9 +65,11 @@ def topics_scale(ctx: Ctx, partitions: int) -> None:
 
     Adding partitions remaps pin ids to partitions for new events: a pin's next
     event may land on another partition than its previous one, so two workers
-    may briefly hold events of the same pin. The per-pin version check keeps
-    this safe: an older version never overwrites a newer one, whichever worker
-    writes last.
+    may briefly hold events of the same pin, and apply them in either order.
+    Every write claims its pin in Redis first and writes Redis only if newer
+    (the processor's claim protocol): both stores end at the pin's highest
+    version whichever worker writes last, and a writer whose Milvus write an
+    older one may still overwrite writes again after it (docs/integration.md).
     """
     from streams.producer import scale_partitions
 

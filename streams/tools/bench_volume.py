@@ -14,16 +14,20 @@ measures the stream and the stores, not a model:
 3. ``similar`` through `EmbeddingReader` (as the read API runs it) on
    ``queries`` pins after the collection is sealed and indexed: p50/p99, and
    recall@10 against an exact search over every stored vector (recomputed
-   from the image bytes, so exact);
+   from the image bytes, so exact); then the same queries again while the
+   stream writes new versions of existing pins (new images) at
+   ``stream_rate`` pins/s into the version searched, recall counted against
+   the vectors before the updates for the pins not yet updated;
 4. ``store verify`` of the whole version;
 5. a backfill of every pin into a second version (the null encoder with
    another seed) while live pins arrive at ``live_rate``/s: backfill pins/s,
    and the live pins' freshness (event time to Redis write) meanwhile.
 
-The null encoder's vectors are pseudo-random points (a hash of the bytes),
-with no neighbourhood structure: recall on them is a pessimistic figure for
-an ANN index. `pinfresh bench similar` measures the index on clustered
-vectors.
+The null encoder's vectors are pseudo-random points of full rank (a hash of
+the bytes), with no neighbourhood structure: recall on them is a pessimistic
+figure for an ANN index. `pinfresh bench similar` measures the index on
+clustered vectors. The Milvus engine is whatever the stack runs
+(``PINFRESH_STACK__MILVUS``); the report names it (``milvus_engine``).
 """
 
 from __future__ import annotations
@@ -47,7 +51,6 @@ from rich.progress import Progress
 
 from encoder.null import NullEncoder, null_vector
 from store.lifecycle import open_stores
-from store.reader import EmbeddingReader
 from store.verify import verify_cache
 from streams.events import PinEvent
 from streams.producer import ensure_topics, publish_events
@@ -84,10 +87,20 @@ def make_images(root: Path, stamps: list[Path], n: int, side: int = 48) -> list[
 
 
 def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    """Resident memory of ``pid`` and every descendant (the server is the wrapper's child)."""
+    total = 0
+    todo = [pid]
+    while todo:
+        p = todo.pop()
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo.extend(int(c) for c in (task / "children").read_text().split())
+        except OSError:
+            continue
+    return total / 1024
 
 
 def _du_mb(path: Path) -> float:
@@ -146,31 +159,91 @@ def _rates_by_tenth(written: list[float]) -> list[float]:
                                                                    strict=False)]
 
 
-async def _similar(s: Settings, paths: list[Path], queries: int) -> dict[str, Any]:
+async def _queries(s: Settings, picks: np.ndarray) -> tuple[list[float], list[set[str]]]:
     async with open_stores(s) as stores:
-        settled = await stores.milvus.settle(LIVE)
-        reader = EmbeddingReader(stores.milvus, stores.cache)
-        rng = np.random.default_rng(0)
-        picks = rng.choice(len(paths), size=min(queries, len(paths)), replace=False)
+        reader = stores.reader
         lat, hits = [], []
         for i in picks:
             t = time.perf_counter()
             _, res = await reader.similar(pin_id=f"v{i}", k=10)
             lat.append((time.perf_counter() - t) * 1000)
             hits.append({h.pin_id for h in res})
-    vecs = np.stack([null_vector(p.read_bytes(), 512) for p in paths])
-    recall = []
+    return lat, hits
+
+
+def _recall(vecs: np.ndarray, picks: np.ndarray, hits: list[set[str]],
+            skip: set[int] = frozenset()) -> list[float]:  # type: ignore[assignment]
+    """recall@10 of each query against an exact search.
+
+    Queries whose pin or any of whose true neighbours changed meanwhile
+    (``skip``) are left out.
+    """
+    out = []
     for lo in range(0, len(picks), 100):
         q = vecs[picks[lo:lo + 100]]
         scores = q @ vecs.T
         scores[np.arange(len(q)), picks[lo:lo + 100]] = -np.inf  # the pin itself is excluded
         top = np.argpartition(-scores, 10, axis=1)[:, :10]
-        for row, got in zip(top, hits[lo:lo + 100], strict=True):
-            recall.append(len({f"v{j}" for j in row} & got) / 10)
-    return {"similar_p50_ms": round(percentile(lat, 0.5), 1),
-            "similar_p99_ms": round(percentile(lat, 0.99), 1),
-            "similar_recall_at_10": round(statistics.fmean(recall), 4),
-            "similar_queries": len(picks), "index_settled": settled}
+        for i, row, got in zip(picks[lo:lo + 100], top, hits[lo:lo + 100], strict=True):
+            if int(i) in skip or skip.intersection(int(j) for j in row):
+                continue
+            out.append(len({f"v{j}" for j in row} & got) / 10)
+    return out
+
+
+async def _similar(s: Settings, paths: list[Path], queries: int, stream_rate: float,
+                   console: Console) -> dict[str, Any]:
+    async with open_stores(s) as stores:
+        t = time.monotonic()
+        settled = await stores.milvus.settle(LIVE, deadline_s=1800)
+        settle_s = time.monotonic() - t
+    rng = np.random.default_rng(0)
+    picks = rng.choice(len(paths), size=min(queries, len(paths)), replace=False)
+    vecs = np.stack([null_vector(p.read_bytes(), 512) for p in paths])
+    lat, hits = await _queries(s, picks)
+    recall = _recall(vecs, picks, hits)
+    out: dict[str, Any] = {
+        "similar_p50_ms": round(percentile(lat, 0.5), 1),
+        "similar_p99_ms": round(percentile(lat, 0.99), 1),
+        "similar_recall_at_10": round(statistics.fmean(recall), 4),
+        "similar_queries": len(picks), "index_settled": settled,
+        "index_settle_s": round(settle_s, 1)}
+    # again while the stream writes new images for random pins into the searched version
+    stop = asyncio.Event()
+    updated: list[int] = []
+    loads: list[float] = []
+
+    async def stream() -> None:
+        r = np.random.default_rng(1)
+        while not stop.is_set():
+            ids = [int(x) for x in r.integers(0, len(paths), max(1, int(stream_rate)))]
+            updated.extend(ids)
+            await publish_events(s.kafka, [PinEvent.upsert(
+                f"v{i}", str(paths[(i + 1) % len(paths)]), 2) for i in ids], progress=False)
+            loads.append(os.getloadavg()[0])
+            await asyncio.sleep(1.0)
+
+    pub = asyncio.create_task(stream())
+    await asyncio.sleep(5.0)  # the writes are flowing before the first query
+    try:
+        lat2, hits2 = await _queries(s, picks)
+    finally:
+        stop.set()
+        await pub
+    recall2 = _recall(vecs, picks, hits2, skip=set(updated))
+    console.print(f"similar while streaming {stream_rate:g} updates/s: "
+                  f"{len(set(updated))} pins updated, recall over {len(recall2)} queries")
+    out.update({
+        "similar_streaming_p50_ms": round(percentile(lat2, 0.5), 1),
+        "similar_streaming_p99_ms": round(percentile(lat2, 0.99), 1),
+        "similar_streaming_recall_at_10": round(statistics.fmean(recall2), 4)
+        if recall2 else None,
+        "similar_streaming_queries": len(picks),
+        "similar_streaming_recall_queries": len(recall2),
+        "stream_rate_updates_per_s": stream_rate,
+        "stream_updates_published": len(updated),
+        "load_avg_1m_while_streaming": round(statistics.fmean(loads), 2) if loads else None})
+    return out
 
 
 async def _backfill_with_live(s: Settings, live_rate: float, paths: list[Path],
@@ -220,7 +293,8 @@ async def _backfill_with_live(s: Settings, live_rate: float, paths: list[Path],
 
 
 def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,
-                     live_rate: float, out: Path, console: Console) -> dict[str, Any]:
+                     live_rate: float, out: Path, console: Console,
+                     stream_rate: float = 200.0) -> dict[str, Any]:
     """Run every step (see the module docstring); print the table, write JSON to ``out``."""
     from streams.tools.bench import private_stack
 
@@ -230,7 +304,8 @@ def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,
         "encoder": settings.encoder.model_copy(update={"model": "null"}),
         "worker": settings.worker.model_copy(update={"metrics_port": 0}),
         "log_level": "WARNING"})
-    report: dict[str, Any] = {"pins": pins, "feeders": feeders}
+    report: dict[str, Any] = {"pins": pins, "feeders": feeders,
+                              "milvus_engine": _engine_name(settings)}
     for name in ("streams", "store", "encoder"):  # the backfill runs here: no line per batch
         logging.getLogger(name).setLevel(logging.WARNING)
     t_all = time.monotonic()
@@ -267,7 +342,7 @@ def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,
             milvus_pid = _milvus_pid(tmp)
             report["milvus_rss_mb"] = round(_rss_mb(milvus_pid), 1) if milvus_pid else None
             report["milvus_disk_mb"] = round(_du_mb(tmp / "milvus"), 1)
-            report.update(asyncio.run(_similar(s, paths, queries)))
+            report.update(asyncio.run(_similar(s, paths, queries, stream_rate, console)))
 
             async def verify() -> tuple[float, bool]:
                 async with open_stores(s) as stores:
@@ -296,8 +371,15 @@ def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,
         ("pins/s by tenth", ", ".join(f"{x:.0f}" for x in report["pins_per_s_by_tenth"])),
         ("Redis bytes per pin and version", report["redis_bytes_per_pin_version"]),
         ("Milvus RSS MB / disk MB", f"{report['milvus_rss_mb']} / {report['milvus_disk_mb']}"),
-        ("similar p50 / p99 ms", f"{report['similar_p50_ms']} / {report['similar_p99_ms']}"),
-        ("similar recall@10 (null vectors)", report["similar_recall_at_10"]),
+        ("Milvus engine", report["milvus_engine"]),
+        ("index settle s (after the drain)", report["index_settle_s"]),
+        ("similar p50 / p99 ms, at rest", f"{report['similar_p50_ms']} / "
+         f"{report['similar_p99_ms']}"),
+        ("similar recall@10 at rest (null vectors)", report["similar_recall_at_10"]),
+        (f"similar p50 / p99 ms, {stream_rate:g} updates/s streaming",
+         f"{report['similar_streaming_p50_ms']} / {report['similar_streaming_p99_ms']}"),
+        ("similar recall@10 while streaming", report["similar_streaming_recall_at_10"]),
+        ("load average (1 min) while streaming", report["load_avg_1m_while_streaming"]),
         ("store verify s", report["verify_s"]),
         ("backfill pins/s", report["backfill_pins_per_s"]),
         (f"live freshness p99 s during backfill ({live_rate:g}/s)",
@@ -305,6 +387,16 @@ def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,
     ]
     emit(f"pinfresh bench volume ({pins:,} pins)", rows, report, out, console)
     return report
+
+
+def _engine_name(settings: Settings) -> str:
+    if settings.stack.milvus == "lite":
+        from importlib.metadata import version
+
+        return f"milvus-lite {version('milvus-lite')}"
+    from streams.tools.milvus_server import release
+
+    return f"milvus {release()} standalone"
 
 
 def _milvus_pid(stack_dir: Path) -> int | None:

@@ -71,7 +71,7 @@ async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str,
                 "events_out_per_s": round((consumed[1] - consumed[0]) / interval, 2),
                 "pins_encoded_per_s": round((enc2 - enc1) / interval, 2),
             })
-            letters = await read_dead_letters(settings.kafka, timeout_s=2.0)
+            letters = await read_dead_letters(settings.kafka, stall_s=5.0)
             out["dlq_total"] = len(letters)
             out["dlq_by_reason"] = dict(Counter(d.reason.value for d in letters))
         if out["health"]["redis"] == "ok":

@@ -41,6 +41,14 @@ async def _seed(redis_url: str, milvus_uri: str, prefix: str) -> dict[str, dict[
         await cache.upsert(ver, records[:15])  # 5 only in Milvus: fallback + refill
         truth[ver] = {r.pin_id: r.vector for r in records}
     await cache.set_live("va")
+    # the read path's Milvus fallback reads at Bounded consistency: wait until the
+    # server's time has passed these writes (a fraction of a second) before reading
+    deadline = time.monotonic() + 60
+    for ver in ("va", "vb"):
+        only = [f"dog-{i}" for i in range(5, 10)]
+        while len(await milvus.get_many(ver, only, consistency="Bounded")) < len(only):
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.05)
     await milvus.close()
     await cache.close()
     return truth

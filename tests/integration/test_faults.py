@@ -125,12 +125,19 @@ async def test_kill_one_of_two_workers(pipeline, catalog, fault_case):
         if version and await pipeline.cache.count(version) >= 40:
             break
         await asyncio.sleep(0.1)
+    w1_written = pipeline.metric("pinfresh_events_total", "w1", '{outcome="written"}')
     pipeline.kill_worker("w1")
     meta, letters = await pipeline.settle(ids, timeout=300)
     assert len(meta) + len(letters) == len(ids)
     rows = await pipeline.milvus.iter_pins(version)
     assert sorted(r["pin_id"] for r in rows) == sorted(meta)
     await _stores_agree(pipeline, version)
+    # no pin written twice: the survivor skips what w1 wrote (w1 may finish a batch
+    # between the metric read and the kill: those pins are counted by neither)
+    w2_written = pipeline.metric("pinfresh_events_total", "w2", '{outcome="written"}')
+    w = pipeline.settings.worker
+    assert len(meta) - w.batch_size * w.batches_in_flight <= w1_written + w2_written \
+        <= len(meta)
     fault_case.add("kill point: one of two workers SIGKILLed mid-stream",
                    "the survivor takes over; every pin servable once or dead-lettered",
                    f"{len(meta)} servable once, {len(letters)} dead-lettered, stores agree")

@@ -162,3 +162,100 @@ async def test_killed_backfill_resumes_without_reencoding(pipeline, catalog, enc
     # at most once plus one batch
     assert rep.encoded == n - done_at_kill
     assert rep.skipped >= done_at_kill
+
+
+async def _two_versions(pipeline, catalog, encoder_b, n: int = 40):
+    items = catalog[100:100 + n]
+    pipeline.start_worker("w1")
+    await pipeline.publish([it.event(1) for it in items])
+    meta, letters = await pipeline.settle([it.pin_id for it in items], timeout=240)
+    assert len(meta) == n and not letters
+    registry = VersionRegistry(pipeline.milvus, pipeline.cache)
+    va, vb = await pipeline.cache.get_live(), encoder_b.version
+    await registry.register(vb, encoder_b.dim, "pinfresh-effl0-minilm", None, 1)
+    return items, registry, va, vb
+
+
+async def test_promote_compares_every_pins_version_and_backfill_shards_cover_all(
+        pipeline, catalog, encoder_b):
+    """Coverage compares the pin version of every shared pin (a sample missed 1 % of pins
+    left behind), and two backfill shards together fill the version exactly once."""
+    items, registry, va, vb = await _two_versions(pipeline, catalog, encoder_b)
+    pipeline.kill_worker("w1")  # only the backfills write vb now
+    reps = [await run_backfill(pipeline.settings, vb, batch=8, page=7, progress=False,
+                               yield_lag=None, shard=(i, 2), wait_workers_s=0)
+            for i in range(2)]
+    assert sum(r.pins for r in reps) == len(items) and all(r.pins for r in reps)
+    assert sum(r.encoded for r in reps) == len(items)
+    assert await pipeline.cache.count(vb) == len(items)
+    # one pin of the new version left at an older pin version: promote refuses
+    behind = items[7].pin_id
+    rec = (await pipeline.cache.get_many(vb, [behind]))[behind]
+    from dataclasses import replace
+    await pipeline.cache.delete(vb, [behind])
+    await pipeline.cache.upsert(vb, [replace(rec, pin_version=0)])
+    report = await registry.coverage(vb)
+    assert report.behind == [behind] and report.compared == len(items)
+    with pytest.raises(CoverageError, match="older pin version"):
+        await registry.promote(vb)
+    # a backfill run repairs it (from Milvus, which still has v1: no encode), then
+    # promote passes
+    rep = await run_backfill(pipeline.settings, vb, batch=8, progress=False, yield_lag=None,
+                             wait_workers_s=0)
+    assert rep.encoded == 0 and (await registry.coverage(vb)).behind == []
+    assert await registry.promote(vb) is not None
+
+
+async def test_retire_under_a_live_stream_loses_nothing_and_leaves_no_keys(
+        pipeline, catalog, encoder_b):
+    """Retire is two-phase: the version leaves every worker's write set, then it is
+    dropped. Events streaming meanwhile are all written to the live version, none is
+    dead-lettered, and no key of the retired version survives."""
+    items, registry, va, vb = await _two_versions(pipeline, catalog, encoder_b, n=20)
+    probe = catalog[130]
+    await pipeline.publish([probe.event(1)])
+    assert await _count(pipeline.cache, vb, 1, timeout=240) >= 1  # the worker writes vb
+    stream = [it for it in catalog[140:260] if "party-horn-out" not in it.pin_id]
+
+    async def publish_slowly():
+        for i in range(0, len(stream), 10):
+            await pipeline.publish([it.event(1) for it in stream[i:i + 10]])
+            await asyncio.sleep(0.2)
+
+    feeder = asyncio.create_task(publish_slowly())
+    clean = await registry.retire(vb, wait_s=120)
+    await feeder
+    assert clean
+    ids = [it.pin_id for it in stream]
+    meta, letters = await pipeline.settle(ids, timeout=300)
+    assert len(meta) == len(ids) and not letters
+    assert not await pipeline.milvus.has_version(vb)
+    leftovers = [k async for k in pipeline.cache.client.scan_iter(
+        match=f"{pipeline.cache.p}:{vb}:*")]
+    assert leftovers == []
+    log = pipeline.worker_log("w1")
+    assert "internal_error" not in log and "Traceback" not in log, log[-3000:]
+
+
+async def test_stale_requeue_keeps_the_metadata(pipeline, catalog):
+    from streams.refresh import find_stale, requeue_stale
+
+    it = catalog[90]
+    pipeline.start_worker("w1")
+    ev = PinEvent.upsert(it.pin_id, it.image, 1, caption="c", metadata={"board": "b1"})
+    await pipeline.publish([ev])
+    assert await pipeline.wait([it.pin_id], timeout=240)
+    rows = [r for r in await find_stale(pipeline.settings, 0.0001, False)
+            if r["pin_id"] == it.pin_id]
+    assert rows
+    assert await requeue_stale(pipeline.settings, rows) == 1
+    version = await pipeline.cache.get_live()
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # the re-encode rewrites the record (same version)
+        m = (await pipeline.cache.get_meta(version, [it.pin_id]))[it.pin_id]
+        if float(m["encode_time"]) > float(rows[0]["encode_time"]):
+            break
+        await asyncio.sleep(0.2)
+    rec = (await pipeline.milvus.get_many(version, [it.pin_id]))[it.pin_id]
+    assert rec.encode_time > float(rows[0]["encode_time"])
+    assert rec.metadata == {"board": "b1"}

@@ -7,9 +7,9 @@ import time
 import numpy as np
 import pytest
 
+from encoder.errors import DimensionMismatch
 from store.base import EmbeddingRecord
 from store.config import MilvusSettings, RedisSettings
-from encoder.errors import DimensionMismatch
 from store.milvus import MilvusStore
 from store.reader import EmbeddingReader
 from store.redis import RedisCache

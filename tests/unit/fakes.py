@@ -166,9 +166,9 @@ class FakeCache(_Faults):
         return {v for v in versions if v in self.info}
 
     async def report_writer(self, name: str, write_set: Sequence[str],
-                            holding: Sequence[str]) -> None:
+                            batches: Sequence[Sequence[str]]) -> None:
         self.writer_reports[name] = {"at": time.time(), "write_set": list(write_set),
-                                     "holding": list(holding)}
+                                     "batches": [list(b) for b in batches]}
 
     async def writers(self) -> dict[str, dict[str, object]]:
         return dict(self.writer_reports)

@@ -49,13 +49,27 @@ def _batch(name: str, pins: list[str], first: int) -> list[_Event]:
     return [_Event(_Msg(p.encode(), name.encode(), first + i)) for i, p in enumerate(pins)]
 
 
+async def _until(cond, timeout: float = 10.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():
+        assert loop.time() < deadline, "condition not met"
+        await asyncio.sleep(0.001)
+
+
+async def _settle() -> None:
+    """Let every runnable task run until it blocks (no wall clock involved)."""
+    for _ in range(200):
+        await asyncio.sleep(0)
+
+
 async def test_disjoint_batches_overlap_but_are_acked_in_order():
     proc, stream, drain = _Processor(), _Stream(), DrainState()
     proc.gates[b"a"] = asyncio.Event()
     flight = BatchesInFlight(proc, stream, drain, limit=2)
     await flight.submit(_batch("A", ["a", "b"], 0))
     await flight.submit(_batch("B", ["c", "d"], 2))  # no shared pin: starts while A runs
-    await asyncio.sleep(0.05)
+    await _until(lambda: "end B" in proc.log)
     assert proc.log == ["start A", "start B", "end B"]
     assert stream.acked == [] and not drain.idle.is_set()  # B done, but A first
     proc.gates[b"a"].set()
@@ -70,7 +84,8 @@ async def test_a_batch_sharing_a_pin_waits_for_the_one_in_flight():
     flight = BatchesInFlight(proc, stream, drain, limit=2)
     await flight.submit(_batch("A", ["a", "b"], 0))
     waiting = asyncio.create_task(flight.submit(_batch("C", ["x", "b"], 2)))  # shares b
-    await asyncio.sleep(0.05)
+    await _until(lambda: proc.log == ["start A"])
+    await _settle()
     assert proc.log == ["start A"] and not waiting.done()
     proc.gates[b"a"].set()
     await asyncio.wait_for(waiting, 5)
@@ -88,7 +103,8 @@ async def test_the_limit_bounds_batches_in_flight():
     await flight.submit(_batch("A", ["a"], 0))
     await flight.submit(_batch("B", ["c"], 1))
     third = asyncio.create_task(flight.submit(_batch("C", ["e"], 2)))
-    await asyncio.sleep(0.05)
+    await _until(lambda: proc.log == ["start A", "start B"])
+    await _settle()
     assert not third.done() and proc.log == ["start A", "start B"]
     proc.gates[b"a"].set()
     await asyncio.wait_for(third, 5)
@@ -96,3 +112,35 @@ async def test_the_limit_bounds_batches_in_flight():
     await asyncio.wait_for(drain.idle.wait(), 5)
     assert stream.acked == [0, 1, 2]
     await flight.cancel()
+
+
+async def test_batches_clash_by_pin_id_even_when_the_keys_differ():
+    """A producer that keys by something else: the pin id in the value still orders the
+    two batches (the second is dead-lettered as key_mismatch, but never races the first)."""
+    import json
+
+    def ev(key: str, pin: str, name: str, off: int) -> _Event:
+        value = json.dumps({"pin_id": pin, "name": name}).encode()
+        return _Event(_Msg(key.encode(), value, off))
+
+    class _ByName(_Processor):
+        async def handle(self, msgs):
+            name = json.loads(msgs[0].value)["name"]
+            self.log.append(f"start {name}")
+            gate = self.gates.get(name.encode())
+            if gate is not None:
+                await gate.wait()
+            self.log.append(f"end {name}")
+
+    proc, stream, drain = _ByName(), _Stream(), DrainState()
+    proc.gates[b"A"] = asyncio.Event()
+    flight = BatchesInFlight(proc, stream, drain, limit=2)
+    await flight.submit([ev("k1", "pin-1", "A", 0)])
+    waiting = asyncio.create_task(flight.submit([ev("other-key", "pin-1", "B", 1)]))
+    await _until(lambda: proc.log == ["start A"])
+    await _settle()
+    assert not waiting.done() and proc.log == ["start A"]
+    proc.gates[b"A"].set()
+    await asyncio.wait_for(waiting, 5)
+    await asyncio.wait_for(drain.idle.wait(), 5)
+    assert proc.log == ["start A", "end A", "start B", "end B"]

@@ -8,8 +8,8 @@ import time
 import numpy as np
 import pytest
 
-from streams.events import PinEvent, Reason
 from encoder.errors import TransientFetchError
+from streams.events import PinEvent, Reason
 from streams.processor import Message, PinProcessor, ProcessorHooks
 from streams.settings import WorkerSettings
 from tests.unit.fakes import FakeCache, FakeDLQ, FakeEncoder, FakeFetcher, FakeMilvus

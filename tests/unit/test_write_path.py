@@ -15,7 +15,6 @@ import pytest
 from encoder.errors import (
     Reason,
     StateError,
-    StoreRejected,
     StoreUnavailable,
     UnknownVersion,
 )
