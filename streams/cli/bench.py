@@ -157,17 +157,23 @@ def bench_encode(ctx: Ctx, images_dir: Path | None, make_n: int, size: str,
 @click.option("--clusters", type=int, default=2000, show_default=True)
 @click.option("--seal-rows", type=int, default=256, show_default=True,
               help="the sealing policy measured against none")
+@click.option("--engines", default="server,lite", show_default=True,
+              help="Milvus engines to measure one after the other: server, lite")
 @click.option("--out", type=click.Path(path_type=Path),
               default=Path("bench/results/similar.json"), show_default=True)
 @pass_ctx
 def bench_similar(ctx: Ctx, rows: int, stream_rows: int, cost_rows: int, rate: float,
                   queries: int, writers: int, batch: int, clusters: int, seal_rows: int,
-                  out: Path) -> None:
-    """`similar` on the embedded Milvus while the stream writes: sealing against none."""
+                  engines: str, out: Path) -> None:
+    """`similar` on each embedded Milvus engine while the stream writes, and at rest."""
     from streams.tools.bench_similar import run_similar_bench
 
+    names = tuple(e.strip() for e in engines.split(",") if e.strip())
+    if not names or set(names) - {"server", "lite"}:
+        raise click.BadParameter("a comma-separated list of server, lite",
+                                 param_hint="--engines")
     run_similar_bench(ctx.settings, rows, stream_rows, cost_rows, rate, queries, writers,
-                      batch, clusters, seal_rows, out, console)
+                      batch, clusters, seal_rows, out, console, engines=names)
 
 
 @bench.command("volume")

@@ -127,11 +127,21 @@ def versions_rollback(ctx: Ctx) -> None:
 
 @versions.command("retire")
 @click.argument("version")
+@click.option("--wait", "wait_s", type=float, default=300.0, show_default=True,
+              help="longest wait for the workers to stop writing VERSION before the drop")
 @pass_ctx
-def versions_retire(ctx: Ctx, version: str) -> None:
-    """Stop writing VERSION and drop its collection and Redis keys."""
-    _registry_call(ctx.settings, lambda reg: reg.retire(version))
-    console.print(f"{version} retired and dropped")
+def versions_retire(ctx: Ctx, version: str, wait_s: float) -> None:
+    """Stop writing VERSION, wait until no worker's batch writes it, then drop it.
+
+    Two phases: the version is marked retired (workers drop it from their write
+    set at their next registry read, every 3 s), then its Milvus collection and
+    Redis keys are dropped once every running worker's reported batches have
+    let go of it (at most --wait seconds; after that it is dropped anyway, and a
+    batch still writing it leaves it out when it finds the collection gone).
+    """
+    clean = _registry_call(ctx.settings, lambda reg: reg.retire(version, wait_s=wait_s))
+    console.print(f"{version} retired and dropped"
+                  + ("" if clean else f" (workers still reported it after {wait_s:.0f}s)"))
 
 
 @cli.command()
@@ -140,13 +150,24 @@ def versions_retire(ctx: Ctx, version: str) -> None:
 @click.option("--max-rate", type=float, help="pins/s cap")
 @click.option("--yield-lag", default=100, show_default=True,
               help="pause while the workers' consumer lag is above this (live traffic first)")
+@click.option("--shard", default="0/1", show_default=True,
+              help="I/N: only the pins whose id hashes to shard I of N (CRC-32), so N hosts "
+              "can share one backfill, each with its own --shard")
 @pass_ctx
-def backfill(ctx: Ctx, target: str, batch: int, max_rate: float | None, yield_lag: int) -> None:
-    """Re-encode every live pin into VERSION; resumable, skips what is done."""
+def backfill(ctx: Ctx, target: str, batch: int, max_rate: float | None, yield_lag: int,
+             shard: str) -> None:
+    """Re-encode every live pin into VERSION; resumable, skips what is done.
+
+    Reads the catalog from the live version in Milvus, a page at a time.
+    """
     from streams.refresh import run_backfill
 
+    try:
+        i, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        raise click.BadParameter("I/N, e.g. 0/4", param_hint="--shard") from None
     rep = asyncio.run(run_backfill(ctx.settings, target, batch=batch, max_rate=max_rate,
-                                   yield_lag=yield_lag))
+                                   yield_lag=yield_lag, shard=(i, n)))
     console.print(f"backfill {rep.source} -> {rep.target}: {rep.pins} pins, {rep.encoded} "
                   f"encoded, {rep.skipped} already done, {rep.dead_letters} dead letters, "
                   f"{rep.pins_per_s:.1f} pins/s, yielded {rep.yielded_s:.1f}s to live traffic")

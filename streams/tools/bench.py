@@ -54,7 +54,8 @@ def private_stack(settings: Settings, catalog_root: Path, redis_cluster: int = 0
     """
     with tempfile.TemporaryDirectory(prefix="pinfresh-bench-") as tmp:
         stack = EmbeddedStack(StackSettings(data_dir=Path(tmp), kafka_port=0, redis_port=0,
-                                            milvus_port=0, redis_cluster=redis_cluster))
+                                            milvus_port=0, redis_cluster=redis_cluster,
+                                            milvus=settings.stack.milvus))
         info = stack.start()
         try:
             yield settings.with_stack(info).model_copy(update={

@@ -1,10 +1,12 @@
 """``pinfresh bench similar``: `similar` on the embedded Milvus while the stream writes.
 
-Milvus Lite scans its unsealed rows one by one on every search (see
-`store.milvus`); a store can seal a collection every ``seal_rows`` rows it
-writes (`MilvusSettings.seal_rows`, off by default). This benchmark measures
-that policy against writing with no seals, in one run, on a private embedded
-stack (the launcher the CLI uses):
+Run on each engine given (``--engines server,lite``: the `milvus` 2.3.5
+standalone server and Milvus Lite), one after the other in one run, each on a
+private embedded stack (the launcher the CLI uses). Milvus Lite scans its
+unsealed rows one by one on every search (see `store.milvus`); a store can
+seal a collection every ``seal_rows`` rows it writes
+(`MilvusSettings.seal_rows`, off by default), so per engine the benchmark
+measures that policy against writing with no seals:
 
 1. **write cost**: ``cost_rows`` rows upserted as fast as ``writers``
    concurrent writers go (batches of ``batch``, as a feeder writes), into a
@@ -15,7 +17,11 @@ stack (the launcher the CLI uses):
    to back: p50/p99 of its latency and the write rate reached;
 4. **at rest**: after a flush and the background index builds, ``queries``
    searches: p50/p99, and recall@10 against an exact search (numpy, every
-   stored vector) for the same queries.
+   stored vector) for the same queries; a get of 25 pins by id (Bounded, as
+   the read path's fallback, and Session, as a worker's lookup); the engine's
+   resident memory (its whole process tree);
+5. **restart**: the engine SIGKILLed and started again on its data, timed
+   until it answers a search on the collection (the launcher's readiness).
 
 The vectors are synthetic, not model output: L2-normalised points around
 ``clusters`` random centres, so the nearest neighbours are not ties; queries
@@ -107,7 +113,7 @@ async def _settle(store: MilvusStore, version: str) -> float:
 
 async def _run(settings: Settings, rows: int, stream_rows: int, cost_rows: int, rate: float,
                queries: int, writers: int, batch: int, clusters: int, seal_rows: int,
-               console: Console) -> dict[str, Any]:
+               console: Console, restart: Any = None) -> dict[str, Any]:
     rng = np.random.default_rng(0)
     base = settings.milvus
     policies = {"seal": seal_rows, "no seal": 0}
@@ -180,10 +186,22 @@ async def _run(settings: Settings, rows: int, stream_rows: int, cost_rows: int, 
                 exact = np.argsort(-(q[:queries] @ stored.T), axis=1)[:, :10]
                 recall = statistics.fmean(
                     len({f"b{j}" for j in exact[i]} & set(hits[i])) / 10 for i in range(queries))
+                gets: dict[str, list[float]] = {"Bounded": [], "Session": []}
+                for _ in range(200):
+                    ids = [f"b{j}" for j in rng.integers(0, rows, 25)]
+                    for level, xs in gets.items():
+                        t = time.perf_counter()
+                        await reader.get_many("sim", ids, consistency=level)  # type: ignore[arg-type]
+                        xs.append((time.perf_counter() - t) * 1000)
                 report["at_rest"] = {"similar_p50_ms": _pct(lat, 0.5),
                                      "similar_p99_ms": _pct(lat, 0.99),
                                      "recall_at_10": round(recall, 4), "queries": queries,
-                                     "rows": int(len(stored))}
+                                     "rows": int(len(stored)),
+                                     "get25_bounded_p50_ms": _pct(gets["Bounded"], 0.5),
+                                     "get25_session_p50_ms": _pct(gets["Session"], 0.5)}
+                if restart is not None:
+                    report["rss_mb"] = round(restart("rss"), 1)
+                    report["restart_to_search_s"] = round(restart("restart"), 1)
                 await sealed.drop_version("sim")
             finally:
                 await reader.close()
@@ -193,28 +211,83 @@ async def _run(settings: Settings, rows: int, stream_rows: int, cost_rows: int, 
     return report
 
 
+def _engine_probe(stack_dir: Path) -> Any:
+    """Probes of the stack's Milvus.
+
+    ``probe("rss")``: its process tree's RSS in MB; ``probe("restart")``:
+    SIGKILL it, start it on its data, seconds until it answers a search again.
+    """
+    from streams.settings import StackSettings
+    from streams.tools.bench_volume import _rss_mb
+    from streams.tools.stack import EmbeddedStack
+
+    def probe(what: str) -> float:
+        st = EmbeddedStack(StackSettings(data_dir=stack_dir))
+        info = st.read()
+        assert info is not None
+        if what == "rss":
+            return _rss_mb(info.milvus.pid)
+        st = EmbeddedStack(StackSettings(data_dir=stack_dir, milvus=info.milvus_engine,
+                                         start_timeout_s=1800))
+        st.kill_service("milvus")
+        t = time.perf_counter()
+        st.start_service("milvus")  # returns once every collection answers a search
+        return time.perf_counter() - t
+
+    return probe
+
+
+def engine_name(engine: str) -> str:
+    """The engine and its release, as the reports name it."""
+    from importlib.metadata import version
+
+    if engine == "lite":
+        return f"milvus-lite {version('milvus-lite')}"
+    return f"milvus {version('milvus')} standalone"
+
+
 def run_similar_bench(settings: Settings, rows: int, stream_rows: int, cost_rows: int,
                       rate: float, queries: int, writers: int, batch: int, clusters: int,
-                      seal_rows: int, out: Path, console: Console) -> dict[str, Any]:
-    """Run on a private embedded stack; print the table, write JSON to ``out``."""
+                      seal_rows: int, out: Path, console: Console,
+                      engines: tuple[str, ...] = ("server", "lite")) -> dict[str, Any]:
+    """Run on a private embedded stack per engine; print the table, write JSON to ``out``."""
     from streams.tools.bench import private_stack
 
-    with private_stack(settings, Path(".")) as (s, _tmp):
-        report = asyncio.run(_run(s, rows, stream_rows, cost_rows, rate, queries, writers,
-                                  batch, clusters, seal_rows, console))
+    report: dict[str, Any] = {"engines": {}}
+    for engine in engines:
+        s0 = settings.model_copy(update={"stack": settings.stack.model_copy(
+            update={"milvus": engine})})
+        console.print(f"[bold]{engine_name(engine)}[/]")
+        with private_stack(s0, Path(".")) as (s, tmp):
+            report["engines"][engine_name(engine)] = asyncio.run(_run(
+                s, rows, stream_rows, cost_rows, rate, queries, writers, batch, clusters,
+                seal_rows, console, restart=_engine_probe(tmp)))
     report["machine"] = machine()
-    d, c, r = report["during_stream"], report["write_cost"], report["at_rest"]
+    names = list(report["engines"])
+    e = report["engines"]
+
+    def col(f: Any) -> str:
+        return " | ".join(str(f(e[n])) for n in names)
+
     rows_out: list[tuple[str, object]] = [
-        ("seal every (rows)", report["seal_rows"]),
-        ("write rows/s, seal / no seal", f"{c['seal']['rows_per_s']:,} / "
-                                         f"{c['no seal']['rows_per_s']:,}"),
-        ("seals (total s)", f"{c['seal']['seals']} ({c['seal']['seal_seconds']})"),
-        (f"similar p50/p99 ms at {rows:,} rows, stream {rate:g} rows/s, seal",
-         f"{d['seal']['similar_p50_ms']} / {d['seal']['similar_p99_ms']}"),
-        ("  the same, no seal",
-         f"{d['no seal']['similar_p50_ms']} / {d['no seal']['similar_p99_ms']}"),
-        ("similar p50/p99 ms at rest", f"{r['similar_p50_ms']} / {r['similar_p99_ms']}"),
-        ("recall@10 against exact", r["recall_at_10"]),
+        ("engine", " | ".join(names)),
+        ("write rows/s (seal every "
+         f"{seal_rows} / no seal)", col(lambda r: f"{r['write_cost']['seal']['rows_per_s']:,}"
+                                         f" / {r['write_cost']['no seal']['rows_per_s']:,}")),
+        (f"fill rows/s, growing to {rows:,}", col(lambda r: f"{r['fill_rows_per_s']:,}")),
+        (f"similar p50/p99 ms, {rate:g} rows/s streaming, no seal",
+         col(lambda r: f"{r['during_stream']['no seal']['similar_p50_ms']} / "
+                       f"{r['during_stream']['no seal']['similar_p99_ms']}")),
+        ("  the same, seal", col(lambda r: f"{r['during_stream']['seal']['similar_p50_ms']} / "
+                                           f"{r['during_stream']['seal']['similar_p99_ms']}")),
+        ("similar p50/p99 ms at rest", col(lambda r: f"{r['at_rest']['similar_p50_ms']} / "
+                                                     f"{r['at_rest']['similar_p99_ms']}")),
+        ("recall@10 against exact", col(lambda r: r["at_rest"]["recall_at_10"])),
+        ("get 25 by id p50 ms, Bounded / Session",
+         col(lambda r: f"{r['at_rest']['get25_bounded_p50_ms']} / "
+                       f"{r['at_rest']['get25_session_p50_ms']}")),
+        ("RSS MB at rest", col(lambda r: r.get("rss_mb"))),
+        ("restart until a search answers, s", col(lambda r: r.get("restart_to_search_s"))),
     ]
-    emit("similar on the embedded Milvus", rows_out, report, out, console)
+    emit("similar on the embedded Milvus engines", rows_out, report, out, console)
     return report

@@ -92,9 +92,10 @@ async def _state(milvus, cache, pin):
     return (m[pin].pin_version if pin in m else None, r[pin].pin_version if pin in r else None)
 
 
+@pytest.mark.faults
 @pytest.mark.cluster
 @pytest.mark.parametrize("order", ["v6_lands_first", "v5_lands_first"])
-async def test_two_writers_of_one_pin_end_at_the_highest_version(real, order):
+async def test_two_writers_of_one_pin_end_at_the_highest_version(real, order, fault_case):
     milvus, cache = real
     await proc(milvus, cache).start()
     slow = Paused(milvus, 5)
@@ -114,12 +115,18 @@ async def test_two_writers_of_one_pin_end_at_the_highest_version(real, order):
         slow.gate.set()  # ...then v5's Milvus write lands on top of it
     rep6 = await asyncio.wait_for(t6, 120)
     await asyncio.wait_for(t5, 120)
-    assert await _state(milvus, cache, "a") == (6, 6)
+    end = await _state(milvus, cache, "a")
+    fault_case.add(f"two writers of one pin, v5 and v6, {order.replace('_', ' ')}",
+                   "both stores end at v6", f"Milvus v{end[0]}, Redis v{end[1]}; v6 writer "
+                   f"wrote again {rep6.rewritten} time(s)", ok=end == (6, 6))
+    assert end == (6, 6)
     assert rep6.rewritten == (1 if order == "v6_lands_first" else 0)
 
 
+@pytest.mark.faults
 @pytest.mark.cluster
-async def test_a_refill_read_then_a_delete_then_the_refill_leaves_the_pin_deleted(real):
+async def test_a_refill_read_then_a_delete_then_the_refill_leaves_the_pin_deleted(
+        real, fault_case):
     milvus, cache = real
     await proc(milvus, cache).start()
     await cache.set_live(V)
@@ -140,7 +147,11 @@ async def test_a_refill_read_then_a_delete_then_the_refill_leaves_the_pin_delete
     finally:
         milvus.get_many = real_get  # type: ignore[method-assign]
     await reader.flush_refills()
-    assert await _state(milvus, cache, "a") == (None, None)
+    end = await _state(milvus, cache, "a")
+    fault_case.add("cache refill read, then delete v2, then the refill write",
+                   "the pin stays deleted in both stores",
+                   f"Milvus {end[0]}, Redis {end[1]}", ok=end == (None, None))
+    assert end == (None, None)
     assert (await reader.get_many(["a"], V)).from_cache == 0
     old = (await real_get(V, ["a"], consistency="Strong")).get("a")
     assert old is None
@@ -159,7 +170,8 @@ async def test_a_refill_never_moves_the_cache_back(real):
     assert await _state(milvus, cache, "a") == (6, 6)
 
 
-async def test_valkey_out_of_memory_is_an_outage_not_a_dead_letter(real, stack):
+@pytest.mark.faults
+async def test_valkey_out_of_memory_is_an_outage_not_a_dead_letter(real, stack, fault_case):
     """maxmemory 1 MB gives a real OOM; the batch waits, then lands when memory is back."""
     import redis.asyncio as aioredis
 
@@ -179,11 +191,17 @@ async def test_valkey_out_of_memory_is_an_outage_not_a_dead_letter(real, stack):
     finally:
         await admin.config_set("maxmemory", before)
     rep = await asyncio.wait_for(task, 120)
+    fault_case.add("Valkey out of memory (maxmemory just above used)",
+                   "an outage: retried, nothing dead-lettered, written once memory is back",
+                   f"{rep.written}/50 written after, {len(dlq.letters)} dead letters",
+                   ok=dlq.letters == [] and rep.written == 50)
     assert dlq.letters == [] and rep.written == 50
     await admin.aclose()
 
 
-async def test_a_read_only_replica_is_an_outage_not_a_dead_letter(real, stack, tmp_path):
+@pytest.mark.faults
+async def test_a_read_only_replica_is_an_outage_not_a_dead_letter(real, stack, tmp_path,
+                                                                    fault_case):
     """Pointed at a Valkey replica, writes get a real READONLY: retried until it is
     promoted, never dead-lettered."""
     import redis.asyncio as aioredis
@@ -222,6 +240,10 @@ async def test_a_read_only_replica_is_an_outage_not_a_dead_letter(real, stack, t
         assert not task.done() and dlq.letters == []
         await admin.execute_command("REPLICAOF", "NO", "ONE")
         rep = await asyncio.wait_for(task, 120)
+        fault_case.add("Valkey read-only replica (READONLY)",
+                       "an outage: retried, nothing dead-lettered, written once promoted",
+                       f"{rep.written}/1 written after promotion, {len(dlq.letters)} dead "
+                       "letters", ok=dlq.letters == [] and rep.written == 1)
         assert dlq.letters == [] and rep.written == 1
     finally:
         await admin.aclose()
