@@ -32,6 +32,8 @@ import grpc
 import numpy as np
 from pymilvus import DataType, MilvusClient, MilvusException
 from pymilvus.exceptions import (
+    ConnectError,
+    ConnectionNotExistException,
     DataNotMatchException,
     DataTypeNotMatchException,
     MilvusUnavailableException,
@@ -52,11 +54,13 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 #: Milvus error codes (``merr`` in Milvus 2.3+) that mean "not now": service not
-#: ready or unavailable, memory/request/disk/rate limits, forced deny, internal;
-#: collection or partition not (fully) loaded; replica, channel, segment or node
-#: missing; storage I/O failed; undefined.
-OUTAGE_CODES = frozenset({1, 2, 3, 4, 5, 7, 8, 9, 101, 103, 201, 202, 401, 501, 503, 601,
-                          602, 901, 902, 903, 905, 1001, 65535})
+#: ready or unavailable, memory/request/disk/rate limits, forced deny; collection or
+#: partition not (fully) loaded; replica, channel, segment or node missing; storage
+#: I/O failed. Internal (5) and undefined (65535) errors are not among them: the
+#: server itself calls them not retriable, so the stream isolates the event that
+#: caused them (a few tries, then ``internal_error``) instead of stalling on it.
+OUTAGE_CODES = frozenset({1, 2, 3, 4, 7, 8, 9, 101, 103, 201, 202, 401, 501, 503, 601,
+                          602, 901, 902, 903, 905, 1001})
 #: Codes that blame the request's content: a parameter invalid or missing.
 ROW_CODES = frozenset({1100, 1101})
 COLLECTION_NOT_FOUND = 100
@@ -161,12 +165,17 @@ class MilvusStore:
         """
         try:
             return await asyncio.to_thread(fn, *args, **kwargs)
-        except (grpc.RpcError, ConnectionError, TimeoutError, MilvusUnavailableException) as exc:
+        except (grpc.RpcError, ConnectionError, TimeoutError, MilvusUnavailableException,
+                ConnectError, ConnectionNotExistException) as exc:
             self._forget_loaded()
             raise StoreUnavailable(f"Milvus {fn.__name__} failed: {exc}", retry_after=1.0) from exc
         except (ParamError, DataNotMatchException, DataTypeNotMatchException) as exc:
             raise StoreRejected(f"Milvus {fn.__name__} refused the data: {exc}") from exc
         except MilvusException as exc:
+            if type(exc) is not MilvusException:
+                # pymilvus's own checks (schema not ready, version incompatible, ...): their
+                # code is pymilvus's default (1), not the server's
+                raise StateError(f"Milvus {fn.__name__} failed: {exc}") from exc
             code = int(getattr(exc, "code", -1) or -1)
             text = f"Milvus {fn.__name__} failed (code {code}): {exc.message}"
             if code in OUTAGE_CODES:

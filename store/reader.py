@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from encoder.errors import NoLiveVersion, PinfreshError, PinNotFound
+from encoder.errors import NoLiveVersion, PinNotFound
 from store.base import SearchHit
 from store.milvus import MilvusStore
 from store.redis import RedisCache
@@ -109,22 +109,22 @@ class EmbeddingReader:
                 recs = await self.milvus.get_many(version, ids, consistency="Strong")
                 if recs:
                     done += len(await self.cache.refill(version, list(recs.values())))
-            except PinfreshError as exc:
-                logger.warning("cache refill of %d pins of %s failed: %s", len(ids), version,
+            except Exception as exc:  # noqa: BLE001 - an optimisation: log, keep the task alive
+                logger.warning("cache refill of %d pins of %s failed: %r", len(ids), version,
                                exc)
         self.refilled += done
         return done
 
     async def close(self) -> None:
-        """Finish the queued refills (at most ``timeout``), then stop the refill task."""
-        if self._pending:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.flush_refills(), 10.0)
+        """Stop the refill task, then finish the queued refills (at most 10 s)."""
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        if self._pending:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flush_refills(), 10.0)
 
     async def resolve_version(self, version: str | None = None) -> str:
         """Return ``version`` or the live one.

@@ -83,8 +83,9 @@ CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 # Every write of a pin is one of these scripts, atomic on the pin's slot; see
 # "Concurrent writers" in the module docstring. Pin versions travel and are stored
 # as decimal strings and compared as such (exact up to 2**62; Lua's numbers are
-# doubles). A writer's entry in the pin's in-flight hash is "<pin version>:<ms>",
-# the server time of its last claim.
+# doubles). A writer's entry in the pin's in-flight hash is "<pin version>:<ms>:<f>":
+# the server time of its last claim, and f = 1 once another writer's release (or an
+# expired claim) marked it as possibly overwritten in Milvus.
 _LIB = """
 local function cmp(a, b)
   if a == nil then return b == nil and 0 or -1 end
@@ -97,21 +98,53 @@ local function now_ms()
   local t = redis.call('TIME')
   return t[1] * 1000 + math.floor(t[2] / 1000)
 end
+local function get(key) local x = redis.call('GET', key); if x then return x end end
+local function hget(key, f) local x = redis.call('HGET', key, f); if x then return x end end
+local function parse(e)
+  local pv, at, d = string.match(e, '^(%d+):(%d+):([01])$')
+  if pv == nil then return nil end
+  return pv, tonumber(at), d == '1'
+end
+local function flag_from(key, v, except)
+  local e = redis.call('HGETALL', key)
+  for i = 1, #e, 2 do
+    if e[i] ~= except then
+      local pv, at, d = parse(e[i + 1])
+      if pv ~= nil and not d and cmp(pv, v) >= 0 then
+        redis.call('HSET', key, e[i], pv .. ':' .. at .. ':1')
+      end
+    end
+  end
+end
 local function older(key, v, ttl)
   local now, n = now_ms(), 0
   local e = redis.call('HGETALL', key)
   for i = 1, #e, 2 do
-    local pv, at = string.match(e[i + 1], '^(%d+):(%d+)$')
-    if pv == nil or tonumber(at) < now - ttl then redis.call('HDEL', key, e[i])
-    elseif cmp(pv, v) < 0 then n = n + 1 end
+    local pv, at = parse(e[i + 1])
+    if pv == nil then redis.call('HDEL', key, e[i])
+    elseif at < now - ttl then
+      redis.call('HDEL', key, e[i])
+      flag_from(key, pv, e[i])
+    elseif cmp(pv, v) <= 0 then n = n + 1 end
   end
   return n
 end
-local function get(key) local x = redis.call('GET', key); if x then return x end end
-local function hget(key, f) local x = redis.call('HGET', key, f); if x then return x end end
+local function release(wip, tomb, token, v, ttl)
+  local mine = redis.call('HGET', wip, token)
+  local dirty = false
+  if mine then
+    local _, _, d = parse(mine)
+    dirty = d
+    redis.call('HDEL', wip, token)
+    flag_from(wip, v, token)
+  end
+  if cmp(get(tomb), v) > 0 then return 0 end
+  return older(wip, v, ttl) + (dirty and 1 or 0)
+end
 """
 # KEYS: tomb, wip, meta of each version. ARGV: op (u|d), token, pin version, tomb ttl s,
-# wip ttl ms. Returns one flag per version: 1 = this writer may write it.
+# wip ttl ms. Returns one flag per version: 1 = this writer may write it. A renewed claim
+# keeps the entry's flag.
 _CLAIM = _LIB + """
 local v = ARGV[3]
 local tomb = get(KEYS[1])
@@ -127,7 +160,10 @@ if ARGV[1] == 'd' and cmp(tomb, v) <= 0 then
   any = 1
 end
 if any == 1 then
-  redis.call('HSET', KEYS[2], ARGV[2], v .. ':' .. now_ms())
+  local d = '0'
+  local old = redis.call('HGET', KEYS[2], ARGV[2])
+  if old then local _, _, od = parse(old); if od then d = '1' end end
+  redis.call('HSET', KEYS[2], ARGV[2], v .. ':' .. now_ms() .. ':' .. d)
   redis.call('PEXPIRE', KEYS[2], ARGV[5])
 end
 return out
@@ -147,10 +183,12 @@ end
 return 0
 """
 # KEYS: vec, meta, ids set, tomb. ARGV: expected stored pin version ('' = absent), pin
-# version, vector bytes, pin id, meta field/values. A repair's compare-and-set.
+# version, vector bytes, pin id, meta field/values. A repair's compare-and-set, never
+# backwards.
 _REPLACE = _LIB + """
 local s = hget(KEYS[2], 'pin_version')
-if ((ARGV[1] == '' and s == nil) or s == ARGV[1]) and cmp(get(KEYS[4]), ARGV[2]) < 0 then
+if ((ARGV[1] == '' and s == nil) or s == ARGV[1]) and cmp(s, ARGV[2]) <= 0
+    and cmp(get(KEYS[4]), ARGV[2]) < 0 then
   redis.call('SET', KEYS[1], ARGV[3])
   redis.call('HSET', KEYS[2], unpack(ARGV, 5))
   redis.call('SADD', KEYS[3], ARGV[4])
@@ -158,16 +196,25 @@ if ((ARGV[1] == '' and s == nil) or s == ARGV[1]) and cmp(get(KEYS[4]), ARGV[2])
 end
 return 0
 """
-# KEYS: wip, tomb. ARGV: token, pin version, wip ttl ms. Ends a claim; returns how many
-# writers of older versions are still in flight (0 if a newer delete came since).
+# KEYS: vec, meta, ids set. ARGV: expected stored pin version, pin id. A repair's delete
+# of an entry Milvus does not have: only if it still holds the version that was seen.
+_DROP_IF = _LIB + """
+if hget(KEYS[2], 'pin_version') == ARGV[1] then
+  redis.call('DEL', KEYS[1], KEYS[2])
+  redis.call('SREM', KEYS[3], ARGV[2])
+  return 1
+end
+return 0
+"""
+# KEYS: wip, tomb. ARGV: token, pin version, wip ttl ms. Ends a claim; returns > 0 when
+# the writer must write the pin again: an older (or equal) writer is still in flight,
+# or one released after this writer claimed and may have landed its Milvus write last.
 _RELEASE = _LIB + """
-redis.call('HDEL', KEYS[1], ARGV[1])
-if cmp(get(KEYS[2]), ARGV[2]) > 0 then return 0 end
-return older(KEYS[1], ARGV[2], tonumber(ARGV[3]))
+return release(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]))
 """
 # KEYS: tomb, wip, then vec, meta, ids set of each version. ARGV: token, pin version
 # ('' removes whatever is stored), pin id, wip ttl ms. Removes the pin from every version
-# where it is not newer; returns how many older writers are still in flight.
+# where it is not newer; then releases like _RELEASE.
 _DELETE = _LIB + """
 local v = ARGV[2]
 for i = 3, #KEYS, 3 do
@@ -177,11 +224,10 @@ for i = 3, #KEYS, 3 do
   end
 end
 if ARGV[1] == '' then return 0 end
-redis.call('HDEL', KEYS[2], ARGV[1])
-if cmp(get(KEYS[1]), v) > 0 then return 0 end
-return older(KEYS[2], v, tonumber(ARGV[4]))
+return release(KEYS[2], KEYS[1], ARGV[1], v, tonumber(ARGV[4]))
 """
-# KEYS: wip. ARGV: pin version, wip ttl ms. Writers of older versions still in flight.
+# KEYS: wip. ARGV: pin version, wip ttl ms. Other writers of this or an older version
+# still in flight (expired claims are dropped, and flag the writers above them).
 _IN_FLIGHT = _LIB + """
 return older(KEYS[1], ARGV[1], tonumber(ARGV[2]))
 """
@@ -517,6 +563,36 @@ class RedisCache:
 
         replies = await self._do(go)
         return {r.pin_id for r, x in zip(records, replies, strict=True) if int(x)}
+
+    async def drop_if(self, version: str, expected: Mapping[str, str]) -> set[str]:
+        """Remove pins that still hold the ``pin_version`` a repair saw (a compare-and-set).
+
+        For entries Milvus does not have: one a worker rewrote meanwhile is kept.
+        """
+        if not expected:
+            return set()
+
+        async def go() -> list[Any]:
+            async with self._r.pipeline(transaction=not self.cluster) as pipe:
+                for pid, ver in expected.items():
+                    pipe.eval(_DROP_IF, 3, self.vec_key(version, pid),
+                              self.meta_key(version, pid), self.ids_key(version, pin_slot(pid)),
+                              ver, pid)
+                return list(await pipe.execute())
+
+        replies = await self._do(go)
+        return {pid for pid, x in zip(expected, replies, strict=True) if int(x)}
+
+    async def eviction_policy(self) -> str | None:
+        """``maxmemory-policy`` of the server (of a node), or None if CONFIG is not allowed."""
+        try:
+            got = await self._r.config_get("maxmemory-policy")
+        except (RedisError, OSError):
+            return None
+        if isinstance(got, dict) and "maxmemory-policy" not in got and got:
+            got = next(iter(got.values()))  # a cluster answers per node
+        value = got.get("maxmemory-policy") if isinstance(got, dict) else None
+        return as_text(value) if value is not None else None
 
     async def release(self, token: str, pins: Mapping[str, int]) -> set[str]:
         """End ``token``'s claims; return the pins with an older writer still in flight.

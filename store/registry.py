@@ -274,5 +274,9 @@ class VersionRegistry:
                                "anyway", version, wait_s)
             await self.milvus.drop_version(version)
             await self.cache.drop_version(version)
+            if not clean:  # a batch still writing may recreate keys: sweep once its claims
+                # have expired (it finds the version unregistered from then on)
+                await sleep(self.cache.settings.writer_ttl_s)
+                await self.cache.drop_version(version)
         logger.info("retired %s%s", version, " (dropped)" if drop else "")
         return clean

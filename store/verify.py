@@ -3,9 +3,10 @@
 Checked per pin of a version: present in both, same pin version, same content
 hash, and the cached vector equal to Milvus' (cosine >= 0.999, the cache may
 hold float16). Repair copies Milvus records over missing or wrong cache
-entries, each a compare-and-set on the version it saw (`RedisCache.replace`:
-a worker's newer write landing meanwhile is kept), and removes cache entries
-Milvus does not have.
+entries, each a compare-and-set on the version it saw that never moves a pin
+backwards (`RedisCache.replace`: a worker's newer write landing meanwhile is
+kept), and removes cache entries Milvus does not have (read again at Strong
+consistency first, and removed only if they still hold the version seen).
 """
 
 from __future__ import annotations
@@ -78,10 +79,15 @@ async def verify_cache(milvus: MilvusStore, cache: RedisCache, version: str,
     rep.milvus_pins, rep.cache_pins = len(truth_ids), len(cached_ids)
     for found_list in (rep.missing_in_cache, rep.stale_in_cache, rep.vector_mismatch):
         found_list.sort()
-    rep.extra_in_cache = sorted(cached_ids - truth_ids)
-    if repair and rep.extra_in_cache:
-        await cache.delete(version, rep.extra_in_cache)
-        rep.repaired += len(rep.extra_in_cache)
+    extra = sorted(cached_ids - truth_ids)
+    if extra:  # written since the walk started? read them again, now, at Strong
+        now_in_milvus = set(await milvus.get_many(version, extra, consistency="Strong"))
+        extra = [p for p in extra if p not in now_in_milvus]
+    rep.extra_in_cache = extra
+    if repair and extra:
+        held = await cache.get_meta(version, extra)
+        rep.repaired += len(await cache.drop_if(version, {
+            p: m["pin_version"] for p, m in held.items() if "pin_version" in m}))
     logger.info("verify %s: %d in Milvus, %d cached, %d missing, %d stale, %d wrong vectors, "
                 "%d extra, %d repaired", version, rep.milvus_pins, rep.cache_pins,
                 len(rep.missing_in_cache), len(rep.stale_in_cache), len(rep.vector_mismatch),

@@ -49,17 +49,20 @@ class KafkaDeadLetters:
     def __init__(self, k: KafkaSettings) -> None:
         self.k = k
         self._producer: AIOKafkaProducer | None = None
+        self._starting = asyncio.Lock()  # two batches in flight must not start two producers
 
     async def _ensure(self) -> AIOKafkaProducer:
-        if self._producer is None:
-            producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(self.k))
-            try:
-                await producer.start()
-            except KafkaError as exc:
-                await producer.stop()
-                raise KafkaUnavailable(f"DLQ producer cannot reach Kafka: {exc!r}") from exc
-            self._producer = producer
-        return self._producer
+        async with self._starting:
+            if self._producer is None:
+                producer = AIOKafkaProducer(acks="all", **aiokafka_kwargs(self.k))
+                try:
+                    await producer.start()
+                except KafkaError as exc:
+                    await producer.stop()
+                    raise KafkaUnavailable(
+                        f"DLQ producer cannot reach Kafka: {exc!r}") from exc
+                self._producer = producer
+            return self._producer
 
     async def _send_one(self, producer: AIOKafkaProducer, dl: DeadLetter) -> None:
         key = (dl.pin_id or "").encode() or None

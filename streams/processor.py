@@ -38,16 +38,22 @@ returns):
 
 Concurrent writers. Milvus has no conditional write, so every writer of a
 pin registers in Redis before its Milvus write (`RedisCache.claim`, which
-also refuses versions that are stale there), writes Milvus, writes Redis
-conditionally (never below the stored version or the tombstone), and then
-releases its claim (`RedisCache.release`). The release reports pins for
-which a writer of an *older* version is still registered: that writer's
-Milvus write may land after ours, so once it has released (or its claim
-expired, ``redis.writer_ttl_s``), this writer claims and writes those pins
-again; the claim refuses them if something newer has landed meanwhile. An
-older writer registering after our Redis write is refused by its claim, so
-one round of waiting suffices. Deletes follow the same protocol: the claim
-raises the tombstone first.
+also refuses versions that are stale there, and is renewed before every
+retry of the Milvus call), writes Milvus, writes Redis conditionally (never
+below the stored version or the tombstone), and then releases its claim
+(`RedisCache.release`). Two rules catch a Milvus write that lands after a
+newer one: a writer that releases marks every other writer of the pin at its
+version or above as possibly overwritten, and a writer's release reports
+whether it was so marked or whether a writer at its version or below is
+still in flight (or abandoned its claim, which then expires after
+``redis.writer_ttl_s`` and marks the others). Either way it waits until no
+such writer is in flight and writes the pin again under a new claim, which
+refuses it if something newer has landed meanwhile. Deletes follow the same
+protocol; their claim raises the tombstone first. Two writers of one version
+(a redelivery racing a re-encode) settle the same way: the one that releases
+last writes again, so both stores hold one writer's content. After
+`MAX_WRITE_ROUNDS` rounds a pin still contended is logged (``store verify
+--repair`` reconciles it).
 
 Consistency. The lookups read Milvus at Session consistency (about 2 ms on
 the 2.3 server against 200 ms for Strong, which waits for the next time
@@ -61,12 +67,15 @@ cost a useless fetch or encode.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import hashlib
 import itertools
 import logging
 import os
 import time
 import traceback
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -95,6 +104,16 @@ from streams.settings import WorkerSettings
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 _tokens = itertools.count()
+#: Fingerprints of the dead letters written during the current `PinProcessor.handle` call.
+_SENT: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("pinfresh_sent",
+                                                                        default=None)
+#: Rounds of writing again (another writer may have overwritten a pin in Milvus) before
+#: giving up on a pin with an error (equal versions racing could flag each other again).
+MAX_WRITE_ROUNDS = 8
+#: How often a batch in flight renews its writer report (`store.registry.wait_writers`).
+REPORT_EVERY_S = 10.0
+#: This process's part of every writer token (a restarted container keeps host and pid).
+_PROCESS_ID = uuid.uuid4().hex[:12]
 
 
 class Encoder(Protocol):
@@ -219,6 +238,7 @@ class Cache(Protocol):
     ) -> set[str]: ...
     async def in_flight(self, pins: Mapping[str, int]) -> set[str]: ...  # noqa: D102
     async def registered(self, versions: Sequence[str]) -> set[str]: ...  # noqa: D102
+    async def eviction_policy(self) -> str | None: ...  # noqa: D102
     async def report_writer(  # noqa: D102
         self, name: str, write_set: Sequence[str], batches: Sequence[Sequence[str]]
     ) -> None: ...
@@ -329,8 +349,6 @@ class PinProcessor:
         self.writer_ttl_s = writer_ttl_s
         self._sleep = sleep
         self._fetch_sem = asyncio.Semaphore(settings.fetch_concurrency)
-        #: Fingerprints of the dead letters written during the current `handle` call.
-        self._sent: set[str] = set()
         #: write sets of the batches in flight (reported with `Cache.report_writer`)
         self._active: dict[int, frozenset[str]] = {}
 
@@ -354,6 +372,12 @@ class PinProcessor:
             logger.info("model version %s is now live (first version)", first)
         for ver in write:
             metrics.MODEL_INFO.labels(version=ver).set(1)
+        policy = await self._retry("redis", self.cache.eviction_policy)
+        if policy not in (None, "noeviction"):
+            logger.error("Redis maxmemory-policy is %s: it may evict tombstones and writer "
+                         "claims (keys with a TTL) and cached vectors, and then a deleted pin "
+                         "can come back and writers can race; set it to noeviction "
+                         "(docs/operations.md)", policy)
 
     # ------------------------------------------------------------------ retry
     def _backoff(self) -> Backoff:
@@ -425,13 +449,23 @@ class PinProcessor:
         write = dict(await self._retry("registry", self.versions.write_set))
         key = id(batch)
         self._active[key] = frozenset(write)
-        # reported before any write: `versions retire` waits until no batch holds a version
+        # reported before any write, and again while the batch runs (an outage can hold it
+        # for long): `versions retire` waits until no batch holds a version
         await self._report(list(write))
+        ticker = asyncio.create_task(self._keep_reporting(list(write)))
         try:
             await self._apply_steps(batch, write)
         finally:
+            ticker.cancel()
             self._active.pop(key, None)
         await self._report(list(write))
+
+    async def _keep_reporting(self, write: list[str]) -> None:
+        while True:
+            await asyncio.sleep(REPORT_EVERY_S)
+            with contextlib.suppress(Unavailable):
+                await self.cache.report_writer(self.worker_name, write,
+                                               [sorted(b) for b in self._active.values()])
 
     async def _apply_steps(self, batch: _Batch, write: dict[str, Encoder]) -> None:
         report = batch.report
@@ -490,73 +524,80 @@ class PinProcessor:
             return None
 
     # ----------------------------------------------------------------- writes
+    def _token(self) -> str:
+        return f"{self.worker_name}/{_PROCESS_ID}:{next(_tokens)}"
+
     async def _write(self, records: dict[str, list[EmbeddingRecord]], batch: _Batch,
                      report: BatchReport) -> float:
         """Write records under the claim protocol (see the module docstring).
 
-        Claim, write Milvus then Redis per version, release; then redo what an
-        older writer may still overwrite. Returns the Redis write time of the first
-        round.
+        Claim, write Milvus then Redis per version, release; then write again
+        the pins whose release says another writer may have overwritten them
+        in Milvus. Returns the Redis write time of the first round.
         """
         written_at: float | None = None
         todo = records
-        rounds = 0
-        while todo:
+        for rounds in range(MAX_WRITE_ROUNDS):
             pins = {r.pin_id: r.pin_version for recs in todo.values() for r in recs}
-            token = f"{self.worker_name}:{next(_tokens)}"
-            at, waiting = await self._write_round(token, todo, pins, batch)
+            at, again = await self._write_round(self._token(), todo, pins, batch)
             written_at = at if written_at is None else written_at
             if rounds:
                 report.rewritten += len(pins)
-            rounds += 1
-            if not waiting:
+            if not again:
                 break
-            logger.info("%d pin(s) have an older writer in flight: waiting, then writing "
-                        "them again", len(waiting))
-            await self._wait_for_older({p: pins[p] for p in waiting})
-            todo = {v: [r for r in recs if r.pin_id in waiting] for v, recs in todo.items()}
+            logger.info("%d pin(s) may have been overwritten by another writer in Milvus: "
+                        "waiting for older writers, then writing them again", len(again))
+            await self._wait_for_older({p: pins[p] for p in again})
+            todo = {v: [r for r in recs if r.pin_id in again] for v, recs in todo.items()}
             todo = {v: recs for v, recs in todo.items() if recs}
+        else:
+            logger.error("pins %s were still contended after %d rounds of writes; `pinfresh "
+                         "store verify --repair` reconciles the cache with Milvus",
+                         sorted(pins)[:10], MAX_WRITE_ROUNDS)
         return written_at if written_at is not None else time.time()
 
     async def _write_round(self, token: str, records: dict[str, list[EmbeddingRecord]],
                            pins: dict[str, int], batch: _Batch) -> tuple[float, set[str]]:
         versions = list(records)
-        allowed: dict[str, dict[str, bool]] = {}
+        #: per version, the pins this round sent to Milvus (the only ones Redis may get)
+        sent: dict[str, list[EmbeddingRecord]] = {v: [] for v in versions}
+        claimed = False
+        try:
+            for ver in versions:
+                async def milvus_write(ver: str = ver) -> None:
+                    nonlocal claimed
+                    # renews the claim and drops what turned stale meanwhile
+                    allowed = await self.cache.claim("upsert", token, pins, versions)
+                    claimed = True
+                    recs = [r for r in records[ver] if allowed[r.pin_id][ver]
+                            and not batch.has_failed(self._event(batch, r.pin_id))]
+                    sent[ver] = await self._upsert_rows(ver, recs, batch)
 
-        async def claim() -> None:
-            nonlocal allowed
-            allowed = await self.cache.claim("upsert", token, pins, versions)
-
-        for ver in versions:
-            async def milvus_write(ver: str = ver) -> None:
-                await claim()  # renews the claim and drops what turned stale meanwhile
-                recs = [r for r in records[ver] if allowed[r.pin_id][ver]
-                        and not batch.has_failed(self._event(batch, r.pin_id))]
-                await self._upsert_rows(ver, recs, batch)
-
+                t = time.perf_counter()
+                try:
+                    await self._retry("milvus", milvus_write)
+                except UnknownVersion:
+                    if ver == batch.primary:
+                        raise
+                    logger.warning("version %s vanished (retired?): no longer written", ver)
+                    self.versions.forget(ver)
+                    sent[ver] = []
+                batch.report.add_time("milvus", t)
+            self.hooks.at("after_milvus")
             t = time.perf_counter()
-            try:
-                await self._retry("milvus", milvus_write)
-            except UnknownVersion:
-                if ver == batch.primary:
-                    raise
+            written_at = time.time()
+            # a version retired and dropped while this batch ran gets no keys recreated
+            others = [v for v in versions if v != batch.primary and sent[v]]
+            gone = set(others) - await self._retry("redis", partial(self.cache.registered,
+                                                                    others))
+            for ver in gone:
                 logger.warning("version %s vanished (retired?): no longer written", ver)
                 self.versions.forget(ver)
-                records[ver] = []
-            batch.report.add_time("milvus", t)
-        self.hooks.at("after_milvus")
-        t = time.perf_counter()
-        written_at = time.time()
-        # a version retired and dropped while this batch ran gets no keys recreated
-        others = [v for v in versions if v != batch.primary]
-        gone = set(others) - await self._retry("redis", partial(self.cache.registered, others))
-        for ver in gone:
-            logger.warning("version %s vanished (retired?): no longer written", ver)
-            self.versions.forget(ver)
-        for ver in [v for v in versions if v not in gone]:
-            recs = [r for r in records[ver] if allowed.get(r.pin_id, {}).get(ver)
-                    and not batch.has_failed(self._event(batch, r.pin_id))]
-            if recs:
+            for ver in versions:
+                recs = [r for r in sent[ver] if not batch.has_failed(
+                    self._event(batch, r.pin_id))]
+                if not recs or ver in gone:
+                    continue
                 try:
                     res = await self._retry("redis", partial(self.cache.write, ver, recs,
                                                              written_at=written_at))
@@ -567,29 +608,52 @@ class PinProcessor:
                     continue
                 if ver == batch.primary:
                     batch.written |= res.written
-        batch.report.add_time("redis", t)
-        self.hooks.at("after_redis")
-        waiting = await self._retry("redis", partial(self.cache.release, token, pins))
-        return written_at, waiting
+            batch.report.add_time("redis", t)
+            self.hooks.at("after_redis")
+        except asyncio.CancelledError:
+            raise  # a Milvus call may still land from its thread: the claim expires instead
+        except BaseException:
+            if claimed:  # every Milvus call has returned: release, telling newer writers
+                with contextlib.suppress(Exception):
+                    await self.cache.release(token, pins)
+            raise
+        again = await self._retry("redis", partial(self.cache.release, token, pins))
+        return written_at, again
 
-    async def _upsert_rows(self, ver: str, recs: list[EmbeddingRecord], batch: _Batch) -> None:
-        """Milvus upsert; a row the server refuses for its content is dead-lettered alone."""
+    async def _upsert_rows(self, ver: str, recs: list[EmbeddingRecord], batch: _Batch
+                           ) -> list[EmbeddingRecord]:
+        """Milvus upsert; returns the rows written.
+
+        A row the server refuses for its content is split off (the batch is
+        bisected until it stands alone): in the primary version its event is
+        dead-lettered; in another version (a building one) it is logged and
+        left out there, so readers of the live version are not deprived of it.
+        """
         if not recs:
-            return
+            return []
         try:
             await self.milvus.upsert(ver, recs)
+            return recs
         except StoreRejected as exc:
             if len(recs) == 1:
                 ev = self._event(batch, recs[0].pin_id)
-                logger.error("Milvus refused pin %s: %s", ev.pin_id, exc)
-                batch.fail(ev, self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id))
-                return
+                if ver == batch.primary:
+                    logger.error("Milvus refused pin %s: %s", ev.pin_id, exc)
+                    batch.fail(ev, self._letter(exc.reason, str(exc), ev.to_bytes(),
+                                                ev.pin_id))
+                else:
+                    logger.error("Milvus refused pin %s in version %s (not the live one): "
+                                 "%s; left out of it", ev.pin_id, ver, exc)
+                return []
             mid = len(recs) // 2
-            await self._upsert_rows(ver, recs[:mid], batch)
-            await self._upsert_rows(ver, recs[mid:], batch)
+            return (await self._upsert_rows(ver, recs[:mid], batch)
+                    + await self._upsert_rows(ver, recs[mid:], batch))
 
     async def _wait_for_older(self, pins: dict[str, int]) -> None:
-        """Wait until no older writer of these pins is in flight (claims expire at worst)."""
+        """Wait until no other writer of these pins at this or an older version is in flight.
+
+        Claims expire after the writer ttl at worst.
+        """
         backoff = Backoff(0.05, 1.0, sleep=self._sleep)
         deadline = time.monotonic() + self.writer_ttl_s + 5.0
         while time.monotonic() < deadline:
@@ -604,23 +668,31 @@ class PinProcessor:
         known = await self._retry("redis", self.cache.versions)
         versions = list(write) + sorted(set(known) - set(write))
         todo = {e.pin_id: e.version for e in plan.deletes}
-        while todo:
-            token = f"{self.worker_name}:{next(_tokens)}"
+        for _ in range(MAX_WRITE_ROUNDS):
+            token = self._token()
             allowed = await self._retry("redis", partial(self.cache.claim, "delete", token,
                                                          todo, versions))
-            for ver in versions:
-                # a version whose Milvus holds a newer upsert keeps it (Redis may have lost it)
-                ids = [p for p in todo if allowed[p][ver] and not (
-                    p in lookups.milvus.get(ver, {})
-                    and lookups.milvus[ver][p].pin_version > todo[p])]
-                if ids:
-                    await self._retry("milvus", partial(self.milvus.delete, ver, ids))
-            waiting = await self._retry("redis", partial(self.cache.commit_deletes, token,
-                                                         todo, versions))
-            if not waiting:
+            try:
+                for ver in versions:
+                    # a version whose Milvus holds a newer upsert keeps it (Redis may have
+                    # lost it)
+                    ids = [p for p in todo if allowed[p][ver] and not (
+                        p in lookups.milvus.get(ver, {})
+                        and lookups.milvus[ver][p].pin_version > todo[p])]
+                    if ids:
+                        await self._retry("milvus", partial(self.milvus.delete, ver, ids))
+            except asyncio.CancelledError:
+                raise
+            except BaseException:
+                with contextlib.suppress(Exception):
+                    await self.cache.release(token, todo)
+                raise
+            again = await self._retry("redis", partial(self.cache.commit_deletes, token,
+                                                       todo, versions))
+            if not again:
                 break
-            await self._wait_for_older({p: todo[p] for p in waiting})
-            todo = {p: todo[p] for p in waiting}
+            await self._wait_for_older({p: todo[p] for p in again})
+            todo = {p: todo[p] for p in again}
         report.deleted = len(plan.deletes)
         report.add_time("delete", t)
 
@@ -719,7 +791,10 @@ class PinProcessor:
             old = await self._retry("milvus", partial(self.milvus.get_many, ver,
                                                       [e.pin_id for e in reuse]))
             for ev in reuse:
-                if ev.pin_id in old:
+                # the row may have changed since the lookup (another writer): reuse only a
+                # vector of these very bytes
+                got = old.get(ev.pin_id)
+                if got is not None and got.content_hash == fetched[ev.pin_id][1]:
                     records.append(self._record(ver, ev, old[ev.pin_id].vector,
                                                 fetched[ev.pin_id][1],
                                                 old[ev.pin_id].encode_time))
@@ -745,7 +820,10 @@ class PinProcessor:
     # ------------------------------------------------------------ dead letters
     async def _send_letters(self, letters: Sequence[DeadLetter]) -> None:
         """Write dead letters once each per `handle` call, retrying while the DLQ is down."""
-        todo = [dl for dl in letters if dl.fingerprint not in self._sent]
+        sent = _SENT.get()
+        if sent is None:  # outside `handle` (a direct `process` call): this call's own
+            sent = set()
+        todo = [dl for dl in letters if dl.fingerprint not in sent]
 
         async def attempt() -> None:
             nonlocal todo
@@ -753,10 +831,10 @@ class PinProcessor:
                 await self.dlq.send(todo)
             except Unavailable as exc:
                 done = {dl.fingerprint for dl in getattr(exc, "sent", [])}
-                self._sent |= done
+                sent.update(done)
                 todo = [dl for dl in todo if dl.fingerprint not in done]
                 raise
-            self._sent |= {dl.fingerprint for dl in todo}
+            sent.update(dl.fingerprint for dl in todo)
             for dl in todo:
                 metrics.DEAD_LETTERS.labels(reason=dl.reason.value).inc()
 
@@ -775,11 +853,12 @@ class PinProcessor:
         and the attempt count, and the rest of the batch is applied. No dead
         letter is written twice within one call. Only cancellation propagates.
         """
-        self._sent = set()
+        # per call (several batches are in flight at once, each in its own task)
+        token = _SENT.set(set())
         try:
             return await self._isolate(list(messages))
         finally:
-            self._sent = set()
+            _SENT.reset(token)
 
     async def _isolate(self, msgs: list[Message]) -> BatchReport:
         backoff = self._backoff()

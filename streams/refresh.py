@@ -209,13 +209,15 @@ async def _backfill(
         enc = await asyncio.to_thread(load_version_encoder, info, settings.encoder)
         processor = PinProcessor(
             encoder=enc, versions=StaticVersions(enc), milvus=milvus, cache=cache,
-            fetcher=fetcher, dlq=dlq, settings=settings.worker, worker_name=f"backfill:{target}",
+            fetcher=fetcher, dlq=dlq, settings=settings.worker,
+            worker_name=f"backfill:{target}:{shard[0]}of{shard[1]}",
             observe_freshness=False, writer_ttl_s=settings.redis.writer_ttl_s,
         )
         await processor.start()
         rep = BackfillReport(target=target, source=live)
         t_wait = time.monotonic()
-        if not await registry.wait_writers(target, holding=True, timeout_s=wait_workers_s):
+        if wait_workers_s > 0 and not await registry.wait_writers(
+                target, holding=True, timeout_s=wait_workers_s):
             logger.warning("not every running worker reports writing %s after %.0fs: events "
                            "they apply meanwhile reach only the live version; `versions "
                            "promote` compares every pin and refuses until they are filled in",

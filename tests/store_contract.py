@@ -82,13 +82,54 @@ async def check_cache_contract(cache: Any, ver: str = "m1") -> None:
     assert (await cache.claim("upsert", "w4", {"p": 4}, [ver])) == {"p": {ver: False}}
     await cache.release("w4", {"p": 4})
 
+    # ...and an older writer that released before the newer one: its Milvus write may have
+    # landed last, so the newer one is told to write again (the release flags it)
+    assert (await cache.claim("upsert", "o5", {"o": 5}, [ver])) == {"o": {ver: True}}
+    assert (await cache.claim("upsert", "o6", {"o": 6}, [ver])) == {"o": {ver: True}}
+    assert (await cache.write(ver, [rec("o", 5)])).written == {"o"}  # Redis was empty
+    assert await cache.release("o5", {"o": 5}) == set()
+    assert (await cache.write(ver, [rec("o", 6)])).written == {"o"}
+    assert await cache.release("o6", {"o": 6}) == {"o"}
+    assert await cache.in_flight({"o": 6}) == set()
+    # a renewed claim keeps that flag
+    assert (await cache.claim("upsert", "n5", {"n": 5}, [ver])) == {"n": {ver: True}}
+    assert (await cache.claim("upsert", "n6", {"n": 6}, [ver])) == {"n": {ver: True}}
+    assert await cache.release("n5", {"n": 5}) == set()
+    assert (await cache.claim("upsert", "n6", {"n": 6}, [ver])) == {"n": {ver: True}}
+    assert await cache.release("n6", {"n": 6}) == {"n"}
+    # a delete that finished first flags the newer upsert in flight (its Milvus delete may
+    # have removed the upsert's row)...
+    assert (await cache.claim("delete", "d2", {"u": 2}, [ver])) == {"u": {ver: True}}
+    assert (await cache.claim("upsert", "u3", {"u": 3}, [ver])) == {"u": {ver: True}}
+    assert (await cache.write(ver, [rec("u", 3)])).written == {"u"}
+    assert await cache.commit_deletes("d2", {"u": 2}, [ver]) == set()
+    assert await _version_of(cache, ver, "u") == 3  # the newer upsert is kept
+    assert await cache.release("u3", {"u": 3}) == {"u"}
+    # ...and an older upsert that finished after a delete flags the delete (its Milvus
+    # write may have brought the pin back)
+    assert (await cache.claim("upsert", "x1", {"x": 1}, [ver])) == {"x": {ver: True}}
+    assert (await cache.claim("delete", "x2", {"x": 2}, [ver])) == {"x": {ver: True}}
+    assert (await cache.write(ver, [rec("x", 1)])).written == frozenset()  # tombstone
+    assert await cache.release("x1", {"x": 1}) == set()
+    assert await cache.commit_deletes("x2", {"x": 2}, [ver]) == {"x"}
+    # two writers of the same version: the one that releases last writes again, so both
+    # stores end with one writer's content
+    assert (await cache.claim("upsert", "e-a", {"e": 4}, [ver])) == {"e": {ver: True}}
+    assert (await cache.claim("upsert", "e-b", {"e": 4}, [ver])) == {"e": {ver: True}}
+    assert await cache.release("e-a", {"e": 4}) == {"e"}  # e-b still in flight
+    assert await cache.release("e-b", {"e": 4}) == {"e"}  # flagged by e-a's release
+
     # a claim that is never released stops counting after the writer ttl
     assert (await cache.claim("upsert", "dead", {"q": 1}, [ver])) == {"q": {ver: True}}
-    assert await cache.in_flight({"q": 2}) == {"q"}
+    assert (await cache.claim("upsert", "live", {"q": 2}, [ver])) == {"q": {ver: True}}
+    assert await cache.in_flight({"q": 2}) == {"q"} and await cache.in_flight({"q": 0}) == set()
     deadline = time.monotonic() + 30
-    while await cache.in_flight({"q": 2}) and time.monotonic() < deadline:
+    while await cache.in_flight({"q": 1}) and time.monotonic() < deadline:
+        await cache.claim("upsert", "live", {"q": 2}, [ver])  # the live writer renews
         await asyncio.sleep(0.05)
-    assert await cache.in_flight({"q": 2}) == set()
+    assert await cache.in_flight({"q": 1}) == set()
+    # the expired writer may have landed its write after the live one's: flagged
+    assert await cache.release("live", {"q": 2}) == {"q"}
 
     # versions compare exactly up to 2**62 (Lua numbers are doubles)
     big = 2 ** 62

@@ -48,8 +48,10 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 __all__ = ["PROXY_PORT", "ensure_binaries", "isolation_error", "main", "render_config"]
@@ -183,22 +185,18 @@ def _loopback_up() -> None:
 def isolation_error() -> str | None:
     """Why this machine cannot give Milvus a private network namespace, or None if it can.
 
-    Runs the check in a short-lived child so the caller stays where it is.
+    Runs the check in a short-lived child process (a fresh interpreter, not a
+    fork of a caller that may have threads), so the caller stays where it is.
     """
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child reports through its exit code
-        try:
-            _unshare_net()
-            _loopback_up()
-        except OSError as exc:
-            os._exit(100 + (exc.errno or 0) % 100)
-        os._exit(0)
-    _, status = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(status)
-    if code == 0:
+    try:
+        out = subprocess.run([sys.executable, "-m", "streams.tools.milvus_server", "--check"],
+                             capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"cannot check for network namespaces ({exc})"
+    if out.returncode == 0:
         return None
-    return (f"cannot create a private network namespace for Milvus "
-            f"({os.strerror(code - 100) if code >= 100 else f'exit {code}'})")
+    why = (out.stderr.strip().splitlines() or [f"exit {out.returncode}"])[-1]
+    return f"cannot create a private network namespace for Milvus ({why})"
 
 
 def _pump(src: socket.socket, dst: socket.socket) -> None:
@@ -243,6 +241,7 @@ def _relay(listener: socket.socket) -> None:
         except OSError as exc:
             if exc.errno in (errno.EBADF, errno.EINVAL):
                 return
+            time.sleep(0.1)  # out of file descriptors, say: do not spin
             continue
         threading.Thread(target=_serve_one, args=(client,), daemon=True).start()
 
@@ -250,10 +249,21 @@ def _relay(listener: socket.socket) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the wrapper process (see the module docstring)."""
     ap = argparse.ArgumentParser(prog="python -m streams.tools.milvus_server")
-    ap.add_argument("--data", required=True, type=Path, help="the server's data dir")
-    ap.add_argument("--listen-fd", required=True, type=int,
-                    help="a listening TCP socket, bound by the launcher")
+    ap.add_argument("--data", type=Path, help="the server's data dir")
+    ap.add_argument("--listen-fd", type=int, help="a listening TCP socket, bound by the launcher")
+    ap.add_argument("--check", action="store_true",
+                    help="only check that a private network namespace can be made here")
     args = ap.parse_args(argv)
+    if args.check:
+        try:
+            _unshare_net()
+            _loopback_up()
+        except OSError as exc:
+            print(exc, file=sys.stderr)
+            return 1
+        return 0
+    if args.data is None or args.listen_fd is None:
+        ap.error("--data and --listen-fd are required")
     listener = socket.socket(fileno=args.listen_fd)
     os.set_inheritable(listener.fileno(), False)
     data = args.data.resolve()

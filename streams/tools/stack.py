@@ -530,7 +530,10 @@ def wait_milvus_serving(uri: str, deadline: float) -> None:
 
     client = connect(uri, timeout_s=30.0)
     try:
-        pending = set(client.list_collections())
+        try:
+            pending = set(client.list_collections())
+        except Exception as exc:  # noqa: BLE001 - reported with the service's log
+            raise StackError(f"Milvus did not list its collections ({exc})") from exc
         last = ""
         while pending:
             for name in sorted(pending):

@@ -123,6 +123,49 @@ async def test_two_writers_of_one_pin_end_at_the_highest_version(real, order, fa
     assert rep6.rewritten == (1 if order == "v6_lands_first" else 0)
 
 
+class PausedWrites:
+    """A RedisCache whose conditional writes of ``pin_version`` wait for ``gate``."""
+
+    def __init__(self, cache: RedisCache, pin_version: int) -> None:
+        self.cache, self.pin_version = cache, pin_version
+        self.gate, self.reached = asyncio.Event(), asyncio.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.cache, name)
+
+    async def write(self, version, records, **kw):
+        if any(r.pin_version == self.pin_version for r in records) and not self.gate.is_set():
+            self.reached.set()
+            await self.gate.wait()
+        return await self.cache.write(version, records, **kw)
+
+
+@pytest.mark.faults
+@pytest.mark.cluster
+async def test_an_older_writer_that_lands_last_and_releases_first_is_undone(real, fault_case):
+    """v6 writes Milvus; v5's Milvus write lands on top of it, v5 writes Redis (still
+    empty) and releases before v6 writes Redis: v6 must write again."""
+    milvus, cache = real
+    await proc(milvus, cache).start()
+    slow5 = Paused(milvus, 5)
+    t5 = asyncio.create_task(proc(slow5, cache).process([up("a", "/c/v5.png", 5)]))
+    await asyncio.wait_for(slow5.reached.wait(), 60)
+    held6 = PausedWrites(cache, 6)
+    t6 = asyncio.create_task(proc(milvus, held6).process([up("a", "/c/v6.png", 6)]))
+    await asyncio.wait_for(held6.reached.wait(), 60)  # v6 is in Milvus; its Redis write waits
+    slow5.gate.set()
+    await asyncio.wait_for(t5, 120)  # v5 landed last in Milvus, wrote Redis, released
+    assert await _state(milvus, cache, "a") == (5, 5)
+    held6.gate.set()
+    rep6 = await asyncio.wait_for(t6, 120)
+    end = await _state(milvus, cache, "a")
+    fault_case.add("two writers of one pin: v5's Milvus write lands after v6's and v5 "
+                   "releases first", "both stores end at v6",
+                   f"Milvus v{end[0]}, Redis v{end[1]}; v6 wrote again {rep6.rewritten} "
+                   "time(s)", ok=end == (6, 6))
+    assert end == (6, 6) and rep6.rewritten == 1
+
+
 @pytest.mark.faults
 @pytest.mark.cluster
 async def test_a_refill_read_then_a_delete_then_the_refill_leaves_the_pin_deleted(

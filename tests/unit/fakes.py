@@ -14,6 +14,7 @@ import hashlib
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +81,8 @@ class FakeMilvus(_Faults):
         self.refuse: Callable[[EmbeddingRecord], bool] = lambda r: False
         #: called with (version, records) before an upsert is applied (to interleave writers)
         self.before_upsert: Callable[[str, Sequence[EmbeddingRecord]], object] | None = None
+        #: awaited with (version, pin ids) before a delete is applied
+        self.before_delete: Callable[[str, Sequence[str]], Any] | None = None
 
     def _coll(self, version: str) -> dict[str, EmbeddingRecord]:
         if version not in self.data:
@@ -107,6 +110,8 @@ class FakeMilvus(_Faults):
 
     async def delete(self, version: str, pin_ids: Sequence[str]) -> None:
         self._maybe_fail()
+        if self.before_delete is not None:
+            await self.before_delete(version, pin_ids)
         for p in pin_ids:
             self.data.get(version, {}).pop(p, None)
 
@@ -135,13 +140,16 @@ class FakeCache(_Faults):
         super().__init__()
         self.data: dict[str, dict[str, EmbeddingRecord]] = {}
         self.tombs: dict[str, int] = {}
-        self.wip: dict[str, dict[str, tuple[int, float]]] = {}  # pin -> token -> (v, at)
+        # pin -> token -> [version, claimed at, dirty]
+        self.wip: dict[str, dict[str, list]] = {}
         self.live: str | None = None
         self.info: dict[str, dict[str, str]] = {}  # registered versions
         self.writer_reports: dict[str, dict[str, object]] = {}
         self.writer_ttl_s = writer_ttl_s
         self.clock = clock
         self.stats: tuple[list[float], int] | None = None
+        #: awaited with (version, records) before a conditional write (to interleave writers)
+        self.before_write: Callable[[str, Sequence[EmbeddingRecord]], Any] | None = None
 
     # registry
     async def ensure_version(self, version: str, dim: int, model: str = "") -> None:
@@ -165,6 +173,9 @@ class FakeCache(_Faults):
     async def registered(self, versions: Sequence[str]) -> set[str]:
         return {v for v in versions if v in self.info}
 
+    async def eviction_policy(self) -> str | None:
+        return "noeviction"
+
     async def report_writer(self, name: str, write_set: Sequence[str],
                             batches: Sequence[Sequence[str]]) -> None:
         self.writer_reports[name] = {"at": time.time(), "write_set": list(write_set),
@@ -174,17 +185,41 @@ class FakeCache(_Faults):
         return dict(self.writer_reports)
 
     # writes (the Lua scripts' rules)
+    def _flag_from(self, pin: str, v: int, except_token: str) -> None:
+        for tok, e in self.wip.get(pin, {}).items():
+            if tok != except_token and e[0] >= v:
+                e[2] = True
+
     def _older(self, pin: str, v: int) -> int:
         now = self.clock()
         entries = self.wip.get(pin, {})
-        for tok, (_, at) in list(entries.items()):
-            if at < now - self.writer_ttl_s:
+        n = 0
+        for tok in list(entries):
+            e = entries.get(tok)
+            if e is None:
+                continue
+            if e[1] < now - self.writer_ttl_s:
                 del entries[tok]
-        return sum(1 for pv, _ in entries.values() if pv < v)
+                self._flag_from(pin, e[0], tok)
+            elif e[0] <= v:
+                n += 1
+        return n
+
+    def _release(self, pin: str, token: str, v: int) -> int:
+        mine = self.wip.get(pin, {}).pop(token, None)
+        dirty = False
+        if mine is not None:
+            dirty = mine[2]
+            self._flag_from(pin, v, token)
+        if self.tombs.get(pin, -1) > v:
+            return 0
+        return self._older(pin, v) + (1 if dirty else 0)
 
     async def write(self, version: str, records: Sequence[EmbeddingRecord], *,
                     mode: str = "write", written_at: float | None = None) -> _Written:
         self._maybe_fail()
+        if self.before_write is not None:
+            await self.before_write(version, records)
         if version not in self.info:
             raise UnknownVersion(f"model version {version} is not registered")
         ns = self.data.setdefault(version, {})
@@ -225,19 +260,14 @@ class FakeCache(_Faults):
                 self.tombs[pid] = max(tomb, v)
                 taken = True
             if taken:
-                self.wip.setdefault(pid, {})[token] = (v, self.clock())
+                entries = self.wip.setdefault(pid, {})
+                old = entries.get(token)
+                entries[token] = [v, self.clock(), bool(old and old[2])]
         return out
 
     async def release(self, token: str, pins: Mapping[str, int]) -> set[str]:
         self._maybe_fail()
-        out = set()
-        for pid, v in pins.items():
-            self.wip.get(pid, {}).pop(token, None)
-            if self.tombs.get(pid, -1) > v:
-                continue
-            if self._older(pid, v):
-                out.add(pid)
-        return out
+        return {pid for pid, v in pins.items() if self._release(pid, token, v)}
 
     async def commit_deletes(self, token: str, pins: Mapping[str, int],
                              versions: Sequence[str]) -> set[str]:
@@ -247,7 +277,7 @@ class FakeCache(_Faults):
                 stored = self.data.get(ver, {}).get(pid)
                 if stored is None or stored.pin_version <= v:
                     self.data.get(ver, {}).pop(pid, None)
-        return await self.release(token, pins)
+        return {pid for pid, v in pins.items() if self._release(pid, token, v)}
 
     async def in_flight(self, pins: Mapping[str, int]) -> set[str]:
         return {pid for pid, v in pins.items() if self._older(pid, v)}

@@ -257,3 +257,101 @@ async def test_a_non_primary_version_that_vanishes_mid_batch_leaves_the_write_se
     assert "a" in milvus.data[V] and "a" in cache.data[V]
     assert "extra_v2" not in cache.data or "a" not in cache.data["extra_v2"]
     assert list(await versions.write_set()) == [V]
+
+
+# ------------------------------- an older writer that releases before the newer one
+async def _until(cond, steps: int = 2000) -> None:
+    for _ in range(steps):
+        if cond():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not met")
+
+
+async def test_an_older_upsert_landing_last_in_milvus_and_releasing_first_is_undone(stores):
+    """v6 writes Milvus; v5's Milvus write lands after it and v5 writes Redis (still empty)
+    and releases, all before v6's Redis write. v6 must write again."""
+    milvus, cache = stores
+    gate5, gate6 = asyncio.Event(), asyncio.Event()
+    at_redis6 = asyncio.Event()
+
+    async def before_upsert(version, records):
+        if any(r.pin_version == 5 for r in records):
+            await gate5.wait()
+
+    async def before_write(version, records):
+        if any(r.pin_version == 6 for r in records) and not gate6.is_set():
+            at_redis6.set()
+            await gate6.wait()
+
+    milvus.before_upsert, cache.before_write = before_upsert, before_write
+    p6 = processor(milvus, cache)
+    t5 = asyncio.create_task(processor(milvus, cache).process([up("a", "/c/v5.png", 5)]))
+    await _until(lambda: "a" in cache.wip and len(cache.wip["a"]) == 1)
+    t6 = asyncio.create_task(p6.process([up("a", "/c/v6.png", 6)]))
+    await asyncio.wait_for(at_redis6.wait(), 10)  # v6 is in Milvus, its Redis write waits
+    assert milvus.data[V]["a"].pin_version == 6
+    gate5.set()
+    await asyncio.wait_for(t5, 10)  # v5 landed in Milvus after v6, wrote Redis, released
+    assert milvus.data[V]["a"].pin_version == 5
+    gate6.set()
+    rep6 = await asyncio.wait_for(t6, 10)
+    assert milvus.data[V]["a"].pin_version == 6 and cache.data[V]["a"].pin_version == 6
+    assert rep6.rewritten == 1
+
+
+async def test_a_delete_whose_milvus_delete_lands_after_a_newer_upsert_is_undone(stores):
+    """D2 claims; U3 claims and writes Milvus and Redis; D2's Milvus delete lands after
+    and D2 commits first. U3 must write again: the pin is at v3 in both stores."""
+    milvus, cache = stores
+    await processor(milvus, cache).process([up("a", "/c/a.png", 1)])
+    gate_d, gate_u = asyncio.Event(), asyncio.Event()
+    at_release_u = asyncio.Event()
+
+    async def before_delete(version, ids):
+        await gate_d.wait()
+
+    async def before_write(version, records):
+        if any(r.pin_version == 3 for r in records) and not gate_u.is_set():
+            at_release_u.set()
+            await gate_u.wait()
+
+    milvus.before_delete, cache.before_write = before_delete, before_write
+    td = asyncio.create_task(processor(milvus, cache).process([delete("a", 2)]))
+    await _until(lambda: cache.tombs.get("a") == 2)
+    tu = asyncio.create_task(processor(milvus, cache).process([up("a", "/c/b.png", 3)]))
+    await asyncio.wait_for(at_release_u.wait(), 10)  # U3 is in Milvus; its Redis write waits
+    gate_d.set()
+    await asyncio.wait_for(td, 10)  # the delete removed U3's row and committed
+    assert "a" not in milvus.data[V]
+    gate_u.set()
+    await asyncio.wait_for(tu, 10)
+    assert milvus.data[V]["a"].pin_version == 3 and cache.data[V]["a"].pin_version == 3
+
+
+async def test_an_older_upsert_landing_after_a_delete_is_deleted_again(stores):
+    """U1 claims; D2 claims, deletes in Milvus; U1's Milvus write lands after (the pin is
+    back in Milvus), its Redis write is refused and it releases; D2 must delete again."""
+    milvus, cache = stores
+    gate_u, gate_d = asyncio.Event(), asyncio.Event()
+    deleted = asyncio.Event()
+
+    async def before_upsert(version, records):
+        if any(r.pin_version == 1 for r in records):
+            await gate_u.wait()
+
+    async def before_delete(version, ids):
+        if not gate_d.is_set():
+            deleted.set()
+            await gate_d.wait()
+
+    milvus.before_upsert, milvus.before_delete = before_upsert, before_delete
+    tu = asyncio.create_task(processor(milvus, cache).process([up("a", "/c/a.png", 1)]))
+    await _until(lambda: "a" in cache.wip)
+    td = asyncio.create_task(processor(milvus, cache).process([delete("a", 2)]))
+    await asyncio.wait_for(deleted.wait(), 10)
+    gate_d.set()  # the delete lands first...
+    await _until(lambda: "a" not in milvus.data[V] and cache.tombs.get("a") == 2)
+    gate_u.set()  # ...then the older upsert's Milvus write
+    await asyncio.wait_for(asyncio.gather(tu, td), 10)
+    assert "a" not in milvus.data[V] and "a" not in cache.data[V]
