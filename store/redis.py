@@ -183,12 +183,11 @@ end
 return 0
 """
 # KEYS: vec, meta, ids set, tomb. ARGV: expected stored pin version ('' = absent), pin
-# version, vector bytes, pin id, meta field/values. A repair's compare-and-set, never
-# backwards.
+# version, vector bytes, pin id, meta field/values. A repair's compare-and-set (it may
+# move a pin back: the record is Milvus's, read just before).
 _REPLACE = _LIB + """
 local s = hget(KEYS[2], 'pin_version')
-if ((ARGV[1] == '' and s == nil) or s == ARGV[1]) and cmp(s, ARGV[2]) <= 0
-    and cmp(get(KEYS[4]), ARGV[2]) < 0 then
+if ((ARGV[1] == '' and s == nil) or s == ARGV[1]) and cmp(get(KEYS[4]), ARGV[2]) < 0 then
   redis.call('SET', KEYS[1], ARGV[3])
   redis.call('HSET', KEYS[2], unpack(ARGV, 5))
   redis.call('SADD', KEYS[3], ARGV[4])
@@ -541,9 +540,10 @@ class RedisCache:
                       expected: Mapping[str, str | None]) -> set[str]:
         """Overwrite pins whose stored ``pin_version`` is still ``expected[pin]`` (a repair).
 
-        `store.verify` read a wrong entry and rewrites it from Milvus: a
-        compare-and-set, so a worker's newer write landing in between is kept.
-        ``None`` expects the pin absent. Returns the pins written.
+        `store.verify` read a wrong entry and rewrites it from Milvus's record
+        (read again just before, at Strong consistency): a compare-and-set on
+        the version it saw in Redis, so a worker's write landing in between is
+        kept. ``None`` expects the pin absent. Returns the pins written.
         """
         if not records:
             return set()

@@ -3,10 +3,13 @@
 Checked per pin of a version: present in both, same pin version, same content
 hash, and the cached vector equal to Milvus' (cosine >= 0.999, the cache may
 hold float16). Repair copies Milvus records over missing or wrong cache
-entries, each a compare-and-set on the version it saw that never moves a pin
-backwards (`RedisCache.replace`: a worker's newer write landing meanwhile is
-kept), and removes cache entries Milvus does not have (read again at Strong
-consistency first, and removed only if they still hold the version seen).
+entries (each record read again from Milvus at Strong consistency just
+before, written as a compare-and-set on the version seen in Redis:
+`RedisCache.replace`, so a worker's write landing meanwhile is kept), and
+removes cache entries Milvus does not have (read again at Strong consistency
+first, and removed only if they still hold the version seen). A pin a worker
+writes while the walk runs can show up as stale in the report; its repair
+then writes what Milvus holds now.
 """
 
 from __future__ import annotations
@@ -74,7 +77,11 @@ async def verify_cache(milvus: MilvusStore, cache: RedisCache, version: str,
             bad.append(t)
             seen[t.pin_id] = m.get("pin_version") if m is not None else None
         if repair and bad:
-            rep.repaired += len(await cache.replace(version, bad, seen))
+            # the walk reads at its start time: take Milvus's record as it is now (a
+            # worker may have written the pin since), then compare-and-set on Redis
+            fresh = await milvus.get_many(version, [t.pin_id for t in bad],
+                                          consistency="Strong")
+            rep.repaired += len(await cache.replace(version, list(fresh.values()), seen))
     cached_ids = set(await cache.pin_ids(version))
     rep.milvus_pins, rep.cache_pins = len(truth_ids), len(cached_ids)
     for found_list in (rep.missing_in_cache, rep.stale_in_cache, rep.vector_mismatch):

@@ -80,7 +80,7 @@ async def test_scaling_one_two_three_workers_rebalances_cleanly(pipeline, catalo
     from dataclasses import replace
 
     usable = [it for it in catalog if "party-horn-out" not in it.pin_id]
-    items = [replace(usable[i % len(usable)], pin_id=f"scale-{i}") for i in range(2400)]
+    items = [replace(usable[i % len(usable)], pin_id=f"scale-{i}") for i in range(1600)]
     ids = [it.pin_id for it in items]
     await pipeline.publish([it.event(1) for it in items])  # a backlog
     phases = []

@@ -57,29 +57,6 @@ def test_cli_up_status_down(tmp_path):
         assert s.connect_ex(("127.0.0.1", info["redis"]["port"])) != 0
 
 
-def test_milvus_connections_survive_idle_time(stack):
-    """Regression: pymilvus's shared default channel pings every 10 s while idle;
-    the server answers GOAWAY "Too many pings" after about a minute, and the next
-    client on that address failed to connect (seen in CI). `connect()` gives each
-    client its own channel that only pings during calls."""
-    import time
-
-    from store.milvus import connect
-    from streams.tools.stack import check_milvus
-
-    check_milvus(stack.milvus_uri)  # what `pinfresh up` and the tests do first
-    idle = connect(stack.milvus_uri, timeout_s=2.0)
-    idle.list_collections()
-    time.sleep(75)  # past the server's ping-strike window
-    assert isinstance(idle.list_collections(), list)
-    fresh = connect(stack.milvus_uri, timeout_s=2.0)
-    try:
-        assert isinstance(fresh.list_collections(), list)
-    finally:
-        fresh.close()
-        idle.close()
-
-
 def _listening(pid: int, view: int | str = "self") -> list[tuple[str, int]]:
     """``(address, port)`` of every TCP socket ``pid`` listens on in the network
     namespace of process ``view`` (/proc/VIEW/net/tcp{,6} by ``pid``'s socket inodes)."""

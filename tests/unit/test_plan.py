@@ -43,7 +43,7 @@ def scenarios(draw):
     return events, Lookups(tombs, stores["milvus"], stores["redis"])
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=1500, deadline=None)
 @given(scenarios())
 def test_plan_never_moves_a_pin_backwards_and_accounts_for_every_event(case):
     events, lk = case

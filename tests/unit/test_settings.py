@@ -217,3 +217,23 @@ def test_child_environ_drops_the_parents_pinfresh_variables():
     assert "PINFRESH_ENCODER__CHECKPOINT" not in env  # None here: not inherited either
     assert "pinfresh_worker__batch_size" not in env
     assert env["PINFRESH_WORKER__BATCH_SIZE"] == str(s.worker.batch_size)
+
+
+def test_milvus_clients_get_a_dedicated_channel_that_pings_only_during_calls(monkeypatch):
+    """pymilvus shares one channel per address and pings every 10 s while idle; a gRPC
+    server that enforces a ping policy answers GOAWAY "too many pings" and the next client
+    on that address failed to connect (seen in CI on Milvus Lite). `connect` gives each
+    client its own channel that pings only during calls."""
+    import store.milvus as sm
+
+    seen = {}
+
+    class Client:
+        def __init__(self, **kw):
+            seen.update(kw)
+
+    monkeypatch.setattr(sm, "MilvusClient", Client)
+    sm.connect("http://127.0.0.1:1", keepalive_s=300)
+    assert seen["dedicated"] is True
+    assert seen["grpc_options"] == {"grpc.keepalive_time_ms": 300_000,
+                                    "grpc.keepalive_permit_without_calls": False}
