@@ -127,7 +127,7 @@ class MilvusStore:
         except Exception as exc:  # noqa: BLE001 - connection errors come in many types
             raise StoreUnavailable(
                 f"cannot connect to Milvus at {settings.uri}: {exc} -- is it running? "
-                "(`pinfresh up` starts the embedded one)", retry_after=2.0,
+                "(`pinfresh up` starts what is down of the embedded stack)", retry_after=2.0,
             ) from exc
         self._loaded: set[str] = set()
         self._no_metadata: set[str] = set()

@@ -40,7 +40,7 @@ async def start_client(client: Any, k: KafkaSettings) -> None:
             await client.close() if hasattr(client, "close") else await client.stop()
         raise KafkaUnavailable(
             f"Kafka at {k.bootstrap_servers} is unreachable ({type(exc).__name__}): is the "
-            "broker up? `pinfresh up` starts the embedded one; elsewhere set "
+            "broker up? `pinfresh up` starts what is down of the embedded stack; elsewhere set "
             "PINFRESH_KAFKA__BOOTSTRAP_SERVERS") from None
 
 

@@ -28,10 +28,42 @@ def up(ctx: Ctx, redis_cluster: int | None) -> None:
     st = ctx.settings.stack
     if redis_cluster is not None:
         st = st.model_copy(update={"redis_cluster": redis_cluster})
-    info = EmbeddedStack(st).start()
+    stack = EmbeddedStack(st)
+    info = stack.start()
     console.print(f"kafka  {info.kafka_bootstrap}\nredis  {info.redis_url}\n"
-                  f"milvus {info.milvus_uri}\n"
-                  "Note: the embedded broker keeps its log in memory; it is lost on `down`.")
+                  f"milvus {info.milvus_uri}")
+    console.print("started: " + (", ".join(stack.started) if stack.started
+                                 else "nothing (all running)"))
+    console.print("Note: the embedded broker keeps its log in memory; it is lost when the "
+                  "broker stops (`down`, or `restart kafka`).")
+
+
+@cli.command()
+@click.argument("service")
+@click.option("--force", is_flag=True, help="restart the broker too (it loses its log)")
+@pass_ctx
+def restart(ctx: Ctx, service: str, force: bool) -> None:
+    """Stop one embedded service and start it again on its port and data.
+
+    SERVICE: milvus, redis (redis-N for node N of a cluster) or kafka. The
+    others keep running. Valkey reloads its AOF and Milvus its data; the
+    embedded broker keeps its log in memory, so restarting it loses every
+    event not yet consumed, the dead letters and the group's offsets: refused
+    without --force.
+    """
+    from encoder.errors import StackError
+    from streams.tools.stack import EmbeddedStack, _service_of
+
+    name, node = _service_of(service)
+    if name not in ("kafka", "redis", "milvus"):
+        raise click.BadParameter("milvus, redis, redis-N or kafka", param_hint="SERVICE")
+    if name == "kafka" and not force:
+        raise StackError("restarting the embedded broker loses its log (events not yet "
+                         "consumed, dead letters, committed offsets): add --force to do it "
+                         "anyway")
+    stack = EmbeddedStack(ctx.settings.stack)
+    stack.restart_service(name, node)
+    console.print(f"{service} restarted")
 
 
 @cli.command()

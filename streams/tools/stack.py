@@ -106,6 +106,13 @@ class StackInfo:
         return self.redis if node == 0 else self.redis_nodes[node - 1]
 
 
+def _service_of(name: str) -> tuple[str, int]:
+    """``(service, node)`` of a recorded process name (``redis-2`` is Valkey node 2)."""
+    if name.startswith("redis-"):
+        return "redis", int(name.split("-", 1)[1])
+    return name, 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """Return a port that was free a moment ago on ``host``."""
     with socket.socket() as s:
@@ -141,23 +148,35 @@ class EmbeddedStack:
         self.settings = settings
         self.data_dir = settings.data_dir.resolve()
         self.state_file = self.data_dir / "stack.json"
+        #: services the last `start` started (all of them for a new stack)
+        self.started: list[str] = []
 
     # ----------------------------------------------------------------- start
     def start(self) -> StackInfo:
         """Start every service not already running and wait until each answers.
 
-        Idempotent: a stack that is already up is returned as is.
+        A recorded stack whose services all run is returned as is. Of a stack
+        partly running, only the services that are down are started again, on
+        their recorded ports and data (`start_service`); the healthy ones,
+        the broker with its in-memory log above all, are left alone.
+        `started` names what was started.
 
         Raises:
             StackError: a port is taken, a binary is missing, or a service did
                 not become healthy in time (its log path is in the message).
         """
         running = self.read()
-        if running is not None and all(_pid_alive(s.pid) for s in running.services()):
-            logger.info("embedded stack already running (%s)", self.state_file)
-            return running
         if running is not None:
-            self.stop()
+            down = [svc.name for svc in running.services() if not _pid_alive(svc.pid)]
+            self.started = down
+            if not down:
+                logger.info("embedded stack already running (%s)", self.state_file)
+                return running
+            for name in down:
+                logger.info("%s is down: starting it again on its port and data", name)
+                running = self.start_service(*_service_of(name))
+            return running
+        self.started = ["kafka", "redis", "milvus"]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         host = self.settings.host
         ports = {
@@ -371,6 +390,13 @@ class EmbeddedStack:
     def _service(self, info: StackInfo, name: str, node: int) -> ServiceInfo:
         svc: ServiceInfo = info.redis_node(node) if name == "redis" else getattr(info, name)
         return svc
+
+    def restart_service(self, name: str, node: int = 0) -> StackInfo:
+        """Stop one service (SIGTERM, then SIGKILL) and start it on its port and data."""
+        info = self._require()
+        svc = self._service(info, name, node)
+        self._terminate(svc.pid, self.settings.stop_timeout_s)
+        return self.start_service(name, node)
 
     def kill_service(self, name: str, node: int = 0) -> None:
         """SIGKILL one running service (fault tests); ``start_service`` brings it back.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
@@ -47,14 +48,52 @@ def test_cli_up_status_down(tmp_path):
         assert st.returncode == 0, st.stderr
         assert json.loads(st.stdout)["health"] == {"kafka": "ok", "redis": "ok", "milvus": "ok"}
         again = run("up")  # idempotent
-        assert again.returncode == 0
+        assert again.returncode == 0 and "started: nothing" in again.stdout
         assert json.loads((tmp_path / "stack.json").read_text()) == info
+
+        # one service down: `up` starts that one only; the broker (and its log) stays
+        from streams.producer import publish_raw
+        from streams.settings import KafkaSettings, StackSettings
+
+        k = KafkaSettings(bootstrap_servers=f"127.0.0.1:{info['kafka']['port']}",
+                          topic="kept")
+        asyncio.run(publish_raw(k, [(b"p", b"an event the broker must keep")]))
+        EmbeddedStack(StackSettings(data_dir=tmp_path)).kill_service("redis")
+        partial = run("up")
+        assert partial.returncode == 0, partial.stderr
+        assert "started: redis" in partial.stdout and "kafka" not in partial.stdout.split(
+            "started:")[1].splitlines()[0]
+        after = json.loads((tmp_path / "stack.json").read_text())
+        assert after["kafka"] == info["kafka"] and after["milvus"] == info["milvus"]
+        assert after["redis"]["port"] == info["redis"]["port"]
+        assert asyncio.run(_topic_size(k)) == 1  # the broker's log survived
+        # restart one service by name; the broker only with --force
+        assert run("restart", "milvus").returncode == 0
+        assert json.loads((tmp_path / "stack.json").read_text())["kafka"] == info["kafka"]
+        refused = run("restart", "kafka")
+        assert refused.returncode == 2 and "--force" in refused.stderr
     finally:
         down = run("down")
     assert down.returncode == 0
     assert not (tmp_path / "stack.json").exists()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", info["redis"]["port"])) != 0
+
+
+async def _topic_size(k) -> int:
+    from aiokafka import AIOKafkaConsumer, TopicPartition
+
+    from streams.kafka import aiokafka_kwargs
+    from streams.producer import end_offsets
+
+    c = AIOKafkaConsumer(group_id=None, enable_auto_commit=False, **aiokafka_kwargs(k))
+    await c.start()
+    try:
+        parts = c.partitions_for_topic(k.topic) or set()
+        ends = await end_offsets(c, [TopicPartition(k.topic, p) for p in parts])
+        return sum(ends.values())
+    finally:
+        await c.stop()
 
 
 def _listening(pid: int, view: int | str = "self") -> list[tuple[str, int]]:
