@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from encoder.config import EncoderSettings
-from encoder.errors import ConfigError, ImageError, Reason
+from encoder.errors import ConfigError, EncoderUnavailable, ImageError, Reason
 from encoder.model import ModelSpec, build_image_tower, model_spec, version_id
 from encoder.pipeline import StagedPipeline
 from encoder.prepare_tensor import PilPreparer, PreparedBatch, TensorPreparer
@@ -345,9 +345,21 @@ class ImageEncoder:
         return [self._pipeline.submit(it) for it in items]  # type: ignore[arg-type]
 
     async def encode_images_async(self, items: Sequence[bytes]) -> list[EncodeResult]:
-        """`encode_images` off the event loop (submitting may block on backpressure)."""
+        """`encode_images` off the event loop (submitting may block on backpressure).
+
+        A stage that fails a whole batch (a CUDA error, say; one bad image is an
+        `ImageError` in the results instead) is an outage of the encoder, as the
+        encoder process's is: `EncoderUnavailable`, so the stream retries
+        instead of dead-lettering every event of the batch.
+        """
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._caller, self.encode_images, list(items))
+        try:
+            return await loop.run_in_executor(self._caller, self.encode_images, list(items))
+        except Exception as exc:  # noqa: BLE001 - sorted here, at the encoder's boundary
+            raise EncoderUnavailable(
+                f"the encoder failed a whole batch ({type(exc).__name__}: {exc}); retried as "
+                "an outage: a device that keeps failing needs the worker restarted",
+                retry_after=1.0) from exc
 
     @property
     def on_batch(self) -> Any:

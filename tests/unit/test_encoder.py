@@ -144,3 +144,20 @@ def test_null_vectors_span_the_whole_space():
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     assert np.array_equal(null_vector(b"same", 512), null_vector(b"same", 512))
     assert not np.allclose(null_vector(b"same", 512), null_vector(b"same", 512, seed=1))
+
+
+async def test_a_batch_the_in_process_encoder_fails_is_an_outage(monkeypatch):
+    """A CUDA error (any exception of a whole batch) used to dead-letter every event of
+    the batch as internal_error; it is an outage, as through the encoder process."""
+    from encoder.errors import EncoderUnavailable
+
+    enc = ImageEncoder.load(EncoderSettings())
+    try:
+        def boom(items):
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+        monkeypatch.setattr(enc._pipeline, "map", boom)
+        with pytest.raises(EncoderUnavailable, match="illegal memory access"):
+            await enc.encode_images_async([b"x"])
+    finally:
+        enc.close()
