@@ -29,7 +29,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -42,7 +42,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from encoder.errors import (
@@ -63,11 +63,18 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+# Every input is bounded: ids as the event schema bounds them, versions as the
+# registry names them, vectors by the largest dimension a model may have.
+PinId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+VersionId = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+MAX_DIM = 4096
+
+
 class BatchGetRequest(_Body):
     """Body of ``/v1/embeddings:batchGet``."""
 
-    pin_ids: list[str] = Field(min_length=1)
-    version: str | None = None
+    pin_ids: list[PinId] = Field(min_length=1)
+    version: VersionId | None = None
     encoding: Literal["json", "base64"] = "json"
     dtype: Literal["float32", "float16"] = "float32"
 
@@ -76,16 +83,16 @@ class SimilarFilter(_Body):
     """Simple metadata filters for ``/v1/similar``."""
 
     caption_contains: str | None = Field(None, max_length=200)
-    exclude: list[str] = Field(default_factory=list, max_length=1000)
+    exclude: list[PinId] = Field(default_factory=list, max_length=1000)
 
 
 class SimilarRequest(_Body):
     """Body of ``/v1/similar``: a pin id or a vector."""
 
-    pin_id: str | None = None
-    vector: list[float] | None = None
+    pin_id: PinId | None = None
+    vector: list[float] | None = Field(None, max_length=MAX_DIM)
     k: int = Field(10, ge=1)
-    version: str | None = None
+    version: VersionId | None = None
     filter: SimilarFilter = Field(default_factory=SimilarFilter)
 
 
@@ -128,7 +135,9 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
                       call_next: Callable[[Request], Awaitable[Response]]) -> Response:
         t = time.perf_counter()
         response = await call_next(request)
-        route = request.url.path
+        # the route's template, never the raw path: every scanned URL would be a series
+        matched = request.scope.get("route")
+        route = getattr(matched, "path", None) or "unmatched"
         latency.labels(route=route).observe(time.perf_counter() - t)
         requests.labels(route=route, status=str(response.status_code)).inc()
         return response
@@ -189,6 +198,15 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
             if ctype != "application/json":
                 return _envelope(415, "unsupported_media_type",
                                  f"send the body as application/json, not {ctype or 'nothing'}")
+            # bounded before anything is read or parsed
+            length = request.headers.get("content-length")
+            if length is None or not length.isdigit():
+                return _envelope(411, "length_required",
+                                 "send a Content-Length header (chunked bodies are refused)")
+            if int(length) > api.max_body_bytes:
+                return _envelope(413, "body_too_large",
+                                 f"body of {length} bytes > limit {api.max_body_bytes}: "
+                                 "split the request")
         return await call_next(request)
 
     @app.get("/healthz")
@@ -207,7 +225,8 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
                 checks[name] = f"down: {exc}"[:200]
         if all(v == "ok" for v in checks.values()):
             return JSONResponse({"status": "ready", "checks": checks})
-        return JSONResponse({"error": {"code": "not_ready", "message": str(checks)},
+        down = "; ".join(f"{name} {state}" for name, state in checks.items() if state != "ok")
+        return JSONResponse({"error": {"code": "not_ready", "message": down},
                              "checks": checks}, status_code=503)
 
     @app.get("/metrics")
@@ -219,8 +238,6 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
         if len(body.pin_ids) > api.max_batch:
             raise ApiError(413, "too_many_ids",
                            f"{len(body.pin_ids)} pin ids > limit {api.max_batch}: split the batch")
-        if any(len(p) > 128 for p in body.pin_ids):
-            raise ApiError(422, "invalid_request", "pin ids are at most 128 characters")
         reader: EmbeddingReader = request.app.state.reader
         res = await reader.get_many(body.pin_ids, body.version)
         found = res.found.tolist()

@@ -72,3 +72,5 @@ class ApiSettings(BaseModel):
     port: int = Field(8080, ge=1, le=65535)
     max_batch: int = Field(1000, ge=1, description="most pin ids per batchGet")
     max_k: int = Field(100, ge=1, description="largest k for similar")
+    max_body_bytes: int = Field(1 << 20, ge=1024,
+                                description="largest request body, checked before parsing")

@@ -157,6 +157,8 @@ class DrainingWorker(faust.Worker):
     def __init__(self, app: faust.App, drain: DrainState, timeout_s: float,
                  kafka: KafkaSettings, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
+        # Faust's terminal spinner writes cursor escapes (ESC[?25h) into log files
+        self.spinner = None
         self._drain = drain
         self._drain_timeout = timeout_s
         self._kafka = kafka

@@ -42,7 +42,7 @@ import aiohttp
 import aiohttp.abc
 from pydantic import BaseModel, Field
 
-from encoder.errors import FetchError, TransientFetchError
+from encoder.errors import ConfigError, FetchError, TransientFetchError
 from streams.events import Reason
 
 
@@ -148,6 +148,33 @@ def retry_after_s(value: str | None, now: float | None = None) -> float | None:
     if when.tzinfo is None:
         when = when.replace(tzinfo=datetime.UTC)
     return max(0.0, when.timestamp() - (now if now is not None else time.time()))
+
+
+def is_url(location: str) -> bool:
+    """Whether an event's ``image`` is fetched over HTTP(S) rather than read from a file."""
+    return location.startswith(("http://", "https://"))
+
+
+def check_catalog_root(settings: FetchSettings, locations: Sequence[str] = ()) -> None:
+    """Refuse a catalog root that is not a directory, and file paths without a root.
+
+    ``locations`` is a sample of the images the command will read (a backfill's
+    first page); without a root, a file path there would dead-letter every pin
+    as ``forbidden_location``.
+
+    Raises:
+        ConfigError: naming the root or a file path and the fix.
+    """
+    root = settings.catalog_root
+    if root is not None and not root.is_dir():
+        raise ConfigError(f"catalog root {root} is not a directory: give the folder the "
+                          "catalog's image paths are under (`catalog prepare` prints it)")
+    if root is None:
+        path = next((loc for loc in locations if not is_url(loc)), None)
+        if path is not None:
+            raise ConfigError(f"the catalog has file paths (e.g. {path}) but no catalog root "
+                              "is set, so every one would be refused: give --catalog-root "
+                              "DIR or PINFRESH_FETCH__CATALOG_ROOT")
 
 
 class Fetcher:

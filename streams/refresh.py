@@ -43,7 +43,7 @@ from store.milvus import META_FIELDS, MilvusStore
 from store.registry import VersionInfo, VersionRegistry
 from streams.dlq import KafkaDeadLetters
 from streams.events import PinEvent
-from streams.fetch import Fetcher
+from streams.fetch import Fetcher, check_catalog_root
 from streams.processor import Encoder, Message, PinProcessor, StaticVersions
 from streams.producer import consumer_lag
 from streams.retry import Backoff, retry
@@ -182,6 +182,8 @@ async def run_backfill(
 
     Raises:
         StateError: ``target`` is live, nothing is live, or the shard is invalid.
+        ConfigError: the catalog root is missing (the catalog has file paths) or
+            is not a directory.
     """
     if not 0 <= shard[0] < shard[1]:
         raise StateError(f"shard {shard[0]}/{shard[1]}: give I/N with 0 <= I < N")
@@ -206,6 +208,13 @@ async def _backfill(
         live = await cache.get_live()
         if live is None or live == target:
             raise StateError(f"{target} is live already or nothing is live: nothing to backfill")
+        # preflight: a catalog of file paths without a root would dead-letter every pin
+        sample = milvus.walk(live, ["pin_id", "image_location"], 100)
+        try:
+            first = await anext(sample, [])
+        finally:
+            await sample.aclose()
+        check_catalog_root(settings.fetch, [r["image_location"] for r in first])
         enc = await asyncio.to_thread(load_version_encoder, info, settings.encoder)
         processor = PinProcessor(
             encoder=enc, versions=StaticVersions(enc), milvus=milvus, cache=cache,

@@ -17,6 +17,7 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from encoder.config import EncoderSettings
 from encoder.errors import SettingsError
@@ -267,6 +268,11 @@ def build_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """
     try:
         return Settings()
+    except PydanticSettingsError as exc:
+        # a list or dict setting whose value is not JSON: pydantic-settings names
+        # only the section, so find the variable by parsing each complex one
+        env = environ if environ is not None else {}
+        raise SettingsError("bad setting: " + _json_problem(env, str(exc))) from None
     except ValidationError as exc:
         env = environ if environ is not None else {}
         problems = []
@@ -279,6 +285,28 @@ def build_settings(environ: Mapping[str, str] | None = None) -> Settings:
         raise SettingsError("bad setting: " + "; ".join(problems)) from None
 
 
+def _json_problem(env: Mapping[str, str], fallback: str) -> str:
+    """``NAME='value': expected JSON ...`` for the first list/dict setting that is not JSON."""
+    values = {k.upper(): v for k, v in env.items()}
+    dotenv = Path(".env")
+    if dotenv.is_file():
+        from dotenv import dotenv_values
+
+        values = {**{k.upper(): v for k, v in dotenv_values(dotenv).items() if v is not None},
+                  **values}
+    for name, default in _leaves(Settings.model_construct()):
+        if not isinstance(default, list | dict) or name not in values:
+            continue
+        try:
+            json.loads(values[name])
+        except ValueError:
+            example = '["a.example", "b.example"]' if isinstance(default, list) else '{"M": 16}'
+            kind = "a list" if isinstance(default, list) else "an object"
+            return (f"{name}={values[name]!r}: expected JSON ({kind}, e.g. "
+                    f"{name}='{example}')")
+    return fallback
+
+
 def unknown_env(names: list[str]) -> list[tuple[str, str | None]]:
     """``PINFRESH_*`` names that no setting reads, each with the closest real one."""
     known = set(env_names())
@@ -289,7 +317,12 @@ def unknown_env(names: list[str]) -> list[tuple[str, str | None]]:
             continue
         # compare without the shared prefix, which would make everything look close
         tails = {k.removeprefix(ENV_PREFIX): k for k in known}
-        close = difflib.get_close_matches(name.upper().removeprefix(ENV_PREFIX), tails, n=1,
-                                          cutoff=0.75)
+        tail = name.upper().removeprefix(ENV_PREFIX)
+        close = difflib.get_close_matches(tail, tails, n=1, cutoff=0.75)
+        if not close:
+            # a field without its section (PINFRESH_DATA_DIR): match the field's own name
+            fields = {k.rsplit("__", 1)[-1]: k for k in tails}
+            near = difflib.get_close_matches(tail.rsplit("__", 1)[-1], fields, n=1, cutoff=0.85)
+            close = [fields[near[0]]] if near else []
         out.append((name, tails[close[0]] if close else None))
     return out

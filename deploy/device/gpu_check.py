@@ -93,9 +93,9 @@ def end_to_end(args: argparse.Namespace, corpus: Path, models: list[str], cores:
     """Store write ceiling, then one feeders + encoder process run per model (`bench_e2e`)."""
     import tempfile
 
+    from streams.settings import Settings
     from streams.tools.bench_e2e import run_e2e, store_write_ceiling
     from streams.tools.pool import auto_feeders
-    from streams.settings import Settings
     from streams.tools.stack import EmbeddedStack, StackSettings
 
     feeders = args.feeders or auto_feeders(1, cores)

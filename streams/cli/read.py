@@ -26,7 +26,10 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     where_host, where_port = host or s.api.host, port or s.api.port
     err_console.print(f"read API on http://{where_host}:{where_port} (POST "
                       "/v1/embeddings:batchGet, /v1/similar; GET /healthz /readyz /metrics); "
-                      "Ctrl-C stops it", highlight=False)
+                      "Ctrl-C or `pinfresh down` stops it", highlight=False)
+    from streams.tools.runtime import register_worker
+
+    register_worker(s)  # `pinfresh down` stops this data dir's read APIs with its workers
     uvicorn.run(app, host=where_host, port=where_port, log_level="warning", access_log=False)
 
 

@@ -69,13 +69,17 @@ def restart(ctx: Ctx, service: str, force: bool) -> None:
 @cli.command()
 @pass_ctx
 def down(ctx: Ctx) -> None:
-    """Stop every worker of this data dir (drained, SIGKILL after 45 s) and the embedded stack."""
+    """Stop every worker and read API (`serve`) of this data dir, then the embedded stack.
+
+    Workers drain (SIGKILL after 45 s); processes of other data dirs are left alone.
+    """
     from streams.tools.runtime import stop_workers
     from streams.tools.stack import EmbeddedStack
 
     n = stop_workers(ctx.settings)
     stopped = EmbeddedStack(ctx.settings.stack).stop()
-    console.print(f"stopped {n} worker(s); stack {'stopped' if stopped else 'was not running'}")
+    console.print(f"stopped {n} worker(s) and read API(s); "
+                  f"stack {'stopped' if stopped else 'was not running'}")
 
 
 @cli.command()

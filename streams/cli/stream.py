@@ -103,6 +103,9 @@ def worker(ctx: Ctx, catalog_root: Path | None, devices: str | None,
     if catalog_root:
         s = s.model_copy(update={"fetch": s.fetch.model_copy(
             update={"catalog_root": catalog_root})})
+    from streams.fetch import check_catalog_root
+
+    check_catalog_root(s.fetch)
     if feeders is not None and not devices:
         raise click.UsageError("--feeders needs --devices (e.g. --devices 0 --feeders 8)")
     if devices:

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.table import Table
 
-from streams.cli.base import Ctx, cli, console, pass_ctx
+from streams.cli.base import Ctx, cli, console, err_console, pass_ctx
 from streams.settings import Settings
 
 
@@ -153,12 +154,17 @@ def versions_retire(ctx: Ctx, version: str, wait_s: float) -> None:
 @click.option("--shard", default="0/1", show_default=True,
               help="I/N: only the pins whose id hashes to shard I of N (CRC-32), so N hosts "
               "can share one backfill, each with its own --shard")
+@click.option("--catalog-root", type=click.Path(path_type=Path),
+              help="allow file paths under this dir, as `worker --catalog-root` "
+              "[PINFRESH_FETCH__CATALOG_ROOT]")
 @pass_ctx
 def backfill(ctx: Ctx, target: str, batch: int, max_rate: float | None, yield_lag: int,
-             shard: str) -> None:
+             shard: str, catalog_root: Path | None) -> None:
     """Re-encode every live pin into VERSION; resumable, skips what is done.
 
-    Reads the catalog from the live version in Milvus, a page at a time.
+    Reads the catalog from the live version in Milvus, a page at a time. Refuses
+    to start when the catalog has file paths and no catalog root is set; exits 1
+    when pins were dead-lettered (`pinfresh dlq list` shows them).
     """
     from streams.refresh import run_backfill
 
@@ -166,11 +172,20 @@ def backfill(ctx: Ctx, target: str, batch: int, max_rate: float | None, yield_la
         i, n = (int(x) for x in shard.split("/"))
     except ValueError:
         raise click.BadParameter("I/N, e.g. 0/4", param_hint="--shard") from None
-    rep = asyncio.run(run_backfill(ctx.settings, target, batch=batch, max_rate=max_rate,
+    s = ctx.settings
+    if catalog_root:
+        s = s.model_copy(update={"fetch": s.fetch.model_copy(
+            update={"catalog_root": catalog_root})})
+    rep = asyncio.run(run_backfill(s, target, batch=batch, max_rate=max_rate,
                                    yield_lag=yield_lag, shard=(i, n)))
     console.print(f"backfill {rep.source} -> {rep.target}: {rep.pins} pins, {rep.encoded} "
                   f"encoded, {rep.skipped} already done, {rep.dead_letters} dead letters, "
                   f"{rep.pins_per_s:.1f} pins/s, yielded {rep.yielded_s:.1f}s to live traffic")
+    if rep.dead_letters:
+        err_console.print(f"[red]{rep.dead_letters} pins were dead-lettered[/] and are not in "
+                          f"{rep.target}: `pinfresh dlq list` shows why; fix and run the "
+                          "backfill again (it skips what is done)", highlight=False)
+        sys.exit(1)
 
 
 @cli.command()

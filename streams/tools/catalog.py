@@ -168,7 +168,12 @@ def load_catalog(path: Path, limit: int | None = None) -> Iterator[CatalogItem]:
                 d = json.loads(line)
                 yield CatalogItem(pin_id=d["pin_id"], image=d["image"],
                                   caption=d.get("caption", ""), metadata=d.get("metadata", {}))
-            except (ValueError, KeyError, TypeError) as exc:
+            except KeyError as exc:
+                raise CatalogError(
+                    f"{path}:{lineno}: missing field {exc.args[0]!r}; each line needs "
+                    '"pin_id" and "image" (a path or URL), optionally "caption" and '
+                    '"metadata"') from exc
+            except (ValueError, TypeError) as exc:
                 raise CatalogError(f"{path}:{lineno}: {exc}") from exc
             n += 1
             if limit is not None and n >= limit:

@@ -125,12 +125,24 @@ async def test_similar_by_pin_and_vector_with_filters(api):
     ("/v1/similar", {"pin_id": "ghost", "k": 3}, 404, "pin_not_found"),
     ("/v1/embeddings:batchGet", {"pin_ids": ["a"], "encodng": "json"}, 422, "unknown_field"),
     ("/v1/similar", {"pin_id": "cat-1", "filter": {"captions": "x"}}, 422, "unknown_field"),
+    # every field is bounded
+    ("/v1/embeddings:batchGet", {"pin_ids": ["a"], "version": "v" * 200}, 422,
+     "invalid_request"),
+    ("/v1/similar", {"pin_id": "x" * 200}, 422, "invalid_request"),
+    ("/v1/similar", {"vector": [0.5] * 5000}, 422, "invalid_request"),
+    ("/v1/similar", {"pin_id": "cat-1", "filter": {"exclude": ["x" * 200]}}, 422,
+     "invalid_request"),
 ])
 async def test_limits_and_errors_use_one_envelope(api, path, body, status, code):
     http, _, _ = api
     r = await http.post(path, json=body)
     assert r.status_code == status, r.text
     assert r.json()["error"]["code"] == code and r.json()["error"]["message"]
+
+
+async def _chunks():
+    yield b'{"pin_ids": '
+    yield b'["a"]}'
 
 
 async def test_http_level_errors_use_the_envelope_too(api):
@@ -143,6 +155,11 @@ async def test_http_level_errors_use_the_envelope_too(api):
          415, "unsupported_media_type"),
         (await http.get("/v1/no-such-route"), 404, "not_found"),
         (await http.get("/v1/embeddings:batchGet"), 405, "method_not_allowed"),
+        # the body's size is checked before it is read or parsed
+        (await http.post("/v1/embeddings:batchGet", content=b" " * (2 << 20),
+                         headers={"content-type": "application/json"}), 413, "body_too_large"),
+        (await http.post("/v1/embeddings:batchGet", content=_chunks(),
+                         headers={"content-type": "application/json"}), 411, "length_required"),
     ]
     for r, status, code in cases:
         assert r.status_code == status, r.text
@@ -157,6 +174,12 @@ async def test_health_ready_metrics(api):
     await http.post("/v1/embeddings:batchGet", json={"pin_ids": ["cat-1"]})
     text = (await http.get("/metrics")).text
     assert 'pinfresh_api_requests_total{route="/v1/embeddings:batchGet",status="200"}' in text
+    # a scanner's paths are one series, not one per path
+    for i in range(20):
+        assert (await http.get(f"/wp-admin/{i}.php")).status_code == 404
+    text = (await http.get("/metrics")).text
+    assert "wp-admin" not in text
+    assert 'pinfresh_api_requests_total{route="unmatched",status="404"} 20.0' in text
 
 
 @pytest.mark.cluster
@@ -188,6 +211,9 @@ async def test_readiness_follows_redis_and_milvus(tmp_path):
                     r = await http.get("/readyz")
                     assert r.status_code == 503 and r.json()["checks"][service] != "ok"
                     assert r.json()["error"]["code"] == "not_ready"
+                    # one readable line, not a Python dict repr
+                    assert r.json()["error"]["message"].startswith(f"{service} down: ")
+                    assert "{" not in r.json()["error"]["message"]
                     st.start_service(service)
                     deadline = time.monotonic() + 180  # a restart on a loaded machine
                     while (await http.get("/readyz")).status_code != 200:

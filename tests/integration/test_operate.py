@@ -43,6 +43,11 @@ async def test_sigterm_drains_in_flight_batch_and_commits(pipeline, catalog, fau
     assert await pipeline.cache.count(version) == written
     log = pipeline.worker_log("w1")
     assert rc == 0, log[-3000:]
+    # logs are text: no terminal escapes (Faust's spinner wrote ESC[?25h on shutdown),
+    # in the worker's log or the stack's
+    stack_logs = sorted((pipeline.settings.stack.data_dir / "logs").glob("*.log"))
+    for path in [pipeline.logs / "w1.log", *stack_logs]:
+        assert "\x1b[" not in path.read_text(errors="replace"), path
     # the drain logs the offsets the broker confirmed, per partition
     line = re.search(r"drain: commit confirmed for group \S+: (.*)", log)
     assert line, log[-3000:]

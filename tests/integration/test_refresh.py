@@ -259,3 +259,33 @@ async def test_stale_requeue_keeps_the_metadata(pipeline, catalog):
     rec = (await pipeline.milvus.get_many(version, [it.pin_id]))[it.pin_id]
     assert rec.encode_time > float(rows[0]["encode_time"])
     assert rec.metadata == {"board": "b1"}
+
+
+async def test_backfill_refuses_without_a_root_and_fails_loudly_on_dead_letters(
+        pipeline, catalog, encoder_b, tmp_path):
+    """A backfill of a file catalog without a catalog root dead-lettered almost every pin
+    (each twice) and exited 0. Now: refused before anything is read or written; with a
+    root the files are not under, one letter per pin and exit 1."""
+    items, registry, va, vb = await _two_versions(pipeline, catalog, encoder_b, n=12)
+    pipeline.kill_worker("w1")
+    before = len(await pipeline.dead_letters())
+    env = {k: v for k, v in pipeline.settings.child_environ(os.environ).items()
+           if k != "PINFRESH_FETCH__CATALOG_ROOT"}
+    cmd = [sys.executable, "-m", "streams.cli", "backfill", "--to", vb, "--yield-lag",
+           "1000000"]
+    no_root = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert no_root.returncode == 2, no_root.stderr[-2000:]
+    assert "the catalog has file paths" in no_root.stderr and "--catalog-root" in no_root.stderr
+    missing = subprocess.run(cmd + ["--catalog-root", str(tmp_path / "nope")], env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert missing.returncode == 2 and "is not a directory" in missing.stderr
+    assert await pipeline.cache.count(vb) == 0
+    assert len(await pipeline.dead_letters()) == before
+
+    wrong = subprocess.run(cmd + ["--catalog-root", str(tmp_path)], env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert wrong.returncode == 1, wrong.stderr[-2000:]
+    assert f"{len(items)} pins were dead-lettered" in wrong.stderr
+    letters = (await pipeline.dead_letters())[before:]
+    assert sorted(d.pin_id for d in letters) == sorted(it.pin_id for it in items)
+    assert {d.reason.value for d in letters} == {"forbidden_location"}

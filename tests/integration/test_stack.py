@@ -72,12 +72,33 @@ def test_cli_up_status_down(tmp_path):
         assert json.loads((tmp_path / "stack.json").read_text())["kafka"] == info["kafka"]
         refused = run("restart", "kafka")
         assert refused.returncode == 2 and "--force" in refused.stderr
+        # a read API of this data dir: `down` stops it too (it kept answering)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            api_port = s.getsockname()[1]
+        serve = subprocess.Popen([sys.executable, "-m", "streams.cli", "serve", "--port",
+                                  str(api_port)], env=env, stdout=subprocess.DEVNULL,
+                                 stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 120
+        while not _answers(api_port):
+            assert serve.poll() is None and time.monotonic() < deadline, "serve did not start"
+            time.sleep(0.2)
     finally:
         down = run("down")
     assert down.returncode == 0
+    assert serve.wait(timeout=60) is not None
     assert not (tmp_path / "stack.json").exists()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", info["redis"]["port"])) != 0
+
+
+def _answers(port: int) -> bool:
+    import httpx
+
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 async def _topic_size(k) -> int:

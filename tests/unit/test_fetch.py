@@ -239,3 +239,28 @@ async def test_fetch_many_reads_files_in_one_go_with_per_item_errors(fetcher, tm
     reasons = [g.reason if isinstance(g, FetchError) else None for g in got]
     assert reasons == [None, Reason.NOT_FOUND, Reason.FORBIDDEN_LOCATION, Reason.NOT_FOUND,
                        None, Reason.TOO_LARGE, Reason.FORBIDDEN_LOCATION]
+
+
+def test_a_worker_refuses_a_catalog_root_that_does_not_exist(tmp_path):
+    """It used to start without a word and refuse every file later."""
+    import subprocess
+    import sys
+
+    env = {"PATH": "/usr/bin:/bin", "PINFRESH_STACK__DATA_DIR": str(tmp_path)}
+    for args, extra in [(["--catalog-root", str(tmp_path / "nope")], {}),
+                        ([], {"PINFRESH_FETCH__CATALOG_ROOT": str(tmp_path / "nope")})]:
+        r = subprocess.run([sys.executable, "-m", "streams.cli", "worker", *args],
+                           env={**env, **extra}, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2, r.stderr[-2000:]
+        assert f"catalog root {tmp_path / 'nope'} is not a directory" in r.stderr
+
+
+def test_file_paths_without_a_root_are_refused_up_front(tmp_path):
+    from encoder.errors import ConfigError
+    from streams.fetch import FetchSettings, check_catalog_root
+
+    check_catalog_root(FetchSettings(), ["https://img.example/a.jpg"])
+    check_catalog_root(FetchSettings(catalog_root=tmp_path), ["/x/a.png"])
+    with pytest.raises(ConfigError, match="file paths .*/x/a.png"):
+        check_catalog_root(FetchSettings(), ["https://img.example/a.jpg", "/x/a.png"])

@@ -237,3 +237,28 @@ def test_milvus_clients_get_a_dedicated_channel_that_pings_only_during_calls(mon
     assert seen["dedicated"] is True
     assert seen["grpc_options"] == {"grpc.keepalive_time_ms": 300_000,
                                     "grpc.keepalive_permit_without_calls": False}
+
+
+def test_a_field_without_its_section_is_pointed_at_the_real_name():
+    from streams.settings import unknown_env
+
+    assert unknown_env(["PINFRESH_DATA_DIR"]) == [("PINFRESH_DATA_DIR",
+                                                   "PINFRESH_STACK__DATA_DIR")]
+
+
+def test_a_list_or_object_setting_that_is_not_json_is_one_line(tmp_path):
+    """pydantic-settings names only the section ("fetch") in a 70-line traceback."""
+    import subprocess
+    import sys
+
+    base = {"PATH": "/usr/bin:/bin", "PINFRESH_STACK__DATA_DIR": str(tmp_path)}
+    for name, value, example in [
+            ("PINFRESH_FETCH__ALLOWED_HOSTS", "127.0.0.1", '["a.example", "b.example"]'),
+            ("PINFRESH_MILVUS__INDEX_PARAMS", "{M:16}", '{"M": 16}')]:
+        bad = subprocess.run([sys.executable, "-m", "streams.cli", "config", "show"],
+                             env={**base, name: value}, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and bad.stdout == ""
+        lines = bad.stderr.strip().splitlines()
+        assert len(lines) == 1, bad.stderr
+        assert f"{name}={value!r}: expected JSON" in lines[0] and example in lines[0]
