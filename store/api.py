@@ -24,10 +24,12 @@ one version (resolved once).
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -49,6 +51,7 @@ from encoder.errors import (
     NoLiveVersion,
     PinfreshError,
     PinNotFound,
+    StoreUnavailable,
     Unavailable,
     UnknownVersion,
 )
@@ -56,6 +59,7 @@ from store.config import ApiSettings, MilvusSettings, RedisSettings
 from store.lifecycle import open_stores
 from store.reader import EmbeddingReader
 
+logger = logging.getLogger(__name__)
 
 class _Body(BaseModel):
     """Request bodies refuse fields they do not know (a typo is an error, not ignored)."""
@@ -108,6 +112,13 @@ def _envelope(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+def _reader(request: Request) -> EmbeddingReader:
+    reader: EmbeddingReader | None = request.app.state.reader
+    if reader is None:
+        raise StoreUnavailable(request.app.state.stores_down, retry_after=2.0)
+    return reader
+
+
 @dataclass(frozen=True)
 class _Sections:
     redis: RedisSettings
@@ -124,9 +135,41 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        async with open_stores(_Sections(redis, milvus)) as stores:
-            app.state.reader = stores.reader
-            yield
+        # A store that is down at start does not stop the API from starting (a pod
+        # must come up while Milvus is down): it answers /healthz, /readyz 503 and
+        # 503 on reads, and connects in the background until the stores answer.
+        app.state.reader = None
+        app.state.stores_down = "connecting to the stores"
+        async with AsyncExitStack() as stack:
+            async def connect(first: bool) -> bool:
+                try:
+                    stores = await stack.enter_async_context(open_stores(_Sections(redis, milvus)))
+                except Unavailable as exc:
+                    app.state.stores_down = str(exc)
+                    if first:
+                        logger.warning("read API starts without its stores (%s); /readyz "
+                                       "answers 503 until they connect", exc)
+                    return False
+                app.state.reader = stores.reader
+                return True
+
+            retry: asyncio.Task[None] | None = None
+            if not await connect(first=True):
+                async def reconnect() -> None:
+                    delay = 1.0
+                    while not await connect(first=False):
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, 15.0)
+                    logger.info("read API: stores connected")
+
+                retry = asyncio.create_task(reconnect())
+            try:
+                yield
+            finally:
+                if retry is not None:
+                    retry.cancel()
+                    with suppress(asyncio.CancelledError):
+                        await retry
 
     app = FastAPI(title="pinfresh read API", version="0.1.0", lifespan=lifespan)
 
@@ -215,7 +258,11 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
 
     @app.get("/readyz")
     async def readyz(request: Request) -> JSONResponse:
-        reader: EmbeddingReader = request.app.state.reader
+        reader: EmbeddingReader | None = request.app.state.reader
+        if reader is None:
+            return JSONResponse({"error": {"code": "not_ready",
+                                           "message": request.app.state.stores_down}},
+                                status_code=503)
         checks: dict[str, str] = {}
         for name, ping in (("redis", reader.cache.ping), ("milvus", reader.milvus.ping)):
             try:
@@ -238,7 +285,7 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
         if len(body.pin_ids) > api.max_batch:
             raise ApiError(413, "too_many_ids",
                            f"{len(body.pin_ids)} pin ids > limit {api.max_batch}: split the batch")
-        reader: EmbeddingReader = request.app.state.reader
+        reader = _reader(request)
         res = await reader.get_many(body.pin_ids, body.version)
         found = res.found.tolist()
         out: dict[str, Any] = {
@@ -260,7 +307,7 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
             raise ApiError(422, "k_too_large", f"k={body.k} > limit {api.max_k}")
         if (body.pin_id is None) == (body.vector is None):
             raise ApiError(422, "invalid_request", "give exactly one of pin_id or vector")
-        reader: EmbeddingReader = request.app.state.reader
+        reader = _reader(request)
         version = await reader.resolve_version(body.version)
         vec = None
         if body.vector is not None:

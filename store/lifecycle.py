@@ -7,6 +7,7 @@ in one order, whatever happens in between.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -54,8 +55,14 @@ class Stores:
 
 @asynccontextmanager
 async def open_stores(settings: StoreSettings) -> AsyncIterator[Stores]:
-    """Open both clients (lazily connecting); close both on the way out."""
-    milvus, cache = MilvusStore(settings.milvus), RedisCache(settings.redis)
+    """Open both clients (Milvus connects, Redis on first use); close both on the way out.
+
+    Raises:
+        StoreUnavailable: Milvus cannot be reached.
+    """
+    # the Milvus client connects in its constructor (up to its timeout): off the loop
+    milvus = await asyncio.to_thread(MilvusStore, settings.milvus)
+    cache = RedisCache(settings.redis)
     reader = EmbeddingReader(milvus, cache)
     try:
         yield Stores(milvus, cache, reader)

@@ -31,8 +31,10 @@ def dlq_list(ctx: Ctx, as_json: bool) -> None:
             click.echo(dl.model_dump_json())
         return
     t = Table(title=f"{len(letters)} dead letters on {ctx.settings.kafka.dlq_topic}")
-    for col in ("pin", "reason", "attempts", "error"):
+    t.add_column("pin", overflow="fold")  # ids are never cut with an ellipsis
+    for col in ("reason", "attempts"):
         t.add_column(col)
+    t.add_column("error", overflow="fold")
     for dl in letters:
         t.add_row(dl.pin_id or "?", dl.reason.value, str(dl.attempts), dl.error[:80])
     console.print(t)

@@ -51,8 +51,13 @@ def versions_list(ctx: Ctx, as_json: bool) -> None:
         click.echo(json.dumps(rows, indent=2))
         return
     t = Table(title="model versions")
-    for col in ("version", "state", "dim", "pins", "model", "checkpoint"):
+    # ids are never cut: at 80 columns a cut id made two versions look the same
+    t.add_column("version", no_wrap=True, overflow="fold", min_width=20)
+    t.add_column("state", min_width=8)
+    for col in ("dim", "pins"):
         t.add_column(col)
+    t.add_column("model", overflow="fold")
+    t.add_column("checkpoint", overflow="fold")
     for r in rows:
         t.add_row(r["version"], r["state"], str(r["dim"]), str(r["redis_pins"]), r["model"],
                   r["checkpoint"] or "-")

@@ -62,7 +62,8 @@ class RateLimitFilter(logging.Filter):
         n = self._suppressed.pop(key, 0)
         what = "Kafka broker unreachable" if key == "kafka-unreachable" else "repeated"
         original = record.getMessage()
-        record.msg = (f"{what}: %s (retrying; {n} similar line(s) suppressed before this one, "
+        # no "retrying" here: a one-shot command that logs this then exits retries nothing
+        record.msg = (f"{what}: %s ({n} similar line(s) suppressed before this one, "
                       f"the next suppressed for {self.interval_s:.0f}s)")
         record.args = (original,)
         record.levelno, record.levelname = logging.WARNING, "WARNING"

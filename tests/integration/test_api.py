@@ -219,6 +219,28 @@ async def test_readiness_follows_redis_and_milvus(tmp_path):
                     while (await http.get("/readyz")).status_code != 200:
                         assert time.monotonic() < deadline, f"{service} did not recover"
                         await asyncio.sleep(0.2)
+        # an API started while Milvus is down starts (a pod must), answers 503 and
+        # connects once Milvus is back; it used to exit with three tracebacks
+        st.kill_service("milvus")
+        app = create_app(ApiSettings(), RedisSettings(url=info.redis_url, timeout_s=2.0),
+                         MilvusSettings(uri=info.milvus_uri, timeout_s=2))
+        async with app.router.lifespan_context(app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                         base_url="http://t") as http:
+                assert (await http.get("/healthz")).status_code == 200
+                r = await http.get("/readyz")
+                assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+                assert "Milvus" in r.json()["error"]["message"]
+                r = await http.post("/v1/embeddings:batchGet", json={"pin_ids": ["a"]})
+                assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+                assert int(r.headers["retry-after"]) >= 1
+                st.start_service("milvus")
+                deadline = time.monotonic() + 180
+                while (await http.get("/readyz")).status_code != 200:
+                    assert time.monotonic() < deadline, "the API did not connect"
+                    await asyncio.sleep(0.2)
+                r = await http.post("/v1/embeddings:batchGet", json={"pin_ids": ["a"]})
+                assert r.status_code != 503, r.text
     finally:
         st.stop()
 

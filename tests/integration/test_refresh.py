@@ -281,6 +281,11 @@ async def test_backfill_refuses_without_a_root_and_fails_loudly_on_dead_letters(
     assert missing.returncode == 2 and "is not a directory" in missing.stderr
     assert await pipeline.cache.count(vb) == 0
     assert len(await pipeline.dead_letters()) == before
+    # at 80 columns `versions list` shows both ids whole (cut ids looked the same)
+    listed = subprocess.run([sys.executable, "-m", "streams.cli", "versions", "list"],
+                            env={**env, "COLUMNS": "80"}, capture_output=True, text=True,
+                            timeout=120)
+    assert listed.returncode == 0 and va in listed.stdout and vb in listed.stdout, listed.stdout
 
     wrong = subprocess.run(cmd + ["--catalog-root", str(tmp_path)], env=env,
                            capture_output=True, text=True, timeout=300)

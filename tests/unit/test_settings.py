@@ -204,6 +204,8 @@ def test_broker_outage_flood_becomes_one_warning_per_interval():
     now[0] = 61.0
     later = rec("aiokafka", "Unable to update metadata from [1]")
     assert f.filter(later) and "1199 similar line(s) suppressed" in later.getMessage()
+    # a one-shot command logs this and exits: the line promises no retry
+    assert "retrying" not in later.getMessage()
     assert f.filter(rec("streams.app", "our own error"))  # never limited
     assert f.filter(rec("aiokafka", "a debug line", _logging.INFO))
 
