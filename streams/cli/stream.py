@@ -34,6 +34,10 @@ def catalog_prepare(ctx: Ctx, emoji: bool) -> None:
     data = ctx.settings.stack.data_dir.resolve()
     path = prepare_sample_catalog(data)
     console.print(f"{sum(1 for _ in load_catalog(path))} pins -> {path}")
+    from streams.tools.catalog import catalog_root_of
+
+    console.print(f"its images are under {catalog_root_of(path)}: start workers with "
+                  f"--catalog-root {catalog_root_of(path)}", highlight=False, soft_wrap=True)
     if emoji:
         try:
             epath = prepare_emoji_catalog(data)

@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from contextlib import AsyncExitStack
 from typing import Any
 
 import numpy as np
 from rich.console import Group
 from rich.table import Table
 
+from encoder.errors import StoreUnavailable, Unavailable
 from store.lifecycle import open_stores
+from store.redis import RedisCache
 from store.registry import VersionRegistry
 from streams.kafka import aiokafka_kwargs
 from streams.producer import consumer_lag, end_offsets, read_dead_letters
@@ -35,14 +38,32 @@ async def _offsets(settings: Settings) -> tuple[dict[int, int], int]:
 async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str, Any]:
     """One status snapshot; rates are measured over ``interval`` seconds."""
     out: dict[str, Any] = {"time": time.time(), "health": {}}
-    async with open_stores(settings) as stores:
-        cache, milvus = stores.cache, stores.milvus
+    async with AsyncExitStack() as stack:
+        milvus_down = None
+        try:
+            stores = await stack.enter_async_context(open_stores(settings))
+            cache, milvus = stores.cache, stores.milvus
+        except Unavailable as exc:  # Milvus cannot be reached: the rest is still shown
+            milvus_down, milvus = str(exc), None
+            cache = RedisCache(settings.redis)
+            stack.push_async_callback(cache.close)
+
+        async def milvus_ping() -> None:
+            if milvus is None:
+                raise StoreUnavailable(milvus_down or "not connected")
+            await milvus.ping()
+
+        # every check has a deadline: a frozen store is "down", not a hung status
+        deadline = {"kafka": 10.0, "redis": settings.redis.timeout_s + 1,
+                    "milvus": settings.milvus.timeout_s + 1}
         for name, check in (("kafka", lambda: asyncio.to_thread(
                 check_kafka, settings.kafka.bootstrap_servers.split(",")[0])),
-                ("redis", cache.ping), ("milvus", milvus.ping)):
+                ("redis", cache.ping), ("milvus", milvus_ping)):
             try:
-                await check()
+                await asyncio.wait_for(check(), deadline[name])
                 out["health"][name] = "ok"
+            except TimeoutError:
+                out["health"][name] = f"down: no answer in {deadline[name]:g}s"
             except Exception as exc:  # noqa: BLE001 - reported, not raised
                 out["health"][name] = f"down: {exc}"[:200]
         if out["health"]["kafka"] == "ok":
@@ -67,9 +88,10 @@ async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str,
             consumed = (ends1 - total1, ends2 - total2)
             out.update({
                 "partitions": len(tps), "lag": lag2, "lag_total": total2,
-                "events_in_per_s": round((ends2 - ends1) / interval, 2),
-                "events_out_per_s": round((consumed[1] - consumed[0]) / interval, 2),
-                "pins_encoded_per_s": round((enc2 - enc1) / interval, 2),
+                # never negative: the two samples read log ends and commits separately
+                "events_in_per_s": round(max(0, ends2 - ends1) / interval, 2),
+                "events_out_per_s": round(max(0, consumed[1] - consumed[0]) / interval, 2),
+                "pins_encoded_per_s": round(max(0, enc2 - enc1) / interval, 2),
             })
             letters = await read_dead_letters(settings.kafka, stall_s=5.0)
             out["dlq_total"] = len(letters)
@@ -82,7 +104,7 @@ async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str,
                 out.update({f"freshness_p{q}_s": round(float(np.percentile(arr, q)), 3)
                             for q in (50, 95, 99)})
                 out["freshness_samples"] = len(fresh)
-        if out["health"]["redis"] == "ok" and out["health"]["milvus"] == "ok":
+        if out["health"]["redis"] == "ok" and out["health"]["milvus"] == "ok" and milvus:
             reg = VersionRegistry(milvus, cache)
             versions = await reg.all()
             live = next((v.version for v in versions if v.live), None)
@@ -90,7 +112,9 @@ async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str,
             out["live_version"] = live
             out["versions"] = [
                 {"version": v.version, "state": v.state, "pins": (n := await cache.count(
-                    v.version)), "coverage": round(n / live_n, 4) if live_n else None}
+                    v.version)),
+                 # at most 1: a version may hold pins the live one has not yet (or no more)
+                 "coverage": round(min(1.0, n / live_n), 4) if live_n else None}
                 for v in versions if v.state != "retired"
             ]
     for key in ("lag_total", "freshness_p99_s", "live_version", "dlq_total"):

@@ -222,6 +222,16 @@ async def test_readiness_follows_redis_and_milvus(tmp_path):
         # an API started while Milvus is down starts (a pod must), answers 503 and
         # connects once Milvus is back; it used to exit with three tracebacks
         st.kill_service("milvus")
+        # `status` shows Milvus down and the rest (it aborted with a traceback)
+        from streams.settings import Settings
+        from streams.tools.status import collect_status
+
+        settings = Settings().with_stack(info)
+        settings = settings.model_copy(update={"milvus": settings.milvus.model_copy(
+            update={"timeout_s": 2})})
+        status = await collect_status(settings, interval=0.2)
+        assert status["health"]["milvus"].startswith("down: ")
+        assert status["health"]["redis"] == "ok" and status["health"]["kafka"] == "ok"
         app = create_app(ApiSettings(), RedisSettings(url=info.redis_url, timeout_s=2.0),
                          MilvusSettings(uri=info.milvus_uri, timeout_s=2))
         async with app.router.lifespan_context(app):
