@@ -832,12 +832,19 @@ class RedisCache:
 
     async def record_batch_stats(self, freshness_s: Sequence[float], encoded: int,
                                  keep: int = 10_000) -> None:
-        """Keep the last ``keep`` freshness samples and count encodes (for `pinfresh status`)."""
+        """Keep the last ``keep`` freshness samples and count encodes (for `pinfresh status`).
+
+        Each sample is ``"<unix time written>:<freshness s>"``, so a reader can
+        keep a time window (one replay of old events must not hold the p99 up
+        for the rest of the day).
+        """
+        now = time.time()
 
         async def go() -> None:
             async with self._r.pipeline(transaction=False) as pipe:
                 if freshness_s:
-                    pipe.lpush(f"{self.p}:stats:freshness", *[f"{f:.4f}" for f in freshness_s])
+                    pipe.lpush(f"{self.p}:stats:freshness",
+                               *[f"{now:.3f}:{f:.4f}" for f in freshness_s])
                     pipe.ltrim(f"{self.p}:stats:freshness", 0, keep - 1)
                 if encoded:
                     pipe.incrby(f"{self.p}:stats:encoded", encoded)
@@ -845,11 +852,23 @@ class RedisCache:
 
         await self._do(go)
 
-    async def batch_stats(self) -> tuple[list[float], int]:
-        """``(recent freshness samples, total encodes)`` written by the workers."""
+    async def batch_stats(self, window_s: float | None = None, now: float | None = None,
+                          ) -> tuple[list[float], int]:
+        """``(freshness samples, total encodes)`` written by the workers.
+
+        With ``window_s``, only the samples written in the last ``window_s``
+        seconds before ``now`` (default: the current time).
+        """
         fresh = await self._do(lambda: self._r.lrange(f"{self.p}:stats:freshness", 0, -1))
         enc = await self._do(lambda: self._r.get(f"{self.p}:stats:encoded"))
-        return [float(as_text(x)) for x in fresh], int(as_text(enc)) if enc else 0
+        since = (now if now is not None else time.time()) - window_s if window_s else None
+        out = []
+        for raw in fresh:
+            at, _, value = as_text(raw).rpartition(":")
+            if since is not None and (not at or float(at) < since):
+                continue  # outside the window (or written before samples had a time)
+            out.append(float(value))
+        return out, int(as_text(enc)) if enc else 0
 
     async def _mget(self, keys: list[str]) -> list[Any]:
         """One MGET on a node; on a cluster one MGET per slot, one pipeline per node."""

@@ -209,10 +209,11 @@ async def _backfill(
         if live is None or live == target:
             raise StateError(f"{target} is live already or nothing is live: nothing to backfill")
         # preflight: a catalog of file paths without a root would dead-letter every pin
-        first: list[dict[str, Any]] = []
-        async for first in milvus.walk(live, ["pin_id", "image_location"], 100):
+        sample: list[str] = []
+        async for page_rows in milvus.walk(live, ["pin_id", "image_location"], 100):
+            sample = [r["image_location"] for r in page_rows]
             break  # one page is enough (the event loop finalizes the abandoned walk)
-        check_catalog_root(settings.fetch, [r["image_location"] for r in first])
+        check_catalog_root(settings.fetch, sample)
         enc = await asyncio.to_thread(load_version_encoder, info, settings.encoder)
         processor = PinProcessor(
             encoder=enc, versions=StaticVersions(enc), milvus=milvus, cache=cache,

@@ -87,12 +87,18 @@ def down(ctx: Ctx) -> None:
               help="one JSON object (lag_total, freshness_p99_s, live_version, dlq_total, ...)")
 @click.option("--watch", is_flag=True, help="refresh until Ctrl-C")
 @click.option("--interval", default=2.0, show_default=True, help="seconds between samples")
+@click.option("--window", default=300.0, show_default=True,
+              help="freshness percentiles over the samples written in the last N seconds")
 @pass_ctx
-def status(ctx: Ctx, as_json: bool, watch: bool, interval: float) -> None:
+def status(ctx: Ctx, as_json: bool, watch: bool, interval: float, window: float) -> None:
     """Lag, rates, freshness, dead letters, versions and store health on one screen."""
+    from functools import partial
+
     from rich.live import Live
 
-    from streams.tools.status import collect_status, render
+    from streams.tools import status as st
+
+    collect_status, render = partial(st.collect_status, window_s=window), st.render
 
     if as_json:
         click.echo(json.dumps(asyncio.run(collect_status(ctx.settings, interval)), indent=2))

@@ -35,9 +35,14 @@ async def _offsets(settings: Settings) -> tuple[dict[int, int], int]:
     return lag, sum(lag.values())
 
 
-async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str, Any]:
-    """One status snapshot; rates are measured over ``interval`` seconds."""
-    out: dict[str, Any] = {"time": time.time(), "health": {}}
+async def collect_status(settings: Settings, interval: float = 1.0,
+                         window_s: float = 300.0) -> dict[str, Any]:
+    """One status snapshot.
+
+    Rates are measured over ``interval`` seconds, freshness over the samples
+    the workers wrote in the last ``window_s`` seconds.
+    """
+    out: dict[str, Any] = {"time": time.time(), "health": {}, "freshness_window_s": window_s}
     async with AsyncExitStack() as stack:
         milvus_down = None
         try:
@@ -97,7 +102,7 @@ async def collect_status(settings: Settings, interval: float = 1.0) -> dict[str,
             out["dlq_total"] = len(letters)
             out["dlq_by_reason"] = dict(Counter(d.reason.value for d in letters))
         if out["health"]["redis"] == "ok":
-            fresh, encoded = await cache.batch_stats()
+            fresh, encoded = await cache.batch_stats(window_s=window_s)
             out["pins_encoded_total"] = encoded
             if fresh:
                 arr = np.array(fresh)

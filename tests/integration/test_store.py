@@ -151,3 +151,18 @@ async def test_migrate_keys_moves_a_0_1_layout_in_place(stack):
     finally:
         await cache.close()
         await r.aclose()
+
+
+async def test_freshness_is_read_over_a_time_window(stack):
+    """`status` read the last 10,000 samples whatever their age: one replay of old events
+    held p99 at 95 s for the rest of the day. Samples carry the time they were written."""
+    cache = RedisCache(RedisSettings(url=stack.redis_url, key_prefix="s_window"))
+    try:
+        t = time.time()
+        await cache.record_batch_stats([95.0, 0.4], 2)
+        fresh, encoded = await cache.batch_stats(window_s=300, now=t + 10)
+        assert sorted(fresh) == [0.4, 95.0] and encoded == 2
+        assert (await cache.batch_stats(window_s=300, now=t + 400))[0] == []
+        assert sorted((await cache.batch_stats())[0]) == [0.4, 95.0]  # no window: all
+    finally:
+        await cache.close()
