@@ -16,6 +16,7 @@ same cluster slot.
 | ``p:v:ids:{T}`` | set | pin ids of version ``v`` whose slot is ``T``'s (one set per slot, see below) |
 | ``p:tomb:{PIN}`` | string | version of the pin's last delete (expires after ``tombstone_ttl_s``) |
 | ``p:stats:freshness``, ``p:stats:encoded`` | list, string | recent freshness samples, encode count |
+| ``p:dlq:marks`` | hash | dead letter key -> ``resolved|purged|replayed:<time>`` |
 
 What shares a slot, and why:
 
@@ -922,6 +923,21 @@ class RedisCache:
     def client(self) -> Any:
         """The redis-py client (``Redis`` or ``RedisCluster``), for maintenance tools."""
         return self._r
+
+    async def dlq_marks(self) -> dict[str, tuple[str, float]]:
+        """Dead letters marked ``resolved``, ``purged`` or ``replayed``: key -> (state, at)."""
+        raw = await self._do(lambda: self._r.hgetall(f"{self.p}:dlq:marks"))
+        out = {}
+        for k, v in raw.items():
+            state, _, at = as_text(v).partition(":")
+            out[as_text(k)] = (state, float(at))
+        return out
+
+    async def dlq_mark(self, keys: Sequence[str], state: str, at: float) -> None:
+        """Mark dead letters (by `streams.dlq.letter_key`) as ``state`` at time ``at``."""
+        if keys:
+            mapping = {k: f"{state}:{at:.3f}" for k in keys}
+            await self._do(lambda: self._r.hset(f"{self.p}:dlq:marks", mapping=mapping))
 
     async def ping(self) -> None:
         """Raise `StoreUnavailable` unless Redis answers PING."""

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -37,6 +38,42 @@ from streams.kafka import aiokafka_kwargs
 from streams.settings import KafkaSettings
 
 logger = logging.getLogger(__name__)
+
+
+def letter_key(dl: DeadLetter) -> str:
+    """What makes letters copies of one another: the same original event.
+
+    A replayed event that fails again gets a letter with the same key, so it is
+    one open letter (with two copies on the topic), not two.
+    """
+    return dl.original_sha256 or f"{dl.pin_id}@{dl.failed_at:.3f}"
+
+
+@dataclass
+class OpenLetter:
+    """The newest letter of one original event, with how many copies the topic holds."""
+
+    letter: DeadLetter
+    copies: int
+    key: str
+
+
+def open_letters(letters: Sequence[DeadLetter],
+                 marks: Mapping[str, tuple[str, float]]) -> list[OpenLetter]:
+    """One entry per original event whose newest letter is newer than its mark.
+
+    A mark (resolved, purged or replayed at time t) closes the letters written
+    before t; a letter written after it (the event failed again) opens it again.
+    The order is the topic's (by the newest copy's position).
+    """
+    groups: dict[str, OpenLetter] = {}
+    for dl in letters:
+        key = letter_key(dl)
+        seen = groups.pop(key, None)
+        latest = dl if seen is None or dl.failed_at >= seen.letter.failed_at else seen.letter
+        groups[key] = OpenLetter(latest, (seen.copies if seen else 0) + 1, key)
+    return [o for o in groups.values()
+            if o.key not in marks or marks[o.key][1] < o.letter.failed_at]
 
 #: Errors that retrying the same record cannot fix.
 _PERMANENT = (MessageSizeTooLargeError, RecordTooLargeError, RecordListTooLargeError,

@@ -18,26 +18,114 @@ def dlq() -> None:
     """Dead letters."""
 
 
-@dlq.command("list")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
-@pass_ctx
-def dlq_list(ctx: Ctx, as_json: bool) -> None:
-    """List the dead letters on the DLQ topic."""
+def _read_letters(ctx: Ctx) -> tuple[list[Any], dict[str, tuple[str, float]]]:
+    """Every letter on the DLQ topic, and the marks (resolved, purged, replayed) in Redis."""
+    from store.redis import RedisCache
     from streams.producer import read_dead_letters
 
-    letters = asyncio.run(read_dead_letters(ctx.settings.kafka))
+    async def go() -> tuple[list[Any], dict[str, tuple[str, float]]]:
+        letters = await read_dead_letters(ctx.settings.kafka)
+        cache = RedisCache(ctx.settings.redis)
+        try:
+            return letters, await cache.dlq_marks()
+        finally:
+            await cache.close()
+
+    return asyncio.run(go())
+
+
+def _mark(ctx: Ctx, keys: list[str], state: str, at: float) -> None:
+    from store.redis import RedisCache
+
+    async def go() -> None:
+        cache = RedisCache(ctx.settings.redis)
+        try:
+            await cache.dlq_mark(keys, state, at)
+        finally:
+            await cache.close()
+
+    asyncio.run(go())
+
+
+@dlq.command("list")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@click.option("--all", "show_all", is_flag=True,
+              help="every letter on the topic, copies and closed ones included")
+@pass_ctx
+def dlq_list(ctx: Ctx, as_json: bool, show_all: bool) -> None:
+    """List the open dead letters: one per original event, its newest copy.
+
+    A letter is closed by `dlq resolve`, `dlq purge` or `dlq replay`; if its
+    event fails again, the new copy opens it again (one row, copies + 1).
+    """
+    from streams.dlq import OpenLetter, letter_key, open_letters
+
+    letters, marks = _read_letters(ctx)
+    rows = ([OpenLetter(d, 1, letter_key(d)) for d in letters] if show_all
+            else open_letters(letters, marks))
     if as_json:
-        for dl in letters:
-            click.echo(dl.model_dump_json())
+        for o in rows:
+            click.echo(json.dumps({**json.loads(o.letter.model_dump_json()),
+                                   "copies": o.copies, "key": o.key}))
         return
-    t = Table(title=f"{len(letters)} dead letters on {ctx.settings.kafka.dlq_topic}")
+    what = "dead letters" if show_all else "open dead letters"
+    t = Table(title=f"{len(rows)} {what} on {ctx.settings.kafka.dlq_topic} "
+              f"({len(letters)} letters in all)")
     t.add_column("pin", overflow="fold")  # ids are never cut with an ellipsis
-    for col in ("reason", "attempts"):
+    for col in ("reason", "copies"):
         t.add_column(col)
     t.add_column("error", overflow="fold")
-    for dl in letters:
-        t.add_row(dl.pin_id or "?", dl.reason.value, str(dl.attempts), dl.error[:80])
+    for o in rows:
+        t.add_row(o.letter.pin_id or "?", o.letter.reason.value, str(o.copies),
+                  o.letter.error[:80])
     console.print(t)
+
+
+def _close_letters(ctx: Ctx, state: str, reason: str | None, pin_ids: tuple[str, ...],
+                   older_than: float | None, every: bool) -> None:
+    import time
+
+    from streams.dlq import open_letters
+
+    if not (reason or pin_ids or older_than is not None or every):
+        raise click.UsageError("name what to close: --reason, --pin, --older-than or --all")
+    letters, marks = _read_letters(ctx)
+    now = time.time()
+    chosen = [o for o in open_letters(letters, marks)
+              if (not reason or o.letter.reason.value == reason)
+              and (not pin_ids or o.letter.pin_id in pin_ids)
+              and (older_than is None or now - o.letter.failed_at > older_than)]
+    _mark(ctx, [o.key for o in chosen], state, now)
+    console.print(f"{state} {len(chosen)} open dead letter(s)")
+
+
+def _close_options(fn: Any) -> Any:
+    for opt in reversed([
+            click.option("--reason", help="only letters with this reason code"),
+            click.option("--pin", "pin_ids", multiple=True, help="only these pins (repeatable)"),
+            click.option("--older-than", type=float,
+                         help="only letters whose newest copy is older than N seconds"),
+            click.option("--all", "every", is_flag=True, help="every open letter")]):
+        fn = opt(fn)
+    return fn
+
+
+@dlq.command("resolve")
+@_close_options
+@pass_ctx
+def dlq_resolve(ctx: Ctx, reason: str | None, pin_ids: tuple[str, ...],
+                older_than: float | None, every: bool) -> None:
+    """Mark open letters resolved (fixed another way); they leave `list` and `status`."""
+    _close_letters(ctx, "resolved", reason, pin_ids, older_than, every)
+
+
+@dlq.command("purge")
+@_close_options
+@pass_ctx
+def dlq_purge(ctx: Ctx, reason: str | None, pin_ids: tuple[str, ...],
+              older_than: float | None, every: bool) -> None:
+    """Mark open letters purged (given up on). The topic's records go with its retention."""
+    _close_letters(ctx, "purged", reason, pin_ids, older_than, every)
 
 
 @dlq.command("show")
@@ -75,25 +163,34 @@ def dlq_replay(ctx: Ctx, reason: str | None, pin_ids: tuple[str, ...], dry_run: 
     """
     import time
 
-    from streams.producer import publish_raw, read_dead_letters
+    from streams.dlq import open_letters
+    from streams.producer import publish_raw
 
-    letters = asyncio.run(read_dead_letters(ctx.settings.kafka))
-    chosen = [d for d in letters if (not reason or d.reason.value == reason)
-              and (not pin_ids or d.pin_id in pin_ids)]
+    letters, marks = _read_letters(ctx)
+    opened = open_letters(letters, marks)
+    chosen = [o for o in opened if (not reason or o.letter.reason.value == reason)
+              and (not pin_ids or o.letter.pin_id in pin_ids)]
     ttl = ctx.settings.redis.tombstone_ttl_s
-    old = [d for d in chosen if time.time() - d.failed_at > ttl]
+    old = [o for o in chosen if time.time() - o.letter.failed_at > ttl]
     if old and not force:
-        chosen = [d for d in chosen if d not in old]
+        chosen = [o for o in chosen if o not in old]
         console.print(f"skipped {len(old)} letter(s) older than the tombstone TTL ({ttl}s): a "
                       "delete of their pin may be forgotten and the replay would bring it "
                       "back; check those pins, then replay them with --force")
-    for d in chosen:
-        console.print(f"{'would replay' if dry_run else 'replay'} {d.pin_id}: {d.reason.value}")
+    for o in chosen:
+        console.print(f"{'would replay' if dry_run else 'replay'} {o.letter.pin_id}: "
+                      f"{o.letter.reason.value}")
     if not dry_run and chosen:
+        # closed as of just before publishing: a replayed event that fails again writes
+        # a newer copy, which opens the same letter again (one row, not two); if the
+        # publish fails, nothing is marked and the letters stay open
+        t0 = time.time()
         asyncio.run(publish_raw(ctx.settings.kafka, [
-            ((d.pin_id or "").encode() or None, d.original_bytes()) for d in chosen]))
+            ((o.letter.pin_id or "").encode() or None, o.letter.original_bytes())
+            for o in chosen]))
+        _mark(ctx, [o.key for o in chosen], "replayed", t0)
     verb = "selected" if dry_run else "replayed"
-    console.print(f"{len(chosen)} of {len(letters)} dead letters {verb}")
+    console.print(f"{len(chosen)} of {len(opened)} open dead letters {verb}")
 
 
 @cli.group()

@@ -24,6 +24,7 @@ from encoder.errors import StoreUnavailable, Unavailable
 from store.lifecycle import open_stores
 from store.redis import RedisCache
 from store.registry import VersionRegistry
+from streams.dlq import open_letters
 from streams.kafka import aiokafka_kwargs
 from streams.producer import consumer_lag, end_offsets, read_dead_letters
 from streams.settings import Settings
@@ -99,8 +100,11 @@ async def collect_status(settings: Settings, interval: float = 1.0,
                 "pins_encoded_per_s": round(max(0, enc2 - enc1) / interval, 2),
             })
             letters = await read_dead_letters(settings.kafka, stall_s=5.0)
-            out["dlq_total"] = len(letters)
-            out["dlq_by_reason"] = dict(Counter(d.reason.value for d in letters))
+            marks = await cache.dlq_marks() if out["health"]["redis"] == "ok" else {}
+            opened = [o.letter for o in open_letters(letters, marks)]
+            out["dlq_total"] = len(opened)  # open letters, one per original event
+            out["dlq_letters_on_topic"] = len(letters)
+            out["dlq_by_reason"] = dict(Counter(d.reason.value for d in opened))
         if out["health"]["redis"] == "ok":
             fresh, encoded = await cache.batch_stats(window_s=window_s)
             out["pins_encoded_total"] = encoded

@@ -288,13 +288,11 @@ async def test_slow_hanging_and_failing_image_servers(pipeline, fault_case):
 
         from streams.cli import cli
 
-        env = {"PINFRESH_KAFKA__BOOTSTRAP_SERVERS": pipeline.settings.kafka.bootstrap_servers,
-               "PINFRESH_KAFKA__TOPIC": pipeline.settings.kafka.topic,
-               "PINFRESH_KAFKA__DLQ_TOPIC": pipeline.settings.kafka.dlq_topic}
+        env = pipeline.settings.to_env()  # the test's broker, Redis (letter marks), topics
         res = await asyncio.to_thread(CliRunner().invoke, cli,
                                       ["dlq", "replay", "--pin", "img-500"], env=env)
         assert res.exit_code == 0, res.output
-        assert "1 of 5 dead letters replayed" in res.output
+        assert "1 of 5 open dead letters replayed" in res.output
         assert await pipeline.wait(["img-500"], timeout=180)
         fault_case.add("dlq replay after the image server is fixed",
                        "the replayed pin becomes servable", "servable")

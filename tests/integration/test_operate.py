@@ -269,3 +269,32 @@ async def test_dlq_replay_reads_the_whole_topic_and_refuses_letters_past_the_tom
     assert "300 of 303 dead letters selected" in dry and "skipped 3 letter(s)" in dry
     forced = replay("--dry-run", "--force")
     assert "303 of 303 dead letters selected" in forced
+
+    # the lifecycle: a replayed letter that fails again is still one open letter,
+    # resolve and purge close letters, status counts the open ones
+    def cli(*args: str) -> str:
+        out = subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    def open_keys() -> dict[str, int]:
+        rows = [json.loads(line) for line in cli("dlq", "list", "--json").splitlines()]
+        return {r["pin_id"]: r["copies"] for r in rows}
+
+    assert "2 of 303 open dead letters replayed" in replay("--pin", "fresh-0", "--pin",
+                                                           "fresh-1")
+    assert len(open_keys()) == 301 and "fresh-0" not in open_keys()
+    again = DeadLetter.build(Reason.NOT_FOUND, "gone again", fresh[0].original_bytes(),
+                             pin_id="fresh-0")  # what the worker writes when it fails again
+    await publish_raw(k, [(b"fresh-0", again.model_dump_json().encode())], topic=k.dlq_topic)
+    opened = open_keys()
+    assert len(opened) == 302 and opened["fresh-0"] == 2  # one letter, two copies
+    assert (await collect_status(pipeline.settings, interval=0.1))["dlq_total"] == 302
+    assert "purged 3 open dead letter(s)" in cli("dlq", "purge", "--older-than",
+                                                   str(7 * 24 * 3600))
+    assert len(open_keys()) == 299
+    assert "resolved 299" in cli("dlq", "resolve", "--reason", "not_found")
+    assert open_keys() == {}
+    status = await collect_status(pipeline.settings, interval=0.1)
+    assert status["dlq_total"] == 0 and status["dlq_letters_on_topic"] == 304
