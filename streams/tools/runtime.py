@@ -38,7 +38,9 @@ def load_settings() -> Settings:
     """Settings from the environment and ``.env``, then an embedded stack, lowest first.
 
     Precedence, highest first: environment variables, ``.env``, the addresses
-    of an embedded stack recorded in the data dir, the defaults. So an address
+    of an embedded stack recorded in the data dir, the stack's configured
+    ports (``PINFRESH_STACK__*_PORT``, unless 0) when none is recorded, the
+    defaults. So an address
     set anywhere (``PINFRESH_REDIS__URL`` in the environment or in ``.env``)
     is never overridden by a leftover embedded stack.
 
@@ -47,16 +49,24 @@ def load_settings() -> Settings:
     """
     settings = build_settings(os.environ)
     info = EmbeddedStack(settings.stack).read()
-    if info is None:
-        return settings
+    st = settings.stack
+    # Without a running stack, addresses follow the stack's configured ports (a
+    # fixed port, not 0), so a client of this data dir never joins another
+    # stack listening on the default ports.
+    kafka = info.kafka_bootstrap if info else (
+        f"{st.host}:{st.kafka_port}" if st.kafka_port else None)
+    scheme = "redis+cluster://{}:{}" if st.redis_cluster else "redis://{}:{}/0"
+    redis = info.redis_url if info else (
+        scheme.format(st.host, st.redis_port) if st.redis_port else None)
+    milvus = info.milvus_uri if info else (
+        f"http://{st.host}:{st.milvus_port}" if st.milvus_port else None)
     update: dict[str, Any] = {}
-    if "bootstrap_servers" not in settings.kafka.model_fields_set:
-        update["kafka"] = settings.kafka.model_copy(
-            update={"bootstrap_servers": info.kafka_bootstrap})
-    if "url" not in settings.redis.model_fields_set:
-        update["redis"] = settings.redis.model_copy(update={"url": info.redis_url})
-    if "uri" not in settings.milvus.model_fields_set:
-        update["milvus"] = settings.milvus.model_copy(update={"uri": info.milvus_uri})
+    if kafka and "bootstrap_servers" not in settings.kafka.model_fields_set:
+        update["kafka"] = settings.kafka.model_copy(update={"bootstrap_servers": kafka})
+    if redis and "url" not in settings.redis.model_fields_set:
+        update["redis"] = settings.redis.model_copy(update={"url": redis})
+    if milvus and "uri" not in settings.milvus.model_fields_set:
+        update["milvus"] = settings.milvus.model_copy(update={"uri": milvus})
     return settings.model_copy(update=update)
 
 

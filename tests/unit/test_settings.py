@@ -264,3 +264,23 @@ def test_a_list_or_object_setting_that_is_not_json_is_one_line(tmp_path):
         lines = bad.stderr.strip().splitlines()
         assert len(lines) == 1, bad.stderr
         assert f"{name}={value!r}: expected JSON" in lines[0] and example in lines[0]
+
+
+def test_without_a_running_stack_clients_follow_the_configured_stack_ports(tmp_path,
+                                                                         monkeypatch):
+    """With PINFRESH_STACK__*_PORT set and no stack.json, clients used the default ports
+    and could join someone else's stack."""
+    from streams.tools.runtime import load_settings
+
+    for k in [k for k in __import__("os").environ if k.startswith("PINFRESH_")]:
+        monkeypatch.delenv(k)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PINFRESH_STACK__DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("PINFRESH_STACK__KAFKA_PORT", "29092")
+    monkeypatch.setenv("PINFRESH_STACK__REDIS_PORT", "26379")
+    monkeypatch.setenv("PINFRESH_STACK__MILVUS_PORT", "0")  # a free port: nothing to follow
+    monkeypatch.setenv("PINFRESH_MILVUS__URI", "http://m:1")
+    s = load_settings()
+    assert s.kafka.bootstrap_servers == "127.0.0.1:29092"
+    assert s.redis.url == "redis://127.0.0.1:26379/0"
+    assert s.milvus.uri == "http://m:1"  # set explicitly: kept
