@@ -351,6 +351,7 @@ class PinProcessor:
         self._fetch_sem = asyncio.Semaphore(settings.fetch_concurrency)
         #: write sets of the batches in flight (reported with `Cache.report_writer`)
         self._active: dict[int, frozenset[str]] = {}
+        self._shown_versions: set[str] = set()  # labels of pinfresh_worker_model_info
 
     @property
     def version(self) -> str:
@@ -370,8 +371,7 @@ class PinProcessor:
         if await self._retry("redis", partial(self.cache.set_live_if_none, first)):
             await self._retry("milvus", partial(self.milvus.set_live, first))
             logger.info("model version %s is now live (first version)", first)
-        for ver in write:
-            metrics.MODEL_INFO.labels(version=ver).set(1)
+        self._show_versions(write)
         policy = await self._retry("redis", self.cache.eviction_policy)
         if policy not in (None, "noeviction"):
             logger.error("Redis maxmemory-policy is %s: it may evict tombstones and writer "
@@ -445,8 +445,18 @@ class PinProcessor:
         await self._retry("redis", partial(self.cache.report_writer, self.worker_name,
                                            list(write), batches))
 
+    def _show_versions(self, write: Mapping[str, Any]) -> None:
+        """``pinfresh_worker_model_info``: one series per version this worker writes now."""
+        for ver in self._shown_versions - set(write):
+            with contextlib.suppress(KeyError):
+                metrics.MODEL_INFO.remove(ver)
+        for ver in write:
+            metrics.MODEL_INFO.labels(version=ver).set(1)
+        self._shown_versions = set(write)
+
     async def _apply(self, batch: _Batch) -> None:
         write = dict(await self._retry("registry", self.versions.write_set))
+        self._show_versions(write)
         key = id(batch)
         self._active[key] = frozenset(write)
         # reported before any write, and again while the batch runs (an outage can hold it

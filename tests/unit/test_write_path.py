@@ -259,6 +259,33 @@ async def test_a_non_primary_version_that_vanishes_mid_batch_leaves_the_write_se
     assert list(await versions.write_set()) == [V]
 
 
+async def test_model_info_shows_every_version_the_worker_writes_now(stores):
+    """pinfresh_worker_model_info showed only the version a worker booted with."""
+    from streams import metrics
+
+    def shown() -> set[str]:
+        return {s.labels["version"] for m in metrics.MODEL_INFO.collect() for s in m.samples
+                if s.value == 1}
+
+    milvus, cache = stores
+    live, extra = FakeEncoder(), FakeEncoder()
+    extra.version = "extra_v3"  # type: ignore[misc]
+    versions = StaticVersions(live)
+    proc = PinProcessor(encoder=live, milvus=milvus, cache=cache, fetcher=FakeFetcher(FILES),
+                        dlq=FakeDLQ(), settings=WorkerSettings(), sleep=_nosleep,
+                        versions=versions)
+    await proc.start()
+    assert V in shown() and "extra_v3" not in shown()
+    versions._write = {V: live, "extra_v3": extra}  # a refresh adds a version
+    await milvus.ensure_version("extra_v3", extra.dim)
+    await cache.ensure_version("extra_v3", extra.dim)
+    await proc.handle([up("a", "/c/a.png", 1)])
+    assert {V, "extra_v3"} <= shown()
+    versions._write = {V: live}  # and retires it
+    await proc.handle([up("b", "/c/b.png", 1)])
+    assert "extra_v3" not in shown()
+
+
 # ------------------------------- an older writer that releases before the newer one
 async def _until(cond, steps: int = 2000) -> None:
     for _ in range(steps):
