@@ -17,6 +17,7 @@ same cluster slot.
 | ``p:tomb:{PIN}`` | string | version of the pin's last delete (expires after ``tombstone_ttl_s``) |
 | ``p:stats:freshness``, ``p:stats:encoded`` | list, string | recent freshness samples, encode count |
 | ``p:dlq:marks`` | hash | dead letter key -> ``resolved|purged|replayed:<time>`` |
+| ``{p:reg}:progress`` | hash | partition -> JSON: worker, committed offset, lag, when it moved |
 
 What shares a slot, and why:
 
@@ -433,6 +434,38 @@ class RedisCache:
         """Every writer's last report (see `report_writer`)."""
         raw = await self._do(lambda: self._r.hgetall(self.reg_key("writers")))
         return {as_text(k): json.loads(as_text(v)) for k, v in raw.items()}
+
+    async def report_progress(self, worker: str, offsets: Mapping[int, tuple[int, int]],
+                              now: float | None = None) -> dict[int, float]:
+        """Record, per partition ``worker`` holds, its committed offset and lag.
+
+        Each record (``{p}:progress``, field = partition) keeps ``moved_at``: when
+        the committed offset was last seen to change (the first report counts as a
+        move). Returns ``partition -> moved_at``. Reports of several workers for
+        one partition (a rebalance) are last-writer-wins; that is fine for a view.
+        """
+        now = time.time() if now is None else now
+        if not offsets:
+            return {}
+        parts = sorted(offsets)
+        key = self.reg_key("progress")
+        old = await self._do(lambda: self._r.hmget(key, [str(p) for p in parts]))
+        out, mapping = {}, {}
+        for part, prev in zip(parts, old, strict=True):
+            committed, lag = offsets[part]
+            before = json.loads(as_text(prev)) if prev else None
+            moved = now if before is None or before["committed"] != committed \
+                else float(before["moved_at"])
+            out[part] = moved
+            mapping[str(part)] = json.dumps({"worker": worker, "committed": committed,
+                                             "lag": lag, "moved_at": moved, "at": now})
+        await self._do(lambda: self._r.hset(key, mapping=mapping))
+        return out
+
+    async def progress(self) -> dict[int, dict[str, Any]]:
+        """Every partition's last progress record (see `report_progress`)."""
+        raw = await self._do(lambda: self._r.hgetall(self.reg_key("progress")))
+        return {int(as_text(k)): json.loads(as_text(v)) for k, v in raw.items()}
 
     async def forget_writers(self, names: Sequence[str]) -> None:
         """Remove the reports of writers that are gone."""

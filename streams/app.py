@@ -19,6 +19,7 @@ import os
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -32,11 +33,13 @@ from encoder.loading import load_encoder
 from encoder.null import NullEncoder
 from encoder.remote import RemoteEncoder
 from store.lifecycle import open_stores
+from store.redis import RedisCache
+from streams import metrics
 from streams.dlq import KafkaDeadLetters
 from streams.fetch import Fetcher
 from streams.kafka import faust_kwargs
 from streams.processor import Message, PinProcessor, ProcessorHooks
-from streams.producer import committed_offsets, ensure_topics
+from streams.producer import committed_offsets, ensure_topics, partition_offsets
 from streams.refresh import RegistryVersions
 from streams.retry import Backoff, retry
 from streams.settings import KafkaSettings, Settings
@@ -251,6 +254,42 @@ class DrainingWorker(faust.Worker):
 WorkerEncoder: TypeAlias = "ImageEncoder | NullEncoder | RemoteEncoder"
 
 
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, worker: str,
+                           interval_s: float) -> None:
+    """Report the committed offset and lag of each held partition every ``interval_s``.
+
+    To Redis (`pinfresh status` marks partitions that stopped moving) and to the
+    ``pinfresh_consumer_lag`` and ``pinfresh_partition_stalled_seconds`` gauges.
+
+    A view only: a failed report is logged and tried again, never stops the stream.
+    """
+    shown: set[int] = set()
+    while True:
+        try:
+            held = {tp.partition for tp in app.consumer.assignment() if tp.topic == k.topic}
+            offsets = {p: v for p, v in (await partition_offsets(k)).items() if p in held}
+            moved = await cache.report_progress(worker, offsets)
+            now = time.time()
+            for part in shown - set(offsets):
+                for gauge in (metrics.CONSUMER_LAG, metrics.PARTITION_STALLED):
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(str(part))
+            for part, (_, lag) in offsets.items():
+                metrics.CONSUMER_LAG.labels(partition=str(part)).set(lag)
+                metrics.PARTITION_STALLED.labels(partition=str(part)).set(
+                    now - moved[part] if lag else 0.0)
+            shown = set(offsets)
+        except Exception as exc:  # noqa: BLE001 - a view; the stream goes on
+            logger.warning("progress report failed (retried in %.0fs): %s", interval_s, exc)
+        await asyncio.sleep(interval_s)
+
+
 def create_app(settings: Settings, encoder: WorkerEncoder,
                drain: DrainState | None = None, hooks: ProcessorHooks | None = None
                ) -> faust.App:
@@ -311,6 +350,9 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
                 hooks=hooks, writer_ttl_s=settings.redis.writer_ttl_s,
             )
             await processor.start()
+            reporter = asyncio.create_task(_report_progress(app, stores.cache, k, worker_name,
+                                                            w.progress_interval_s))
+            resources.push_async_callback(_cancel, reporter)
             flight = BatchesInFlight(processor, stream, drain, w.batches_in_flight)
             resources.push_async_callback(flight.cancel)
             async for events in stream.noack_take(w.batch_size, within=w.batch_wait_s):

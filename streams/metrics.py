@@ -39,6 +39,13 @@ ENCODER_BATCH_WAIT = Histogram(
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
 MODEL_INFO = Gauge("pinfresh_worker_model_info", "Model version the worker writes", ["version"])
+CONSUMER_LAG = Gauge(
+    "pinfresh_consumer_lag", "Events not yet committed, per partition this worker holds",
+    ["partition"])
+PARTITION_STALLED = Gauge(
+    "pinfresh_partition_stalled_seconds",
+    "Seconds a held partition's committed offset has not moved while it has lag (0: no lag)",
+    ["partition"])
 
 
 def serve_metrics(host: str, port: int) -> None:

@@ -278,6 +278,15 @@ async def consumer_lag(k: KafkaSettings, group_id: str | None = None,
     (`end_offsets`) minus the group's committed offset; a partition the group
     never committed counts its whole log.
     """
+    return {p: lag for p, (_, lag) in (await partition_offsets(k, group_id, topic)).items()}
+
+
+async def partition_offsets(k: KafkaSettings, group_id: str | None = None,
+                            topic: str | None = None) -> dict[int, tuple[int, int]]:
+    """``partition -> (committed offset, lag)`` of the workers' group (see `consumer_lag`).
+
+    A partition the group never committed has its log's beginning as its offset.
+    """
     name = topic or k.topic
     reader = AIOKafkaConsumer(group_id=None,
                               enable_auto_commit=False, **aiokafka_kwargs(k))
@@ -298,5 +307,6 @@ async def consumer_lag(k: KafkaSettings, group_id: str | None = None,
     out = {}
     for tp in tps:
         at = done[tp.partition]
-        out[tp.partition] = max(0, ends[tp] - (at if at is not None else begins[tp]))
+        at = at if at is not None else begins[tp]
+        out[tp.partition] = (at, max(0, ends[tp] - at))
     return out

@@ -157,6 +157,9 @@ class WorkerSettings(BaseModel):
         "the orchestrator's termination grace period)"
     )
     metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus port; 0 = off")
+    progress_interval_s: float = Field(
+        10.0, gt=0, description="how often a worker reports its partitions' committed offsets "
+        "and lag (Redis, for `status`; Prometheus gauges)")
     state_dir: Path | None = Field(
         None, description="Faust's state folder; default <stack data dir>/faust (never the "
         "working directory)"

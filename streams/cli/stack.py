@@ -89,8 +89,12 @@ def down(ctx: Ctx) -> None:
 @click.option("--interval", default=2.0, show_default=True, help="seconds between samples")
 @click.option("--window", default=300.0, show_default=True,
               help="freshness percentiles over the samples written in the last N seconds")
+@click.option("--stalled-after", default=120.0, show_default=True,
+              help="a partition with lag whose committed offset has not moved for N seconds "
+              "marks the pipeline stalled")
 @pass_ctx
-def status(ctx: Ctx, as_json: bool, watch: bool, interval: float, window: float) -> None:
+def status(ctx: Ctx, as_json: bool, watch: bool, interval: float, window: float,
+           stalled_after: float) -> None:
     """Lag, rates, freshness, dead letters, versions and store health on one screen."""
     from functools import partial
 
@@ -98,7 +102,9 @@ def status(ctx: Ctx, as_json: bool, watch: bool, interval: float, window: float)
 
     from streams.tools import status as st
 
-    collect_status, render = partial(st.collect_status, window_s=window), st.render
+    collect_status = partial(st.collect_status, window_s=window,
+                             stalled_after_s=stalled_after)
+    render = st.render
 
     if as_json:
         click.echo(json.dumps(asyncio.run(collect_status(ctx.settings, interval)), indent=2))

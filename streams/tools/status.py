@@ -36,12 +36,37 @@ async def _offsets(settings: Settings) -> tuple[dict[int, int], int]:
     return lag, sum(lag.values())
 
 
+def pipeline_state(lag: dict[int, int], progress: dict[int, dict[str, Any]], now: float,
+                   stalled_after_s: float) -> tuple[str, list[int]]:
+    """``("ok" | "idle" | "stalled", stalled partitions)``.
+
+    A partition is stalled when it has lag and its committed offset has not
+    moved for ``stalled_after_s`` seconds, as the workers' progress reports
+    saw it, or when no worker has reported it for that long (nobody holds it,
+    or its worker is frozen).
+    """
+    stalled = []
+    for part, behind in sorted(lag.items()):
+        if behind <= 0:
+            continue
+        rec = progress.get(part)
+        if rec is None or now - float(rec["moved_at"]) > stalled_after_s \
+                or now - float(rec["at"]) > stalled_after_s:
+            stalled.append(part)
+    if stalled:
+        return "stalled", stalled
+    return ("ok" if any(v > 0 for v in lag.values()) else "idle"), []
+
+
 async def collect_status(settings: Settings, interval: float = 1.0,
-                         window_s: float = 300.0) -> dict[str, Any]:
+                         window_s: float = 300.0, stalled_after_s: float = 120.0,
+                         ) -> dict[str, Any]:
     """One status snapshot.
 
     Rates are measured over ``interval`` seconds, freshness over the samples
-    the workers wrote in the last ``window_s`` seconds.
+    the workers wrote in the last ``window_s`` seconds; the pipeline is
+    ``stalled`` when a partition with lag has not moved for ``stalled_after_s``
+    (see `pipeline_state`).
     """
     out: dict[str, Any] = {"time": time.time(), "health": {}, "freshness_window_s": window_s}
     async with AsyncExitStack() as stack:
@@ -106,6 +131,20 @@ async def collect_status(settings: Settings, interval: float = 1.0,
             out["dlq_letters_on_topic"] = len(letters)
             out["dlq_by_reason"] = dict(Counter(d.reason.value for d in opened))
         if out["health"]["redis"] == "ok":
+            now = time.time()
+            progress = await cache.progress()
+            writers = await cache.writers()
+            workers: dict[str, dict[str, Any]] = {
+                name: {"last_report_s_ago": round(now - float(rep["at"]), 1),
+                       "writes": rep.get("write_set", []), "partitions": []}
+                for name, rep in writers.items() if not name.startswith("backfill:")}
+            for part, rec in sorted(progress.items()):
+                if now - float(rec["at"]) <= stalled_after_s and rec["worker"] in workers:
+                    workers[rec["worker"]]["partitions"].append(part)
+            out["workers"] = workers
+            if "lag" in out:
+                state, stalled = pipeline_state(out["lag"], progress, now, stalled_after_s)
+                out["pipeline"], out["partitions_stalled"] = state, stalled
             fresh, encoded = await cache.batch_stats(window_s=window_s)
             out["pins_encoded_total"] = encoded
             if fresh:
@@ -126,8 +165,9 @@ async def collect_status(settings: Settings, interval: float = 1.0,
                  "coverage": round(min(1.0, n / live_n), 4) if live_n else None}
                 for v in versions if v.state != "retired"
             ]
-    for key in ("lag_total", "freshness_p99_s", "live_version", "dlq_total"):
+    for key in ("lag_total", "freshness_p99_s", "live_version", "dlq_total", "pipeline"):
         out.setdefault(key, None)
+    out["stalled_after_s"] = stalled_after_s
     return out
 
 
@@ -136,10 +176,12 @@ def render(st: dict[str, Any]) -> Group:
     head = Table(title="pinfresh status", show_header=False)
     head.add_column("k")
     head.add_column("v", justify="right")
-    for key in ("lag_total", "events_in_per_s", "events_out_per_s", "pins_encoded_per_s",
-                "freshness_p50_s", "freshness_p95_s", "freshness_p99_s", "dlq_total",
-                "live_version"):
+    for key in ("pipeline", "lag_total", "events_in_per_s", "events_out_per_s",
+                "pins_encoded_per_s", "freshness_p50_s", "freshness_p95_s", "freshness_p99_s",
+                "dlq_total", "live_version"):
         head.add_row(key, str(st.get(key, "-")))
+    if st.get("partitions_stalled"):
+        head.add_row("partitions stalled", ", ".join(map(str, st["partitions_stalled"])))
     for name, state in st["health"].items():
         head.add_row(f"health: {name}", state)
     parts = Table(title="consumer lag by partition")
@@ -157,4 +199,10 @@ def render(st: dict[str, Any]) -> Group:
     dlq.add_column("count", justify="right")
     for r, n in sorted((st.get("dlq_by_reason") or {}).items()):
         dlq.add_row(r, str(n))
-    return Group(head, parts, vers, dlq)
+    workers = Table(title="workers (their last report; partitions held)")
+    for col in ("worker", "last report, s ago", "writes", "partitions"):
+        workers.add_column(col, overflow="fold")
+    for name, w in sorted((st.get("workers") or {}).items()):
+        workers.add_row(name, str(w["last_report_s_ago"]), ", ".join(w["writes"]),
+                        " ".join(map(str, w["partitions"])) or "-")
+    return Group(head, workers, parts, vers, dlq)

@@ -132,7 +132,7 @@ async def test_topics_scale_and_status(pipeline, catalog):
     # the embedded broker lacks CreatePartitions: the error says so and what to do
     with pytest.raises(PinfreshError, match="PINFRESH_KAFKA__PARTITIONS"):
         await scale_partitions(pipeline.settings.kafka, 6)
-    pipeline.start_worker("w1")
+    w1 = pipeline.start_worker("w1", progress_interval_s=1.0)
     items = catalog[60:90]
     await pipeline.publish([it.event(1) for it in items])
     assert len(await pipeline.wait([it.pin_id for it in items], timeout=180)) == len(items)
@@ -142,6 +142,36 @@ async def test_topics_scale_and_status(pipeline, catalog):
     assert st["freshness_p99_s"] is not None and st["freshness_p99_s"] > 0
     assert st["dlq_total"] == 0 and isinstance(st["lag_total"], int)
     assert st["versions"][0]["coverage"] == 1.0
+    assert st["pipeline"] in ("ok", "idle")
+    # the worker shows with the partitions it holds; lag per partition is a metric
+    deadline = time.monotonic() + 120
+    while sorted(p for w in st["workers"].values() for p in w["partitions"]) != [0, 1, 2, 3]:
+        assert time.monotonic() < deadline, st["workers"]
+        await asyncio.sleep(0.5)
+        st = await collect_status(pipeline.settings, interval=0.1)
+    assert pipeline.wait_metric("pinfresh_consumer_lag", 0, worker="w1", labels_prefix=True,
+                                timeout=60) == 0  # exists, and nothing is behind
+
+    # a frozen worker: lag grows, no offset moves; status says stalled (it said "ok")
+    os.kill(w1.pid, signal.SIGSTOP)
+    try:
+        more = catalog[90:110]
+        await pipeline.publish([it.event(1) for it in more])
+        deadline = time.monotonic() + 180
+        while (st := await collect_status(pipeline.settings, interval=0.1,
+                                          stalled_after_s=5))["pipeline"] != "stalled":
+            assert time.monotonic() < deadline, st
+            await asyncio.sleep(0.5)
+        assert st["partitions_stalled"] and all(st["lag"][p] > 0
+                                                for p in st["partitions_stalled"])
+    finally:
+        os.kill(w1.pid, signal.SIGCONT)
+    assert len(await pipeline.wait([it.pin_id for it in more], timeout=240)) == len(more)
+    deadline = time.monotonic() + 180
+    while (st := await collect_status(pipeline.settings, interval=0.1,
+                                      stalled_after_s=30))["pipeline"] == "stalled":
+        assert time.monotonic() < deadline, st
+        await asyncio.sleep(0.5)
 
 
 @pytest.mark.faults
