@@ -12,7 +12,8 @@ from pydantic import BaseModel
 
 from streams.settings import Settings
 
-DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
 K8S_VERSION = "1.31.0"
 BUILTIN = {"ConfigMap", "Secret", "Deployment", "PodDisruptionBudget", "Service"}
 
@@ -104,3 +105,36 @@ def test_compose_stack_structure():
     assert env["PINFRESH_MILVUS__URI"].endswith("milvus:19530")
     grace = int(services["worker"]["stop_grace_period"].rstrip("s"))
     assert grace > float(env["PINFRESH_WORKER__DRAIN_TIMEOUT_S"])
+
+
+def _declared_metrics() -> set[str]:
+    names = set()
+    for src in ("streams/metrics.py", "store/api.py"):
+        text = (ROOT / src).read_text()
+        names |= set(re.findall(r'(?:Counter|Gauge|Histogram)\(\s*"(pinfresh_\w+)"', text))
+    return names
+
+
+def test_dashboard_and_alerts_name_only_metrics_that_exist():
+    """A renamed metric would leave a panel empty and an alert silent."""
+    import json
+
+    declared = _declared_metrics()
+    assert {"pinfresh_consumer_lag", "pinfresh_partition_stalled_seconds",
+            "pinfresh_freshness_seconds", "pinfresh_dead_letters_total",
+            "pinfresh_retries_total"} <= declared
+    dash = json.loads((ROOT / "deploy/monitoring/grafana-dashboard.json").read_text())
+    rules = yaml.safe_load((ROOT / "deploy/monitoring/alerts.yml").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p["targets"]]
+    alerts = [r for g in rules["groups"] for r in g["rules"]]
+    assert all({"alert", "expr", "for"} <= set(r) and r["labels"]["severity"]
+               and r["annotations"]["summary"] for r in alerts)
+    used = {re.sub(r"_(bucket|sum|count)$", "", m)
+            for e in exprs + [r["expr"] for r in alerts] for m in re.findall(r"pinfresh_\w+", e)}
+    assert used - declared == set()
+    # the alerts the operator needs: lag, stalled partitions, freshness, dead letters, errors
+    alerted = " ".join(r["expr"] for r in alerts)
+    for name in ("pinfresh_consumer_lag", "pinfresh_partition_stalled_seconds",
+                 "pinfresh_freshness_seconds_bucket", "pinfresh_dead_letters_total",
+                 "pinfresh_retries_total"):
+        assert name in alerted
