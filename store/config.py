@@ -35,7 +35,11 @@ class MilvusSettings(BaseModel):
     uri: str = Field("http://127.0.0.1:19530", description="Milvus gRPC endpoint")
     token: SecretStr | None = Field(None, description="user:password or API token")
     collection_prefix: str = Field("pins", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,31}$")
-    timeout_s: float = Field(10.0, gt=0, description="per-call timeout")
+    timeout_s: float = Field(10.0, gt=0, description="per-RPC timeout")
+    deadline_s: float = Field(
+        30.0, gt=0, description="the longest one store call may take, pymilvus's own retries "
+        "included; past it the call is an outage (StoreUnavailable). Loads and flushes get "
+        "5x this (a restarted server loads its collections)")
     metric: Literal["COSINE", "IP"] = "COSINE"
     keepalive_s: float = Field(
         300.0, gt=0, description="gRPC keepalive ping interval; servers (Milvus Lite) refuse "

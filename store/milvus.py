@@ -163,9 +163,18 @@ class MilvusStore:
         * any other code: `StateError` (a bug or an operator's problem;
           the stream isolates the event that caused it).
         """
+        # a deadline over the whole call: pymilvus retries inside one call, and a frozen
+        # server held a query for 69 s at a 10 s timeout. The thread is not interrupted
+        # (it ends when pymilvus gives up); the caller is.
+        slow = fn.__name__ in ("load_collection", "flush", "create_collection")
+        deadline = self.settings.deadline_s * (5 if slow else 1)
         try:
-            return await asyncio.to_thread(fn, *args, **kwargs)
-        except (grpc.RpcError, ConnectionError, TimeoutError, MilvusUnavailableException,
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), deadline)
+        except TimeoutError as exc:
+            self._forget_loaded()
+            raise StoreUnavailable(f"Milvus {fn.__name__} did not answer in {deadline:g}s",
+                                   retry_after=1.0) from exc
+        except (grpc.RpcError, ConnectionError, MilvusUnavailableException,
                 ConnectError, ConnectionNotExistException) as exc:
             self._forget_loaded()
             raise StoreUnavailable(f"Milvus {fn.__name__} failed: {exc}", retry_after=1.0) from exc
