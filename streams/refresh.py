@@ -174,7 +174,7 @@ class BackfillReport:
 
 
 async def run_backfill(
-    settings: Settings, target: str, *, batch: int = 32, max_rate: float | None = None,
+    settings: Settings, target: str, *, batch: int = 256, max_rate: float | None = None,
     yield_lag: int | None = 100, progress: bool = True, limit: int | None = None,
     shard: tuple[int, int] = (0, 1), page: int = 1000, wait_workers_s: float = 30.0,
 ) -> BackfillReport:
