@@ -195,6 +195,44 @@ async def test_a_response_never_mixes_versions(api):
         assert np.allclose(got, want, atol=1e-6)
 
 
+async def test_sixteen_readers_during_three_promote_rollback_flips_never_see_a_mix(api):
+    """Under load: 16 concurrent readers while the live version flips six times (three
+    promotions and their rollbacks); every response holds exactly one version's vectors,
+    byte for byte, and both versions are seen."""
+    import base64
+
+    http, truth, app = api
+    cache = app.state.reader.cache
+    ids = [f"cat-{i}" for i in range(10)] + [f"dog-{i}" for i in range(10)]
+    done, seen, stop = [0], {"va": 0, "vb": 0}, asyncio.Event()
+
+    async def reader() -> None:
+        while not stop.is_set():
+            r = await http.post("/v1/embeddings:batchGet", json={
+                "pin_ids": ids, "encoding": "base64", "dtype": "float32"})
+            body = r.json()
+            got = np.frombuffer(base64.b64decode(body["vectors"]["data"]), "<f4").reshape(
+                len(ids), DIM)
+            want = np.stack([truth[body["version"]][p] for p in ids]).astype("<f4")
+            assert got.tobytes() == want.tobytes(), body["version"]
+            seen[body["version"]] += 1
+            done[0] += 1
+
+    tasks = [asyncio.create_task(reader()) for _ in range(16)]
+    try:
+        for flip in range(6):
+            at = done[0]
+            while done[0] < at + 32:  # readers ran between flips (none failed meanwhile)
+                assert not any(t.done() for t in tasks), [t.exception() for t in tasks
+                                                          if t.done()]
+                await asyncio.sleep(0.01)
+            await cache.set_live("vb" if flip % 2 == 0 else "va")
+    finally:
+        stop.set()
+        await asyncio.gather(*tasks)
+    assert seen["va"] and seen["vb"]
+
+
 async def test_readiness_follows_redis_and_milvus(tmp_path):
     st = EmbeddedStack(StackSettings(data_dir=tmp_path, kafka_port=0, redis_port=0,
                                      milvus_port=0))
