@@ -112,6 +112,15 @@ def _envelope(status: int, code: str, message: str) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status)
 
 
+def _route_paths(app: FastAPI) -> set[str]:
+    """The app's route paths (computed once; the routes do not change after start)."""
+    paths: set[str] | None = getattr(app.state, "route_paths", None)
+    if paths is None:
+        paths = {str(getattr(r, "path", "")) for r in app.routes}
+        app.state.route_paths = paths
+    return paths
+
+
 def _reader(request: Request) -> EmbeddingReader:
     reader: EmbeddingReader | None = request.app.state.reader
     if reader is None:
@@ -136,54 +145,42 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A store that is down at start does not stop the API from starting (a pod
-        # must come up while Milvus is down): it answers /healthz, /readyz 503 and
-        # 503 on reads, and connects in the background until the stores answer.
+        # must come up while Milvus is down): the stores connect in the background,
+        # and until they do /healthz answers, /readyz and reads answer 503.
         app.state.reader = None
         app.state.stores_down = "connecting to the stores"
         async with AsyncExitStack() as stack:
-            async def connect(first: bool) -> bool:
-                try:
-                    stores = await stack.enter_async_context(open_stores(_Sections(redis, milvus)))
-                except Unavailable as exc:
-                    app.state.stores_down = str(exc)
-                    if first:
-                        logger.warning("read API starts without its stores (%s); /readyz "
-                                       "answers 503 until they connect", exc)
-                    return False
-                app.state.reader = stores.reader
-                return True
-
-            retry: asyncio.Task[None] | None = None
-            if not await connect(first=True):
-                async def reconnect() -> None:
-                    delay = 1.0
-                    while not await connect(first=False):
+            async def connect() -> None:
+                delay, failures = 1.0, 0
+                while True:
+                    try:
+                        stores = await stack.enter_async_context(
+                            open_stores(_Sections(redis, milvus)))
+                    except Exception as exc:  # noqa: BLE001 - logged, retried; the API stays up
+                        app.state.stores_down = f"stores not connected: {exc}"
+                        failures += 1
+                        if failures == 1 or failures % 10 == 0:
+                            logger.warning("read API: stores not connected (%s, %d tries); "
+                                           "/readyz answers 503 until they are", exc, failures)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, 15.0)
-                    logger.info("read API: stores connected")
+                        continue
+                    app.state.reader = stores.reader
+                    if failures:
+                        logger.info("read API: stores connected after %d tries", failures + 1)
+                    return
 
-                retry = asyncio.create_task(reconnect())
+            task = asyncio.create_task(connect())
+            # serve at once when the stores answer at once; never wait long for them
+            await asyncio.wait([task], timeout=min(5.0, milvus.timeout_s))
             try:
                 yield
             finally:
-                if retry is not None:
-                    retry.cancel()
-                    with suppress(asyncio.CancelledError):
-                        await retry
+                task.cancel()
+                with suppress(asyncio.CancelledError):
+                    await task
 
     app = FastAPI(title="pinfresh read API", version="0.1.0", lifespan=lifespan)
-
-    @app.middleware("http")
-    async def observe(request: Request,
-                      call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        t = time.perf_counter()
-        response = await call_next(request)
-        # the route's template, never the raw path: every scanned URL would be a series
-        matched = request.scope.get("route")
-        route = getattr(matched, "path", None) or "unmatched"
-        latency.labels(route=route).observe(time.perf_counter() - t)
-        requests.labels(route=route, status=str(response.status_code)).inc()
-        return response
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, exc: ApiError) -> JSONResponse:
@@ -251,6 +248,22 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
                                  f"body of {length} bytes > limit {api.max_body_bytes}: "
                                  "split the request")
         return await call_next(request)
+
+    # added last, so it is the outermost middleware and sees every response
+    @app.middleware("http")
+    async def observe(request: Request,
+                      call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        t = time.perf_counter()
+        response = await call_next(request)
+        # the route's template, never the raw path: every scanned URL would be a series
+        # (a request refused before routing, 411/413/415, is labelled by its path when
+        # that is a route's)
+        matched = request.scope.get("route")
+        route = getattr(matched, "path", None) or (
+            request.url.path if request.url.path in _route_paths(app) else "unmatched")
+        latency.labels(route=route).observe(time.perf_counter() - t)
+        requests.labels(route=route, status=str(response.status_code)).inc()
+        return response
 
     @app.get("/healthz")
     async def healthz() -> dict[str, str]:

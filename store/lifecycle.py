@@ -62,7 +62,11 @@ async def open_stores(settings: StoreSettings) -> AsyncIterator[Stores]:
     """
     # the Milvus client connects in its constructor (up to its timeout): off the loop
     milvus = await asyncio.to_thread(MilvusStore, settings.milvus)
-    cache = RedisCache(settings.redis)
+    try:
+        cache = RedisCache(settings.redis)
+    except BaseException:
+        await milvus.close()
+        raise
     reader = EmbeddingReader(milvus, cache)
     try:
         yield Stores(milvus, cache, reader)

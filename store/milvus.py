@@ -163,17 +163,22 @@ class MilvusStore:
         * any other code: `StateError` (a bug or an operator's problem;
           the stream isolates the event that caused it).
         """
-        # a deadline over the whole call: pymilvus retries inside one call, and a frozen
-        # server held a query for 69 s at a 10 s timeout. The thread is not interrupted
-        # (it ends when pymilvus gives up); the caller is.
+        # A deadline over the whole call: pymilvus retries inside one call (a frozen
+        # server held a query for 69 s at a 10 s timeout) unless the call gets a
+        # `timeout`, which bounds both its retry loop and each RPC. The thread then ends
+        # by about twice the deadline, and the caller waits for it: an abandoned write
+        # thread could otherwise land after a newer write of the same pin.
         slow = fn.__name__ in ("load_collection", "flush", "create_collection")
         deadline = self.settings.deadline_s * (5 if slow else 1)
+        if getattr(fn, "__self__", None) is self._client:
+            kwargs.setdefault("timeout", deadline)
         try:
-            return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs), deadline)
+            return await asyncio.wait_for(asyncio.to_thread(fn, *args, **kwargs),
+                                          2 * deadline + 5)
         except TimeoutError as exc:
             self._forget_loaded()
-            raise StoreUnavailable(f"Milvus {fn.__name__} did not answer in {deadline:g}s",
-                                   retry_after=1.0) from exc
+            raise StoreUnavailable(f"Milvus {fn.__name__} did not answer in {deadline:g}s "
+                                   f"({exc or 'no reply'})", retry_after=1.0) from exc
         except (grpc.RpcError, ConnectionError, MilvusUnavailableException,
                 ConnectError, ConnectionNotExistException) as exc:
             self._forget_loaded()

@@ -29,7 +29,10 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
                       "Ctrl-C or `pinfresh down` stops it", highlight=False)
     from streams.tools.runtime import register_worker
 
-    register_worker(s)  # `pinfresh down` stops this data dir's read APIs with its workers
+    try:  # `pinfresh down` stops this data dir's read APIs with its workers
+        register_worker(s)
+    except OSError as exc:  # a read-only image without a data dir: serve anyway
+        err_console.print(f"not recorded for `pinfresh down` ({exc})", highlight=False)
     uvicorn.run(app, host=where_host, port=where_port, log_level="warning", access_log=False)
 
 

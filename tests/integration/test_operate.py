@@ -300,9 +300,9 @@ async def test_dlq_replay_reads_the_whole_topic_and_refuses_letters_past_the_tom
         return out.stdout
 
     dry = replay("--dry-run")
-    assert "300 of 303 dead letters selected" in dry and "skipped 3 letter(s)" in dry
+    assert "300 of 303 open dead letters selected" in dry and "skipped 3 letter(s)" in dry
     forced = replay("--dry-run", "--force")
-    assert "303 of 303 dead letters selected" in forced
+    assert "303 of 303 open dead letters selected" in forced
 
     # the lifecycle: a replayed letter that fails again is still one open letter,
     # resolve and purge close letters, status counts the open ones

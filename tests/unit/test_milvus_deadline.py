@@ -14,9 +14,12 @@ async def test_a_call_that_does_not_return_is_an_outage_at_the_deadline(monkeypa
     import store.milvus as m
 
     release = threading.Event()
+    seen: list[float | None] = []
 
     class Frozen:
-        def list_collections(self):  # a server that accepted the connection, then froze
+        def list_collections(self, timeout=None):  # accepted the connection, then froze
+            # pymilvus gives up at ``timeout`` (its retries included); this one never does
+            seen.append(timeout)
             release.wait(30)
             return []
 
@@ -29,6 +32,7 @@ async def test_a_call_that_does_not_return_is_an_outage_at_the_deadline(monkeypa
         # without the deadline the call returns [] once released: no error at all
         with pytest.raises(StoreUnavailable, match="did not answer in 0.3s"):
             await store.ping()
+        assert seen == [0.3]  # pymilvus's own retry loop is bounded by the deadline too
     finally:
         release.set()
         await store.close()

@@ -8,6 +8,7 @@ tests/integration/test_races.py.
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 
 import pytest
@@ -78,10 +79,10 @@ async def test_two_processors_racing_v5_v6_end_at_v6_in_both_stores(stores, orde
         await asyncio.sleep(0)
     t6 = asyncio.create_task(p6.process([up("a", "/c/v6.png", 6)]))
     if order == "newer_first":
-        for _ in range(200):
-            await asyncio.sleep(0)
-            if cache.data[V].get("a") is not None:
-                break
+        deadline = time.monotonic() + 30  # a condition, not a count of loop turns
+        while cache.data[V].get("a") is None:
+            assert time.monotonic() < deadline, "v6 did not write"
+            await asyncio.sleep(0.001)
         assert cache.data[V]["a"].pin_version == 6  # v6 wrote both stores first
         v5_may_write.set()
     await asyncio.wait_for(asyncio.gather(t5, t6), 10)
