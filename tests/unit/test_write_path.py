@@ -8,8 +8,8 @@ tests/integration/test_races.py.
 from __future__ import annotations
 
 import asyncio
-import time
 import json
+import time
 
 import pytest
 
