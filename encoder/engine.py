@@ -347,15 +347,19 @@ class ImageEncoder:
     async def encode_images_async(self, items: Sequence[bytes]) -> list[EncodeResult]:
         """`encode_images` off the event loop (submitting may block on backpressure).
 
-        A stage that fails a whole batch (a CUDA error, say; one bad image is an
+        A stage that fails a whole batch with a device or runtime error (a CUDA
+        error or out-of-memory is a `RuntimeError`; one bad image is an
         `ImageError` in the results instead) is an outage of the encoder, as the
         encoder process's is: `EncoderUnavailable`, so the stream retries
-        instead of dead-lettering every event of the batch.
+        instead of dead-lettering every event of the batch. Any other exception
+        is a bug and propagates (the stream isolates the event behind it).
         """
         loop = asyncio.get_running_loop()
         try:
             return await loop.run_in_executor(self._caller, self.encode_images, list(items))
-        except Exception as exc:  # noqa: BLE001 - sorted here, at the encoder's boundary
+        except (NotImplementedError, RecursionError):
+            raise
+        except (RuntimeError, OSError, MemoryError) as exc:
             raise EncoderUnavailable(
                 f"the encoder failed a whole batch ({type(exc).__name__}: {exc}); retried as "
                 "an outage: a device that keeps failing needs the worker restarted",

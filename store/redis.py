@@ -436,31 +436,21 @@ class RedisCache:
         return {as_text(k): json.loads(as_text(v)) for k, v in raw.items()}
 
     async def report_progress(self, worker: str, offsets: Mapping[int, tuple[int, int]],
-                              now: float | None = None) -> dict[int, float]:
-        """Record, per partition ``worker`` holds, its committed offset and lag.
+                              moved_at: Mapping[int, float], now: float | None = None) -> None:
+        """Record, per partition ``worker`` holds, its committed offset, lag and ``moved_at``.
 
-        Each record (``{p}:progress``, field = partition) keeps ``moved_at``: when
-        the committed offset was last seen to change (the first report counts as a
-        move). Returns ``partition -> moved_at``. Reports of several workers for
-        one partition (a rebalance) are last-writer-wins; that is fine for a view.
+        ``moved_at`` (per partition): when the worker last saw the committed offset
+        change or the lag at 0 (`streams.app` keeps it). One hash, ``{p}:progress``,
+        field = partition; several workers reporting one partition (a rebalance) are
+        last-writer-wins, which is fine for a view.
         """
-        now = time.time() if now is None else now
         if not offsets:
-            return {}
-        parts = sorted(offsets)
-        key = self.reg_key("progress")
-        old = await self._do(lambda: self._r.hmget(key, [str(p) for p in parts]))
-        out, mapping = {}, {}
-        for part, prev in zip(parts, old, strict=True):
-            committed, lag = offsets[part]
-            before = json.loads(as_text(prev)) if prev else None
-            moved = now if before is None or before["committed"] != committed \
-                else float(before["moved_at"])
-            out[part] = moved
-            mapping[str(part)] = json.dumps({"worker": worker, "committed": committed,
-                                             "lag": lag, "moved_at": moved, "at": now})
-        await self._do(lambda: self._r.hset(key, mapping=mapping))
-        return out
+            return
+        now = time.time() if now is None else now
+        mapping = {str(part): json.dumps({"worker": worker, "committed": committed, "lag": lag,
+                                          "moved_at": moved_at[part], "at": now})
+                   for part, (committed, lag) in offsets.items()}
+        await self._do(lambda: self._r.hset(self.reg_key("progress"), mapping=mapping))
 
     async def progress(self) -> dict[int, dict[str, Any]]:
         """Every partition's last progress record (see `report_progress`)."""

@@ -269,22 +269,29 @@ async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, 
 
     A view only: a failed report is logged and tried again, never stops the stream.
     """
-    shown: set[int] = set()
+    seen: dict[int, tuple[int, float]] = {}  # partition -> (committed, moved_at)
     while True:
         try:
             held = {tp.partition for tp in app.consumer.assignment() if tp.topic == k.topic}
-            offsets = {p: v for p, v in (await partition_offsets(k)).items() if p in held}
-            moved = await cache.report_progress(worker, offsets)
+            offsets = await partition_offsets(k, partitions=held) if held else {}
             now = time.time()
-            for part in shown - set(offsets):
+            for part in set(seen) - set(offsets):
                 for gauge in (metrics.CONSUMER_LAG, metrics.PARTITION_STALLED):
                     with contextlib.suppress(KeyError):
                         gauge.remove(str(part))
-            for part, (_, lag) in offsets.items():
+            moved = {}
+            for part, (committed, lag) in offsets.items():
+                before = seen.get(part)
+                # moving: the offset changed, or nothing is behind (an idle partition
+                # that gets one event starts its clock then, not when it last moved)
+                moved[part] = now if before is None or before[0] != committed or lag == 0 \
+                    else before[1]
                 metrics.CONSUMER_LAG.labels(partition=str(part)).set(lag)
                 metrics.PARTITION_STALLED.labels(partition=str(part)).set(
                     now - moved[part] if lag else 0.0)
-            shown = set(offsets)
+            seen = {part: (offsets[part][0], moved[part]) for part in offsets}
+            # the gauges first: a Redis outage must not freeze them
+            await cache.report_progress(worker, offsets, moved, now)
         except Exception as exc:  # noqa: BLE001 - a view; the stream goes on
             logger.warning("progress report failed (retried in %.0fs): %s", interval_s, exc)
         await asyncio.sleep(interval_s)

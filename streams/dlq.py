@@ -46,7 +46,9 @@ def letter_key(dl: DeadLetter) -> str:
     A replayed event that fails again gets a letter with the same key, so it is
     one open letter (with two copies on the topic), not two.
     """
-    return dl.original_sha256 or f"{dl.pin_id}@{dl.failed_at:.3f}"
+    # with the pin id: empty originals (tombstones of different pins) stay apart
+    return f"{dl.pin_id}:{dl.original_sha256}" if dl.original_sha256 \
+        else f"{dl.pin_id}@{dl.failed_at:.3f}"
 
 
 @dataclass
@@ -64,6 +66,8 @@ def open_letters(letters: Sequence[DeadLetter],
 
     A mark (resolved, purged or replayed at time t) closes the letters written
     before t; a letter written after it (the event failed again) opens it again.
+    The times are wall clocks of the marking host and the failing worker: hosts
+    must keep their clocks in sync (NTP) for a quick refailure to reopen a letter.
     The order is the topic's (by the newest copy's position).
     """
     groups: dict[str, OpenLetter] = {}

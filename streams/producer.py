@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
@@ -282,10 +282,12 @@ async def consumer_lag(k: KafkaSettings, group_id: str | None = None,
 
 
 async def partition_offsets(k: KafkaSettings, group_id: str | None = None,
-                            topic: str | None = None) -> dict[int, tuple[int, int]]:
+                            topic: str | None = None, partitions: Collection[int] | None = None,
+                            ) -> dict[int, tuple[int, int]]:
     """``partition -> (committed offset, lag)`` of the workers' group (see `consumer_lag`).
 
-    A partition the group never committed has its log's beginning as its offset.
+    Only ``partitions`` when given (a worker asks about those it holds). A
+    partition the group never committed has its log's beginning as its offset.
     """
     name = topic or k.topic
     reader = AIOKafkaConsumer(group_id=None,
@@ -296,7 +298,8 @@ async def partition_offsets(k: KafkaSettings, group_id: str | None = None,
         if parts is None:
             await reader.topics()  # refreshes the metadata
             parts = reader.partitions_for_topic(name) or set()
-        tps = [TopicPartition(name, p) for p in sorted(parts)]
+        tps = [TopicPartition(name, p) for p in sorted(parts)
+               if partitions is None or p in partitions]
         if not tps:
             return {}
         begins = await reader.beginning_offsets(tps)

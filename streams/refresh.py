@@ -209,8 +209,9 @@ async def _backfill(
         if live is None or live == target:
             raise StateError(f"{target} is live already or nothing is live: nothing to backfill")
         # preflight: a catalog of file paths without a root would dead-letter every pin
+        # (a sample: the first page of the live version, read through the retrying walk)
         sample: list[str] = []
-        async for page_rows in milvus.walk(live, ["pin_id", "image_location"], 100):
+        async for page_rows in _pages(milvus, live, 100):
             sample = [r["image_location"] for r in page_rows]
             break  # one page is enough (the event loop finalizes the abandoned walk)
         check_catalog_root(settings.fetch, sample)

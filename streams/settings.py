@@ -324,8 +324,11 @@ def unknown_env(names: list[str]) -> list[tuple[str, str | None]]:
         close = difflib.get_close_matches(tail, tails, n=1, cutoff=0.75)
         if not close:
             # a field without its section (PINFRESH_DATA_DIR): match the field's own name
-            fields = {k.rsplit("__", 1)[-1]: k for k in tails}
+            fields: dict[str, list[str]] = {}
+            for k in tails:
+                fields.setdefault(k.rsplit("__", 1)[-1], []).append(k)
             near = difflib.get_close_matches(tail.rsplit("__", 1)[-1], fields, n=1, cutoff=0.85)
-            close = [fields[near[0]]] if near else []
-        out.append((name, tails[close[0]] if close else None))
+            close = fields[near[0]] if near else []
+        # a field several sections have (TIMEOUT_S): every candidate, not one at random
+        out.append((name, " or ".join(tails[c] for c in sorted(close)) if close else None))
     return out

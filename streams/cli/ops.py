@@ -10,7 +10,8 @@ from typing import Any
 import click
 from rich.table import Table
 
-from streams.cli.base import Ctx, cli, console, pass_ctx
+from encoder.errors import Reason
+from streams.cli.base import Ctx, cli, console, err_console, pass_ctx
 
 
 @cli.group()
@@ -18,8 +19,10 @@ def dlq() -> None:
     """Dead letters."""
 
 
-def _read_letters(ctx: Ctx) -> tuple[list[Any], dict[str, tuple[str, float]]]:
+def _read_letters(ctx: Ctx, tolerate_redis_down: bool = False,
+                  ) -> tuple[list[Any], dict[str, tuple[str, float]]]:
     """Every letter on the DLQ topic, and the marks (resolved, purged, replayed) in Redis."""
+    from encoder.errors import Unavailable
     from store.redis import RedisCache
     from streams.producer import read_dead_letters
 
@@ -28,6 +31,12 @@ def _read_letters(ctx: Ctx) -> tuple[list[Any], dict[str, tuple[str, float]]]:
         cache = RedisCache(ctx.settings.redis)
         try:
             return letters, await cache.dlq_marks()
+        except Unavailable as exc:
+            if not tolerate_redis_down:
+                raise
+            err_console.print(f"[yellow]Redis is unreachable ({exc}): closed letters cannot be "
+                              "told apart; every letter is shown as open[/]", highlight=False)
+            return letters, {}
         finally:
             await cache.close()
 
@@ -60,7 +69,7 @@ def dlq_list(ctx: Ctx, as_json: bool, show_all: bool) -> None:
     """
     from streams.dlq import OpenLetter, letter_key, open_letters
 
-    letters, marks = _read_letters(ctx)
+    letters, marks = _read_letters(ctx, tolerate_redis_down=True)
     rows = ([OpenLetter(d, 1, letter_key(d)) for d in letters] if show_all
             else open_letters(letters, marks))
     if as_json:
@@ -101,7 +110,8 @@ def _close_letters(ctx: Ctx, state: str, reason: str | None, pin_ids: tuple[str,
 
 def _close_options(fn: Any) -> Any:
     for opt in reversed([
-            click.option("--reason", help="only letters with this reason code"),
+            click.option("--reason", type=click.Choice([r.value for r in Reason]),
+                         help="only letters with this reason code"),
             click.option("--pin", "pin_ids", multiple=True, help="only these pins (repeatable)"),
             click.option("--older-than", type=float,
                          help="only letters whose newest copy is older than N seconds"),
@@ -144,7 +154,8 @@ def dlq_show(ctx: Ctx, pin_id: str) -> None:
 
 
 @dlq.command("replay")
-@click.option("--reason", help="only letters with this reason code")
+@click.option("--reason", type=click.Choice([r.value for r in Reason]),
+              help="only letters with this reason code")
 @click.option("--pin", "pin_ids", multiple=True, help="only these pins (repeatable)")
 @click.option("--dry-run", is_flag=True, help="list what would be replayed")
 @click.option("--force", is_flag=True,

@@ -37,20 +37,25 @@ async def _offsets(settings: Settings) -> tuple[dict[int, int], int]:
 
 
 def pipeline_state(lag: dict[int, int], progress: dict[int, dict[str, Any]], now: float,
-                   stalled_after_s: float) -> tuple[str, list[int]]:
+                   stalled_after_s: float, workers_alive: bool) -> tuple[str, list[int]]:
     """``("ok" | "idle" | "stalled", stalled partitions)``.
 
-    A partition is stalled when it has lag and its committed offset has not
-    moved for ``stalled_after_s`` seconds, as the workers' progress reports
-    saw it, or when no worker has reported it for that long (nobody holds it,
-    or its worker is frozen).
+    A partition is stalled when it has lag and, as the workers' progress
+    reports saw it, its committed offset has not moved for ``stalled_after_s``
+    seconds, or its last report is that old (its worker is frozen or gone). A
+    partition with lag that no worker has reported yet is stalled only when no
+    worker reported anything for that long (nobody runs); while workers are
+    alive it is taken as just assigned.
     """
     stalled = []
     for part, behind in sorted(lag.items()):
         if behind <= 0:
             continue
         rec = progress.get(part)
-        if rec is None or now - float(rec["moved_at"]) > stalled_after_s \
+        if rec is None:
+            if not workers_alive:
+                stalled.append(part)
+        elif now - float(rec["moved_at"]) > stalled_after_s \
                 or now - float(rec["at"]) > stalled_after_s:
             stalled.append(part)
     if stalled:
@@ -125,9 +130,11 @@ async def collect_status(settings: Settings, interval: float = 1.0,
                 "pins_encoded_per_s": round(max(0, enc2 - enc1) / interval, 2),
             })
             letters = await read_dead_letters(settings.kafka, stall_s=5.0)
-            marks = await cache.dlq_marks() if out["health"]["redis"] == "ok" else {}
+            redis_ok = out["health"]["redis"] == "ok"
+            marks = await cache.dlq_marks() if redis_ok else {}
             opened = [o.letter for o in open_letters(letters, marks)]
-            out["dlq_total"] = len(opened)  # open letters, one per original event
+            # open letters, one per original event (unknown without the marks in Redis)
+            out["dlq_total"] = len(opened) if redis_ok else None
             out["dlq_letters_on_topic"] = len(letters)
             out["dlq_by_reason"] = dict(Counter(d.reason.value for d in opened))
         if out["health"]["redis"] == "ok":
@@ -143,7 +150,10 @@ async def collect_status(settings: Settings, interval: float = 1.0,
                     workers[rec["worker"]]["partitions"].append(part)
             out["workers"] = workers
             if "lag" in out:
-                state, stalled = pipeline_state(out["lag"], progress, now, stalled_after_s)
+                alive = any(now - float(rep["at"]) <= stalled_after_s
+                            for rep in writers.values())
+                state, stalled = pipeline_state(out["lag"], progress, now, stalled_after_s,
+                                                alive)
                 out["pipeline"], out["partitions_stalled"] = state, stalled
             fresh, encoded = await cache.batch_stats(window_s=window_s)
             out["pins_encoded_total"] = encoded
@@ -165,8 +175,9 @@ async def collect_status(settings: Settings, interval: float = 1.0,
                  "coverage": round(min(1.0, n / live_n), 4) if live_n else None}
                 for v in versions if v.state != "retired"
             ]
-    for key in ("lag_total", "freshness_p99_s", "live_version", "dlq_total", "pipeline"):
-        out.setdefault(key, None)
+    for key in ("lag_total", "freshness_p99_s", "live_version", "dlq_total", "pipeline",
+                "partitions_stalled", "workers"):
+        out.setdefault(key, None)  # None: not known (its service is down)
     out["stalled_after_s"] = stalled_after_s
     return out
 

@@ -151,10 +151,15 @@ async def test_topics_scale_and_status(pipeline, catalog):
     assert st["pipeline"] in ("ok", "idle"), st
     import httpx
 
-    text = httpx.get(f"http://127.0.0.1:{pipeline.metrics_ports['w1']}/metrics").text
-    held = sorted(int(p) for p in re.findall(r'^pinfresh_consumer_lag\{partition="(\d+)"\}',
-                                              text, re.M))
-    assert held == [0, 1, 2, 3], text[-2000:]
+    deadline = time.monotonic() + 60
+    while True:  # the gauges of the partitions it holds (set at each report)
+        text = httpx.get(f"http://127.0.0.1:{pipeline.metrics_ports['w1']}/metrics").text
+        held = sorted(int(p) for p in re.findall(
+            r'^pinfresh_consumer_lag\{partition="(\d+)"\}', text, re.M))
+        if held == [0, 1, 2, 3]:
+            break
+        assert time.monotonic() < deadline, text[-2000:]
+        await asyncio.sleep(0.5)
 
     # a frozen worker: lag grows, no offset moves; status says stalled (it said "ok")
     os.kill(w1.pid, signal.SIGSTOP)

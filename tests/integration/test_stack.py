@@ -86,7 +86,11 @@ def test_cli_up_status_down(tmp_path):
     finally:
         down = run("down")
     assert down.returncode == 0
-    assert serve.wait(timeout=60) is not None
+    try:
+        assert serve.wait(timeout=60) == 0  # stopped by `down` (SIGTERM), cleanly
+    finally:
+        if serve.poll() is None:
+            serve.kill()
     assert not (tmp_path / "stack.json").exists()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", info["redis"]["port"])) != 0

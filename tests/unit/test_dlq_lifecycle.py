@@ -25,3 +25,13 @@ def test_copies_are_one_open_letter_and_a_newer_failure_reopens_a_closed_one():
     assert [(o.letter.pin_id, o.copies) for o in reopened] == [("a", 3)]
     # another event of the same pin is another letter
     assert len(open_letters([a1, _letter("a", 11.0, image="/y.png")], {})) == 2
+
+
+def test_letters_of_different_pins_with_the_same_original_stay_apart():
+    """Empty originals (tombstones) of two pins share a sha256: closing one must not
+    close the other."""
+    a = DeadLetter.build(Reason.MALFORMED_EVENT, "empty", b"", pin_id="a")
+    b = DeadLetter.build(Reason.MALFORMED_EVENT, "empty", b"", pin_id="b")
+    assert letter_key(a) != letter_key(b)
+    assert [o.letter.pin_id for o in open_letters([a, b], {letter_key(a): ("resolved", 1e12)})
+            ] == ["b"]

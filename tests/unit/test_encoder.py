@@ -159,5 +159,12 @@ async def test_a_batch_the_in_process_encoder_fails_is_an_outage(monkeypatch):
         monkeypatch.setattr(enc._pipeline, "map", boom)
         with pytest.raises(EncoderUnavailable, match="illegal memory access"):
             await enc.encode_images_async([b"x"])
+
+        def bug(items):  # a bug is not an outage: it propagates, the stream isolates it
+            raise KeyError("a bug")
+
+        monkeypatch.setattr(enc._pipeline, "map", bug)
+        with pytest.raises(KeyError):
+            await enc.encode_images_async([b"x"])
     finally:
         enc.close()

@@ -284,3 +284,10 @@ def test_without_a_running_stack_clients_follow_the_configured_stack_ports(tmp_p
     assert s.kafka.bootstrap_servers == "127.0.0.1:29092"
     assert s.redis.url == "redis://127.0.0.1:26379/0"
     assert s.milvus.uri == "http://m:1"  # set explicitly: kept
+
+
+def test_a_field_name_several_sections_have_lists_every_candidate():
+    from streams.settings import unknown_env
+
+    (name, hint), = unknown_env(["PINFRESH_TIMEOUT_S"])
+    assert hint is not None and "PINFRESH_MILVUS__TIMEOUT_S" in hint and " or " in hint
