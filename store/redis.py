@@ -884,7 +884,7 @@ class RedisCache:
         seconds before ``now`` (default: the current time).
         """
         fresh = await self._do(lambda: self._r.lrange(f"{self.p}:stats:freshness", 0, -1))
-        enc = await self._do(lambda: self._r.get(f"{self.p}:stats:encoded"))
+        enc = await self.encoded_total()
         since = (now if now is not None else time.time()) - window_s if window_s else None
         out = []
         for raw in fresh:
@@ -892,7 +892,12 @@ class RedisCache:
             if since is not None and (not at or float(at) < since):
                 continue  # outside the window (or written before samples had a time)
             out.append(float(value))
-        return out, int(as_text(enc)) if enc else 0
+        return out, enc
+
+    async def encoded_total(self) -> int:
+        """Images encoded by every worker so far (``{p}:stats:encoded``)."""
+        enc = await self._do(lambda: self._r.get(f"{self.p}:stats:encoded"))
+        return int(as_text(enc)) if enc else 0
 
     async def _mget(self, keys: list[str]) -> list[Any]:
         """One MGET on a node; on a cluster one MGET per slot, one pipeline per node."""

@@ -30,7 +30,7 @@ from encoder.errors import Unavailable
 from store.redis import RedisCache
 from streams.events import DeadLetter
 from streams.settings import KafkaSettings, Settings, build_settings, unknown_env
-from streams.tools.stack import EmbeddedStack
+from streams.tools.stack import EmbeddedStack, ServiceInfo, StackInfo
 
 logger = logging.getLogger(__name__)
 
@@ -48,18 +48,18 @@ def load_settings() -> Settings:
         SettingsError: a variable has a bad value (one line naming it).
     """
     settings = build_settings(os.environ)
-    info = EmbeddedStack(settings.stack).read()
     st = settings.stack
     # Without a running stack, addresses follow the stack's configured ports (a
     # fixed port, not 0), so a client of this data dir never joins another
-    # stack listening on the default ports.
-    kafka = info.kafka_bootstrap if info else (
-        f"{st.host}:{st.kafka_port}" if st.kafka_port else None)
-    scheme = "redis+cluster://{}:{}" if st.redis_cluster else "redis://{}:{}/0"
-    redis = info.redis_url if info else (
-        scheme.format(st.host, st.redis_port) if st.redis_port else None)
-    milvus = info.milvus_uri if info else (
-        f"http://{st.host}:{st.milvus_port}" if st.milvus_port else None)
+    # stack listening on the default ports: the addresses a stack started with
+    # those ports would record.
+    info = EmbeddedStack(st).read() or StackInfo(
+        st.host, ServiceInfo("kafka", 0, st.kafka_port, ""),
+        ServiceInfo("redis", 0, st.redis_port, ""), ServiceInfo("milvus", 0, st.milvus_port, ""),
+        redis_cluster=bool(st.redis_cluster))
+    kafka = info.kafka_bootstrap if info.kafka.port else None
+    redis = info.redis_url if info.redis.port else None
+    milvus = info.milvus_uri if info.milvus.port else None
     update: dict[str, Any] = {}
     if kafka and "bootstrap_servers" not in settings.kafka.model_fields_set:
         update["kafka"] = settings.kafka.model_copy(update={"bootstrap_servers": kafka})

@@ -114,11 +114,11 @@ async def collect_status(settings: Settings, interval: float = 1.0,
                 # log ends read from the log (the embedded broker's ListOffsets is off)
                 ends1 = sum((await end_offsets(c, tps)).values()) if tps else 0
                 lag1, total1 = await _offsets(settings)
-                enc1 = (await cache.batch_stats())[1] if out["health"]["redis"] == "ok" else 0
+                enc1 = await cache.encoded_total() if out["health"]["redis"] == "ok" else 0
                 await asyncio.sleep(interval)
                 ends2 = sum((await end_offsets(c, tps)).values()) if tps else 0
                 lag2, total2 = await _offsets(settings)
-                enc2 = (await cache.batch_stats())[1] if out["health"]["redis"] == "ok" else 0
+                enc2 = await cache.encoded_total() if out["health"]["redis"] == "ok" else 0
             finally:
                 await c.stop()
             consumed = (ends1 - total1, ends2 - total2)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import base64
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
 import httpx
 import numpy as np
@@ -54,6 +56,15 @@ async def _seed(redis_url: str, milvus_uri: str, prefix: str) -> dict[str, dict[
     return truth
 
 
+@asynccontextmanager
+async def _serving(app) -> AsyncIterator[httpx.AsyncClient]:
+    """The app with its lifespan running, and a client that calls it in process."""
+    async with app.router.lifespan_context(app):
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                     base_url="http://t") as http:
+            yield http
+
+
 @pytest.fixture
 async def api(stack, request):
     prefix = f"api{abs(hash(request.node.name)) % 10**6}"
@@ -61,10 +72,8 @@ async def api(stack, request):
     app = create_app(ApiSettings(max_batch=50, max_k=20),
                      RedisSettings(url=stack.redis_url, key_prefix=prefix),
                      MilvusSettings(uri=stack.milvus_uri, collection_prefix=prefix))
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://t") as http:
-            yield http, truth, app
+    async with _serving(app) as http:
+        yield http, truth, app
 
 
 @pytest.mark.cluster
@@ -240,23 +249,21 @@ async def test_readiness_follows_redis_and_milvus(tmp_path):
     try:
         app = create_app(ApiSettings(), RedisSettings(url=info.redis_url, timeout_s=2.0),
                          MilvusSettings(uri=info.milvus_uri, timeout_s=5))
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                         base_url="http://t") as http:
-                assert (await http.get("/readyz")).status_code == 200
-                for service in ("redis", "milvus"):
-                    st.kill_service(service)
-                    r = await http.get("/readyz")
-                    assert r.status_code == 503 and r.json()["checks"][service] != "ok"
-                    assert r.json()["error"]["code"] == "not_ready"
-                    # one readable line, not a Python dict repr
-                    assert r.json()["error"]["message"].startswith(f"{service} down: ")
-                    assert "{" not in r.json()["error"]["message"]
-                    st.start_service(service)
-                    deadline = time.monotonic() + 180  # a restart on a loaded machine
-                    while (await http.get("/readyz")).status_code != 200:
-                        assert time.monotonic() < deadline, f"{service} did not recover"
-                        await asyncio.sleep(0.2)
+        async with _serving(app) as http:
+            assert (await http.get("/readyz")).status_code == 200
+            for service in ("redis", "milvus"):
+                st.kill_service(service)
+                r = await http.get("/readyz")
+                assert r.status_code == 503 and r.json()["checks"][service] != "ok"
+                assert r.json()["error"]["code"] == "not_ready"
+                # one readable line, not a Python dict repr
+                assert r.json()["error"]["message"].startswith(f"{service} down: ")
+                assert "{" not in r.json()["error"]["message"]
+                st.start_service(service)
+                deadline = time.monotonic() + 180  # a restart on a loaded machine
+                while (await http.get("/readyz")).status_code != 200:
+                    assert time.monotonic() < deadline, f"{service} did not recover"
+                    await asyncio.sleep(0.2)
         # an API started while Milvus is down starts (a pod must), answers 503 and
         # connects once Milvus is back; it used to exit with three tracebacks
         st.kill_service("milvus")
@@ -272,26 +279,24 @@ async def test_readiness_follows_redis_and_milvus(tmp_path):
         assert status["health"]["redis"] == "ok" and status["health"]["kafka"] == "ok"
         app = create_app(ApiSettings(), RedisSettings(url=info.redis_url, timeout_s=2.0),
                          MilvusSettings(uri=info.milvus_uri, timeout_s=2))
-        async with app.router.lifespan_context(app):
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                         base_url="http://t") as http:
-                assert (await http.get("/healthz")).status_code == 200
-                deadline = time.monotonic() + 120  # until the first attempt has failed
-                while "Milvus" not in (r := await http.get("/readyz")).json()["error"][
-                        "message"]:
-                    assert r.status_code == 503 and time.monotonic() < deadline, r.text
-                    await asyncio.sleep(0.2)
-                assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
-                r = await http.post("/v1/embeddings:batchGet", json={"pin_ids": ["a"]})
-                assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
-                assert int(r.headers["retry-after"]) >= 1
-                st.start_service("milvus")
-                deadline = time.monotonic() + 180
-                while (await http.get("/readyz")).status_code != 200:
-                    assert time.monotonic() < deadline, "the API did not connect"
-                    await asyncio.sleep(0.2)
-                r = await http.post("/v1/embeddings:batchGet", json={"pin_ids": ["a"]})
-                assert r.status_code != 503, r.text
+        async with _serving(app) as http:
+            assert (await http.get("/healthz")).status_code == 200
+            deadline = time.monotonic() + 120  # until the first attempt has failed
+            while "Milvus" not in (r := await http.get("/readyz")).json()["error"][
+                    "message"]:
+                assert r.status_code == 503 and time.monotonic() < deadline, r.text
+                await asyncio.sleep(0.2)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "not_ready"
+            r = await http.post("/v1/embeddings:batchGet", json={"pin_ids": ["a"]})
+            assert r.status_code == 503 and r.json()["error"]["code"] == "store_unavailable"
+            assert int(r.headers["retry-after"]) >= 1
+            st.start_service("milvus")
+            deadline = time.monotonic() + 180
+            while (await http.get("/readyz")).status_code != 200:
+                assert time.monotonic() < deadline, "the API did not connect"
+                await asyncio.sleep(0.2)
+            r = await http.post("/v1/embeddings:batchGet", json={"pin_ids": ["a"]})
+            assert r.status_code != 503, r.text
     finally:
         st.stop()
 
