@@ -343,9 +343,12 @@ class EmbeddedStack:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
             try:
+                # the logs are files: no colour (the broker's Rust tracing colours its
+                # lines unless NO_COLOR is set, even when writing to a file)
                 proc = subprocess.Popen(
                     cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                     start_new_session=True, cwd=self.data_dir, pass_fds=pass_fds,
+                    env={**os.environ, "NO_COLOR": "1"},
                 )
             except OSError as exc:
                 raise StackError(f"cannot start {name} ({cmd[0]}): {exc}") from exc

@@ -34,7 +34,10 @@ def test_taken_port_gives_an_error_naming_the_fix(tmp_path):
 def test_cli_up_status_down(tmp_path):
     env = {**os.environ, "PINFRESH_STACK__DATA_DIR": str(tmp_path),
            "PINFRESH_STACK__KAFKA_PORT": "0", "PINFRESH_STACK__REDIS_PORT": "0",
-           "PINFRESH_STACK__MILVUS_PORT": "0"}
+           "PINFRESH_STACK__MILVUS_PORT": "0",
+           # the broker (tansu) logs through Rust's tracing: at info it writes lines at
+           # once, in colour unless told not to (CI saw ESC[ in kafka.log on an error)
+           "RUST_LOG": "info"}
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([sys.executable, "-m", "streams.cli", *args], env=env,
@@ -96,6 +99,11 @@ def test_cli_up_status_down(tmp_path):
     assert not (tmp_path / "stack.json").exists()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", info["redis"]["port"])) != 0
+    # the services' logs are text: no terminal escapes
+    kafka_log = (tmp_path / "logs" / "kafka.log").read_text(errors="replace")
+    assert "INFO" in kafka_log, kafka_log[-2000:]
+    for path in sorted((tmp_path / "logs").glob("*.log")):
+        assert "\x1b[" not in path.read_text(errors="replace"), path
 
 
 def _answers(port: int) -> bool:
