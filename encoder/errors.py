@@ -190,6 +190,10 @@ class ApiClientError(PinfreshError):
         self.status, self.code = status, code
 
 
+class ApiUnreachable(Unavailable):
+    """The read API gave no answer (refused, reset, timed out)."""
+
+
 # ------------------------------------------------------------------------ streams
 class KafkaUnavailable(Unavailable):
     """The broker cannot be reached."""

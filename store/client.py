@@ -2,21 +2,35 @@
 
 ``get_embeddings(pin_ids)`` returns an `Embeddings`: a float32 ``(n, dim)``
 numpy array in request order, a found-mask and the model version. Vectors
-travel as base64 float16 by default (half the bytes of float32; cosine to the
-stored vector stays above 0.9999).
+travel as a binary float16 body by default (``encoding="binary"``: the
+fastest format `pinfresh bench read` measured; half the bytes of float32,
+cosine to the stored vector above 0.9999); ``"base64"`` is the JSON form.
+
+The client needs numpy, httpx and urllib3 only: ``pip install pinfresh``
+without extras installs it (no torch, Faust or pymilvus). The synchronous
+client runs on urllib3 (a thread-safe keep-alive pool; measured faster per
+request than httpx's), the asynchronous one on httpx.
 """
 
 from __future__ import annotations
 
 import base64
-from collections.abc import Sequence
+import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import httpx
 import numpy as np
+import urllib3
 
-from encoder.errors import ApiClientError
+from encoder.errors import ApiClientError, ApiUnreachable
+
+__all__ = ["ApiClientError", "ApiUnreachable", "AsyncPinfreshClient", "Embeddings",
+           "PinfreshClient"]
+
+Encoding = Literal["binary", "base64"]
+_BATCH_GET = "/v1/embeddings:batchGet"
 
 
 @dataclass(frozen=True)
@@ -29,69 +43,126 @@ class Embeddings:
     found: np.ndarray
 
 
-def _decode(pin_ids: Sequence[str], body: dict[str, Any]) -> Embeddings:
+def _request(pin_ids: Sequence[str], version: str | None, dtype: str, encoding: str) -> bytes:
+    return json.dumps({"pin_ids": list(pin_ids), "version": version, "encoding": encoding,
+                       "dtype": dtype}, separators=(",", ":")).encode()
+
+
+def _decode(pin_ids: Sequence[str], status: int, headers: Mapping[str, str],
+            content: bytes) -> Embeddings:
+    """An `Embeddings` from a batchGet answer (binary or base64), or its error raised."""
+    ctype = headers.get("content-type", "")
+    if status >= 400 or not (ctype.startswith("application/octet-stream")
+                             or ctype.startswith("application/json")):
+        raise _error(status, content)
+    if ctype.startswith("application/octet-stream"):
+        n, dim = (int(x) for x in headers["x-pinfresh-shape"].split(","))
+        dt = np.dtype(headers["x-pinfresh-dtype"]).newbyteorder("<")
+        arr = np.frombuffer(content, dtype=dt).reshape(n, dim)
+        bits = np.frombuffer(bytes.fromhex(headers["x-pinfresh-found"]), dtype=np.uint8)
+        return Embeddings(headers["x-pinfresh-version"], list(pin_ids),
+                          arr.astype(np.float32), np.unpackbits(bits)[:n].astype(bool))
+    body = json.loads(content)
     v = body["vectors"]
     arr = np.frombuffer(base64.b64decode(v["data"]), dtype=np.dtype(v["dtype"]).newbyteorder("<"))
     return Embeddings(body["version"], list(pin_ids),
                       arr.reshape(v["shape"]).astype(np.float32), np.asarray(body["found"]))
 
 
-def _check(resp: httpx.Response) -> dict[str, Any]:
-    if resp.status_code >= 400:
-        try:
-            err = resp.json()["error"]
-        except (ValueError, KeyError):
-            err = {"code": "http_error", "message": resp.text[:200]}
-        raise ApiClientError(resp.status_code, err["code"], err["message"])
-    return dict(resp.json())
+def _error(status: int, content: bytes) -> ApiClientError:
+    try:
+        err = json.loads(content)["error"]
+        code, message = str(err["code"]), str(err["message"])
+    except (ValueError, KeyError, TypeError):
+        code, message = "http_error", content[:200].decode(errors="replace")
+    return ApiClientError(status, code, message)
+
+
+def _json(status: int, content: bytes) -> dict[str, Any]:
+    if status >= 400:
+        raise _error(status, content)
+    return dict(json.loads(content))
 
 
 class PinfreshClient:
-    """Synchronous client; reuse one instance (it keeps a connection pool)."""
+    """Synchronous client; reuse one instance (a pool of connections threads may share).
 
-    def __init__(self, base_url: str, timeout: float = 2.0,
-                 dtype: Literal["float16", "float32"] = "float16") -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout)
-        self.dtype = dtype
-
-    def get_embeddings(self, pin_ids: Sequence[str], version: str | None = None) -> Embeddings:
-        """Vectors of ``pin_ids`` (missing pins: zero rows, False in ``found``)."""
-        body = _check(self._http.post("/v1/embeddings:batchGet", json={
-            "pin_ids": list(pin_ids), "version": version, "encoding": "base64",
-            "dtype": self.dtype}))
-        return _decode(pin_ids, body)
-
-    def similar(self, pin_id: str, k: int = 10, **filters: Any) -> dict[str, Any]:
-        """Pins most similar to ``pin_id``."""
-        return _check(self._http.post("/v1/similar", json={"pin_id": pin_id, "k": k,
-                                                          "filter": filters}))
-
-    def close(self) -> None:
-        """Close the connection pool."""
-        self._http.close()
-
-
-class AsyncPinfreshClient:
-    """Asynchronous twin of `PinfreshClient`."""
+    ``timeout`` bounds each attempt. A request that got no answer (refused,
+    reset, e.g. a kept-alive connection the server had closed, or timed out)
+    is tried once more, as every route is a read: a call takes at most twice
+    ``timeout``. Raises `ApiClientError` for an answer that is an error,
+    `ApiUnreachable` when no answer came.
+    """
 
     def __init__(self, base_url: str, timeout: float = 2.0,
                  dtype: Literal["float16", "float32"] = "float16",
+                 encoding: Encoding = "binary", pool_size: int = 10) -> None:
+        self.base_url, self.dtype, self.encoding = base_url.rstrip("/"), dtype, encoding
+        self._pool = urllib3.connection_from_url(
+            self.base_url, maxsize=pool_size, block=False, timeout=urllib3.Timeout(timeout),
+            retries=urllib3.Retry(total=1, connect=1, read=1, status=0, redirect=0,
+                                  allowed_methods=frozenset({"GET", "POST"}),
+                                  raise_on_status=False))
+
+    def _post(self, path: str, body: bytes) -> urllib3.BaseHTTPResponse:
+        try:
+            return self._pool.urlopen("POST", path, body=body,
+                                      headers={"Content-Type": "application/json"})
+        except urllib3.exceptions.HTTPError as exc:
+            raise ApiUnreachable(f"read API at {self.base_url} did not answer: {exc}") from exc
+
+    def get_embeddings(self, pin_ids: Sequence[str], version: str | None = None) -> Embeddings:
+        """Vectors of ``pin_ids`` (missing pins: zero rows, False in ``found``)."""
+        r = self._post(_BATCH_GET, _request(pin_ids, version, self.dtype, self.encoding))
+        return _decode(pin_ids, r.status, r.headers, r.data)
+
+    def similar(self, pin_id: str, k: int = 10, **filters: Any) -> dict[str, Any]:
+        """Pins most similar to ``pin_id``."""
+        r = self._post("/v1/similar", json.dumps({"pin_id": pin_id, "k": k,
+                                                  "filter": filters}).encode())
+        return _json(r.status, r.data)
+
+    def close(self) -> None:
+        """Close the connection pool."""
+        self._pool.close()
+
+    def __enter__(self) -> PinfreshClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncPinfreshClient:
+    """Asynchronous twin of `PinfreshClient` (on httpx)."""
+
+    def __init__(self, base_url: str, timeout: float = 2.0,
+                 dtype: Literal["float16", "float32"] = "float16",
+                 encoding: Encoding = "binary",
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
-        self.dtype = dtype
+        self.base_url, self.dtype, self.encoding = base_url.rstrip("/"), dtype, encoding
+        self._http = httpx.AsyncClient(
+            base_url=base_url, timeout=timeout,
+            transport=transport or httpx.AsyncHTTPTransport(retries=1))
+
+    async def _post(self, path: str, body: bytes) -> httpx.Response:
+        try:
+            return await self._http.post(path, content=body,
+                                         headers={"Content-Type": "application/json"})
+        except httpx.TransportError as exc:
+            raise ApiUnreachable(f"read API at {self.base_url} did not answer: {exc}") from exc
 
     async def get_embeddings(self, pin_ids: Sequence[str], version: str | None = None
                              ) -> Embeddings:
         """Vectors of ``pin_ids`` (missing pins: zero rows, False in ``found``)."""
-        resp = await self._http.post("/v1/embeddings:batchGet", json={
-            "pin_ids": list(pin_ids), "version": version, "encoding": "base64",
-            "dtype": self.dtype})
-        return _decode(pin_ids, _check(resp))
+        r = await self._post(_BATCH_GET, _request(pin_ids, version, self.dtype, self.encoding))
+        return _decode(pin_ids, r.status_code, r.headers, r.content)
 
     async def similar(self, pin_id: str, k: int = 10, **filters: Any) -> dict[str, Any]:
         """Pins most similar to ``pin_id``."""
-        return _check(await self._http.post("/v1/similar", json={
-            "pin_id": pin_id, "k": k, "filter": filters}))
+        r = await self._post("/v1/similar", json.dumps({"pin_id": pin_id, "k": k,
+                                                        "filter": filters}).encode())
+        return _json(r.status_code, r.content)
 
     async def aclose(self) -> None:
         """Close the connection pool."""

@@ -2,7 +2,9 @@
 
 `EmbeddingReader.get_many` resolves the version once per call (the live one
 unless given), reads Redis with one MGET and falls back to Milvus for the
-misses. A result never mixes versions and always names its version.
+misses. A result never mixes versions and always names its version. On one
+Redis node the live pointer is read in the same MGET as the vectors (see
+`RedisCache.get_live_vectors`): one round trip per read while live stays put.
 
 Refills. The fallback read answers the request at Milvus's default (Bounded)
 consistency: fast, possibly a few seconds behind. The cache is not filled
@@ -70,6 +72,8 @@ class EmbeddingReader:
         self._queued = 0
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: the live version of the last read: the guess `RedisCache.get_live_vectors` checks
+        self._live_seen: str | None = None
 
     def _schedule(self, version: str, pin_ids: Sequence[str]) -> None:
         if not self.refill_enabled or not pin_ids:
@@ -141,9 +145,16 @@ class EmbeddingReader:
 
     async def get_many(self, pin_ids: Sequence[str], version: str | None = None) -> ReadResult:
         """Vectors of ``pin_ids`` from one version (see module docstring)."""
-        ver = await self.resolve_version(version)
         ids = list(pin_ids)
-        vectors, found = await self.cache.get_vectors(ver, ids)
+        if version:
+            ver = version
+            vectors, found = await self.cache.get_vectors(ver, ids)
+        else:  # the live pointer and the vectors in one round trip while live stays put
+            live, vectors, found = await self.cache.get_live_vectors(ids, self._live_seen)
+            if live is None:
+                raise NoLiveVersion("no live model version yet: run a worker "
+                                    "(`pinfresh worker`)")
+            ver = self._live_seen = live
         hits = int(found.sum())
         missing = [p for p, f in zip(ids, found, strict=True) if not f]
         if missing:

@@ -790,17 +790,50 @@ class RedisCache:
     ) -> tuple[np.ndarray, np.ndarray]:
         """One MGET: ``(vectors (n, dim) float32, found mask (n,) bool)``; misses are zeros."""
         dim, dtype = await self.version_info(version)
-        out = np.zeros((len(pin_ids), dim), dtype=np.float32)
-        found = np.zeros(len(pin_ids), dtype=bool)
         if not pin_ids:
-            return out, found
+            return np.zeros((0, dim), dtype=np.float32), np.zeros(0, dtype=bool)
         raw = await self._mget([self.vec_key(version, p) for p in pin_ids])
+        return self._decode_vectors(dim, dtype, raw)
+
+    @staticmethod
+    def _decode_vectors(dim: int, dtype: str, raw: Sequence[Any]
+                        ) -> tuple[np.ndarray, np.ndarray]:
+        out = np.zeros((len(raw), dim), dtype=np.float32)
+        found = np.zeros(len(raw), dtype=bool)
         dt = np.dtype(dtype).newbyteorder("<")
         for i, blob in enumerate(raw):
             if isinstance(blob, bytes) and len(blob) == dim * dt.itemsize:
                 out[i] = np.frombuffer(blob, dtype=dt)
                 found[i] = True
         return out, found
+
+    async def get_live_vectors(
+        self, pin_ids: Sequence[str], guess: str | None
+    ) -> tuple[str | None, np.ndarray, np.ndarray]:
+        """The live version and its vectors of ``pin_ids``, in one round trip when it can.
+
+        On one node, a single MGET reads the live pointer together with the
+        vectors of ``guess`` (the caller's last live version): MGET is atomic,
+        so when the pointer names ``guess`` the vectors are that version's as it
+        was live at that instant. Otherwise (another live version, a cluster,
+        where the pointer and the pins live in different slots) the pointer is
+        read first and the vectors of the version it names after. Returns
+        ``(None, empty, empty)`` before any version is live.
+        """
+        live_key = self.reg_key("live")
+        if guess is not None and not self.cluster and pin_ids:
+            try:
+                dim, dtype = await self.version_info(guess)
+            except UnknownVersion:  # deleted since: no guess
+                dim = 0
+            if dim:
+                raw = await self._mget([live_key, *(self.vec_key(guess, p) for p in pin_ids)])
+                if raw[0] is not None and as_text(raw[0]) == guess:
+                    return (guess, *self._decode_vectors(dim, dtype, raw[1:]))
+        live = await self.get_live()
+        if live is None:
+            return None, np.zeros((0, 0), np.float32), np.zeros(0, bool)
+        return (live, *await self.get_vectors(live, pin_ids))
 
     async def get_meta(self, version: str, pin_ids: Sequence[str]) -> dict[str, dict[str, str]]:
         """Metadata hashes of the pins found."""

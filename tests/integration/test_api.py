@@ -95,17 +95,75 @@ async def test_batch_get_json_and_base64_with_missing_ids(api):
     assert np.allclose(arr[3], truth["vb"]["cat-9"], atol=2e-3) and not arr[1].any()
 
 
-async def test_client_returns_array_mask_and_version(api):
+@pytest.mark.parametrize("encoding", ["binary", "base64"])
+async def test_client_returns_array_mask_and_version(api, encoding):
     http, truth, app = api
-    client = AsyncPinfreshClient("http://t", transport=httpx.ASGITransport(app=app))
-    emb = await client.get_embeddings(["dog-2", "zzz", "cat-3"])
-    assert emb.version == "va" and emb.found.tolist() == [True, False, True]
-    assert emb.vectors.shape == (3, DIM) and emb.vectors.dtype == np.float32
-    assert float(emb.vectors[0] @ truth["va"]["dog-2"]) > 0.9999
+    client = AsyncPinfreshClient("http://t", transport=httpx.ASGITransport(app=app),
+                                 encoding=encoding)
+    # 9 ids: the found mask spans two bytes of the binary answer's bit mask
+    ids = ["dog-2", "zzz", "cat-3", "cat-4", "cat-5", "cat-6", "cat-7", "cat-8", "dog-1"]
+    emb = await client.get_embeddings(ids)
+    assert emb.version == "va" and emb.found.tolist() == [True, False] + [True] * 7
+    assert emb.vectors.shape == (9, DIM) and emb.vectors.dtype == np.float32
+    assert not emb.vectors[1].any()
+    for i, p in enumerate(ids):
+        if p != "zzz":  # float16 on the wire
+            assert float(emb.vectors[i] @ truth["va"][p]) > 0.9999
+    exact = AsyncPinfreshClient("http://t", transport=httpx.ASGITransport(app=app),
+                                encoding=encoding, dtype="float32")
+    emb = await exact.get_embeddings(["cat-4"], version="vb")
+    assert emb.version == "vb" and emb.vectors.tobytes() == truth["vb"]["cat-4"].tobytes()
     with pytest.raises(ApiClientError) as err:
         await client.get_embeddings(["x"] * 51)
     assert err.value.status == 413 and err.value.code == "too_many_ids"
     await client.aclose()
+    await exact.aclose()
+
+
+async def test_sync_client_over_http(api, stack, request):
+    """`PinfreshClient` (urllib3) against the app served by uvicorn on a loopback port."""
+    import threading
+
+    import uvicorn
+
+    from store.client import ApiUnreachable, PinfreshClient
+    from streams.tools.stack import free_port
+
+    _, truth, _app = api
+    prefix = f"api{abs(hash(request.node.name)) % 10**6}"
+    served = create_app(ApiSettings(max_batch=50), RedisSettings(
+        url=stack.redis_url, key_prefix=prefix), MilvusSettings(
+        uri=stack.milvus_uri, collection_prefix=prefix))  # the fixture's data
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(served, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    client = PinfreshClient(f"http://127.0.0.1:{port}", timeout=10)
+    try:
+        deadline = time.monotonic() + 120
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline
+            await asyncio.sleep(0.05)
+
+        def reads() -> list:
+            out = [client.get_embeddings(["cat-1", "nope", "dog-7"]) for _ in range(3)]
+            with pytest.raises(ApiClientError) as err:
+                client.get_embeddings(["a"], version="nope")
+            return [*out, err.value, client.similar("cat-1", k=3)]
+
+        *embs, err, similar = await asyncio.to_thread(reads)
+        for emb in embs:
+            assert emb.version == "va" and emb.found.tolist() == [True, False, True]
+            assert float(emb.vectors[2] @ truth["va"]["dog-7"]) > 0.9999
+        assert err.status == 404 and err.code == "unknown_version"
+        assert len(similar["hits"]) == 3
+    finally:
+        client.close()
+        server.should_exit = True
+        await asyncio.to_thread(thread.join, 60)
+    with pytest.raises(ApiUnreachable, match="did not answer"):
+        PinfreshClient(f"http://127.0.0.1:{port}", timeout=5).get_embeddings(["cat-1"])
 
 
 async def test_similar_by_pin_and_vector_with_filters(api):
@@ -215,19 +273,27 @@ async def test_sixteen_readers_during_three_promote_rollback_flips_never_see_a_m
     ids = [f"cat-{i}" for i in range(10)] + [f"dog-{i}" for i in range(10)]
     done, seen, stop = [0], {"va": 0, "vb": 0}, asyncio.Event()
 
-    async def reader() -> None:
+    async def reader(i: int) -> None:
+        # half read base64 JSON, half the client's binary answers
+        client = AsyncPinfreshClient("http://t", transport=httpx.ASGITransport(app=app),
+                                     dtype="float32")
         while not stop.is_set():
-            r = await http.post("/v1/embeddings:batchGet", json={
-                "pin_ids": ids, "encoding": "base64", "dtype": "float32"})
-            body = r.json()
-            got = np.frombuffer(base64.b64decode(body["vectors"]["data"]), "<f4").reshape(
-                len(ids), DIM)
-            want = np.stack([truth[body["version"]][p] for p in ids]).astype("<f4")
-            assert got.tobytes() == want.tobytes(), body["version"]
-            seen[body["version"]] += 1
+            if i % 2:
+                emb = await client.get_embeddings(ids)
+                version, got = emb.version, emb.vectors.astype("<f4")
+            else:
+                body = (await http.post("/v1/embeddings:batchGet", json={
+                    "pin_ids": ids, "encoding": "base64", "dtype": "float32"})).json()
+                version = body["version"]
+                got = np.frombuffer(base64.b64decode(body["vectors"]["data"]), "<f4").reshape(
+                    len(ids), DIM)
+            want = np.stack([truth[version][p] for p in ids]).astype("<f4")
+            assert got.tobytes() == want.tobytes(), version
+            seen[version] += 1
             done[0] += 1
+        await client.aclose()
 
-    tasks = [asyncio.create_task(reader()) for _ in range(16)]
+    tasks = [asyncio.create_task(reader(i)) for i in range(16)]
     try:
         for flip in range(6):
             at = done[0]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -70,6 +71,55 @@ async def test_upsert_replay_keeps_one_row_and_reader_falls_back_and_refills(sto
     ver, hits = await reader.similar(pin_id="p5", k=3)
     assert ver == "v1" and len(hits) == 3 and "p5" not in [h.pin_id for h in hits]
     await reader.close()
+
+
+@pytest.mark.cluster
+async def test_live_read_is_one_round_trip_and_follows_a_flip(stack, request):
+    """The reader reads the live pointer in its vectors' MGET on one node (a cluster: two
+    trips), and follows promote and rollback at once: every read is one version's bytes."""
+    tag = f"lv{abs(hash(request.node.name)) % 10**8}"
+    cache = RedisCache(RedisSettings(url=stack.redis_url, key_prefix=tag))
+    reader = EmbeddingReader(None, cache, refill=False)  # type: ignore[arg-type]
+    trips: list[str] = []
+    mget, get_live = cache._mget, cache.get_live
+
+    async def counted_mget(keys):  # type: ignore[no-untyped-def]
+        trips.append("mget")
+        return await mget(keys)
+
+    async def counted_live():  # type: ignore[no-untyped-def]
+        trips.append("live")
+        return await get_live()
+
+    cache._mget, cache.get_live = counted_mget, counted_live  # type: ignore[method-assign]
+    try:
+        ids = [f"p{i}" for i in range(6)]
+        recs = {v: [rec(p, 8, v) for p in ids] for v in ("v1", "v2")}
+        for v in ("v1", "v2"):
+            await cache.ensure_version(v, 8)
+            # another version's vectors differ: v2 stores v1's negated
+            if v == "v2":
+                recs[v] = [replace(r, vector=-r.vector, model_version="v2")
+                           for r in recs["v1"]]
+            await cache.upsert(v, recs[v])
+        want = {v: np.stack([r.vector for r in recs[v]]).astype(np.float16).astype(np.float32)
+                for v in recs}
+        first, same, flipped = ["live", "mget"], ["mget"], ["mget", "live", "mget"]
+        if cache.cluster:  # the pointer's slot is not the pins': read it first, always
+            first = same = flipped = ["live", "mget"]
+        for live, expect in (("v1", first), ("v1", same), ("v2", flipped), ("v2", same),
+                             ("v1", flipped)):
+            await cache.set_live(live)
+            trips.clear()
+            res = await reader.get_many(ids)
+            assert res.version == live and res.found.all()
+            assert np.array_equal(res.vectors, want[live])
+            assert trips == expect
+        # a guess of a version that does not exist is no error: the pointer decides
+        live, vecs, found = await cache.get_live_vectors(ids, "never-registered")
+        assert live == "v1" and found.all() and np.array_equal(vecs, want["v1"])
+    finally:
+        await cache.close()
 
 
 @pytest.mark.cluster

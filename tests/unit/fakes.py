@@ -310,6 +310,14 @@ class FakeCache(_Faults):
     async def get_live(self) -> str | None:
         return self.live
 
+    async def get_live_vectors(self, pin_ids: Sequence[str], guess: str | None
+                               ) -> tuple[str | None, np.ndarray, np.ndarray]:
+        # the pointer and the vectors at one instant, like one MGET on a node
+        live = self.live
+        if live is None:
+            return None, np.zeros((0, 0), np.float32), np.zeros(0, bool)
+        return (live, *await self.get_vectors(live, pin_ids))
+
     async def set_tombstones(self, versions: dict[str, int]) -> None:
         self.tombs.update(versions)
 
