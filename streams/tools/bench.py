@@ -279,18 +279,26 @@ async def _refresh(s: Settings, base: list[CatalogItem], live_a: list[CatalogIte
 
 
 def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
-                   console: Console, cluster_nodes: int = 3) -> dict[str, object]:
+                   console: Console, cluster_nodes: int = 3, rate: float = 400.0
+                   ) -> dict[str, object]:
     """Read 25 precomputed embeddings vs fetch+decode+encode 25 images, one run.
 
     A private stack is filled with real embeddings of ``pins`` catalog images;
-    ``pinfresh serve`` runs as its own process. (a) is the Python client
-    calling the API on loopback; (b) is the same encoder reading the 25 image
-    files and encoding them at request time. Then a separate load-generating
-    process measures the API's batch-get throughput under concurrency 16.
-    Last, the same reads (through the API, and `RedisCache.get_vectors`
-    directly) against a second private stack whose Valkey is a cluster of
-    ``cluster_nodes`` masters, with the same vectors: single node and cluster
-    side by side.
+    ``pinfresh serve`` runs as its own process. Measured, in one run:
+
+    * the in-process reads the API's overhead is compared with, on the same
+      stack and the same 25-id batches: `RedisCache.get_vectors` (the version
+      known: one MGET, the floor) and `EmbeddingReader.get_many` (the live
+      version resolved, as the API does);
+    * the Python client calling the API on loopback, one request at a time,
+      in each response format (binary, the client's default, and base64);
+    * the same encoder reading the 25 image files and encoding them at
+      request time;
+    * a separate load-generating process (aiohttp, 16 connections): paced at
+      ``rate`` requests/s in each format, latency counted from each request's
+      scheduled time; then unpaced (the throughput ceiling);
+    * all the reads again against a second private stack whose Valkey is a
+      cluster of ``cluster_nodes`` masters, with the same vectors.
     """
     import random
 
@@ -299,28 +307,30 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
     enc = ImageEncoder.load(settings.encoder)
     rnd = random.Random(0)
     batches = [[it.pin_id for it in rnd.sample(items, 25)] for _ in range(requests)]
+    single: dict[str, Any] = {}
+    cluster: dict[str, Any] = {}
     try:
-        with private_stack(settings, catalog_root_of(path)) as (s, tmp):
-            asyncio.run(_fill(s, enc, items))
-            with _api(s, items[0].pin_id) as (client, url):
-                read_ms = _api_reads(client, batches)
-                ids_file = Path(tmp) / "ids.txt"
-                ids_file.write_text("\n".join(it.pin_id for it in items))
-                loadres = _loadgen(url, ids_file)
-            cache_ms = asyncio.run(_cache_reads(s, batches))
-            by_id = {it.pin_id: it for it in items}
-            encode_ms = []
-            for ids in batches[:max(10, requests // 25)]:
-                t = time.perf_counter()
-                enc.encode_images([Path(by_id[p].image).read_bytes() for p in ids])
-                encode_ms.append((time.perf_counter() - t) * 1000)
-        console.print(f"again on a {cluster_nodes}-master Valkey Cluster")
-        with private_stack(settings, catalog_root_of(path), redis_cluster=cluster_nodes) as (
-                s, _):
-            asyncio.run(_fill(s, enc, items))
-            with _api(s, items[0].pin_id) as (client, _url):
-                cl_read_ms = _api_reads(client, batches)
-            cl_cache_ms = asyncio.run(_cache_reads(s, batches))
+        for where, n in ((single, 0), (cluster, cluster_nodes)):
+            if n:
+                console.print(f"again on a {n}-master Valkey Cluster")
+            with private_stack(settings, catalog_root_of(path), redis_cluster=n) as (s, tmp):
+                asyncio.run(_fill(s, enc, items))
+                with _api(s, items[0].pin_id) as url:
+                    for fmt in ("binary", "base64"):
+                        where[f"api_{fmt}"] = _api_reads(url, fmt, batches)
+                    ids_file = Path(tmp) / "ids.txt"
+                    ids_file.write_text("\n".join(it.pin_id for it in items))
+                    for fmt in ("binary", "base64"):
+                        where[f"load_{fmt}"] = _loadgen(url, ids_file, rate, fmt)
+                    where["load_max"] = _loadgen(url, ids_file, 0, "binary")
+                where["get_vectors"], where["get_many"] = asyncio.run(_cache_reads(s, batches))
+            if not n:
+                by_id = {it.pin_id: it for it in items}
+                encode_ms = []
+                for ids in batches[:max(10, requests // 25)]:
+                    t = time.perf_counter()
+                    enc.encode_images([Path(by_id[p].image).read_bytes() for p in ids])
+                    encode_ms.append((time.perf_counter() - t) * 1000)
     finally:
         enc.close()
 
@@ -328,45 +338,89 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
         return round(percentile(xs, q), nd)
 
     e50 = percentile(encode_ms, 0.5)
+    read_ms = single["api_binary"]
     report: dict[str, object] = {
         "read_p50_ms": p(read_ms, 0.5), "read_p99_ms": p(read_ms, 0.99),
+        "read_base64_p50_ms": p(single["api_base64"], 0.5),
+        "read_base64_p99_ms": p(single["api_base64"], 0.99),
         "encode_p50_ms": p(encode_ms, 0.5, 1), "encode_p99_ms": p(encode_ms, 0.99, 1),
         "ratio_p50": round(e50 / percentile(read_ms, 0.5), 1),
-        "api_requests_per_s": loadres["requests_per_s"], "api_p99_ms": loadres["p99_ms"],
-        "api_p50_ms": loadres["p50_ms"], "api_errors": loadres["errors"],
-        "api_concurrency": loadres["concurrency"], "pins_per_request": 25,
-        "cache_read_p50_ms": p(cache_ms, 0.5), "cache_read_p99_ms": p(cache_ms, 0.99),
+        "cache_read_p50_ms": p(single["get_vectors"], 0.5),
+        "cache_read_p99_ms": p(single["get_vectors"], 0.99),
+        "reader_read_p50_ms": p(single["get_many"], 0.5),
+        "reader_read_p99_ms": p(single["get_many"], 0.99),
+        "api_over_cache_read_p50": round(percentile(read_ms, 0.5)
+                                         / percentile(single["get_vectors"], 0.5), 2),
+        "api_over_reader_read_p50": round(percentile(read_ms, 0.5)
+                                          / percentile(single["get_many"], 0.5), 2),
+        "load_rate": rate, "load": {k: single[k] for k in ("load_binary", "load_base64",
+                                                          "load_max")},
+        "api_requests_per_s": single["load_binary"]["requests_per_s"],
+        "api_p50_ms": single["load_binary"]["p50_ms"],
+        "api_p99_ms": single["load_binary"]["p99_ms"],
+        "api_errors": single["load_binary"]["errors"],
+        "api_concurrency": single["load_binary"]["concurrency"],
+        "api_max_requests_per_s": single["load_max"]["requests_per_s"],
+        "pins_per_request": 25,
         "cluster_nodes": cluster_nodes,
-        "cluster_read_p50_ms": p(cl_read_ms, 0.5), "cluster_read_p99_ms": p(cl_read_ms, 0.99),
-        "cluster_cache_read_p50_ms": p(cl_cache_ms, 0.5),
-        "cluster_cache_read_p99_ms": p(cl_cache_ms, 0.99),
+        "cluster_read_p50_ms": p(cluster["api_binary"], 0.5),
+        "cluster_read_p99_ms": p(cluster["api_binary"], 0.99),
+        "cluster_cache_read_p50_ms": p(cluster["get_vectors"], 0.5),
+        "cluster_cache_read_p99_ms": p(cluster["get_vectors"], 0.99),
+        "cluster_reader_read_p50_ms": p(cluster["get_many"], 0.5),
+        "cluster_reader_read_p99_ms": p(cluster["get_many"], 0.99),
+        "cluster_load": {k: cluster[k] for k in ("load_binary", "load_base64", "load_max")},
         "read_requests": len(read_ms), "encode_requests": len(encode_ms),
-        "read_path": "Python client -> HTTP on loopback -> Redis MGET (float16, base64)",
-        "cache_read_path": "RedisCache.get_vectors in-process: one MGET (single node); one "
-                           "MGET per slot, one pipeline per node, nodes at once (cluster)",
+        "read_path": "PinfreshClient (urllib3) -> HTTP on loopback -> uvicorn (uvloop, "
+                     "httptools) -> one MGET of the live pointer and 25 vectors; float16, "
+                     "binary body",
+        "cache_read_path": "RedisCache.get_vectors in-process, version known: one MGET "
+                           "(single node); one MGET per slot, one pipeline per node, nodes "
+                           "at once (cluster)",
+        "reader_read_path": "EmbeddingReader.get_many in-process, live version resolved as "
+                            "the API does: one MGET with the pointer (single node); GET, "
+                            "then the MGETs (cluster)",
+        "load_path": "streams.tools.loadgen: its own process, aiohttp, 16 connections, "
+                     "paced (open loop, latency from the scheduled send) or unpaced",
         "encode_path": "read 25 image files + PIL decode + EfficientNet-Lite0 tower on CPU",
         "machine": machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+    def pair(xs: list[float]) -> str:
+        return f"{p(xs, 0.5)}/{p(xs, 0.99)}"
+
+    def load(r: dict[str, Any]) -> str:
+        return f"{r['requests_per_s']}/s: {r['p50_ms']}/{r['p99_ms']} ({r['errors']} errors)"
+
     rows: list[tuple[str, object]] = [
-        (k, report[k]) for k in ("read_p50_ms", "read_p99_ms", "encode_p50_ms",
-                                 "encode_p99_ms", "ratio_p50", "api_requests_per_s",
-                                 "api_p50_ms", "api_p99_ms", "api_errors")]
-    rows += [("25 vectors, p50/p99 ms", f"single node | {cluster_nodes}-master cluster"),
-             ("  via the API (client, HTTP)",
-              f"{report['read_p50_ms']}/{report['read_p99_ms']} | "
-              f"{report['cluster_read_p50_ms']}/{report['cluster_read_p99_ms']}"),
-             ("  RedisCache.get_vectors",
-              f"{report['cache_read_p50_ms']}/{report['cache_read_p99_ms']} | "
-              f"{report['cluster_cache_read_p50_ms']}/{report['cluster_cache_read_p99_ms']}")]
+        ("25 vectors, p50/p99 ms", f"single node | {cluster_nodes}-master cluster"),
+        ("  RedisCache.get_vectors (version known)",
+         f"{pair(single['get_vectors'])} | {pair(cluster['get_vectors'])}"),
+        ("  EmbeddingReader.get_many (live resolved)",
+         f"{pair(single['get_many'])} | {pair(cluster['get_many'])}"),
+        ("  API, client, binary (default)",
+         f"{pair(single['api_binary'])} | {pair(cluster['api_binary'])}"),
+        ("  API, client, base64", f"{pair(single['api_base64'])} | {pair(cluster['api_base64'])}"),
+        ("  encode at request time", pair(encode_ms)),
+        (f"load, 16 conns, paced {rate:.0f}/s, binary",
+         f"{load(single['load_binary'])} | {load(cluster['load_binary'])}"),
+        (f"load, 16 conns, paced {rate:.0f}/s, base64",
+         f"{load(single['load_base64'])} | {load(cluster['load_base64'])}"),
+        ("load, 16 conns, unpaced, binary",
+         f"{load(single['load_max'])} | {load(cluster['load_max'])}"),
+        ("API p50 / in-process p50", f"{report['api_over_cache_read_p50']}x get_vectors, "
+                                     f"{report['api_over_reader_read_p50']}x get_many"),
+        ("encode p50 / API read p50", report["ratio_p50"]),
+    ]
     emit("read precomputed vs encode at request time (25 pins, one run)", rows, report, out,
          console)
     return report
 
 
 @contextlib.contextmanager
-def _api(s: Settings, probe: str) -> Iterator[tuple[Any, str]]:
-    """``pinfresh serve`` as its own process on a free port; yields a client and its URL.
+def _api(s: Settings, probe: str) -> Iterator[str]:
+    """``pinfresh serve`` as its own process on a free port; yields its URL.
 
     Ready once reading the pin ``probe`` succeeds.
     """
@@ -381,57 +435,71 @@ def _api(s: Settings, probe: str) -> Iterator[tuple[Any, str]]:
     server = subprocess.Popen([sys.executable, "-m", "streams.cli", "serve"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
-    client = PinfreshClient(url)
     try:
-        deadline = time.monotonic() + 60
-        while server.poll() is None:
-            try:
-                client.get_embeddings([probe])
-                break
-            except Exception:  # noqa: BLE001 - the server is still starting
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        with PinfreshClient(url) as client:
+            deadline = time.monotonic() + 60
+            while server.poll() is None:
+                try:
+                    client.get_embeddings([probe])
+                    break
+                except Exception:  # noqa: BLE001 - the server is still starting
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
         if server.poll() is not None:
             raise RuntimeError(f"pinfresh serve exited with {server.returncode}")
-        yield client, url
+        yield url
     finally:
-        client.close()
         server.terminate()
         server.wait(timeout=10)
 
 
-def _api_reads(client: Any, batches: list[list[str]]) -> list[float]:
+def _api_reads(url: str, encoding: str, batches: list[list[str]]) -> list[float]:
+    from store.client import PinfreshClient
+
     out = []
-    for ids in batches:
-        t = time.perf_counter()
-        emb = client.get_embeddings(ids)
-        out.append((time.perf_counter() - t) * 1000)
-        if not emb.found.all():
-            raise RuntimeError(f"pins missing from the read: {ids}")
+    with PinfreshClient(url, encoding=encoding) as client:  # type: ignore[arg-type]
+        for ids in batches[:50]:  # warm: connection, caches
+            client.get_embeddings(ids)
+        for ids in batches:
+            t = time.perf_counter()
+            emb = client.get_embeddings(ids)
+            out.append((time.perf_counter() - t) * 1000)
+            if not emb.found.all():
+                raise RuntimeError(f"pins missing from the read: {ids}")
     return out
 
 
-async def _cache_reads(s: Settings, batches: list[list[str]]) -> list[float]:
-    out = []
+async def _cache_reads(s: Settings, batches: list[list[str]]
+                       ) -> tuple[list[float], list[float]]:
+    """``(RedisCache.get_vectors, EmbeddingReader.get_many)`` latencies in ms."""
+    floor, reader = [], []
     async with open_stores(s) as stores:
         version = await stores.reader.resolve_version()
-        await stores.cache.get_vectors(version, batches[0])  # connect, learn the slots
+        for ids in batches[:50]:  # connect, learn the slots
+            await stores.cache.get_vectors(version, ids)
+            await stores.reader.get_many(ids)
         for ids in batches:
             t = time.perf_counter()
             _, found = await stores.cache.get_vectors(version, ids)
-            out.append((time.perf_counter() - t) * 1000)
+            floor.append((time.perf_counter() - t) * 1000)
             if not found.all():
                 raise RuntimeError(f"pins missing from the cache: {ids}")
-    return out
+            t = time.perf_counter()
+            res = await stores.reader.get_many(ids)
+            reader.append((time.perf_counter() - t) * 1000)
+            if res.from_cache != len(ids):
+                raise RuntimeError(f"pins missing from the cache: {ids}")
+    return floor, reader
 
 
-def _loadgen(url: str, ids_file: Path) -> dict[str, Any]:
+def _loadgen(url: str, ids_file: Path, rate: float, encoding: str) -> dict[str, Any]:
     import subprocess
     import sys
 
     load = subprocess.run([sys.executable, "-m", "streams.tools.loadgen", url, str(ids_file),
-                           "--concurrency", "16", "--seconds", "10"],
+                           "--concurrency", "16", "--seconds", "10", "--rate", str(rate),
+                           "--encoding", encoding],
                           capture_output=True, text=True, check=True)
     return dict(json.loads(load.stdout.strip().splitlines()[-1]))
 
