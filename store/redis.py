@@ -798,9 +798,13 @@ class RedisCache:
     @staticmethod
     def _decode_vectors(dim: int, dtype: str, raw: Sequence[Any]
                         ) -> tuple[np.ndarray, np.ndarray]:
+        dt = np.dtype(dtype).newbyteorder("<")
+        size = dim * dt.itemsize
+        if all(isinstance(b, bytes) and len(b) == size for b in raw):  # all found: one copy
+            joined = np.frombuffer(b"".join(raw), dtype=dt).reshape(len(raw), dim)
+            return joined.astype(np.float32), np.ones(len(raw), dtype=bool)
         out = np.zeros((len(raw), dim), dtype=np.float32)
         found = np.zeros(len(raw), dtype=bool)
-        dt = np.dtype(dtype).newbyteorder("<")
         for i, blob in enumerate(raw):
             if isinstance(blob, bytes) and len(blob) == dim * dt.itemsize:
                 out[i] = np.frombuffer(blob, dtype=dt)

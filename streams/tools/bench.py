@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 import statistics
 import tempfile
 import time
@@ -436,18 +437,17 @@ def _api(s: Settings, probe: str) -> Iterator[str]:
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     try:
-        with PinfreshClient(url) as client:
-            deadline = time.monotonic() + 60
-            while server.poll() is None:
-                try:
-                    client.get_embeddings([probe])
-                    break
-                except Exception:  # noqa: BLE001 - the server is still starting
-                    if time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.2)
+        deadline = time.monotonic() + 60
+        while server.poll() is None:  # listening (no client retries logged meanwhile)
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port)):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("pinfresh serve did not listen within 60 s")
+            time.sleep(0.2)
         if server.poll() is not None:
             raise RuntimeError(f"pinfresh serve exited with {server.returncode}")
+        with PinfreshClient(url, timeout=30) as client:
+            client.get_embeddings([probe])
         yield url
     finally:
         server.terminate()

@@ -247,6 +247,11 @@ async def test_health_ready_metrics(api):
     text = (await http.get("/metrics")).text
     assert "wp-admin" not in text
     assert 'pinfresh_api_requests_total{route="unmatched",status="404"} 20.0' in text
+    # every route is in the OpenAPI document, batchGet (a plain Starlette route) too
+    paths = (await http.get("/openapi.json")).json()["paths"]
+    assert {"/v1/embeddings:batchGet", "/v1/similar", "/readyz"} <= set(paths)
+    body = paths["/v1/embeddings:batchGet"]["post"]["requestBody"]["content"]
+    assert "pin_ids" in body["application/json"]["schema"]["properties"]
 
 
 @pytest.mark.cluster
