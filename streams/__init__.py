@@ -9,11 +9,11 @@ __all__ = ["EmbeddedStack", "PinEvent", "PinProcessor", "Settings"]
 if TYPE_CHECKING:
     from streams.events import PinEvent
     from streams.processor import PinProcessor
+    from streams.runtime.stack import EmbeddedStack
     from streams.settings import Settings
-    from streams.tools.stack import EmbeddedStack
 
 _LAZY = {
-    "EmbeddedStack": "streams.tools.stack",
+    "EmbeddedStack": "streams.runtime.stack",
     "PinEvent": "streams.events",
     "PinProcessor": "streams.processor",
     "Settings": "streams.settings",

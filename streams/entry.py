@@ -25,6 +25,9 @@ EXTRA_OF = {
 
 def missing_part(exc: ModuleNotFoundError) -> str | None:
     """A one-line message naming the extra that installs the missing module, if known."""
+    if (exc.name or "").startswith("streams.bench"):
+        return ("error: the benchmarks and the demo are not in the pinfresh package: run "
+                "them from a source checkout (`make setup`, then `make bench` or `make demo`)")
     top = (exc.name or "").split(".")[0]
     extra = EXTRA_OF.get(top)
     if extra is None:

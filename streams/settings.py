@@ -70,7 +70,7 @@ class StackSettings(BaseModel):
 
 
 class StackAddresses(Protocol):
-    """Where a running embedded stack listens (`streams.tools.stack.StackInfo`)."""
+    """Where a running embedded stack listens (`streams.runtime.stack.StackInfo`)."""
 
     @property
     def kafka_bootstrap(self) -> str:

@@ -15,11 +15,11 @@ README.md here):
    the same prepare code, cosine per image (gated); against the CPU worker's
    PIL path (reported);
 4. ``pytest -m gpu`` (tests/unit/test_gpu.py);
-5. `streams.tools.bench_encode.measure_encoder` for ViT-B-32 and ViT-L-14 (random
+5. `streams.bench.encode.measure_encoder` for ViT-B-32 and ViT-L-14 (random
    weights, 224 px, auto batch): pipeline, bare forward, the decode+resize
    ceiling (the product's own prepare lanes, a stream of batches) and naive
    rates, each the median of 3 runs;
-6. end to end (`streams.tools.bench_e2e`) on an embedded stack started here: the
+6. end to end (`streams.bench.e2e`) on an embedded stack started here: the
    store write ceiling from as many writers as feeders, then for the domain
    encoder and ViT-B-32 ``pinfresh worker --devices 0 --feeders N`` over a
    backlog of ``--e2e-pins`` JPEG pins: pins/s, GPU utilisation, freshness
@@ -53,8 +53,8 @@ from encoder.config import EncoderSettings  # noqa: E402
 from encoder.engine import ImageEncoder  # noqa: E402
 from encoder.model import build_image_tower, model_spec, version_id  # noqa: E402
 from encoder.precision import COSINE_GATE, measure_agreement  # noqa: E402
-from streams.tools.bench_encode import load_jpegs, make_jpeg_corpus, measure_encoder  # noqa: E402
-from streams.tools.report import emit, machine  # noqa: E402
+from streams.bench.encode import load_jpegs, make_jpeg_corpus, measure_encoder  # noqa: E402
+from streams.bench.report import emit, machine  # noqa: E402
 
 COSINE_MIN = 0.999
 
@@ -94,9 +94,9 @@ def end_to_end(args: argparse.Namespace, corpus: Path, models: list[str], cores:
     import tempfile
 
     from streams.settings import Settings
-    from streams.tools.bench_e2e import run_e2e, store_write_ceiling
-    from streams.tools.pool import auto_feeders
-    from streams.tools.stack import EmbeddedStack, StackSettings
+    from streams.bench.e2e import run_e2e, store_write_ceiling
+    from streams.runtime.pool import auto_feeders
+    from streams.runtime.stack import EmbeddedStack, StackSettings
 
     feeders = args.feeders or auto_feeders(1, cores)
     files = sorted(corpus.glob("img-*.jpg"))[: args.e2e_images]

@@ -1,7 +1,7 @@
 """``pinfresh``: one console script, one subcommand per process or task.
 
 A thin dispatcher: each module here is one command group and calls library
-functions (the streaming core, the store, the encoder, `streams.tools`);
+functions (the streaming core, the store, the encoder, `streams.runtime`);
 `streams.cli.base` holds the root group, the settings context and the only
 logging set-up. ``python -m streams.cli`` runs it too.
 """

@@ -15,8 +15,8 @@ import sys
 import click
 from rich.console import Console
 
+from streams.runtime.processes import load_settings
 from streams.settings import Settings
-from streams.tools.runtime import load_settings
 
 console = Console(stderr=False)
 err_console = Console(stderr=True)
@@ -24,7 +24,7 @@ logger = logging.getLogger("pinfresh")
 
 
 def _configure_logging(settings: Settings) -> None:
-    from streams.tools.logconf import configure_logging
+    from streams.runtime.logconf import configure_logging
 
     configure_logging(settings.log_level, settings.log_json)
 
@@ -33,8 +33,8 @@ class Ctx:
     """What every command gets: the settings, built once, with logging configured."""
 
     def __init__(self) -> None:
+        from streams.runtime.processes import settings_warnings
         from streams.settings import SettingsError
-        from streams.tools.runtime import settings_warnings
 
         try:
             self.settings = load_settings()

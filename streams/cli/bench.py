@@ -16,7 +16,7 @@ from streams.cli.base import Ctx, cli, console, pass_ctx
 @pass_ctx
 def demo(ctx: Ctx, catalog_path: Path | None, limit: int | None) -> None:
     """Stack up, sample catalog published and encoded, summary printed."""
-    from streams.tools.demo import run_demo
+    from streams.bench.demo import run_demo
 
     run_demo(ctx.settings, catalog_path, limit, console)
 
@@ -52,13 +52,13 @@ def bench_pipeline(ctx: Ctx, encoder_kind: str, pins: int | None, fresh_pins: in
     encoder) against a bare Faust consumer measured in the same run.
     """
     if encoder_kind == "null":
-        from streams.tools.bench_null import run_null_bench
+        from streams.bench.null import run_null_bench
 
         run_null_bench(ctx.settings, pins or 6000, [int(x) for x in feeders.split(",")],
                        [x.strip() for x in sources.split(",")],
                        out or Path("bench/results/pipeline_null.json"), console, repeat=repeat)
         return
-    from streams.tools.bench import run_pipeline_bench
+    from streams.bench.runs import run_pipeline_bench
 
     run_pipeline_bench(ctx.settings, pins or 400, fresh_pins,
                        out or Path("bench/results/pipeline.json"), console)
@@ -72,7 +72,7 @@ def bench_pipeline(ctx: Ctx, encoder_kind: str, pins: int | None, fresh_pins: in
 @pass_ctx
 def bench_refresh(ctx: Ctx, pins: int, rate: float, out: Path) -> None:
     """Backfill throughput and live freshness with/without a backfill running."""
-    from streams.tools.bench import run_refresh_bench
+    from streams.bench.runs import run_refresh_bench
 
     run_refresh_bench(ctx.settings, pins, rate, out, console)
 
@@ -85,7 +85,7 @@ def bench_refresh(ctx: Ctx, pins: int, rate: float, out: Path) -> None:
 @pass_ctx
 def bench_read(ctx: Ctx, pins: int, requests: int, out: Path) -> None:
     """Why precompute: read 25 embeddings via the API vs encode 25 images per request."""
-    from streams.tools.bench import run_read_bench
+    from streams.bench.runs import run_read_bench
 
     run_read_bench(ctx.settings, pins, requests, out, console)
 
@@ -116,8 +116,8 @@ def bench_encode(ctx: Ctx, images_dir: Path | None, make_n: int, size: str,
                  device: str | None, batch_size: int | None, prepare: str | None,
                  prepare_pool: str | None, seconds: float, out: Path) -> None:
     """JPEG bytes -> vectors: pipeline vs bare-forward and decode-only ceilings."""
-    from streams.tools.bench_encode import make_jpeg_corpus, run_encode_bench
-    from streams.tools.catalog import prepare_sample_catalog
+    from streams.bench.encode import make_jpeg_corpus, run_encode_bench
+    from streams.runtime.catalog import prepare_sample_catalog
 
     s = ctx.settings
     updates = {k: v for k, v in dict(model=model, checkpoint=checkpoint, device=device,
@@ -166,7 +166,7 @@ def bench_similar(ctx: Ctx, rows: int, stream_rows: int, cost_rows: int, rate: f
                   queries: int, writers: int, batch: int, clusters: int, seal_rows: int,
                   engines: str, out: Path) -> None:
     """`similar` on each embedded Milvus engine while the stream writes, and at rest."""
-    from streams.tools.bench_similar import run_similar_bench
+    from streams.bench.similar import run_similar_bench
 
     names = tuple(e.strip() for e in engines.split(",") if e.strip())
     if not names or set(names) - {"server", "lite"}:
@@ -196,7 +196,7 @@ def bench_volume(ctx: Ctx, pins: int, feeders: int, queries: int, live_rate: flo
 
     Rate, sizes, similar at rest and while streaming, verify, backfill.
     """
-    from streams.tools.bench_volume import run_volume_bench
+    from streams.bench.volume import run_volume_bench
 
     run_volume_bench(ctx.settings, pins, feeders, queries, live_rate, out, console,
                      stream_rate=stream_rate)
@@ -212,7 +212,7 @@ def bench_volume(ctx: Ctx, pins: int, feeders: int, queries: int, live_rate: flo
 @pass_ctx
 def bench_partitions(ctx: Ctx, counts: str, pins: int, feeders: int, out: Path) -> None:
     """What a topic's partition count costs on the embedded broker (publish, lag, drain)."""
-    from streams.tools.bench_partitions import run_partitions_bench
+    from streams.bench.partitions import run_partitions_bench
 
     run_partitions_bench(ctx.settings, [int(x) for x in counts.split(",")], pins, feeders,
                          out, console)

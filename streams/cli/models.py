@@ -61,7 +61,7 @@ def encoder_precision(ctx: Ctx, model: str | None, checkpoint: Path | None,
     if images_dir is not None:
         paths = sorted(p for p in images_dir.iterdir() if p.is_file())[:limit]
     else:
-        from streams.tools.catalog import load_catalog
+        from streams.runtime.catalog import load_catalog
 
         cat = ctx.settings.stack.data_dir / "catalog" / "tuxpaint.jsonl"
         paths = [Path(it.image) for it in load_catalog(cat, limit)]
@@ -102,7 +102,7 @@ def encoder_train(ctx: Ctx, catalogs: tuple[Path, ...], out: Path, hold_out: boo
 
     Default catalogs: the sample Tux Paint catalog plus the emoji corpus.
     """
-    from streams.tools.models import train_domain_encoder
+    from streams.runtime.models import train_domain_encoder
 
     r = train_domain_encoder(ctx.settings, list(catalogs), out, hold_out, epochs,
                              unfreeze_last, seed)
@@ -119,7 +119,7 @@ def encoder_train(ctx: Ctx, catalogs: tuple[Path, ...], out: Path, hold_out: boo
 @pass_ctx
 def encoder_eval(ctx: Ctx, checkpoint: Path | None, catalogs: tuple[Path, ...]) -> None:
     """Recall@1/5/10 (text->image, image->text) on the held-out split of catalogs."""
-    from streams.tools.models import eval_encoder
+    from streams.runtime.models import eval_encoder
 
     click.echo(json.dumps(eval_encoder(ctx.settings, checkpoint, list(catalogs)), indent=2))
 
@@ -133,7 +133,7 @@ def encoder_eval(ctx: Ctx, checkpoint: Path | None, catalogs: tuple[Path, ...]) 
 @pass_ctx
 def encoder_compare(ctx: Ctx, out: Path, epochs: int, unfreeze_last: int, seed: int) -> None:
     """Untrained vs generic (emoji) vs domain (emoji + Tux Paint train) on held-out Tux Paint."""
-    from streams.tools.models import compare_encoders
+    from streams.runtime.models import compare_encoders
 
     res = compare_encoders(ctx.settings, epochs, unfreeze_last, seed)
     t = Table(title=f"held-out Tux Paint: {res['_meta']['held_out_pairs']} images, "
@@ -166,7 +166,7 @@ def graft_train(ctx: Ctx, epochs: int, out: Path | None) -> None:
 
     Pins whose caption is in the held-out split are left out (they are the eval set).
     """
-    from streams.tools.models import train_graft
+    from streams.runtime.models import train_graft
 
     r = train_graft(ctx.settings, epochs, out)
     console.print(f"projector for {r['version']} ({r['pairs']} pins, loss "
@@ -181,7 +181,7 @@ def graft_train(ctx: Ctx, epochs: int, out: Path | None) -> None:
 @pass_ctx
 def graft_ask(ctx: Ctx, pin_id: str, question: str, projector: Path | None) -> None:
     """Answer QUESTION about PIN_ID from its precomputed embedding (never encodes the image)."""
-    from streams.tools.models import ask_graft
+    from streams.runtime.models import ask_graft
 
     click.echo(ask_graft(ctx.settings, pin_id, question, projector))
 
@@ -196,7 +196,7 @@ def graft_eval(ctx: Ctx, epochs: int, out: Path) -> None:
 
     Needs the generic and domain checkpoints of `pinfresh encoder compare`.
     """
-    from streams.tools.models import eval_graft
+    from streams.runtime.models import eval_graft
 
     res = eval_graft(ctx.settings, epochs)
     t = Table(title=f"graft eval: {res['held_out_pins']} held-out pins, true caption among 5")

@@ -27,7 +27,7 @@ def serve(ctx: Ctx, host: str | None, port: int | None) -> None:
     err_console.print(f"read API on http://{where_host}:{where_port} (POST "
                       "/v1/embeddings:batchGet, /v1/similar; GET /healthz /readyz /metrics); "
                       "Ctrl-C or `pinfresh down` stops it", highlight=False)
-    from streams.tools.runtime import register_worker
+    from streams.runtime.processes import register_worker
 
     try:  # `pinfresh down` stops this data dir's read APIs with its workers
         register_worker(s)

@@ -23,7 +23,7 @@ def up(ctx: Ctx, redis_cluster: int | None) -> None:
     REDIS_PORT, REDIS_PORT+1, ... and every command of this data dir reaches
     them as redis+cluster://.
     """
-    from streams.tools.stack import EmbeddedStack
+    from streams.runtime.stack import EmbeddedStack
 
     st = ctx.settings.stack
     if redis_cluster is not None:
@@ -52,7 +52,7 @@ def restart(ctx: Ctx, service: str, force: bool) -> None:
     without --force.
     """
     from encoder.errors import StackError
-    from streams.tools.stack import EmbeddedStack, _service_of
+    from streams.runtime.stack import EmbeddedStack, _service_of
 
     name, node = _service_of(service)
     if name not in ("kafka", "redis", "milvus"):
@@ -73,8 +73,8 @@ def down(ctx: Ctx) -> None:
 
     Workers drain (SIGKILL after 45 s); processes of other data dirs are left alone.
     """
-    from streams.tools.runtime import stop_workers
-    from streams.tools.stack import EmbeddedStack
+    from streams.runtime.processes import stop_workers
+    from streams.runtime.stack import EmbeddedStack
 
     n = stop_workers(ctx.settings)
     stopped = EmbeddedStack(ctx.settings.stack).stop()
@@ -100,7 +100,7 @@ def status(ctx: Ctx, as_json: bool, watch: bool, interval: float, window: float,
 
     from rich.live import Live
 
-    from streams.tools import status as st
+    from streams.runtime import status as st
 
     collect_status = partial(st.collect_status, window_s=window,
                              stalled_after_s=stalled_after)

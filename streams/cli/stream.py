@@ -24,7 +24,7 @@ def catalog() -> None:
 @pass_ctx
 def catalog_prepare(ctx: Ctx, emoji: bool) -> None:
     """Install the Tux Paint stamps (and emoji) if needed and write catalog JSONL files."""
-    from streams.tools.catalog import (
+    from streams.runtime.catalog import (
         CatalogError,
         load_catalog,
         prepare_emoji_catalog,
@@ -34,7 +34,7 @@ def catalog_prepare(ctx: Ctx, emoji: bool) -> None:
     data = ctx.settings.stack.data_dir.resolve()
     path = prepare_sample_catalog(data)
     console.print(f"{sum(1 for _ in load_catalog(path))} pins -> {path}")
-    from streams.tools.catalog import catalog_root_of
+    from streams.runtime.catalog import catalog_root_of
 
     console.print(f"its images are under {catalog_root_of(path)}: start workers with "
                   f"--catalog-root {catalog_root_of(path)}", highlight=False, soft_wrap=True)
@@ -113,7 +113,7 @@ def worker(ctx: Ctx, catalog_root: Path | None, devices: str | None,
     if feeders is not None and not devices:
         raise click.UsageError("--feeders needs --devices (e.g. --devices 0 --feeders 8)")
     if devices:
-        from streams.tools.pool import WorkerPool, parse_devices
+        from streams.runtime.pool import WorkerPool, parse_devices
 
         try:
             devs = parse_devices(devices)
@@ -121,7 +121,7 @@ def worker(ctx: Ctx, catalog_root: Path | None, devices: str | None,
             raise click.BadParameter(str(exc), param_hint="--devices") from exc
         n_feeders = 0
         if feeders is not None:
-            from streams.tools.pool import auto_feeders
+            from streams.runtime.pool import auto_feeders
 
             if feeders == "auto":
                 n_feeders = auto_feeders(len(devs))
@@ -133,12 +133,12 @@ def worker(ctx: Ctx, catalog_root: Path | None, devices: str | None,
         pool = WorkerPool(devs, env=env, metrics_port=s.worker.metrics_port,
                           stop_timeout_s=s.worker.drain_timeout_s + 15, feeders=n_feeders,
                           run_dir=s.stack.data_dir / "run")
-        from streams.tools.runtime import register_worker
+        from streams.runtime.processes import register_worker
 
         register_worker(s)
         sys.exit(pool.run())
     from streams.app import run_worker
-    from streams.tools.runtime import register_worker
+    from streams.runtime.processes import register_worker
 
     run_worker(s, on_exit=register_worker(s))
 
@@ -159,7 +159,7 @@ def publish(ctx: Ctx, catalog_path: Path, limit: int | None, pin_version: int | 
     never overwrites a newer one).
     """
     from streams.producer import ensure_topics, publish_events
-    from streams.tools.catalog import load_catalog
+    from streams.runtime.catalog import load_catalog
 
     items = list(load_catalog(catalog_path, limit))
     version = pin_version if pin_version is not None else time.time_ns() // 1_000_000

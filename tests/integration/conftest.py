@@ -4,13 +4,16 @@ the same launcher the CLI uses, on free loopback ports; workers run as real
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 import re
 import signal
 import subprocess
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import httpx
@@ -22,10 +25,10 @@ from store.milvus import MilvusStore
 from store.redis import RedisCache
 from streams.events import PinEvent
 from streams.producer import ensure_topics, publish_events, publish_raw, read_dead_letters
+from streams.runtime.catalog import CatalogItem, scan_directory, stamps_dir
+from streams.runtime.processes import spawn_worker, wait_readable, wait_settled
+from streams.runtime.stack import EmbeddedStack, StackInfo, StackSettings, free_port
 from streams.settings import Settings
-from streams.tools.catalog import CatalogItem, scan_directory, stamps_dir
-from streams.tools.runtime import spawn_worker, wait_readable, wait_settled
-from streams.tools.stack import EmbeddedStack, StackInfo, StackSettings, free_port
 
 pytestmark = pytest.mark.integration
 _counter = itertools.count()
@@ -41,6 +44,28 @@ def pytest_generate_tests(metafunc):
         kinds = ["node", "cluster"] if metafunc.definition.get_closest_marker("cluster") \
             else ["node"]
         metafunc.parametrize("stack", kinds, indirect=True, scope="session")
+
+
+@asynccontextmanager
+async def served_over_http(app) -> AsyncIterator[str]:
+    """``app`` served by uvicorn (a thread, its own event loop) on a free loopback port;
+    yields its URL once it listens, stops it after."""
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 120
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+            await asyncio.sleep(0.05)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.to_thread(thread.join, 60)
 
 
 @pytest.fixture(scope="session")

@@ -18,9 +18,9 @@ from collections.abc import Sequence
 from streams.app import run_worker
 from streams.events import PinEvent
 from streams.processor import ProcessorHooks
+from streams.runtime.logconf import configure_logging
+from streams.runtime.processes import register_worker
 from streams.settings import build_settings
-from streams.tools.logconf import configure_logging
-from streams.tools.runtime import register_worker
 
 logger = logging.getLogger("fault_worker")
 

@@ -18,7 +18,7 @@ from store.client import ApiClientError, AsyncPinfreshClient
 from store.config import ApiSettings, MilvusSettings, RedisSettings
 from store.milvus import MilvusStore
 from store.redis import RedisCache
-from streams.tools.stack import EmbeddedStack, StackSettings
+from streams.runtime.stack import EmbeddedStack, StackSettings
 
 pytestmark = pytest.mark.integration
 DIM = 16
@@ -122,29 +122,16 @@ async def test_client_returns_array_mask_and_version(api, encoding):
 
 async def test_sync_client_over_http(api, stack, request):
     """`PinfreshClient` (urllib3) against the app served by uvicorn on a loopback port."""
-    import threading
-
-    import uvicorn
-
     from store.client import ApiUnreachable, PinfreshClient
-    from streams.tools.stack import free_port
+    from tests.integration.conftest import served_over_http
 
     _, truth, _app = api
     prefix = f"api{abs(hash(request.node.name)) % 10**6}"
     served = create_app(ApiSettings(max_batch=50), RedisSettings(
         url=stack.redis_url, key_prefix=prefix), MilvusSettings(
         uri=stack.milvus_uri, collection_prefix=prefix))  # the fixture's data
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(served, host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    client = PinfreshClient(f"http://127.0.0.1:{port}", timeout=10)
-    try:
-        deadline = time.monotonic() + 120
-        while not server.started:
-            assert thread.is_alive() and time.monotonic() < deadline
-            await asyncio.sleep(0.05)
+    async with served_over_http(served) as url:
+        client = PinfreshClient(url, timeout=10)
 
         def reads() -> list:
             out = [client.get_embeddings(["cat-1", "nope", "dog-7"]) for _ in range(3)]
@@ -152,18 +139,17 @@ async def test_sync_client_over_http(api, stack, request):
                 client.get_embeddings(["a"], version="nope")
             return [*out, err.value, client.similar("cat-1", k=3)]
 
-        *embs, err, similar = await asyncio.to_thread(reads)
-        for emb in embs:
-            assert emb.version == "va" and emb.found.tolist() == [True, False, True]
-            assert float(emb.vectors[2] @ truth["va"]["dog-7"]) > 0.9999
-        assert err.status == 404 and err.code == "unknown_version"
-        assert len(similar["hits"]) == 3
-    finally:
-        client.close()
-        server.should_exit = True
-        await asyncio.to_thread(thread.join, 60)
-    with pytest.raises(ApiUnreachable, match="did not answer"):
-        PinfreshClient(f"http://127.0.0.1:{port}", timeout=5).get_embeddings(["cat-1"])
+        try:
+            *embs, err, similar = await asyncio.to_thread(reads)
+        finally:
+            client.close()
+    for emb in embs:
+        assert emb.version == "va" and emb.found.tolist() == [True, False, True]
+        assert float(emb.vectors[2] @ truth["va"]["dog-7"]) > 0.9999
+    assert err.status == 404 and err.code == "unknown_version"
+    assert len(similar["hits"]) == 3
+    with pytest.raises(ApiUnreachable, match="did not answer"):  # stopped: nobody listens
+        PinfreshClient(url, timeout=5).get_embeddings(["cat-1"])
 
 
 async def test_similar_by_pin_and_vector_with_filters(api):
@@ -339,8 +325,8 @@ async def test_readiness_follows_redis_and_milvus(tmp_path):
         # connects once Milvus is back; it used to exit with three tracebacks
         st.kill_service("milvus")
         # `status` shows Milvus down and the rest (it aborted with a traceback)
+        from streams.runtime.status import collect_status
         from streams.settings import Settings
-        from streams.tools.status import collect_status
 
         settings = Settings().with_stack(info)
         settings = settings.model_copy(update={"milvus": settings.milvus.model_copy(

@@ -471,7 +471,7 @@ async def test_feeders_share_one_encoder_process_and_survive_kills(pipeline, cat
     import subprocess
     import sys
 
-    from streams.tools.stack import free_port
+    from streams.runtime.stack import free_port
 
     items = catalog[100:220]
     ids = [it.pin_id for it in items]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from streams.tools.stack import EmbeddedStack, StackSettings
+from streams.runtime.stack import EmbeddedStack, StackSettings
 from tests.integration.conftest import Pipeline
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -14,7 +14,7 @@ import pytest
 from aiokafka import TopicPartition
 
 from streams.producer import committed_offsets, consumer_lag, scale_partitions
-from streams.tools.status import collect_status
+from streams.runtime.status import collect_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -241,8 +241,8 @@ async def test_down_stops_a_worker_started_by_hand(pipeline):
     import subprocess
     import sys
 
-    from streams.tools.runtime import stop_workers, workers_dir
-    from streams.tools.stack import free_port
+    from streams.runtime.processes import stop_workers, workers_dir
+    from streams.runtime.stack import free_port
 
     port = free_port()
     s = pipeline.settings.model_copy(update={

@@ -19,8 +19,8 @@ from store.reader import EmbeddingReader
 from store.redis import RedisCache
 from streams.events import PinEvent
 from streams.processor import Message, PinProcessor
+from streams.runtime.stack import free_port
 from streams.settings import WorkerSettings
-from streams.tools.stack import free_port
 from tests.unit.fakes import FakeDLQ, FakeEncoder, FakeFetcher
 
 pytestmark = pytest.mark.integration

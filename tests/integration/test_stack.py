@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from streams.tools.stack import EmbeddedStack, StackError, StackSettings
+from streams.runtime.stack import EmbeddedStack, StackError, StackSettings
 
 pytestmark = pytest.mark.integration
 

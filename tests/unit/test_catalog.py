@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from streams.tools.catalog import CatalogError, load_catalog
+from streams.runtime.catalog import CatalogError, load_catalog
 
 
 def test_a_line_without_image_names_the_field_and_the_line(tmp_path):

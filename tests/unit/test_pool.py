@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from streams.tools.pool import WorkerPool, child_env, parse_devices
+from streams.runtime.pool import WorkerPool, child_env, parse_devices
 
 FAKE_WORKER = r"""
 import json, os, signal, sys, time
@@ -88,7 +88,7 @@ def test_a_crash_loop_stops_the_pool(tmp_path):
     pool = WorkerPool(["cpu"], env={"PATH": "/usr/bin:/bin"},
                       command=[sys.executable, "-c", "import sys; sys.exit(5)"],
                       max_restarts=1, stop_timeout_s=5)
-    import streams.tools.pool as sp
+    import streams.runtime.pool as sp
 
     orig = sp.time.monotonic
     skew = [0.0]
@@ -107,7 +107,7 @@ def test_a_crash_loop_stops_the_pool(tmp_path):
 
 
 def test_feeders_layout_one_encoder_per_device_and_distinct_slots(tmp_path):
-    from streams.tools.pool import WorkerPool, auto_feeders, child_env
+    from streams.runtime.pool import WorkerPool, auto_feeders, child_env
 
     pool = WorkerPool(["0", "1"], feeders=3, run_dir=tmp_path, metrics_port=9000)
     roles = [(c.role, c.device, c.slot) for c in pool.children]

@@ -164,7 +164,7 @@ def test_cli_warns_about_a_typo_and_refuses_a_bad_value_in_one_line(tmp_path):
 def test_dotenv_address_beats_a_recorded_embedded_stack(tmp_path, monkeypatch):
     import json as _json
 
-    from streams.tools.runtime import load_settings
+    from streams.runtime.processes import load_settings
 
     data = tmp_path / "data"
     data.mkdir()
@@ -178,7 +178,7 @@ def test_dotenv_address_beats_a_recorded_embedded_stack(tmp_path, monkeypatch):
         monkeypatch.delenv(k)
     monkeypatch.setenv("PINFRESH_STACK__DATA_DIR", str(data))
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("streams.tools.stack._pid_alive", lambda pid: True)
+    monkeypatch.setattr("streams.runtime.stack._pid_alive", lambda pid: True)
     s = load_settings()
     assert s.redis.url == "redis://db:6379/0"  # .env wins over the stack file
     assert s.kafka.bootstrap_servers == "127.0.0.1:19999"  # unset: the stack's address
@@ -187,7 +187,7 @@ def test_dotenv_address_beats_a_recorded_embedded_stack(tmp_path, monkeypatch):
 def test_broker_outage_flood_becomes_one_warning_per_interval():
     import logging as _logging
 
-    from streams.tools.logconf import RateLimitFilter
+    from streams.runtime.logconf import RateLimitFilter
 
     now = [0.0]
     f = RateLimitFilter(interval_s=60, clock=lambda: now[0])
@@ -270,7 +270,7 @@ def test_without_a_running_stack_clients_follow_the_configured_stack_ports(tmp_p
                                                                          monkeypatch):
     """With PINFRESH_STACK__*_PORT set and no stack.json, clients used the default ports
     and could join someone else's stack."""
-    from streams.tools.runtime import load_settings
+    from streams.runtime.processes import load_settings
 
     for k in [k for k in __import__("os").environ if k.startswith("PINFRESH_")]:
         monkeypatch.delenv(k)

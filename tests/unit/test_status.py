@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from streams.tools.status import pipeline_state
+from streams.runtime.status import pipeline_state
 
 
 def _rec(moved_at: float, at: float) -> dict[str, object]:

@@ -35,12 +35,17 @@ from rich.console import Console
 from encoder.engine import ImageEncoder
 from store.lifecycle import open_stores
 from store.redis import RedisCache
+from streams.bench.report import emit, machine, percentile
 from streams.producer import ensure_topics, publish_events
+from streams.runtime.catalog import (
+    CatalogItem,
+    catalog_root_of,
+    load_catalog,
+    prepare_sample_catalog,
+)
+from streams.runtime.processes import spawn_worker, stop_pid, wait_readable, wait_settled
+from streams.runtime.stack import EmbeddedStack, StackSettings
 from streams.settings import Settings
-from streams.tools.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
-from streams.tools.report import emit, machine, percentile
-from streams.tools.runtime import spawn_worker, stop_pid, wait_readable, wait_settled
-from streams.tools.stack import EmbeddedStack, StackSettings
 
 __all__ = ["emit", "machine", "private_stack", "run_pipeline_bench", "run_read_bench",
            "run_refresh_bench"]
@@ -381,7 +386,7 @@ def run_read_bench(settings: Settings, pins: int, requests: int, out: Path,
         "reader_read_path": "EmbeddingReader.get_many in-process, live version resolved as "
                             "the API does: one MGET with the pointer (single node); GET, "
                             "then the MGETs (cluster)",
-        "load_path": "streams.tools.loadgen: its own process, aiohttp, 16 connections, "
+        "load_path": "streams.bench.loadgen: its own process, aiohttp, 16 connections, "
                      "paced (open loop, latency from the scheduled send) or unpaced",
         "encode_path": "read 25 image files + PIL decode + EfficientNet-Lite0 tower on CPU",
         "machine": machine(),
@@ -429,7 +434,7 @@ def _api(s: Settings, probe: str) -> Iterator[str]:
     import sys
 
     from store.client import PinfreshClient
-    from streams.tools.stack import free_port
+    from streams.runtime.stack import free_port
 
     port = free_port()
     env = {**s.child_environ(os.environ), "PINFRESH_API__PORT": str(port)}
@@ -497,7 +502,7 @@ def _loadgen(url: str, ids_file: Path, rate: float, encoding: str) -> dict[str, 
     import subprocess
     import sys
 
-    load = subprocess.run([sys.executable, "-m", "streams.tools.loadgen", url, str(ids_file),
+    load = subprocess.run([sys.executable, "-m", "streams.bench.loadgen", url, str(ids_file),
                            "--concurrency", "16", "--seconds", "10", "--rate", str(rate),
                            "--encoding", encoding],
                           capture_output=True, text=True, check=True)

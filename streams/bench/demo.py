@@ -20,10 +20,10 @@ from rich.table import Table
 from store.lifecycle import open_stores
 from store.reader import EmbeddingReader
 from streams.producer import ensure_topics, publish_events
+from streams.runtime.catalog import catalog_root_of, load_catalog, prepare_sample_catalog
+from streams.runtime.processes import spawn_worker, stop_pid, wait_readable, wait_settled
+from streams.runtime.stack import EmbeddedStack
 from streams.settings import Settings
-from streams.tools.catalog import catalog_root_of, load_catalog, prepare_sample_catalog
-from streams.tools.runtime import spawn_worker, stop_pid, wait_readable, wait_settled
-from streams.tools.stack import EmbeddedStack
 
 logger = logging.getLogger(__name__)
 

@@ -25,14 +25,14 @@ from typing import Any
 from rich.console import Console
 
 from encoder.null import NullEncoder
+from streams.bench.report import emit, machine
+from streams.bench.runs import private_stack
+from streams.bench.volume import drain_backlog, make_images, written_times
 from streams.events import PinEvent
 from streams.producer import consumer_lag, ensure_topics, publish_events
+from streams.runtime.catalog import load_catalog, prepare_sample_catalog
+from streams.runtime.processes import stop_group
 from streams.settings import Settings
-from streams.tools.bench import private_stack
-from streams.tools.bench_volume import drain_backlog, make_images, written_times
-from streams.tools.catalog import load_catalog, prepare_sample_catalog
-from streams.tools.report import emit, machine
-from streams.tools.runtime import stop_group
 
 
 def run_partitions_bench(settings: Settings, counts: list[int], pins: int, feeders: int,

@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 from encoder.config import EncoderSettings
 from encoder.engine import ImageEncoder
-from streams.tools.report import emit, machine
+from streams.bench.report import emit, machine
 
 #: scikit-image sample photos used for the corpus when scikit-image is installed.
 _SKIMAGE_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "motorcycle_left",
@@ -67,7 +67,7 @@ def _photo_sources(catalog: Path | None) -> tuple[list[Image.Image], str]:
     if catalog is None or not catalog.exists():
         raise FileNotFoundError(
             "no source photos: install scikit-image or run `pinfresh catalog prepare`")
-    from streams.tools.catalog import load_catalog
+    from streams.runtime.catalog import load_catalog
 
     imgs = []
     for it in load_catalog(catalog, 200):

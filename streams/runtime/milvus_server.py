@@ -7,8 +7,8 @@ listens on every interface, it takes ten more ports (nine internal gRPC ports
 and etcd's, plus a metrics port picked from 9091 upward), and a stopped
 wrapper leaves the server running. This module replaces that wrapper.
 
-How it runs (`python -m streams.tools.milvus_server`, started by
-`streams.tools.stack.EmbeddedStack`):
+How it runs (`python -m streams.runtime.milvus_server`, started by
+`streams.runtime.stack.EmbeddedStack`):
 
 1. The launcher binds the public port (``127.0.0.1:<milvus_port>``) itself and
    hands the listening socket to this process (``--listen-fd``).
@@ -189,7 +189,7 @@ def isolation_error() -> str | None:
     fork of a caller that may have threads), so the caller stays where it is.
     """
     try:
-        out = subprocess.run([sys.executable, "-m", "streams.tools.milvus_server", "--check"],
+        out = subprocess.run([sys.executable, "-m", "streams.runtime.milvus_server", "--check"],
                              capture_output=True, text=True, timeout=60)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"cannot check for network namespaces ({exc})"
@@ -248,7 +248,7 @@ def _relay(listener: socket.socket) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the wrapper process (see the module docstring)."""
-    ap = argparse.ArgumentParser(prog="python -m streams.tools.milvus_server")
+    ap = argparse.ArgumentParser(prog="python -m streams.runtime.milvus_server")
     ap.add_argument("--data", type=Path, help="the server's data dir")
     ap.add_argument("--listen-fd", type=int, help="a listening TCP socket, bound by the launcher")
     ap.add_argument("--check", action="store_true",

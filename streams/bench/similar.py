@@ -43,8 +43,8 @@ from rich.progress import Progress
 
 from store.base import EmbeddingRecord
 from store.milvus import MilvusStore
+from streams.bench.report import emit, machine, percentile
 from streams.settings import Settings
-from streams.tools.report import emit, machine, percentile
 
 DIM = 512
 
@@ -217,9 +217,9 @@ def _engine_probe(stack_dir: Path) -> Any:
     ``probe("rss")``: its process tree's RSS in MB; ``probe("restart")``:
     SIGKILL it, start it on its data, seconds until it answers a search again.
     """
+    from streams.bench.volume import _rss_mb
+    from streams.runtime.stack import EmbeddedStack
     from streams.settings import StackSettings
-    from streams.tools.bench_volume import _rss_mb
-    from streams.tools.stack import EmbeddedStack
 
     def probe(what: str) -> float:
         st = EmbeddedStack(StackSettings(data_dir=stack_dir))
@@ -251,7 +251,7 @@ def run_similar_bench(settings: Settings, rows: int, stream_rows: int, cost_rows
                       seal_rows: int, out: Path, console: Console,
                       engines: tuple[str, ...] = ("server", "lite")) -> dict[str, Any]:
     """Run on a private embedded stack per engine; print the table, write JSON to ``out``."""
-    from streams.tools.bench import private_stack
+    from streams.bench.runs import private_stack
 
     report: dict[str, Any] = {"engines": {}}
     for engine in engines:

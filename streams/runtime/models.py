@@ -69,7 +69,7 @@ def compare_encoders(settings: Settings, epochs: int, unfreeze_last: int, seed: 
     from encoder.data import read_pairs
     from encoder.train import TrainConfig
     from encoder.train import compare_encoders as compare
-    from streams.tools.catalog import prepare_emoji_catalog, prepare_sample_catalog
+    from streams.runtime.catalog import prepare_emoji_catalog, prepare_sample_catalog
 
     quiet_transformers()
     data = settings.paths.root

@@ -29,8 +29,8 @@ from typing import Any
 from encoder.errors import Unavailable
 from store.redis import RedisCache
 from streams.events import DeadLetter
+from streams.runtime.stack import EmbeddedStack, ServiceInfo, StackInfo
 from streams.settings import KafkaSettings, Settings, build_settings, unknown_env
-from streams.tools.stack import EmbeddedStack, ServiceInfo, StackInfo
 
 logger = logging.getLogger(__name__)
 

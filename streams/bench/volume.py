@@ -52,13 +52,13 @@ from rich.progress import Progress
 from encoder.null import NullEncoder, null_vector
 from store.lifecycle import open_stores
 from store.verify import verify_cache
+from streams.bench.report import emit, machine, percentile
 from streams.events import PinEvent
 from streams.producer import ensure_topics, publish_events
 from streams.refresh import run_backfill
+from streams.runtime.catalog import load_catalog, prepare_sample_catalog
+from streams.runtime.processes import stop_group
 from streams.settings import Settings
-from streams.tools.catalog import load_catalog, prepare_sample_catalog
-from streams.tools.report import emit, machine, percentile
-from streams.tools.runtime import stop_group
 
 LIVE = NullEncoder().version
 BACKFILL_SEED = 1
@@ -296,7 +296,7 @@ def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,
                      live_rate: float, out: Path, console: Console,
                      stream_rate: float = 200.0) -> dict[str, Any]:
     """Run every step (see the module docstring); print the table, write JSON to ``out``."""
-    from streams.tools.bench import private_stack
+    from streams.bench.runs import private_stack
 
     data_dir = settings.stack.data_dir.resolve()
     stamps = [Path(it.image) for it in load_catalog(prepare_sample_catalog(data_dir))]
@@ -394,14 +394,14 @@ def _engine_name(settings: Settings) -> str:
         from importlib.metadata import version
 
         return f"milvus-lite {version('milvus-lite')}"
-    from streams.tools.milvus_server import release
+    from streams.runtime.milvus_server import release
 
     return f"milvus {release()} standalone"
 
 
 def _milvus_pid(stack_dir: Path) -> int | None:
+    from streams.runtime.stack import EmbeddedStack
     from streams.settings import StackSettings
-    from streams.tools.stack import EmbeddedStack
 
     info = EmbeddedStack(StackSettings(data_dir=stack_dir)).read()
     return info.milvus.pid if info else None

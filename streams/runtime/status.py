@@ -27,8 +27,8 @@ from store.registry import VersionRegistry
 from streams.dlq import open_letters
 from streams.kafka import aiokafka_kwargs
 from streams.producer import consumer_lag, end_offsets, read_dead_letters
+from streams.runtime.stack import check_kafka
 from streams.settings import Settings
-from streams.tools.stack import check_kafka
 
 
 async def _offsets(settings: Settings) -> tuple[dict[int, int], int]:

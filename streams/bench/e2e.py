@@ -34,8 +34,8 @@ from store.milvus import MilvusStore
 from store.redis import RedisCache
 from streams.events import PinEvent
 from streams.producer import ensure_topics, publish_events
+from streams.runtime.processes import stop_group
 from streams.settings import Settings
-from streams.tools.runtime import stop_group
 
 
 # ------------------------------------------------------------ write ceiling

@@ -1,6 +1,6 @@
 """A load generator for the read API, run as its own process by the benchmark.
 
-``python -m streams.tools.loadgen URL IDS_FILE --concurrency 16 --rate 400 --seconds 10``
+``python -m streams.bench.loadgen URL IDS_FILE --concurrency 16 --rate 400 --seconds 10``
 prints one JSON line: requests, requests/s, p50/p99 latency in ms, errors.
 
 ``--rate R`` paces the load (open loop): client ``i`` of ``c`` sends its
