@@ -83,3 +83,16 @@ class EncoderSettings(BaseModel):
         600.0, gt=0, description="how long a feeder waits at start for its encoder process "
         "(which may be loading its model)",
     )
+    remote_timeout_s: float = Field(
+        300.0, gt=0, description="a feeder's request to its encoder process fails (an outage: "
+        "the stream pauses and retries) and the connection is dropped when no answer comes "
+        "within this many seconds, sending included",
+    )
+    remote_max_request_mib: float = Field(
+        64.0, gt=0, le=1000, description="most MiB of images a feeder puts in one request to "
+        "its encoder process; a batch over it goes as several requests",
+    )
+    max_failed_batches: int = Field(
+        3, ge=1, description="an encoder process whose batches fail this many times in a row "
+        "(a device error: a sticky CUDA error) exits, so that its pool restarts it",
+    )

@@ -25,6 +25,13 @@ so the encoder process spends its CPU on the GPU's work only. A lost
 connection fails the calls in flight with `EncoderUnavailable`, which the
 stream treats as an outage (pause and retry, nothing acknowledged), and the
 next call reconnects.
+
+Nothing waits for ever and no batch is too big: a request that gets no answer
+within ``request_timeout_s`` (sending included) fails with
+`EncoderUnavailable` and drops the connection (a hung encoder fails every call
+in flight on it; the next call reconnects), and a call's items go out as
+several requests of at most ``max_request_bytes`` each (one item over the cap
+goes alone), so a batch of large images is never refused for its size.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ import json
 import logging
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +59,26 @@ KIND_PIXELS = 1
 _HEAD = struct.Struct(">QI")  # request/response id, item count
 _ITEM = struct.Struct(">BI")  # kind, length
 _LEN = struct.Struct(">I")
-#: Largest frame accepted (a batch of 20 MiB images would be refused upstream anyway).
+#: Largest frame the encoder process accepts.
 MAX_FRAME = 1 << 30
+#: The most bytes of items a feeder puts in one request (`RemoteEncoder.max_request_bytes`).
+MAX_REQUEST_BYTES = 64 << 20
+
+
+def split_by_bytes(items: Sequence[tuple[int, bytes]], cap: int) -> list[list[int]]:
+    """Indices of ``items`` in groups whose bodies sum to at most ``cap`` bytes.
+
+    Groups are consecutive; an item over ``cap`` by itself is a group of its own.
+    """
+    groups: list[list[int]] = []
+    size = 0
+    for i, (_, body) in enumerate(items):
+        if not groups or size + len(body) > cap:
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += len(body)
+    return groups
 
 
 def frame(payload: bytes) -> bytes:
@@ -131,6 +156,16 @@ async def read_frame(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(size)
 
 
+@dataclass(eq=False)
+class _Link:
+    """One connection to the encoder process and the requests waiting on it."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    pending: dict[int, asyncio.Future[list[EncodeResult]]] = field(default_factory=dict)
+    recv: asyncio.Task[None] | None = None
+
+
 @dataclass(frozen=True)
 class Hello:
     """What the encoder process tells a feeder on connect."""
@@ -153,21 +188,25 @@ class RemoteEncoder:
 
     Call `connect` once before use (it waits for the encoder process, which
     may still be loading its model); later calls reconnect by themselves.
+    ``request_timeout_s`` bounds each request, sending included;
+    ``max_request_bytes`` caps the items' bytes in one request (see the
+    module docstring).
     """
 
     def __init__(self, path: Path, *, max_pixels: int = 40_000_000, min_side: int = 8,
-                 connect_timeout_s: float = 5.0) -> None:
+                 connect_timeout_s: float = 5.0, request_timeout_s: float = 300.0,
+                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
         self.path = path
         self.max_pixels, self.min_side = max_pixels, min_side
         self.connect_timeout_s = connect_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.max_request_bytes = max_request_bytes
         self.hello: Hello | None = None
         self.images_sent = 0
+        self.requests_sent = 0
         self.on_batch: Any = None
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._pending: dict[int, asyncio.Future[list[EncodeResult]]] = {}
+        self._link: _Link | None = None
         self._ids = itertools.count(1)
-        self._recv: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
 
     # ------------------------------------------------------------ identity
@@ -190,6 +229,11 @@ class RemoteEncoder:
     def info(self) -> EncoderInfo:
         """Version, dimension and provenance, as the encoder process reported them."""
         return self._need_hello().info
+
+    @property
+    def in_flight(self) -> int:
+        """Requests sent and not yet answered (on the current connection)."""
+        return len(self._link.pending) if self._link is not None else 0
 
     # ---------------------------------------------------------- connection
     async def connect(self, wait_s: float = 0.0) -> Hello:
@@ -214,30 +258,36 @@ class RemoteEncoder:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(self.path), limit=1 << 20),
                 self.connect_timeout_s)
+        except (OSError, TimeoutError) as exc:
+            raise EncoderUnavailable(f"encoder at {self.path} unreachable: {exc!r}") from exc
+        try:
             hello = Hello(**json.loads(await asyncio.wait_for(read_frame(reader),
                                                               self.connect_timeout_s)))
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError) as exc:
+        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError,
+                TypeError) as exc:
+            writer.close()
             raise EncoderUnavailable(f"encoder at {self.path} unreachable: {exc!r}") from exc
         if self.hello is not None and hello.version != self.hello.version:
             writer.close()
             raise EncoderUnavailable(
                 f"the encoder at {self.path} now serves {hello.version}, not "
                 f"{self.hello.version}: restart this feeder to follow it")
-        self.hello, self._reader, self._writer = hello, reader, writer
-        self._recv = asyncio.create_task(self._receive(reader))
+        self.hello = hello
+        link = _Link(reader, writer)
+        link.recv = asyncio.create_task(self._receive(link, hello.dim))
+        self._link = link
         logger.info("connected to encoder %s at %s (decode on the %s)", hello.version,
                     self.path, hello.decode)
         return hello
 
-    async def _receive(self, reader: asyncio.StreamReader) -> None:
-        dim = self._need_hello().dim
-        error: BaseException = EncoderUnavailable(f"encoder at {self.path} closed the connection")
+    async def _receive(self, link: _Link, dim: int) -> None:
+        error = EncoderUnavailable(f"encoder at {self.path} closed the connection")
         try:
             while True:
-                req_id, results = decode_response(await read_frame(reader), dim)
-                fut = self._pending.pop(req_id, None)
+                req_id, results = decode_response(await read_frame(link.reader), dim)
+                fut = link.pending.pop(req_id, None)
                 if fut is None or fut.done():
-                    continue
+                    continue  # answered after its caller gave up
                 if isinstance(results, EncoderUnavailable):
                     fut.set_exception(results)
                 else:
@@ -245,14 +295,19 @@ class RemoteEncoder:
         except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
             error = EncoderUnavailable(f"encoder at {self.path} lost: {exc!r}")
         finally:
-            self._fail_pending(error)
+            self._drop(link, error)
 
-    def _fail_pending(self, exc: BaseException) -> None:
-        self._writer, self._reader = None, None
-        pending, self._pending = self._pending, {}
+    def _drop(self, link: _Link, exc: BaseException) -> None:
+        """Close ``link`` and fail every request waiting on it; the next call reconnects."""
+        if self._link is link:
+            self._link = None
+        link.writer.close()
+        pending, link.pending = link.pending, {}
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(exc)
+        if link.recv is not None and link.recv is not asyncio.current_task():
+            link.recv.cancel()
 
     # ------------------------------------------------------------- encode
     def _local_items(self, items: Sequence[bytes], hello: Hello
@@ -283,13 +338,13 @@ class RemoteEncoder:
         """Encode in the encoder process; one vector or `ImageError` per item, in order.
 
         Raises:
-            EncoderUnavailable: the encoder process is down or went away
-                mid-call (the caller retries; nothing was written).
+            EncoderUnavailable: the encoder process is down, went away or gave
+                no answer in time (the caller retries; nothing was written).
         """
         if not items:
             return []
         async with self._lock:
-            if self._writer is None:
+            if self._link is None:
                 await self._connect_once()
         hello = self._need_hello()
         if hello.decode == "none":  # nothing to decode: no thread hand-off either
@@ -300,29 +355,47 @@ class RemoteEncoder:
         for i, e in errors.items():
             results[i] = e
         if send:
-            req_id = next(self._ids)
-            fut: asyncio.Future[list[EncodeResult]] = asyncio.get_running_loop().create_future()
-            self._pending[req_id] = fut
-            writer = self._writer
-            if writer is None:
-                self._pending.pop(req_id, None)
-                raise EncoderUnavailable(f"encoder at {self.path} went away")
-            try:
-                writer.writelines(encode_request(req_id, send))
-                await writer.drain()  # back-pressure: the encoder is behind
-            except (OSError, RuntimeError) as exc:
-                self._pending.pop(req_id, None)
-                raise EncoderUnavailable(f"encoder at {self.path} lost: {exc!r}") from exc
-            self.images_sent += len(send)
-            for i, res in zip(rows, await fut, strict=True):
-                results[i] = res
+            groups = split_by_bytes(send, self.max_request_bytes)
+            answers = await asyncio.gather(*(self._request([send[j] for j in g])
+                                             for g in groups))
+            for g, answer in zip(groups, answers, strict=True):
+                for j, res in zip(g, answer, strict=True):
+                    results[rows[j]] = res
         return [r if r is not None else ImageError(Reason.DECODE_FAILED, "no result")
                 for r in results]
 
+    async def _request(self, send: list[tuple[int, bytes]]) -> list[EncodeResult]:
+        """One request on the current connection, answered within ``request_timeout_s``."""
+        link = self._link
+        if link is None:
+            raise EncoderUnavailable(f"encoder at {self.path} went away")
+        req_id = next(self._ids)
+        fut: asyncio.Future[list[EncodeResult]] = asyncio.get_running_loop().create_future()
+        link.pending[req_id] = fut
+        try:
+            async with asyncio.timeout(self.request_timeout_s):
+                link.writer.writelines(encode_request(req_id, send))
+                self.requests_sent += 1
+                await link.writer.drain()  # back-pressure: the encoder is behind
+                self.images_sent += len(send)
+                return await fut
+        except TimeoutError as exc:
+            # a hung encoder (a CUDA hang): fail what waits on it and reconnect next time
+            lost = EncoderUnavailable(
+                f"encoder at {self.path} gave no answer within {self.request_timeout_s:g} s "
+                "(PINFRESH_ENCODER__REMOTE_TIMEOUT_S): dropping the connection")
+            link.pending.pop(req_id, None)
+            self._drop(link, lost)
+            raise lost from exc
+        except (OSError, RuntimeError) as exc:
+            lost = EncoderUnavailable(f"encoder at {self.path} lost: {exc!r}")
+            link.pending.pop(req_id, None)
+            self._drop(link, lost)
+            raise lost from exc
+        finally:
+            link.pending.pop(req_id, None)  # answered, failed, timed out or cancelled
+
     async def close(self) -> None:
         """Close the connection (calls in flight fail with `EncoderUnavailable`)."""
-        if self._writer is not None:
-            self._writer.close()
-        if self._recv is not None:
-            self._recv.cancel()
-        self._fail_pending(EncoderUnavailable("closed"))
+        if self._link is not None:
+            self._drop(self._link, EncoderUnavailable("closed"))

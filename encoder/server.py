@@ -12,7 +12,10 @@ the feeder's ``drain`` waits.
 Run with ``pinfresh encoder serve --socket PATH`` (the ``--feeders`` pool
 starts it). A killed encoder process loses nothing: its feeders' calls fail
 with `EncoderUnavailable`, they pause without acknowledging, and retry when
-the pool has restarted it.
+the pool has restarted it. An encoder whose batches fail
+``max_failed_batches`` times in a row (``PINFRESH_ENCODER__MAX_FAILED_BATCHES``;
+a device error, e.g. a sticky CUDA error) stops and its command exits with
+status 3, so that its pool restarts it.
 """
 
 from __future__ import annotations
@@ -55,9 +58,15 @@ def _recv_exactly(sock: socket.socket, n: int) -> memoryview | None:
 class EncoderServer:
     """Serves one loaded encoder at a Unix socket (see the module docstring)."""
 
-    def __init__(self, encoder: ImageEncoder | NullEncoder, path: Path) -> None:
+    def __init__(self, encoder: ImageEncoder | NullEncoder, path: Path,
+                 max_failed_batches: int = 3) -> None:
         self.encoder = encoder
         self.path = path
+        self.max_failed_batches = max_failed_batches
+        #: set when this process should be replaced (batches kept failing); it stops
+        self.unhealthy: str | None = None
+        self.failed_in_row = 0
+        self._health = threading.Lock()
         # tensor prepare: JPEGs decode on this device; pil: the feeders decode (this
         # process's CPU runs the forward); the null encoder decodes nothing
         self.decode = {"tensor": "server", "pil": "client"}.get(encoder.prepare_kind, "none")
@@ -161,6 +170,24 @@ class EncoderServer:
         for f in futures:
             f.add_done_callback(done)
 
+    def _count(self, failed: BaseException | None) -> None:
+        """Count answered requests whose batch failed as a whole (a device error).
+
+        After ``max_failed_batches`` in a row the device is taken as broken (a
+        sticky CUDA error fails every batch until the process restarts): stop.
+        """
+        with self._health:
+            if failed is None:
+                self.failed_in_row = 0
+                return
+            self.failed_in_row += 1
+            if self.failed_in_row >= self.max_failed_batches and self.unhealthy is None:
+                self.unhealthy = (f"{self.failed_in_row} batches in a row failed (last: "
+                                  f"{failed!r})"[:500])
+                logger.error("encoder %s: %s; exiting so that the pool restarts it",
+                             self.encoder.version, self.unhealthy)
+                self.stop()
+
     def _write(self, conn: socket.socket, out: queue.Queue[Any]) -> None:
         dim = self.encoder.dim
         while True:
@@ -184,6 +211,7 @@ class EncoderServer:
                         errors[i] = res
                     else:
                         vecs[i] = res
+                self._count(failed)
                 data = frame(encode_response(req_id, vecs, errors, failed=failed))
             try:
                 conn.sendall(data)

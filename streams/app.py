@@ -401,9 +401,11 @@ def run_worker(settings: Settings, on_exit: Callable[[], None] | None = None,
                     settings.kafka.partitions)
     encoder: WorkerEncoder
     if settings.encoder.remote is not None:
-        encoder = RemoteEncoder(settings.encoder.remote,
-                                max_pixels=settings.encoder.max_image_pixels,
-                                min_side=settings.encoder.min_image_side)
+        encoder = RemoteEncoder(
+            settings.encoder.remote, max_pixels=settings.encoder.max_image_pixels,
+            min_side=settings.encoder.min_image_side,
+            request_timeout_s=settings.encoder.remote_timeout_s,
+            max_request_bytes=int(settings.encoder.remote_max_request_mib * (1 << 20)))
         logger.info("feeder of the encoder process at %s", settings.encoder.remote)
     else:
         encoder = load_encoder(settings.encoder)

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from streams.cli.base import Ctx, cli, console, pass_ctx
+from streams.cli.base import Ctx, cli, console, err_console, pass_ctx
 
 
 @cli.group()
@@ -32,12 +32,17 @@ def encoder_serve(ctx: Ctx, socket_path: Path) -> None:
     from encoder.server import EncoderServer
 
     enc = load_encoder(ctx.settings.encoder)
-    server = EncoderServer(enc, socket_path)
+    server = EncoderServer(enc, socket_path,
+                           max_failed_batches=ctx.settings.encoder.max_failed_batches)
     _signal.signal(_signal.SIGTERM, lambda *_: server.stop())
     try:
         server.serve_forever()
     finally:
         enc.close()
+    if server.unhealthy:  # the pool restarts an encoder process that exits
+        err_console.print(f"[red]error:[/] encoder stopped: {server.unhealthy}",
+                          highlight=False)
+        raise SystemExit(3)
 
 
 @encoder.command("precision")

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import threading
+import time
+from concurrent.futures import Future
 
 import numpy as np
 import pytest
@@ -11,7 +14,8 @@ import pytest
 from encoder.config import EncoderSettings
 from encoder.engine import ImageEncoder
 from encoder.errors import EncoderUnavailable, ImageError, Reason
-from encoder.remote import RemoteEncoder, decode_request, encode_request
+from encoder.null import NullEncoder
+from encoder.remote import RemoteEncoder, decode_request, encode_request, frame, split_by_bytes
 from encoder.server import EncoderServer
 from tests.unit.test_prepare_paths import jpeg, photo, png
 
@@ -96,3 +100,142 @@ async def test_a_missing_encoder_is_an_outage_not_an_image_error(tmp_path):
         await remote.connect(wait_s=0)
     with pytest.raises(EncoderUnavailable):
         await remote.encode_images_async([b"x"])
+
+
+# ---------------------------------------------------- nothing hangs, nothing too big
+class _Broken(NullEncoder):
+    """A device that fails every batch (a sticky CUDA error) until ``healed``."""
+
+    healed = False
+
+    def submit(self, items):
+        if self.healed:
+            return super().submit(items)
+        out = []
+        for _ in items:
+            fut = Future()
+            fut.set_exception(RuntimeError("CUDA error: an illegal memory access"))
+            out.append(fut)
+        return out
+
+
+def _serve_null(path, encoder=None, **kw):
+    server = EncoderServer(encoder or NullEncoder(dim=8), path, **kw)
+    ready = threading.Event()
+    t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
+    t.start()
+    assert ready.wait(30)
+    return server, t
+
+
+def _hung_encoder(path, hello: bytes, stop: threading.Event) -> threading.Thread:
+    """Accepts feeders, says hello, reads their requests and never answers (a hung GPU)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.bind(str(path))
+    sock.listen(8)
+    sock.settimeout(0.2)
+
+    def run():
+        conns = []
+        while not stop.is_set():
+            try:
+                conn, _ = sock.accept()
+            except TimeoutError:
+                continue
+            conn.sendall(frame(hello))
+            conn.setblocking(False)
+            conns.append(conn)
+        for c in conns:
+            c.close()
+        sock.close()
+        path.unlink()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+async def test_a_hung_encoder_times_out_drops_and_the_next_call_reconnects(tmp_path):
+    path = tmp_path / "enc.sock"
+    null = NullEncoder(dim=8)
+    stop = threading.Event()
+    hung = _hung_encoder(path, EncoderServer(null, path).hello(), stop)
+    remote = RemoteEncoder(path, request_timeout_s=0.5)
+    await remote.connect(wait_s=10)
+    calls = [remote.encode_images_async([b"a", b"b"]) for _ in range(3)]
+    # (bounded here too: without the client's deadline these would wait for ever)
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 120)
+    assert all(isinstance(o, EncoderUnavailable) and "no answer within 0.5 s" in str(o)
+               for o in outcomes), outcomes
+    assert remote.in_flight == 0 and remote._link is None  # dropped, nothing pending
+    # a cancelled call leaves nothing pending either
+    task = asyncio.create_task(remote.encode_images_async([b"c"]))
+    while remote.in_flight == 0:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert remote.in_flight == 0
+    stop.set()
+    hung.join(10)
+    deadline = time.monotonic() + 30
+    while remote._link is not None:  # the feeder saw the encoder go
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.01)
+    # the pool restarted the encoder: the same call now goes through, same vectors
+    server, t = _serve_null(path)
+    try:
+        got = await remote.encode_images_async([b"a", b"b"])
+        want = null.encode_images([b"a", b"b"])
+        assert all(np.array_equal(g, w.astype(np.float32))
+                   for g, w in zip(got, want, strict=True))
+    finally:
+        await remote.close()
+        server.stop()
+        t.join(10)
+
+
+async def test_an_encoder_failing_every_batch_is_an_outage_then_exits(tmp_path):
+    path = tmp_path / "enc.sock"
+    broken = _Broken(dim=8)
+    server, t = _serve_null(path, broken, max_failed_batches=3)
+    remote = RemoteEncoder(path, request_timeout_s=30)
+    await remote.connect(wait_s=10)
+    for _ in range(3):
+        with pytest.raises(EncoderUnavailable, match="failed this batch"):
+            await remote.encode_images_async([b"x", b"y"])
+    await asyncio.to_thread(t.join, 30)
+    assert not t.is_alive() and server.unhealthy and "3 batches in a row" in server.unhealthy
+    await remote.close()
+    # its replacement (the pool's restart) serves the same pins: nothing was lost
+    broken.healed = True
+    server, t = _serve_null(path, broken)
+    try:
+        got = await remote.encode_images_async([b"x", b"y"])
+        assert all(isinstance(v, np.ndarray) for v in got)
+    finally:
+        await remote.close()
+        server.stop()
+        t.join(10)
+
+
+async def test_a_batch_over_the_byte_cap_goes_as_several_requests(tmp_path):
+    path = tmp_path / "enc.sock"
+    null = NullEncoder(dim=8)
+    server, t = _serve_null(path, null)
+    # 10 images of 400 bytes under a 1,000-byte cap: 5 requests of 2; one of 3,000 alone
+    items = [bytes([i]) * 400 for i in range(10)] + [b"z" * 3000]
+    assert split_by_bytes([(0, b) for b in items], 1000) == [
+        [0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]]
+    remote = RemoteEncoder(path, max_request_bytes=1000)
+    try:
+        await remote.connect(wait_s=10)
+        got = await remote.encode_images_async(items)
+        assert remote.requests_sent == 6
+        want = null.encode_images(items)  # float64 here, float32 on the wire
+        assert all(np.array_equal(g, w.astype(np.float32))
+                   for g, w in zip(got, want, strict=True))
+    finally:
+        await remote.close()
+        server.stop()
+        t.join(10)
