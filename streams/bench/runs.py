@@ -433,7 +433,7 @@ def _api(s: Settings, probe: str) -> Iterator[str]:
     import subprocess
     import sys
 
-    from store.client import PinfreshClient
+    from store.client import ApiClientError, PinfreshClient
     from streams.runtime.stack import free_port
 
     port = free_port()
@@ -452,7 +452,14 @@ def _api(s: Settings, probe: str) -> Iterator[str]:
         if server.poll() is not None:
             raise RuntimeError(f"pinfresh serve exited with {server.returncode}")
         with PinfreshClient(url, timeout=30) as client:
-            client.get_embeddings([probe])
+            while True:  # 503 until the API has connected to the stores
+                try:
+                    client.get_embeddings([probe])
+                    break
+                except ApiClientError:
+                    if time.monotonic() > deadline or server.poll() is not None:
+                        raise
+                    time.sleep(0.2)
         yield url
     finally:
         server.terminate()

@@ -148,8 +148,9 @@ async def test_sync_client_over_http(api, stack, request):
         assert float(emb.vectors[2] @ truth["va"]["dog-7"]) > 0.9999
     assert err.status == 404 and err.code == "unknown_version"
     assert len(similar["hits"]) == 3
-    with pytest.raises(ApiUnreachable, match="did not answer"):  # stopped: nobody listens
-        PinfreshClient(url, timeout=5).get_embeddings(["cat-1"])
+    with PinfreshClient(url, timeout=5) as gone, pytest.raises(ApiUnreachable,
+                                                               match="did not answer"):
+        gone.get_embeddings(["cat-1"])  # stopped: nobody listens
 
 
 async def test_similar_by_pin_and_vector_with_filters(api):

@@ -111,3 +111,32 @@ def test_golden_preprocessing():
     assert abs(float(out[..., 0].mean()) - 127.4) < 1.0
     assert abs(float(out[..., 2].mean()) - 80.0) < 0.5
     assert int(out[112, 0, 0]) < int(out[112, 223, 0])
+
+
+PEAK = """
+import resource, sys
+from encoder.model import PreprocessSpec
+from encoder.preprocess import prepare_image
+data = open(sys.argv[1], "rb").read()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = prepare_image(data, PreprocessSpec(), max_pixels=40_000_000)
+assert out.shape == (224, 224, 3) and out.max() > 0
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_a_16bit_png_is_shrunk_before_it_is_converted(tmp_path):
+    """A 36 MP 16-bit greyscale PNG (80 KiB) costs about its 16-bit pixels (72 MB), not
+    float64 copies of them (+654 MiB before): the budget is 2 bytes a pixel + 100 MiB."""
+    import subprocess
+    import sys
+
+    arr = np.zeros((6000, 6000), np.uint16)
+    arr[::7, ::5] = 60000
+    path = tmp_path / "wide.png"
+    Image.fromarray(arr).save(path, "PNG", compress_level=9)
+    run = subprocess.run([sys.executable, "-c", PEAK, str(path)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak_mib = float(run.stdout.strip())
+    assert peak_mib < 6000 * 6000 * 2 / 2**20 + 100, peak_mib
