@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -128,6 +129,18 @@ def _serve_null(path, encoder=None, **kw):
     return server, t
 
 
+@contextlib.asynccontextmanager
+async def _serving_null(path, encoder, remote):
+    """An encoder process at ``path`` for ``remote``; closes both after."""
+    server, t = _serve_null(path, encoder)
+    try:
+        yield server
+    finally:
+        await remote.close()
+        server.stop()
+        t.join(10)
+
+
 def _hung_encoder(path, hello: bytes, stop: threading.Event) -> threading.Thread:
     """Accepts feeders, says hello, reads their requests and never answers (a hung GPU)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -183,16 +196,10 @@ async def test_a_hung_encoder_times_out_drops_and_the_next_call_reconnects(tmp_p
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     # the pool restarted the encoder: the same call now goes through, same vectors
-    server, t = _serve_null(path)
-    try:
+    async with _serving_null(path, NullEncoder(dim=8), remote):
         got = await remote.encode_images_async([b"a", b"b"])
-        want = null.encode_images([b"a", b"b"])
-        assert all(np.array_equal(g, w.astype(np.float32))
-                   for g, w in zip(got, want, strict=True))
-    finally:
-        await remote.close()
-        server.stop()
-        t.join(10)
+    want = null.encode_images([b"a", b"b"])
+    assert all(np.array_equal(g, w.astype(np.float32)) for g, w in zip(got, want, strict=True))
 
 
 async def test_an_encoder_failing_every_batch_is_an_outage_then_exits(tmp_path):
@@ -209,33 +216,22 @@ async def test_an_encoder_failing_every_batch_is_an_outage_then_exits(tmp_path):
     await remote.close()
     # its replacement (the pool's restart) serves the same pins: nothing was lost
     broken.healed = True
-    server, t = _serve_null(path, broken)
-    try:
+    async with _serving_null(path, broken, remote):
         got = await remote.encode_images_async([b"x", b"y"])
-        assert all(isinstance(v, np.ndarray) for v in got)
-    finally:
-        await remote.close()
-        server.stop()
-        t.join(10)
+    assert all(isinstance(v, np.ndarray) for v in got)
 
 
 async def test_a_batch_over_the_byte_cap_goes_as_several_requests(tmp_path):
     path = tmp_path / "enc.sock"
     null = NullEncoder(dim=8)
-    server, t = _serve_null(path, null)
     # 10 images of 400 bytes under a 1,000-byte cap: 5 requests of 2; one of 3,000 alone
     items = [bytes([i]) * 400 for i in range(10)] + [b"z" * 3000]
     assert split_by_bytes([(0, b) for b in items], 1000) == [
         [0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]]
     remote = RemoteEncoder(path, max_request_bytes=1000)
-    try:
+    async with _serving_null(path, null, remote):
         await remote.connect(wait_s=10)
         got = await remote.encode_images_async(items)
-        assert remote.requests_sent == 6
-        want = null.encode_images(items)  # float64 here, float32 on the wire
-        assert all(np.array_equal(g, w.astype(np.float32))
-                   for g, w in zip(got, want, strict=True))
-    finally:
-        await remote.close()
-        server.stop()
-        t.join(10)
+    assert remote.requests_sent == 6
+    want = null.encode_images(items)  # float64 here, float32 on the wire
+    assert all(np.array_equal(g, w.astype(np.float32)) for g, w in zip(got, want, strict=True))
