@@ -261,7 +261,7 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, worker: str,
-                           interval_s: float) -> None:
+                           interval_s: float, liveness: metrics.Liveness | None = None) -> None:
     """Report the committed offset and lag of each held partition every ``interval_s``.
 
     To Redis (`pinfresh status` marks partitions that stopped moving) and to the
@@ -270,6 +270,7 @@ async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, 
     A view only: a failed report is logged and tried again, never stops the stream.
     """
     seen: dict[int, tuple[int, float]] = {}  # partition -> (committed, moved_at)
+    worst = 0.0
     while True:
         try:
             held = {tp.partition for tp in app.consumer.assignment() if tp.topic == k.topic}
@@ -290,16 +291,19 @@ async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, 
                 metrics.PARTITION_STALLED.labels(partition=str(part)).set(
                     now - moved[part] if lag else 0.0)
             seen = {part: (offsets[part][0], moved[part]) for part in offsets}
+            worst = max((now - moved[p] for p, (_, lag) in offsets.items() if lag), default=0.0)
             # the gauges first: a Redis outage must not freeze them
             await cache.report_progress(worker, offsets, moved, now)
         except Exception as exc:  # noqa: BLE001 - a view; the stream goes on
             logger.warning("progress report failed (retried in %.0fs): %s", interval_s, exc)
+        if liveness is not None:  # beats while the loop runs; an outage keeps the last stall
+            liveness.beat(worst)
         await asyncio.sleep(interval_s)
 
 
 def create_app(settings: Settings, encoder: WorkerEncoder,
-               drain: DrainState | None = None, hooks: ProcessorHooks | None = None
-               ) -> faust.App:
+               drain: DrainState | None = None, hooks: ProcessorHooks | None = None,
+               liveness: metrics.Liveness | None = None) -> faust.App:
     """Build the Faust app with the encode agent bound to ``encoder``.
 
     The encoder is loaded before the app starts, so the worker joins the
@@ -357,8 +361,8 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
                 hooks=hooks, writer_ttl_s=settings.redis.writer_ttl_s,
             )
             await processor.start()
-            reporter = asyncio.create_task(_report_progress(app, stores.cache, k, worker_name,
-                                                            w.progress_interval_s))
+            reporter = asyncio.create_task(_report_progress(
+                app, stores.cache, k, worker_name, w.progress_interval_s, liveness))
             resources.push_async_callback(_cancel, reporter)
             flight = BatchesInFlight(processor, stream, drain, w.batches_in_flight)
             resources.push_async_callback(flight.cancel)
@@ -415,9 +419,11 @@ def run_worker(settings: Settings, on_exit: Callable[[], None] | None = None,
         ENCODER_BATCH_WAIT.observe(wait_s)
 
     encoder.on_batch = on_batch
-    serve_metrics(settings.worker.metrics_host, settings.worker.metrics_port)
+    w = settings.worker
+    liveness = metrics.Liveness(w.liveness_stall_s, 3 * w.progress_interval_s + 30)
+    serve_metrics(w.metrics_host, w.metrics_port, liveness)
     drain = DrainState()
-    app = create_app(settings, encoder, drain, hooks)
+    app = create_app(settings, encoder, drain, hooks, liveness)
     worker = DrainingWorker(app, drain, settings.worker.drain_timeout_s, settings.kafka,
                             loglevel=settings.log_level.lower(), quiet=True,
                             redirect_stdouts=False, override_logging=False)

@@ -1,11 +1,19 @@
 """Every Prometheus metric of the workers, declared in one place.
 
-Workers expose them on ``PINFRESH_WORKER__METRICS_PORT`` (off by default).
+Workers expose them on ``PINFRESH_WORKER__METRICS_PORT`` (off by default), beside
+``/healthz``: the worker's liveness (`Liveness`), for the pod's probe.
 """
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
+import threading
+import time
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
 
 EVENTS = Counter("pinfresh_events_total", "Events consumed, by outcome", ["outcome"])
 IMAGES_ENCODED = Counter("pinfresh_images_encoded_total", "Images run through the encoder")
@@ -48,7 +56,66 @@ PARTITION_STALLED = Gauge(
     ["partition"])
 
 
-def serve_metrics(host: str, port: int) -> None:
-    """Start the Prometheus HTTP endpoint in a background thread (port 0 = off)."""
-    if port:
-        start_http_server(port, addr=host)
+class Liveness:
+    """Whether this worker's pipeline moves: what the pod's liveness probe asks.
+
+    The progress loop calls `beat` every report with the longest time a held
+    partition with lag has not moved. `check` fails when a partition has been
+    stuck for ``stall_s`` (a hung encoder, a wedged batch) or the loop itself
+    stopped beating for ``beat_s`` (the event loop is blocked). Before the
+    first beat (start-up: loading the model, joining the group) it passes.
+    """
+
+    def __init__(self, stall_s: float, beat_s: float,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.stall_s, self.beat_s, self.clock = stall_s, beat_s, clock
+        self.last_beat: float | None = None
+        self.worst_stall = 0.0
+
+    def beat(self, worst_stall_s: float) -> None:
+        """A progress report ran; ``worst_stall_s``: its longest stalled partition."""
+        self.last_beat, self.worst_stall = self.clock(), worst_stall_s
+
+    def check(self) -> tuple[bool, str]:
+        """``(alive, one line why)``."""
+        if self.last_beat is None:
+            return True, "starting"
+        quiet = self.clock() - self.last_beat
+        if quiet > self.beat_s:
+            return False, f"no progress report for {quiet:.0f} s (the event loop is stuck)"
+        if self.worst_stall > self.stall_s:
+            return False, (f"a partition with lag has not moved for {self.worst_stall:.0f} s "
+                           f"(> {self.stall_s:.0f} s)")
+        return True, "ok"
+
+
+def serve_metrics(host: str, port: int, liveness: Liveness | None = None) -> int:
+    """Serve ``/metrics`` and ``/healthz`` from a background thread; port 0 = off.
+
+    ``/healthz`` answers 200, or 503 when ``liveness`` fails, with one line why.
+    Returns the port bound (0: off).
+    """
+    if not port:
+        return 0
+    metrics_app = make_wsgi_app()
+
+    def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") == "/healthz":
+            alive, why = liveness.check() if liveness is not None else (True, "ok")
+            start_response("200 OK" if alive else "503 Service Unavailable",
+                           [("Content-Type", "text/plain; charset=utf-8")])
+            return [why.encode() + b"\n"]
+        return metrics_app(environ, start_response)  # type: ignore[no-any-return]
+
+    httpd = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+    threading.Thread(target=httpd.serve_forever, daemon=True, name="metrics").start()
+    return int(httpd.server_port)
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the stdlib's name
+        pass

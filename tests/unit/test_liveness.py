@@ -1,0 +1,52 @@
+"""The worker's liveness: what its /healthz tells the pod's probe."""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+
+from streams.metrics import Liveness, serve_metrics
+from streams.runtime.stack import free_port
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_liveness_fails_on_a_stuck_partition_or_a_silent_loop():
+    clock = Clock()
+    live = Liveness(stall_s=900, beat_s=60, clock=clock)
+    assert live.check() == (True, "starting")  # loading the model, joining the group
+    live.beat(0.0)
+    assert live.check()[0]
+    live.beat(899.0)
+    assert live.check()[0]
+    live.beat(901.0)  # a partition with lag has not moved for 15 min: a hung encoder
+    alive, why = live.check()
+    assert not alive and "has not moved for 901 s" in why
+    live.beat(0.0)  # it moved again
+    assert live.check()[0]
+    clock.now += 61  # the progress loop stopped beating: the event loop is blocked
+    alive, why = live.check()
+    assert not alive and "no progress report for 61 s" in why
+
+
+def test_metrics_port_serves_healthz_and_metrics():
+    clock = Clock()
+    live = Liveness(stall_s=10, beat_s=60, clock=clock)
+    port = serve_metrics("127.0.0.1", free_port(), live)
+    base = f"http://127.0.0.1:{port}"
+    with urllib.request.urlopen(base + "/healthz", timeout=30) as r:
+        assert r.status == 200 and r.read() == b"starting\n"
+    with urllib.request.urlopen(base + "/metrics", timeout=30) as r:
+        assert b"pinfresh_partition_stalled_seconds" in r.read()
+    live.beat(11.0)
+    try:
+        urllib.request.urlopen(base + "/healthz", timeout=30)
+        raise AssertionError("expected 503")
+    except urllib.error.HTTPError as err:
+        assert err.code == 503 and b"has not moved for 11 s" in err.read()
