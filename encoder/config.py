@@ -84,9 +84,9 @@ class EncoderSettings(BaseModel):
         "(which may be loading its model)",
     )
     remote_timeout_s: float = Field(
-        300.0, gt=0, description="a feeder's request to its encoder process fails (an outage: "
-        "the stream pauses and retries) and the connection is dropped when no answer comes "
-        "within this many seconds, sending included",
+        300.0, gt=0, description="when a feeder's requests wait and its encoder process sends "
+        "nothing for this many seconds, the connection is dropped and the requests fail (an "
+        "outage: the stream pauses and retries); a slow encoder that answers is not cut off",
     )
     remote_max_request_mib: float = Field(
         64.0, gt=0, le=1000, description="most MiB of images a feeder puts in one request to "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import warnings
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageFile, UnidentifiedImageError
@@ -83,12 +84,17 @@ def prepare_image(
                 opened.draft("RGB", (size, size))
             if getattr(opened, "is_animated", False):
                 opened.seek(0)
-            if opened.mode in _WIDE_GREY:
-                # crop and shrink in the image's own 16/32-bit mode first, then to 8 bits:
-                # scaling at full resolution took float64 copies, +654 MiB at 36 MP
-                img = _to_rgb(_resize_crop(opened, size), spec.background)
+            src: Image.Image = opened
+            if src.mode == "I;16B":  # PIL resizes big-endian 16-bit wrongly
+                src = src.convert("I")
+            if src.mode in _WIDE_GREY:
+                # crop and shrink in the image's own 16/32-bit mode first, then to 8 bits
+                # by the full image's largest value (scaling at full resolution took
+                # float64 copies: +654 MiB at 36 MP)
+                lo_hi = cast("tuple[float, float]", src.getextrema())
+                img = _to_rgb(_resize_crop(src, size), spec.background, float(lo_hi[1]))
             else:
-                img = _resize_crop(_to_rgb(opened, spec.background), size)
+                img = _resize_crop(_to_rgb(src, spec.background), size)
             arr = np.asarray(img, dtype=np.uint8)
     except ImageError:
         raise
@@ -102,21 +108,24 @@ def prepare_image(
 
 
 #: 16- and 32-bit greyscale modes: resized before they become 8-bit (see prepare_image)
-_WIDE_GREY = ("I;16", "I;16B", "I;16L", "I")
+_WIDE_GREY = ("I;16", "I;16L", "I")
 
 
-def _to_rgb(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+def _to_rgb(img: Image.Image, background: tuple[int, int, int],
+            top: float | None = None) -> Image.Image:
     """Return an RGB image; transparency is composited over ``background``.
 
-    Wide greyscale (16/32-bit) is scaled to 8 bits by its largest value (images
-    whose values fit in 8 bits keep them); callers shrink such images first.
+    Wide greyscale (16/32-bit) is scaled to 8 bits by ``top`` (its largest
+    value; images whose values fit in 8 bits keep them); callers shrink such
+    images first and pass the full image's ``top``.
     """
     if img.mode == "RGB":
         img.load()
         return img
     if img.mode in _WIDE_GREY:
         arr = np.asarray(img, dtype=np.float32)
-        top = float(arr.max())
+        if top is None:
+            top = float(arr.max())
         img = Image.fromarray(np.clip(arr * (255.0 / max(top, 255.0)), 0, 255).astype(
             np.uint8), "L")
     has_alpha = img.mode in ("RGBA", "LA", "PA") or (

@@ -26,12 +26,14 @@ connection fails the calls in flight with `EncoderUnavailable`, which the
 stream treats as an outage (pause and retry, nothing acknowledged), and the
 next call reconnects.
 
-Nothing waits for ever and no batch is too big: a request that gets no answer
-within ``request_timeout_s`` (sending included) fails with
-`EncoderUnavailable` and drops the connection (a hung encoder fails every call
-in flight on it; the next call reconnects), and a call's items go out as
-several requests of at most ``max_request_bytes`` each (one item over the cap
-goes alone), so a batch of large images is never refused for its size.
+Nothing waits for ever and no batch is too big: when requests wait on a
+connection and the encoder sends nothing on it for ``request_timeout_s`` (a
+hung GPU, or an encoder that stopped reading), the connection is dropped and
+every call waiting on it fails with `EncoderUnavailable` (the next call
+reconnects); an encoder that is slow but answers keeps its connection. A
+call's items go out as several requests of at most ``max_request_bytes`` each
+(one item over the cap goes alone), so a batch of large images is never
+refused for its size; when one of them fails the others are cancelled.
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ def frame(payload: bytes) -> bytes:
 
 
 def encode_request(req_id: int, items: Sequence[tuple[int, bytes]]) -> list[bytes]:
-    """The buffers of one request frame (written with ``writelines``, no big copy)."""
+    """The buffers of one request frame, for ``writelines``.
+
+    asyncio may join them into one copy; the request cap bounds its size.
+    """
     head = b"Q" + _HEAD.pack(req_id, len(items)) + b"".join(
         _ITEM.pack(kind, len(body)) for kind, body in items)
     size = len(head) + sum(len(body) for _, body in items)
@@ -164,6 +169,9 @@ class _Link:
     writer: asyncio.StreamWriter
     pending: dict[int, asyncio.Future[list[EncodeResult]]] = field(default_factory=dict)
     recv: asyncio.Task[None] | None = None
+    watch: asyncio.Task[None] | None = None
+    #: when the encoder last sent a frame, or requests started waiting (loop time)
+    heard: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -188,9 +196,9 @@ class RemoteEncoder:
 
     Call `connect` once before use (it waits for the encoder process, which
     may still be loading its model); later calls reconnect by themselves.
-    ``request_timeout_s`` bounds each request, sending included;
-    ``max_request_bytes`` caps the items' bytes in one request (see the
-    module docstring).
+    ``request_timeout_s``: how long the encoder may send nothing while
+    requests wait; ``max_request_bytes`` caps the items' bytes in one request
+    (see the module docstring).
     """
 
     def __init__(self, path: Path, *, max_pixels: int = 40_000_000, min_side: int = 8,
@@ -247,7 +255,10 @@ class RemoteEncoder:
         deadline = loop.time() + wait_s
         while True:
             try:
-                return await self._connect_once()
+                async with self._lock:
+                    if self._link is not None and self.hello is not None:
+                        return self.hello  # connected already
+                    return await self._connect_once()
             except EncoderUnavailable:
                 if loop.time() >= deadline:
                     raise
@@ -273,8 +284,9 @@ class RemoteEncoder:
                 f"the encoder at {self.path} now serves {hello.version}, not "
                 f"{self.hello.version}: restart this feeder to follow it")
         self.hello = hello
-        link = _Link(reader, writer)
+        link = _Link(reader, writer, heard=asyncio.get_running_loop().time())
         link.recv = asyncio.create_task(self._receive(link, hello.dim))
+        link.watch = asyncio.create_task(self._watch(link))
         self._link = link
         logger.info("connected to encoder %s at %s (decode on the %s)", hello.version,
                     self.path, hello.decode)
@@ -282,9 +294,12 @@ class RemoteEncoder:
 
     async def _receive(self, link: _Link, dim: int) -> None:
         error = EncoderUnavailable(f"encoder at {self.path} closed the connection")
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                req_id, results = decode_response(await read_frame(link.reader), dim)
+                payload = await read_frame(link.reader)
+                link.heard = loop.time()
+                req_id, results = decode_response(payload, dim)
                 fut = link.pending.pop(req_id, None)
                 if fut is None or fut.done():
                     continue  # answered after its caller gave up
@@ -292,10 +307,28 @@ class RemoteEncoder:
                     fut.set_exception(results)
                 else:
                     fut.set_result(results)
-        except (OSError, asyncio.IncompleteReadError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - EOF, a reset, or a frame it cannot read
             error = EncoderUnavailable(f"encoder at {self.path} lost: {exc!r}")
         finally:
             self._drop(link, error)
+
+    async def _watch(self, link: _Link) -> None:
+        """Drop ``link`` when requests wait and the encoder is silent.
+
+        Silent: nothing received for ``request_timeout_s`` since the last frame
+        or since requests started waiting (a hung device, or an encoder that
+        stopped reading).
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(min(self.request_timeout_s / 4, 5.0))
+            quiet = loop.time() - link.heard
+            if link.pending and quiet > self.request_timeout_s:
+                self._drop(link, EncoderUnavailable(
+                    f"encoder at {self.path} sent nothing for {self.request_timeout_s:g} s "
+                    f"while {len(link.pending)} requests waited "
+                    "(PINFRESH_ENCODER__REMOTE_TIMEOUT_S): dropping the connection"))
+                return
 
     def _drop(self, link: _Link, exc: BaseException) -> None:
         """Close ``link`` and fail every request waiting on it; the next call reconnects."""
@@ -306,8 +339,9 @@ class RemoteEncoder:
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(exc)
-        if link.recv is not None and link.recv is not asyncio.current_task():
-            link.recv.cancel()
+        for task in (link.recv, link.watch):
+            if task is not None and task is not asyncio.current_task():
+                task.cancel()
 
     # ------------------------------------------------------------- encode
     def _local_items(self, items: Sequence[bytes], hello: Hello
@@ -356,44 +390,48 @@ class RemoteEncoder:
             results[i] = e
         if send:
             groups = split_by_bytes(send, self.max_request_bytes)
-            answers = await asyncio.gather(*(self._request([send[j] for j in g])
-                                             for g in groups))
-            for g, answer in zip(groups, answers, strict=True):
-                for j, res in zip(g, answer, strict=True):
+            tasks = [asyncio.ensure_future(self._request([send[j] for j in g]))
+                     for g in groups]
+            try:
+                # one failed request fails the call: its siblings are cancelled, not encoded
+                # for nothing (the caller retries the whole call)
+                await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                for t in tasks:
+                    t.cancel()
+            errors_ = [t.exception() for t in tasks if t.done() and not t.cancelled()]
+            first = next((e for e in errors_ if e is not None), None)
+            if first is not None:
+                raise first
+            for g, task in zip(groups, tasks, strict=True):
+                for j, res in zip(g, task.result(), strict=True):
                     results[rows[j]] = res
         return [r if r is not None else ImageError(Reason.DECODE_FAILED, "no result")
                 for r in results]
 
     async def _request(self, send: list[tuple[int, bytes]]) -> list[EncodeResult]:
-        """One request on the current connection, answered within ``request_timeout_s``."""
+        """One request on the current connection (the link's watchdog bounds the wait)."""
         link = self._link
         if link is None:
             raise EncoderUnavailable(f"encoder at {self.path} went away")
         req_id = next(self._ids)
         fut: asyncio.Future[list[EncodeResult]] = asyncio.get_running_loop().create_future()
+        if not link.pending:  # the silence that counts starts when something waits
+            link.heard = asyncio.get_running_loop().time()
         link.pending[req_id] = fut
         try:
-            async with asyncio.timeout(self.request_timeout_s):
-                link.writer.writelines(encode_request(req_id, send))
-                self.requests_sent += 1
-                await link.writer.drain()  # back-pressure: the encoder is behind
-                self.images_sent += len(send)
-                return await fut
-        except TimeoutError as exc:
-            # a hung encoder (a CUDA hang): fail what waits on it and reconnect next time
-            lost = EncoderUnavailable(
-                f"encoder at {self.path} gave no answer within {self.request_timeout_s:g} s "
-                "(PINFRESH_ENCODER__REMOTE_TIMEOUT_S): dropping the connection")
-            link.pending.pop(req_id, None)
-            self._drop(link, lost)
-            raise lost from exc
+            link.writer.writelines(encode_request(req_id, send))
+            await link.writer.drain()  # back-pressure: the encoder is behind
+            self.requests_sent += 1
+            self.images_sent += len(send)
+            return await fut
         except (OSError, RuntimeError) as exc:
             lost = EncoderUnavailable(f"encoder at {self.path} lost: {exc!r}")
             link.pending.pop(req_id, None)
             self._drop(link, lost)
             raise lost from exc
         finally:
-            link.pending.pop(req_id, None)  # answered, failed, timed out or cancelled
+            link.pending.pop(req_id, None)  # answered, failed, dropped or cancelled
 
     async def close(self) -> None:
         """Close the connection (calls in flight fail with `EncoderUnavailable`)."""

@@ -20,6 +20,7 @@ status 3, so that its pool restarts it.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
@@ -67,6 +68,9 @@ class EncoderServer:
         self.unhealthy: str | None = None
         self.failed_in_row = 0
         self._health = threading.Lock()
+        # a failed batch puts one exception on every future of it, which may be several
+        # requests' (feeders share batches): each failure object counts once
+        self._counted: collections.deque[BaseException] = collections.deque(maxlen=256)
         # tensor prepare: JPEGs decode on this device; pil: the feeders decode (this
         # process's CPU runs the forward); the null encoder decodes nothing
         self.decode = {"tensor": "server", "pil": "client"}.get(encoder.prepare_kind, "none")
@@ -171,7 +175,7 @@ class EncoderServer:
             f.add_done_callback(done)
 
     def _count(self, failed: BaseException | None) -> None:
-        """Count answered requests whose batch failed as a whole (a device error).
+        """Count batches that failed as a whole (a device error), once each.
 
         After ``max_failed_batches`` in a row the device is taken as broken (a
         sticky CUDA error fails every batch until the process restarts): stop.
@@ -180,6 +184,9 @@ class EncoderServer:
             if failed is None:
                 self.failed_in_row = 0
                 return
+            if any(failed is seen for seen in self._counted):
+                return  # another request of the same failed batch
+            self._counted.append(failed)
             self.failed_in_row += 1
             if self.failed_in_row >= self.max_failed_batches and self.unhealthy is None:
                 self.unhealthy = (f"{self.failed_in_row} batches in a row failed (last: "

@@ -272,6 +272,8 @@ async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, 
     seen: dict[int, tuple[int, float]] = {}  # partition -> (committed, moved_at)
     worst = 0.0
     while True:
+        if liveness is not None:  # the loop runs (a slow broker below must not hide that)
+            liveness.beat(worst)
         try:
             held = {tp.partition for tp in app.consumer.assignment() if tp.topic == k.topic}
             offsets = await partition_offsets(k, partitions=held) if held else {}
@@ -293,11 +295,11 @@ async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, 
             seen = {part: (offsets[part][0], moved[part]) for part in offsets}
             worst = max((now - moved[p] for p, (_, lag) in offsets.items() if lag), default=0.0)
             # the gauges first: a Redis outage must not freeze them
+            if liveness is not None:
+                liveness.beat(worst)
             await cache.report_progress(worker, offsets, moved, now)
         except Exception as exc:  # noqa: BLE001 - a view; the stream goes on
             logger.warning("progress report failed (retried in %.0fs): %s", interval_s, exc)
-        if liveness is not None:  # beats while the loop runs; an outage keeps the last stall
-            liveness.beat(worst)
         await asyncio.sleep(interval_s)
 
 
@@ -420,7 +422,8 @@ def run_worker(settings: Settings, on_exit: Callable[[], None] | None = None,
 
     encoder.on_batch = on_batch
     w = settings.worker
-    liveness = metrics.Liveness(w.liveness_stall_s, 3 * w.progress_interval_s + 30)
+    # beats: every report, and before each (a report may wait 40 s on a slow broker)
+    liveness = metrics.Liveness(w.liveness_stall_s, 3 * w.progress_interval_s + 60)
     serve_metrics(w.metrics_host, w.metrics_port, liveness)
     drain = DrainState()
     app = create_app(settings, encoder, drain, hooks, liveness)

@@ -6,6 +6,7 @@ Workers expose them on ``PINFRESH_WORKER__METRICS_PORT`` (off by default), besid
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -56,6 +57,19 @@ PARTITION_STALLED = Gauge(
     ["partition"])
 
 
+_last_outage: list[float] = []
+
+
+def note_outage(clock: Callable[[], float] = time.monotonic) -> None:
+    """The stream is waiting out an outage now (a store, the broker, the encoder)."""
+    _last_outage[:] = [clock()]
+
+
+def last_outage() -> float | None:
+    """When `note_outage` was last called (monotonic), or None."""
+    return _last_outage[0] if _last_outage else None
+
+
 class Liveness:
     """Whether this worker's pipeline moves: what the pod's liveness probe asks.
 
@@ -63,12 +77,15 @@ class Liveness:
     partition with lag has not moved. `check` fails when a partition has been
     stuck for ``stall_s`` (a hung encoder, a wedged batch) or the loop itself
     stopped beating for ``beat_s`` (the event loop is blocked). Before the
-    first beat (start-up: loading the model, joining the group) it passes.
+    first beat (start-up: loading the model, joining the group) it passes. A
+    stall while the stream waits out an outage (it retried within ``beat_s``)
+    passes too: a restart would not end the outage.
     """
 
     def __init__(self, stall_s: float, beat_s: float,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.stall_s, self.beat_s, self.clock = stall_s, beat_s, clock
+                 clock: Callable[[], float] = time.monotonic,
+                 outage: Callable[[], float | None] = last_outage) -> None:
+        self.stall_s, self.beat_s, self.clock, self.outage = stall_s, beat_s, clock, outage
         self.last_beat: float | None = None
         self.worst_stall = 0.0
 
@@ -84,6 +101,9 @@ class Liveness:
         if quiet > self.beat_s:
             return False, f"no progress report for {quiet:.0f} s (the event loop is stuck)"
         if self.worst_stall > self.stall_s:
+            outage = self.outage()
+            if outage is not None and self.clock() - outage < self.beat_s:
+                return True, f"stalled {self.worst_stall:.0f} s, waiting out an outage"
             return False, (f"a partition with lag has not moved for {self.worst_stall:.0f} s "
                            f"(> {self.stall_s:.0f} s)")
         return True, "ok"
@@ -107,7 +127,11 @@ def serve_metrics(host: str, port: int, liveness: Liveness | None = None) -> int
             return [why.encode() + b"\n"]
         return metrics_app(environ, start_response)  # type: ignore[no-any-return]
 
-    httpd = make_server(host, port, app, _ThreadingServer, handler_class=_QuietHandler)
+    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    server_class: type[_ThreadingServer] = type(
+        "_Server", (_ThreadingServer,), {"address_family": family})
+    httpd: WSGIServer = make_server(host, port, app, server_class,
+                                    handler_class=_QuietHandler)
     threading.Thread(target=httpd.serve_forever, daemon=True, name="metrics").start()
     return int(httpd.server_port)
 

@@ -392,6 +392,7 @@ class PinProcessor:
         """
         def note(exc: BaseException, attempt: int, wait: float) -> None:
             metrics.RETRIES.labels(stage=stage).inc()
+            metrics.note_outage()  # a stall now is the outage's, not a hang (liveness)
             logger.warning("%s unavailable (attempt %d, retry in %.1fs): %s",
                            stage, attempt, wait, exc)
 

@@ -184,7 +184,8 @@ class WorkerSettings(BaseModel):
     liveness_stall_s: float = Field(
         900.0, gt=0, description="the metrics port's /healthz answers 503 (the pod's liveness "
         "probe restarts the worker) when a held partition with lag has not moved for this "
-        "long, or the progress reports stopped for 3 intervals + 30 s")
+        "long (not while the stream waits out an outage), or the progress loop stopped for "
+        "3 intervals + 60 s")
     internal_error_attempts: int = Field(
         3, ge=1, le=20, description="tries for an event that raises an unexpected error "
         "(isolated from its batch first) before it is dead-lettered as internal_error"

@@ -456,8 +456,9 @@ def _api(s: Settings, probe: str) -> Iterator[str]:
                 try:
                     client.get_embeddings([probe])
                     break
-                except ApiClientError:
-                    if time.monotonic() > deadline or server.poll() is not None:
+                except ApiClientError as exc:
+                    if exc.status != 503 or time.monotonic() > deadline \
+                            or server.poll() is not None:
                         raise
                     time.sleep(0.2)
         yield url

@@ -19,7 +19,7 @@ class Clock:
 
 def test_liveness_fails_on_a_stuck_partition_or_a_silent_loop():
     clock = Clock()
-    live = Liveness(stall_s=900, beat_s=60, clock=clock)
+    live = Liveness(stall_s=900, beat_s=60, clock=clock, outage=lambda: None)
     assert live.check() == (True, "starting")  # loading the model, joining the group
     live.beat(0.0)
     assert live.check()[0]
@@ -35,9 +35,24 @@ def test_liveness_fails_on_a_stuck_partition_or_a_silent_loop():
     assert not alive and "no progress report for 61 s" in why
 
 
+def test_a_stall_while_waiting_out_an_outage_passes():
+    clock = Clock()
+    outage: list[float] = []
+    live = Liveness(stall_s=900, beat_s=60, clock=clock,
+                    outage=lambda: outage[0] if outage else None)
+    live.beat(1000.0)
+    assert not live.check()[0]
+    outage.append(clock.now - 5)  # the processor retried a store 5 s ago
+    alive, why = live.check()
+    assert alive and "waiting out an outage" in why
+    clock.now += 61  # ... and then not any more, still stalled
+    live.beat(1061.0)
+    assert not live.check()[0]
+
+
 def test_metrics_port_serves_healthz_and_metrics():
     clock = Clock()
-    live = Liveness(stall_s=10, beat_s=60, clock=clock)
+    live = Liveness(stall_s=10, beat_s=60, clock=clock, outage=lambda: None)
     port = serve_metrics("127.0.0.1", free_port(), live)
     base = f"http://127.0.0.1:{port}"
     with urllib.request.urlopen(base + "/healthz", timeout=30) as r:

@@ -105,19 +105,32 @@ async def test_a_missing_encoder_is_an_outage_not_an_image_error(tmp_path):
 
 # ---------------------------------------------------- nothing hangs, nothing too big
 class _Broken(NullEncoder):
-    """A device that fails every batch (a sticky CUDA error) until ``healed``."""
+    """A device that fails every batch (a sticky CUDA error) until ``healed``; with
+    ``one_batch`` every request's items are in the same failed batch (one exception)."""
 
     healed = False
+    one_batch: BaseException | None = None
 
     def submit(self, items):
         if self.healed:
             return super().submit(items)
+        exc = self.one_batch or RuntimeError("CUDA error: an illegal memory access")
         out = []
         for _ in items:
             fut = Future()
-            fut.set_exception(RuntimeError("CUDA error: an illegal memory access"))
+            fut.set_exception(exc)
             out.append(fut)
         return out
+
+
+class _Slow(NullEncoder):
+    """Answers each request ``delay`` seconds after the previous one (a busy encoder)."""
+
+    delay = 0.5
+
+    def submit(self, items):
+        time.sleep(self.delay)
+        return super().submit(items)
 
 
 def _serve_null(path, encoder=None, **kw):
@@ -178,7 +191,7 @@ async def test_a_hung_encoder_times_out_drops_and_the_next_call_reconnects(tmp_p
     calls = [remote.encode_images_async([b"a", b"b"]) for _ in range(3)]
     # (bounded here too: without the client's deadline these would wait for ever)
     outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 120)
-    assert all(isinstance(o, EncoderUnavailable) and "no answer within 0.5 s" in str(o)
+    assert all(isinstance(o, EncoderUnavailable) and "sent nothing for 0.5 s" in str(o)
                for o in outcomes), outcomes
     assert remote.in_flight == 0 and remote._link is None  # dropped, nothing pending
     # a cancelled call leaves nothing pending either
@@ -196,6 +209,7 @@ async def test_a_hung_encoder_times_out_drops_and_the_next_call_reconnects(tmp_p
         assert time.monotonic() < deadline
         await asyncio.sleep(0.01)
     # the pool restarted the encoder: the same call now goes through, same vectors
+    remote.request_timeout_s = 60  # a healthy answer on a loaded machine
     async with _serving_null(path, NullEncoder(dim=8), remote):
         got = await remote.encode_images_async([b"a", b"b"])
     want = null.encode_images([b"a", b"b"])
@@ -235,3 +249,29 @@ async def test_a_batch_over_the_byte_cap_goes_as_several_requests(tmp_path):
     assert remote.requests_sent == 6
     want = null.encode_images(items)  # float64 here, float32 on the wire
     assert all(np.array_equal(g, w.astype(np.float32)) for g, w in zip(got, want, strict=True))
+
+
+async def test_a_slow_encoder_that_keeps_answering_is_not_cut_off(tmp_path):
+    """Six requests answered 0.5 s apart (3 s in all) under a 2 s silence limit."""
+    path = tmp_path / "enc.sock"
+    remote = RemoteEncoder(path, request_timeout_s=2.0)
+    async with _serving_null(path, _Slow(dim=8), remote):
+        await remote.connect(wait_s=10)
+        got = await asyncio.gather(*(remote.encode_images_async([bytes([i])])
+                                     for i in range(6)))
+    assert all(isinstance(r[0], np.ndarray) for r in got)
+
+
+async def test_one_failed_batch_spanning_requests_counts_once(tmp_path):
+    path = tmp_path / "enc.sock"
+    broken = _Broken(dim=8)
+    broken.one_batch = RuntimeError("CUDA out of memory (one batch)")
+    remote = RemoteEncoder(path, request_timeout_s=60)
+    async with _serving_null(path, broken, remote) as server:
+        server.max_failed_batches = 2
+        await remote.connect(wait_s=10)
+        outcomes = await asyncio.gather(*(remote.encode_images_async([b"x"])
+                                          for _ in range(3)), return_exceptions=True)
+        assert all(isinstance(o, EncoderUnavailable) for o in outcomes)
+        # three requests, one failed batch: still serving
+        assert server.failed_in_row == 1 and server.unhealthy is None
