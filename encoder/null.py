@@ -65,6 +65,8 @@ class NullEncoder:
     def submit(self, items: Sequence[bytes]) -> list[Future[EncodeResult]]:
         """Completed futures, one per item (what an encoder process calls)."""
         out: list[Future[EncodeResult]] = []
+        if self.on_batch is not None:  # one request is one batch here
+            self.on_batch(len(items), 0.0)
         for res in self.encode_images([bytes(b) for b in items]):
             fut: Future[EncodeResult] = Future()
             fut.set_result(res)

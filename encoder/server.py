@@ -16,6 +16,13 @@ the pool has restarted it. An encoder whose batches fail
 ``max_failed_batches`` times in a row (``PINFRESH_ENCODER__MAX_FAILED_BATCHES``;
 a device error, e.g. a sticky CUDA error) stops and its command exits with
 status 3, so that its pool restarts it.
+
+What it does is counted (`EncoderServer.snapshot`): images held and answered,
+batches and their sizes, the last answer's time, feeders connected. The command
+serves these as ``pinfresh_encoder_*`` Prometheus metrics with a ``/healthz``
+(`EncoderServer.check`: 503 once it is stopping as unhealthy, or when it holds
+images and has answered none for ``stall_s``) and reports them to Redis every
+few seconds for ``pinfresh status``.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import queue
 import socket
 import struct
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -39,6 +47,7 @@ from encoder.engine import EncodeResult, ImageEncoder
 from encoder.errors import ImageError
 from encoder.null import NullEncoder
 from encoder.remote import KIND_PIXELS, MAX_FRAME, decode_request, encode_response, frame
+from streams import metrics
 
 logger = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
@@ -60,8 +69,11 @@ class EncoderServer:
     """Serves one loaded encoder at a Unix socket (see the module docstring)."""
 
     def __init__(self, encoder: ImageEncoder | NullEncoder, path: Path,
-                 max_failed_batches: int = 3) -> None:
+                 max_failed_batches: int = 3, device: str = "cpu",
+                 stall_s: float = 900.0) -> None:
         self.encoder = encoder
+        self.device = device
+        self.stall_s = stall_s
         self.path = path
         self.max_failed_batches = max_failed_batches
         #: set when this process should be replaced (batches kept failing); it stops
@@ -79,6 +91,49 @@ class EncoderServer:
         self._stop = threading.Event()
         self._sock: socket.socket | None = None
         self.connections = 0
+        # what `snapshot` reports (under _health)
+        self.started_at = time.time()
+        self.open_feeders = 0
+        self.queued = 0  # images received and not yet answered
+        self.images = 0
+        self.requests = 0
+        self.batches = 0
+        self.failed_requests = 0
+        self.last_answer_at: float | None = None
+        self._waiting_since: float | None = None  # the oldest time queued went above 0
+        metrics.ENCODER_INFO.labels(version=encoder.version, device=device).set(1)
+        encoder.on_batch = self._on_batch
+
+    def _on_batch(self, size: int, wait_s: float) -> None:
+        metrics.ENCODER_BATCH.observe(size)
+        metrics.ENCODER_BATCH_WAIT.observe(wait_s)
+        with self._health:
+            self.batches += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        """What this process has done, for ``pinfresh status`` (JSON-ready)."""
+        with self._health:
+            return {"version": self.encoder.version, "device": self.device, "pid": os.getpid(),
+                    "socket": str(self.path), "started_at": self.started_at,
+                    "feeders": self.open_feeders, "queue_depth": self.queued,
+                    "images_total": self.images, "requests_total": self.requests,
+                    "batches_total": self.batches, "failed_requests_total": self.failed_requests,
+                    "failed_in_row": self.failed_in_row, "last_answer_at": self.last_answer_at,
+                    "unhealthy": self.unhealthy}
+
+    def check(self, now: float | None = None) -> tuple[bool, str]:
+        """``(alive, one line why)`` for ``/healthz``: the pod's liveness probe."""
+        now = time.time() if now is None else now
+        with self._health:
+            if self.unhealthy:
+                return False, f"stopping: {self.unhealthy}"
+            since = self._waiting_since
+            if self.queued and since is not None:
+                last = max(since, self.last_answer_at or 0.0)
+                if now - last > self.stall_s:
+                    return False, (f"{self.queued} images held and none answered for "
+                                   f"{now - last:.0f} s (> {self.stall_s:.0f} s)")
+        return True, "ok"
 
     def hello(self) -> bytes:
         """The JSON hello a feeder reads on connect."""
@@ -131,6 +186,9 @@ class EncoderServer:
         writer = threading.Thread(target=self._write, args=(conn, out), daemon=True)
         writer.start()
         out.put(frame(self.hello()))
+        with self._health:
+            self.open_feeders += 1
+            metrics.ENCODER_FEEDERS.set(self.open_feeders)
         try:
             while True:
                 head = _recv_exactly(conn, _LEN.size)
@@ -149,6 +207,9 @@ class EncoderServer:
             out.put(None)
             writer.join(timeout=30)
             conn.close()
+            with self._health:
+                self.open_feeders -= 1
+                metrics.ENCODER_FEEDERS.set(self.open_feeders)
 
     def _request(self, payload: memoryview, out: queue.Queue[Any]) -> None:
         req_id, raw = decode_request(payload)
@@ -159,6 +220,7 @@ class EncoderServer:
                     self.size, self.size, 3))
             else:
                 items.append(bytes(body))
+        self._hold(len(items))
         futures = self.encoder.submit(items)  # blocks while the pipeline is full
         n = len(futures)
         lock = threading.Lock()
@@ -173,6 +235,29 @@ class EncoderServer:
 
         for f in futures:
             f.add_done_callback(done)
+
+    def _hold(self, n: int) -> None:
+        with self._health:
+            if not self.queued:
+                self._waiting_since = time.time()
+            self.queued += n
+            metrics.ENCODER_QUEUE.set(self.queued)
+
+    def _answered(self, n: int, failed: bool) -> None:
+        now = time.time()
+        with self._health:
+            self.queued -= n
+            self.images += n
+            self.requests += 1
+            self.failed_requests += int(failed)
+            self.last_answer_at = now
+            if not self.queued:
+                self._waiting_since = None
+            metrics.ENCODER_QUEUE.set(self.queued)
+        metrics.ENCODER_IMAGES.inc(n)
+        metrics.ENCODER_LAST_BATCH.set(now)
+        if failed:
+            metrics.ENCODER_FAILED_BATCHES.inc()
 
     def _count(self, failed: BaseException | None) -> None:
         """Count batches that failed as a whole (a device error), once each.
@@ -219,6 +304,7 @@ class EncoderServer:
                     else:
                         vecs[i] = res
                 self._count(failed)
+                self._answered(len(futures), failed is not None)
                 data = frame(encode_response(req_id, vecs, errors, failed=failed))
             try:
                 conn.sendall(data)

@@ -457,6 +457,20 @@ class RedisCache:
         raw = await self._do(lambda: self._r.hgetall(self.reg_key("progress")))
         return {int(as_text(k)): json.loads(as_text(v)) for k, v in raw.items()}
 
+    async def report_encoder(self, name: str, snapshot: Mapping[str, Any]) -> None:
+        """Record an encoder process's counters (``{p}:encoders``, field ``name``), with now."""
+        entry = json.dumps({**snapshot, "at": time.time()})
+        await self._do(lambda: self._r.hset(self.reg_key("encoders"), name, entry))
+
+    async def encoders(self) -> dict[str, dict[str, Any]]:
+        """Every encoder process's last report (see `report_encoder`)."""
+        raw = await self._do(lambda: self._r.hgetall(self.reg_key("encoders")))
+        return {as_text(k): json.loads(as_text(v)) for k, v in raw.items()}
+
+    async def forget_encoder(self, name: str) -> None:
+        """Remove an encoder process's report (it stopped on purpose)."""
+        await self._do(lambda: self._r.hdel(self.reg_key("encoders"), name))
+
     async def forget_writers(self, names: Sequence[str]) -> None:
         """Remove the reports of writers that are gone."""
         if names:

@@ -1,7 +1,9 @@
-"""Every Prometheus metric of the workers, declared in one place.
+"""Every Prometheus metric of the workers and encoder processes, declared in one place.
 
 Workers expose them on ``PINFRESH_WORKER__METRICS_PORT`` (off by default), beside
-``/healthz``: the worker's liveness (`Liveness`), for the pod's probe.
+``/healthz``: the worker's liveness (`Liveness`), for the pod's probe. An encoder
+process (``pinfresh encoder serve``) serves the ``pinfresh_encoder_*`` ones the
+same way (the pool gives it the port after its stream processes').
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
-from typing import Any
+from typing import Any, Protocol
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import Counter, Gauge, Histogram, make_wsgi_app
@@ -47,6 +49,21 @@ ENCODER_BATCH_WAIT = Histogram(
     "pinfresh_encoder_batch_wait_seconds", "First image in a batch to the batch's dispatch",
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25),
 )
+ENCODER_QUEUE = Gauge(
+    "pinfresh_encoder_queue_depth",
+    "Images an encoder process holds: received from feeders, not yet answered")
+ENCODER_IMAGES = Counter(
+    "pinfresh_encoder_images_total",
+    "Images an encoder process answered (a vector or a per-image error)")
+ENCODER_FAILED_BATCHES = Counter(
+    "pinfresh_encoder_failed_batches_total",
+    "Requests an encoder process answered with a whole-batch failure (a device error)")
+ENCODER_LAST_BATCH = Gauge(
+    "pinfresh_encoder_last_batch_timestamp_seconds",
+    "Unix time an encoder process last answered a request (0: not yet)")
+ENCODER_FEEDERS = Gauge("pinfresh_encoder_feeders", "Feeder connections an encoder process has")
+ENCODER_INFO = Gauge("pinfresh_encoder_info", "The version and device an encoder process serves",
+                     ["version", "device"])
 MODEL_INFO = Gauge("pinfresh_worker_model_info", "Model version the worker writes", ["version"])
 CONSUMER_LAG = Gauge(
     "pinfresh_consumer_lag", "Events not yet committed, per partition this worker holds",
@@ -109,7 +126,11 @@ class Liveness:
         return True, "ok"
 
 
-def serve_metrics(host: str, port: int, liveness: Liveness | None = None) -> int:
+class _Checks(Protocol):
+    def check(self) -> tuple[bool, str]: ...
+
+
+def serve_metrics(host: str, port: int, liveness: _Checks | None = None) -> int:
     """Serve ``/metrics`` and ``/healthz`` from a background thread; port 0 = off.
 
     ``/healthz`` answers 200, or 503 when ``liveness`` fails, with one line why.

@@ -47,6 +47,12 @@ class StackSettings(BaseModel):
     data_dir: Path = Field(Path("data"), description="root of all embedded service data")
     host: str = Field("127.0.0.1", description="bind address (loopback unless you mean it)")
     kafka_port: int = Field(19092, ge=0, le=65535)
+    kafka_log: Literal["disk", "memory"] = Field(
+        "disk",
+        description="disk: the broker's log (records, high watermarks, consumer groups' "
+        "offsets) is files under <data_dir>/kafka, kept across broker restarts; memory: "
+        "Tansu's in-memory engine, lost whenever the broker stops",
+    )
     redis_port: int = Field(16379, ge=0, le=65535)
     redis_cluster: int = Field(
         0, ge=0, le=16,

@@ -93,10 +93,10 @@ def end_to_end(args: argparse.Namespace, corpus: Path, models: list[str], cores:
     """Store write ceiling, then one feeders + encoder process run per model (`bench_e2e`)."""
     import tempfile
 
-    from streams.settings import Settings
     from streams.bench.e2e import run_e2e, store_write_ceiling
     from streams.runtime.pool import auto_feeders
     from streams.runtime.stack import EmbeddedStack, StackSettings
+    from streams.settings import Settings
 
     feeders = args.feeders or auto_feeders(1, cores)
     files = sorted(corpus.glob("img-*.jpg"))[: args.e2e_images]

@@ -103,4 +103,4 @@ async def _demo(settings: Settings, items: list, console: Console) -> dict[str, 
         finally:
             stop_pid(worker.pid)
             console.print("worker stopped; the stack is still running: `pinfresh down` stops it "
-                          "(the embedded broker keeps its log in memory only).")
+                          "(its data, the broker's log included, stays under the data dir).")

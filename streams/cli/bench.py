@@ -216,3 +216,17 @@ def bench_partitions(ctx: Ctx, counts: str, pins: int, feeders: int, out: Path) 
 
     run_partitions_bench(ctx.settings, [int(x) for x in counts.split(",")], pins, feeders,
                          out, console)
+
+
+@bench.command("broker")
+@click.option("--pins", type=int, default=10_000, show_default=True)
+@click.option("--feeders", type=int, default=2, show_default=True)
+@click.option("--rounds", type=int, default=3, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("bench/results/broker.json"), show_default=True)
+@pass_ctx
+def bench_broker(ctx: Ctx, pins: int, feeders: int, rounds: int, out: Path) -> None:
+    """The embedded broker's log in memory vs on disk: publish, consume, worker drain."""
+    from streams.bench.broker import run_broker_bench
+
+    run_broker_bench(ctx.settings, pins, feeders, rounds, out, console)

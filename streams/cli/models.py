@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import json
+import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 from rich.table import Table
 
 from streams.cli.base import Ctx, cli, console, err_console, pass_ctx
+
+if TYPE_CHECKING:
+    from encoder.server import EncoderServer
 
 
 @cli.group()
@@ -25,24 +30,88 @@ def encoder_serve(ctx: Ctx, socket_path: Path) -> None:
 
     Model and device: PINFRESH_ENCODER__MODEL, __CHECKPOINT, __DEVICE, __DTYPE;
     `pinfresh worker --devices 0 --feeders N` starts it with its feeders.
+    Metrics (pinfresh_encoder_*) and /healthz on PINFRESH_WORKER__METRICS_PORT
+    (the pool gives it the port after its stream processes'); it reports to
+    Redis every PINFRESH_WORKER__PROGRESS_INTERVAL_S for `pinfresh status`.
     """
+    import os
     import signal as _signal
+    import socket as _socket
 
     from encoder.loading import load_encoder
     from encoder.server import EncoderServer
+    from streams.metrics import serve_metrics
 
     enc = load_encoder(ctx.settings.encoder)
+    device = str(getattr(enc, "device", "cpu"))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if device.startswith("cuda") and visible:
+        device = f"cuda (GPU {visible})"  # the host's index, not the process's cuda:0
+    ws = ctx.settings.worker
     server = EncoderServer(enc, socket_path,
-                           max_failed_batches=ctx.settings.encoder.max_failed_batches)
+                           max_failed_batches=ctx.settings.encoder.max_failed_batches,
+                           device=device, stall_s=ws.liveness_stall_s)
+    serve_metrics(ws.metrics_host, ws.metrics_port, server)
+    name = f"{_socket.gethostname()}:{socket_path.name.removesuffix('.sock')}"
+    done = threading.Event()
+    reporter = threading.Thread(target=_report_encoder, daemon=True, name="report",
+                                args=(ctx, server, name, done))
+    reporter.start()
     _signal.signal(_signal.SIGTERM, lambda *_: server.stop())
     try:
         server.serve_forever()
     finally:
+        done.set()
+        reporter.join(timeout=10)
         enc.close()
     if server.unhealthy:  # the pool restarts an encoder process that exits
         err_console.print(f"[red]error:[/] encoder stopped: {server.unhealthy}",
                           highlight=False)
         raise SystemExit(3)
+
+
+def _report_encoder(ctx: Ctx, server: EncoderServer, name: str,
+                    done: threading.Event) -> None:
+    """Report `EncoderServer.snapshot` to Redis until ``done``; forget it on a clean stop.
+
+    Redis being down is logged and retried at the next interval: the encoder
+    keeps serving its feeders either way.
+    """
+    import asyncio
+    import contextlib
+    import logging
+    import time
+
+    from store.redis import RedisCache
+
+    log = logging.getLogger("encoder.server")
+    interval = ctx.settings.worker.progress_interval_s
+
+    async def run() -> None:
+        cache = RedisCache(ctx.settings.redis)
+        prev: tuple[float, int] | None = None  # (time, images) of the last report
+        try:
+            while True:
+                snap = server.snapshot()
+                now = time.monotonic()
+                if prev is not None and now > prev[0]:
+                    snap["images_per_s"] = round((snap["images_total"] - prev[1])
+                                                 / (now - prev[0]), 1)
+                prev = (now, snap["images_total"])
+                try:
+                    await asyncio.wait_for(cache.report_encoder(name, snap), timeout=interval)
+                except Exception as exc:  # noqa: BLE001 - a view; serving goes on
+                    log.warning("encoder report to Redis failed (retried in %.0f s): %s",
+                                interval, exc)
+                if await asyncio.to_thread(done.wait, interval):
+                    break
+            if server.unhealthy is None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(cache.forget_encoder(name), timeout=interval)
+        finally:
+            await cache.close()
+
+    asyncio.run(run())
 
 
 @encoder.command("precision")

@@ -16,7 +16,7 @@ from streams.cli.base import Ctx, cli, console, pass_ctx
               "PINFRESH_STACK__REDIS_CLUSTER, 0 = one node)")
 @pass_ctx
 def up(ctx: Ctx, redis_cluster: int | None) -> None:
-    """Start the embedded Kafka broker, Valkey and Milvus Lite on loopback.
+    """Start the embedded Kafka broker, Valkey and Milvus on loopback (what is down only).
 
     Ports: PINFRESH_STACK__KAFKA_PORT / __REDIS_PORT / __MILVUS_PORT (0 = free port);
     data: PINFRESH_STACK__DATA_DIR. With --redis-cluster N the Valkey nodes use
@@ -34,22 +34,25 @@ def up(ctx: Ctx, redis_cluster: int | None) -> None:
                   f"milvus {info.milvus_uri}")
     console.print("started: " + (", ".join(stack.started) if stack.started
                                  else "nothing (all running)"))
-    console.print("Note: the embedded broker keeps its log in memory; it is lost when the "
-                  "broker stops (`down`, or `restart kafka`).")
+    if st.kafka_log == "memory":
+        console.print("Note: PINFRESH_STACK__KAFKA_LOG=memory: the broker keeps its log in "
+                      "memory; it is lost when the broker stops (`down`, `restart kafka`).")
 
 
 @cli.command()
 @click.argument("service")
-@click.option("--force", is_flag=True, help="restart the broker too (it loses its log)")
+@click.option("--force", is_flag=True,
+              help="restart a broker whose log is in memory (PINFRESH_STACK__KAFKA_LOG=memory) "
+              "although it loses it")
 @pass_ctx
 def restart(ctx: Ctx, service: str, force: bool) -> None:
     """Stop one embedded service and start it again on its port and data.
 
     SERVICE: milvus, redis (redis-N for node N of a cluster) or kafka. The
-    others keep running. Valkey reloads its AOF and Milvus its data; the
-    embedded broker keeps its log in memory, so restarting it loses every
-    event not yet consumed, the dead letters and the group's offsets: refused
-    without --force.
+    others keep running. Valkey reloads its AOF, Milvus its data and the
+    broker its log (records, dead letters, consumer groups' offsets) from
+    data/kafka; clients reconnect. With PINFRESH_STACK__KAFKA_LOG=memory a
+    broker restart loses that log: refused without --force.
     """
     from encoder.errors import StackError
     from streams.runtime.stack import EmbeddedStack, _service_of
@@ -57,10 +60,10 @@ def restart(ctx: Ctx, service: str, force: bool) -> None:
     name, node = _service_of(service)
     if name not in ("kafka", "redis", "milvus"):
         raise click.BadParameter("milvus, redis, redis-N or kafka", param_hint="SERVICE")
-    if name == "kafka" and not force:
-        raise StackError("restarting the embedded broker loses its log (events not yet "
-                         "consumed, dead letters, committed offsets): add --force to do it "
-                         "anyway")
+    if name == "kafka" and ctx.settings.stack.kafka_log == "memory" and not force:
+        raise StackError("PINFRESH_STACK__KAFKA_LOG=memory: restarting the embedded broker "
+                         "loses its log (events not yet consumed, dead letters, committed "
+                         "offsets): add --force to do it anyway")
     stack = EmbeddedStack(ctx.settings.stack)
     stack.restart_service(name, node)
     console.print(f"{service} restarted")

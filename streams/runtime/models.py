@@ -26,6 +26,24 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
 
 
+def default_catalogs(settings: Settings, names: tuple[str, ...]) -> list[Path]:
+    """The sample catalogs of this data dir, prepared first where missing.
+
+    A data dir other than the one `catalog prepare` ran in has none yet; the
+    training commands make them (as `encoder compare` does) rather than stop.
+    """
+    from streams.runtime.catalog import prepare_emoji_catalog, prepare_sample_catalog
+
+    make = {"tuxpaint": prepare_sample_catalog, "emoji": prepare_emoji_catalog}
+    out = []
+    for name in names:
+        path = settings.paths.catalog(name)
+        if not path.is_file():
+            path = make[name](settings.paths.root)
+        out.append(path)
+    return out
+
+
 def train_domain_encoder(settings: Settings, catalogs: list[Path], out: Path, hold_out: bool,
                          epochs: int, unfreeze_last: int, seed: int) -> dict[str, Any]:
     """Train the domain encoder on catalogs (default: Tux Paint + emoji); returns a summary."""
@@ -35,7 +53,7 @@ def train_domain_encoder(settings: Settings, catalogs: list[Path], out: Path, ho
 
     quiet_transformers()
     p = settings.paths
-    paths = catalogs or [p.catalog("tuxpaint"), p.catalog("emoji")]
+    paths = catalogs or default_catalogs(settings, ("tuxpaint", "emoji"))
     pairs = read_pairs(paths)
     train_pairs, test_pairs = split_by_caption(pairs) if hold_out else (pairs, [])
     version, metrics, losses = train_checkpoint(
@@ -54,7 +72,7 @@ def eval_encoder(settings: Settings, checkpoint: Path | None, catalogs: list[Pat
     from encoder.train import compute_features, evaluate
 
     quiet_transformers()
-    paths = catalogs or [settings.paths.catalog("tuxpaint")]
+    paths = catalogs or default_catalogs(settings, ("tuxpaint",))
     _, test = split_by_caption(read_pairs(paths))
     spec = model_spec(settings.encoder.model, checkpoint)
     model = build_clip(spec, checkpoint)

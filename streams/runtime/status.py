@@ -149,6 +149,7 @@ async def collect_status(settings: Settings, interval: float = 1.0,
                 if now - float(rec["at"]) <= stalled_after_s and rec["worker"] in workers:
                     workers[rec["worker"]]["partitions"].append(part)
             out["workers"] = workers
+            out["encoders"] = encoder_view(await cache.encoders(), now, stalled_after_s)
             if "lag" in out:
                 alive = any(now - float(rep["at"]) <= stalled_after_s
                             for rep in writers.values())
@@ -176,9 +177,33 @@ async def collect_status(settings: Settings, interval: float = 1.0,
                 for v in versions if v.state != "retired"
             ]
     for key in ("lag_total", "freshness_p99_s", "live_version", "dlq_total", "pipeline",
-                "partitions_stalled", "workers"):
+                "partitions_stalled", "workers", "encoders"):
         out.setdefault(key, None)  # None: not known (its service is down)
     out["stalled_after_s"] = stalled_after_s
+    return out
+
+
+def encoder_view(reports: dict[str, dict[str, Any]], now: float, stalled_after_s: float
+                 ) -> dict[str, dict[str, Any]]:
+    """Encoder processes from their Redis reports: ``down`` when silent for ``stalled_after_s``.
+
+    A process that stopped on purpose removed its report; one that was killed
+    or hangs keeps its last one, so it shows as down until the pool's new one
+    reports under the same name.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for name, rep in sorted(reports.items()):
+        ago = now - float(rep["at"])
+        state = ("down: " + rep["unhealthy"] if rep.get("unhealthy") else
+                 f"down: no report for {ago:.0f} s" if ago > stalled_after_s else "ok")
+        last = rep.get("last_answer_at")
+        out[name] = {"state": state, "last_report_s_ago": round(ago, 1),
+                     "version": rep.get("version"), "device": rep.get("device"),
+                     "feeders": rep.get("feeders"), "queue_depth": rep.get("queue_depth"),
+                     "images_total": rep.get("images_total"),
+                     "images_per_s": rep.get("images_per_s"),
+                     "batches_total": rep.get("batches_total"),
+                     "last_answer_s_ago": round(now - float(last), 1) if last else None}
     return out
 
 
@@ -216,4 +241,13 @@ def render(st: dict[str, Any]) -> Group:
     for name, w in sorted((st.get("workers") or {}).items()):
         workers.add_row(name, str(w["last_report_s_ago"]), ", ".join(w["writes"]),
                         " ".join(map(str, w["partitions"])) or "-")
-    return Group(head, workers, parts, vers, dlq)
+    encoders = Table(title="encoder processes (their last report)")
+    for col in ("encoder", "state", "version", "device", "feeders", "queue", "images/s",
+                "last answer, s ago"):
+        encoders.add_column(col, overflow="fold")
+    for name, e in (st.get("encoders") or {}).items():
+        encoders.add_row(name, e["state"], str(e["version"]), str(e["device"]),
+                         str(e["feeders"]), str(e["queue_depth"]), str(e["images_per_s"]),
+                         str(e["last_answer_s_ago"] if e["last_answer_s_ago"] is not None
+                             else "-"))
+    return Group(head, workers, encoders, parts, vers, dlq)

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import io
 import json
+import signal
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,6 +23,7 @@ from PIL import Image
 from store.verify import verify_cache
 from streams.events import PinEvent, Reason
 from streams.producer import publish_raw
+from streams.runtime.status import collect_status
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
@@ -189,6 +191,47 @@ async def test_backend_down_then_back(private_pipeline, catalog, service, node, 
                    "the stream pauses with capped backoff and resumes; nothing lost",
                    f"worker retried {int(retries)}+ times, then all 40 servable and stores "
                    "agree after restart")
+
+
+async def test_broker_sigkilled_keeps_its_log(private_pipeline, catalog, fault_case):
+    """The embedded broker SIGKILLed with events not yet consumed, then restarted.
+
+    Its log is files (`streams.runtime.broker`): the unconsumed events, the
+    dead letters and the group's committed offsets are all there afterwards.
+    """
+    p = private_pipeline
+    first, second = catalog[40:60], catalog[60:100]
+    p.start_worker("w1", retry_backoff_s=0.2, retry_backoff_max_s=1.0)
+    await p.publish([it.event(1) for it in first])
+    await p.publish_raw([(b"not-json", b"{this is not an event")])
+    meta, letters = await p.settle([it.pin_id for it in first] + ["not-json"], timeout=180)
+    assert len(meta) == 20 and set(letters) == {"not-json"}
+    version = await p.cache.get_live()
+    p.kill_worker("w1", signal.SIGTERM)  # drains and commits; the next events wait in the log
+    await p.publish([it.event(1) for it in second])
+    p.stack.kill_service("kafka")
+    p.stack.start_service("kafka")
+    letters_after = [dl.pin_id for dl in await p.dead_letters()]
+    assert letters_after == ["not-json"], letters_after  # listed, one copy
+    p.start_worker("w1", retry_backoff_s=0.2, retry_backoff_max_s=1.0)
+    ids = [it.pin_id for it in first + second]
+    meta = await p.wait(ids, timeout=180)
+    assert len(meta) == 60
+    assert await p.milvus.count(version) == 60
+    await _stores_agree(p, version)
+    # the restarted worker resumed from the committed offsets: the first 20 were not
+    # consumed again
+    written = p.wait_metric("pinfresh_events_total", len(second), labels='{outcome="written"}')
+    consumed = sum(p.metric("pinfresh_events_total", "w1", f'{{outcome="{o}"}}')
+                   for o in ("written", "skipped", "deleted", "dead_letter"))
+    assert written == consumed == len(second), (written, consumed)
+    assert [dl.pin_id for dl in await p.dead_letters()] == ["not-json"]
+    fault_case.add("outage: the embedded broker SIGKILLed with 40 events unconsumed, "
+                   "then restarted",
+                   "its log is on disk: nothing lost, nothing consumed twice, dead letters kept",
+                   f"all 60 servable, stores agree, the restarted worker consumed "
+                   f"{int(consumed)} events (the 40 waiting), 1 dead letter listed before and "
+                   "after")
 
 
 # ------------------------------------------------------ hostile servers
@@ -524,8 +567,26 @@ async def test_feeders_share_one_encoder_process_and_survive_kills(pipeline, cat
             fault_case.add(case, "the pool restarts it; every pin servable once, stores agree",
                            f"{len(meta)}/{len(ids)} servable once, stores agree, vectors equal "
                            "the in-process encoder's")
+        # the restarted encoder process: its metrics (on the port after the feeders') and
+        # its report in `status`
+        pipeline.metrics_ports["enc"] = base_port + 2
+        assert pipeline.wait_metric("pinfresh_encoder_images_total", 1, worker="enc",
+                                    timeout=120) >= 1
+        assert pipeline.wait_metric("pinfresh_encoder_feeders", 2, worker="enc",
+                                    timeout=120) == 2  # the restarted feeder reconnected
+        deadline = time.monotonic() + 120
+        while True:
+            st = await collect_status(pipeline.settings, interval=0.1)
+            enc = next(iter((st["encoders"] or {}).values()), None)
+            if enc and enc["state"] == "ok" and enc["images_total"] and enc["feeders"] == 2:
+                break
+            assert time.monotonic() < deadline, st["encoders"]
+            await asyncio.sleep(0.5)
+        assert enc["device"] == "cpu" and enc["version"] == version
         pool.send_signal(signal.SIGTERM)
         assert pool.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+        # stopped on purpose: its report is gone, not left to read as "down"
+        assert await pipeline.cache.encoders() == {}
     finally:
         if pool.poll() is None:
             pool.kill()

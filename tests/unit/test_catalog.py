@@ -22,3 +22,17 @@ def test_a_line_that_is_not_json_names_the_line(tmp_path):
     cat.write_text("{not json\n")
     with pytest.raises(CatalogError, match=r"c\.jsonl:1: "):
         list(load_catalog(cat))
+
+
+def test_training_prepares_a_missing_default_catalog(tmp_path):
+    """`encoder train`/`eval` in a data dir where `catalog prepare` never ran: made, not an
+    error (the trial's `encoder train --out ...` with another data dir stopped here)."""
+    from streams.runtime.models import default_catalogs
+    from streams.settings import Settings, StackSettings
+
+    s = Settings(stack=StackSettings(data_dir=tmp_path / "other"))
+    assert not s.paths.catalog("tuxpaint").exists()
+    (path,) = default_catalogs(s, ("tuxpaint",))
+    assert path == s.paths.catalog("tuxpaint")
+    lines = path.read_text().splitlines()
+    assert len(lines) > 100 and all('"caption"' in x for x in lines[:5])

@@ -275,3 +275,63 @@ async def test_one_failed_batch_spanning_requests_counts_once(tmp_path):
         assert all(isinstance(o, EncoderUnavailable) for o in outcomes)
         # three requests, one failed batch: still serving
         assert server.failed_in_row == 1 and server.unhealthy is None
+
+
+# ------------------------------------------------------ what status and metrics see
+class _Never(NullEncoder):
+    """Takes images and never finishes them (a hung device)."""
+
+    def submit(self, items):
+        return [Future() for _ in items]
+
+
+async def test_an_encoder_process_counts_what_it_does(tmp_path):
+    from prometheus_client import REGISTRY
+
+    def sample(name):
+        return REGISTRY.get_sample_value(name) or 0.0
+
+    before = sample("pinfresh_encoder_images_total")
+    batches_before = sample("pinfresh_encoder_batch_size_count")
+    remote = RemoteEncoder(tmp_path / "enc.sock")
+    async with _serving_null(tmp_path / "enc.sock", NullEncoder(dim=8), remote) as server:
+        await remote.connect(wait_s=10)
+        await remote.encode_images_async([b"a", b"b", b"c"])
+        await remote.encode_images_async([b"d"])
+        snap = server.snapshot()
+        assert (snap["images_total"], snap["requests_total"], snap["batches_total"]) == (4, 2, 2)
+        assert snap["queue_depth"] == 0 and snap["feeders"] == 1
+        assert snap["version"] == "null_8" and snap["device"] == "cpu"
+        assert snap["last_answer_at"] is not None and server.check() == (True, "ok")
+        assert sample("pinfresh_encoder_images_total") - before == 4
+        assert sample("pinfresh_encoder_batch_size_count") - batches_before == 2
+        assert REGISTRY.get_sample_value("pinfresh_encoder_info",
+                                         {"version": "null_8", "device": "cpu"}) == 1
+
+
+async def test_an_encoder_holding_images_without_answers_fails_its_health(tmp_path):
+    server = EncoderServer(_Never(dim=8), tmp_path / "x.sock", stall_s=60)
+    assert server.check()[0]  # idle: nothing held, nothing owed
+    server._request(memoryview(b"".join(encode_request(1, [(0, b"img")]))[4:]), None)
+    assert server.snapshot()["queue_depth"] == 1
+    t0 = time.time()
+    assert server.check(now=t0 + 30)[0]  # held 30 s: within stall_s
+    alive, why = server.check(now=t0 + 120)
+    assert not alive and "1 images held and none answered" in why
+
+
+def test_status_marks_silent_or_unhealthy_encoders_down():
+    from streams.runtime.status import encoder_view
+
+    now = 1_000.0
+    view = encoder_view({
+        "h:encoder-0": {"at": now - 5, "version": "v", "device": "cuda (GPU 0)",
+                        "queue_depth": 3, "last_answer_at": now - 1, "images_per_s": 900.0},
+        "h:encoder-1": {"at": now - 500, "version": "v", "device": "cuda (GPU 1)"},
+        "h:encoder-2": {"at": now - 1, "version": "v", "device": "cpu",
+                        "unhealthy": "3 batches in a row failed"},
+    }, now, stalled_after_s=120)
+    assert view["h:encoder-0"]["state"] == "ok"
+    assert view["h:encoder-0"]["last_answer_s_ago"] == 1.0
+    assert view["h:encoder-1"]["state"] == "down: no report for 500 s"
+    assert view["h:encoder-2"]["state"].startswith("down: 3 batches")
