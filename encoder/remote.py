@@ -13,6 +13,13 @@ Frames are a 4-byte big-endian length and a payload:
   the server's device decodes them; ``"client"``: decode everything here, the
   server is a CPU encoder whose cores belong to the forward pass; ``"none"``:
   the null encoder, send bytes as they are);
+* a feeder may then send a select frame, ``b"S"`` and the JSON of a registered
+  version (`store.registry.VersionInfo`): the server loads that version on its
+  device (once, however many feeders ask) and answers with that version's
+  hello, or ``{"error": "..."}``; the connection then serves that version. The
+  server unloads a version when its last connection closes. Feeders of a
+  refresh write every version through the encoder processes this way and never
+  load a model themselves;
 * a request is ``b"Q"``, an 8-byte id, a 4-byte count, then per item a kind
   byte (0 = encoded image bytes, 1 = decoded ``S x S x 3`` uint8 pixels) and a
   4-byte length, then the item bodies;
@@ -50,7 +57,8 @@ from typing import Any
 
 import numpy as np
 
-from encoder.errors import EncoderUnavailable, ImageError, Reason
+from encoder.config import EncoderSettings
+from encoder.errors import ConfigError, EncoderUnavailable, ImageError, Reason
 from encoder.preprocess import prepare_image, sniff_format
 from encoder.types import EncodeResult, EncoderInfo, PreprocessSpec
 
@@ -203,8 +211,12 @@ class RemoteEncoder:
 
     def __init__(self, path: Path, *, max_pixels: int = 40_000_000, min_side: int = 8,
                  connect_timeout_s: float = 5.0, request_timeout_s: float = 300.0,
-                 max_request_bytes: int = MAX_REQUEST_BYTES) -> None:
+                 max_request_bytes: int = MAX_REQUEST_BYTES,
+                 select: dict[str, Any] | None = None) -> None:
         self.path = path
+        #: a registered version's info (JSON-ready): the encoder process serves this
+        #: connection with that version, loaded there (None: the one it was started with)
+        self.select = select
         self.max_pixels, self.min_side = max_pixels, min_side
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s
@@ -216,6 +228,15 @@ class RemoteEncoder:
         self._link: _Link | None = None
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()
+
+    @classmethod
+    def from_settings(cls, es: EncoderSettings, select: dict[str, Any] | None = None
+                      ) -> RemoteEncoder:
+        """A client of the encoder process at ``es.remote`` with ``es``'s limits."""
+        assert es.remote is not None
+        return cls(es.remote, max_pixels=es.max_image_pixels, min_side=es.min_image_side,
+                   request_timeout_s=es.remote_timeout_s,
+                   max_request_bytes=int(es.remote_max_request_mib * (1 << 20)), select=select)
 
     # ------------------------------------------------------------ identity
     def _need_hello(self) -> Hello:
@@ -274,10 +295,15 @@ class RemoteEncoder:
         try:
             hello = Hello(**json.loads(await asyncio.wait_for(read_frame(reader),
                                                               self.connect_timeout_s)))
+            if self.select is not None:
+                hello = await self._select(reader, writer)
         except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError,
                 TypeError) as exc:
             writer.close()
             raise EncoderUnavailable(f"encoder at {self.path} unreachable: {exc!r}") from exc
+        except ConfigError:
+            writer.close()
+            raise
         if self.hello is not None and hello.version != self.hello.version:
             writer.close()
             raise EncoderUnavailable(
@@ -290,6 +316,27 @@ class RemoteEncoder:
         self._link = link
         logger.info("connected to encoder %s at %s (decode on the %s)", hello.version,
                     self.path, hello.decode)
+        return hello
+
+    async def _select(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                      ) -> Hello:
+        """Ask for ``self.select``'s version; its hello (loading may take a while).
+
+        Raises:
+            ConfigError: the encoder process cannot load that version.
+        """
+        assert self.select is not None
+        writer.write(frame(b"S" + json.dumps(self.select).encode()))
+        await writer.drain()
+        reply = json.loads(await asyncio.wait_for(read_frame(reader), self.request_timeout_s))
+        want = self.select["version"]
+        if "error" in reply:
+            raise ConfigError(f"the encoder process at {self.path} cannot serve {want}: "
+                              f"{reply['error']}")
+        hello = Hello(**reply)
+        if hello.version != want:
+            raise ConfigError(f"the encoder process at {self.path} answered {hello.version} "
+                              f"for {want}")
         return hello
 
     async def _receive(self, link: _Link, dim: int) -> None:

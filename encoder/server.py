@@ -17,6 +17,12 @@ the pool has restarted it. An encoder whose batches fail
 a device error, e.g. a sticky CUDA error) stops and its command exits with
 status 3, so that its pool restarts it.
 
+Besides the version it was started with, it serves any registered version a
+feeder selects (`encoder.remote`'s select frame): loaded once through
+``loader`` on this process's device, shared by every connection that selects
+it, unloaded when the last of them closes. A refresh's versions are encoded on
+the GPU, and no feeder loads a model.
+
 What it does is counted (`EncoderServer.snapshot`): images held and answered,
 batches and their sizes, the last answer's time, feeders connected. The command
 serves these as ``pinfresh_encoder_*`` Prometheus metrics with a ``/healthz``
@@ -37,6 +43,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -44,13 +51,15 @@ from typing import Any
 import numpy as np
 
 from encoder.engine import EncodeResult, ImageEncoder
-from encoder.errors import ImageError
+from encoder.errors import ConfigError, ImageError
 from encoder.null import NullEncoder
 from encoder.remote import KIND_PIXELS, MAX_FRAME, decode_request, encode_response, frame
 from streams import metrics
 
 logger = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
+
+Encoder = ImageEncoder | NullEncoder
 
 
 def _recv_exactly(sock: socket.socket, n: int) -> memoryview | None:
@@ -70,8 +79,16 @@ class EncoderServer:
 
     def __init__(self, encoder: ImageEncoder | NullEncoder, path: Path,
                  max_failed_batches: int = 3, device: str = "cpu",
-                 stall_s: float = 900.0) -> None:
+                 stall_s: float = 900.0,
+                 loader: Callable[[dict[str, Any]], Encoder] | None = None) -> None:
         self.encoder = encoder
+        #: loads a registered version from its info (None: serve ``encoder`` only)
+        self.loader = loader
+        # other versions loaded for feeders that selected them: version -> [encoder, refs]
+        self._loaded: dict[str, list[Any]] = {}
+        self._load_lock = threading.Lock()
+        #: every version this process loaded (the started one first), for tests and logs
+        self.loads: list[str] = [encoder.version]
         self.device = device
         self.stall_s = stall_s
         self.path = path
@@ -102,7 +119,58 @@ class EncoderServer:
         self.last_answer_at: float | None = None
         self._waiting_since: float | None = None  # the oldest time queued went above 0
         metrics.ENCODER_INFO.labels(version=encoder.version, device=device).set(1)
+        metrics.ENCODER_LAST_BATCH.set(self.started_at)  # "since start" until the first answer
         encoder.on_batch = self._on_batch
+
+    # ------------------------------------------------------------ versions
+    def _acquire(self, request: dict[str, Any]) -> Encoder:
+        """The encoder of the selected version, loaded on first use; counts a user.
+
+        Raises:
+            ConfigError (or any loading error): the version cannot be served here.
+        """
+        version = str(request["version"])
+        if version == self.encoder.version:
+            return self.encoder
+        with self._load_lock:
+            held = self._loaded.get(version)
+            if held is not None:
+                held[1] += 1
+                return held[0]  # type: ignore[no-any-return]
+            if self.loader is None:
+                raise ConfigError(f"this encoder process serves {self.encoder.version} only")
+            logger.info("loading version %s on %s for a feeder", version, self.device)
+            enc = self.loader(request)
+            if enc.version != version:
+                enc.close()
+                raise ConfigError(f"{version} rebuilds as {enc.version} here")
+            enc.on_batch = self._on_batch
+            self._loaded[version] = [enc, 1]
+            self.loads.append(version)
+        metrics.ENCODER_INFO.labels(version=version, device=self.device).set(1)
+        return enc
+
+    def _release(self, enc: Encoder) -> None:
+        """A connection that selected ``enc`` closed: unload it after its last user."""
+        if enc is self.encoder:
+            return
+        with self._load_lock:
+            held = self._loaded.get(enc.version)
+            if held is None or held[0] is not enc:
+                return
+            held[1] -= 1
+            if held[1] > 0:
+                return
+            del self._loaded[enc.version]
+        logger.info("unloading version %s (no feeder writes it any more)", enc.version)
+        with contextlib.suppress(KeyError):
+            metrics.ENCODER_INFO.remove(enc.version, self.device)
+        enc.close()
+
+    def versions(self) -> list[str]:
+        """The versions loaded now: the started one, then the selected ones."""
+        with self._load_lock:
+            return [self.encoder.version, *self._loaded]
 
     def _on_batch(self, size: int, wait_s: float) -> None:
         metrics.ENCODER_BATCH.observe(size)
@@ -112,8 +180,10 @@ class EncoderServer:
 
     def snapshot(self) -> dict[str, Any]:
         """What this process has done, for ``pinfresh status`` (JSON-ready)."""
+        versions = self.versions()
         with self._health:
-            return {"version": self.encoder.version, "device": self.device, "pid": os.getpid(),
+            return {"version": self.encoder.version, "versions": versions,
+                    "device": self.device, "pid": os.getpid(),
                     "socket": str(self.path), "started_at": self.started_at,
                     "feeders": self.open_feeders, "queue_depth": self.queued,
                     "images_total": self.images, "requests_total": self.requests,
@@ -135,12 +205,14 @@ class EncoderServer:
                                    f"{now - last:.0f} s (> {self.stall_s:.0f} s)")
         return True, "ok"
 
-    def hello(self) -> bytes:
-        """The JSON hello a feeder reads on connect."""
-        info = self.encoder.info
+    def hello(self, enc: Encoder | None = None) -> bytes:
+        """The JSON hello a feeder reads on connect (or after selecting ``enc``'s version)."""
+        enc = enc or self.encoder
+        info = enc.info
+        decode = {"tensor": "server", "pil": "client"}.get(enc.prepare_kind, "none")
         return json.dumps({"version": info.version, "dim": info.dim, "model": info.model,
                            "checkpoint": info.checkpoint, "preprocess": info.preprocess,
-                           "decode": self.decode}).encode()
+                           "decode": decode}).encode()
 
     def serve_forever(self, ready: threading.Event | None = None) -> None:
         """Listen and serve until `stop` (or the process ends)."""
@@ -189,6 +261,7 @@ class EncoderServer:
         with self._health:
             self.open_feeders += 1
             metrics.ENCODER_FEEDERS.set(self.open_feeders)
+        enc: Encoder = self.encoder
         try:
             while True:
                 head = _recv_exactly(conn, _LEN.size)
@@ -200,28 +273,46 @@ class EncoderServer:
                 payload = _recv_exactly(conn, size)
                 if payload is None:
                     break
-                self._request(payload, out)
+                if bytes(payload[:1]) == b"S":  # select a version (before any request)
+                    try:
+                        picked = self._acquire(json.loads(bytes(payload[1:])))
+                    except Exception as exc:  # noqa: BLE001 - told to the feeder, not raised
+                        logger.error("cannot serve a selected version: %s", exc)
+                        out.put(frame(json.dumps({"error": str(exc)[:2000]}).encode()))
+                        continue
+                    self._release(enc)
+                    enc = picked
+                    out.put(frame(self.hello(enc)))
+                    continue
+                self._request(payload, out, enc)
         except (OSError, ValueError, struct.error) as exc:
             logger.warning("feeder connection dropped: %r", exc)
         finally:
             out.put(None)
             writer.join(timeout=30)
             conn.close()
+            self._release(enc)
             with self._health:
                 self.open_feeders -= 1
                 metrics.ENCODER_FEEDERS.set(self.open_feeders)
 
-    def _request(self, payload: memoryview, out: queue.Queue[Any]) -> None:
+    def _request(self, payload: memoryview, out: queue.Queue[Any],
+                 enc: Encoder | None = None) -> None:
+        enc = enc or self.encoder
         req_id, raw = decode_request(payload)
+        size = enc.spec.preprocess.image_size if isinstance(enc, ImageEncoder) else 0
         items: list[Any] = []
         for kind, body in raw:
             if kind == KIND_PIXELS:
-                items.append(np.frombuffer(body, dtype=np.uint8).reshape(
-                    self.size, self.size, 3))
+                items.append(np.frombuffer(body, dtype=np.uint8).reshape(size, size, 3))
             else:
                 items.append(bytes(body))
         self._hold(len(items))
-        futures = self.encoder.submit(items)  # blocks while the pipeline is full
+        try:
+            futures = enc.submit(items)  # blocks while the pipeline is full
+        except BaseException:
+            self._answered(len(items), failed=True)  # nothing will answer them: let go
+            raise
         n = len(futures)
         lock = threading.Lock()
         left = [n]
@@ -231,7 +322,11 @@ class EncoderServer:
                 left[0] -= 1
                 last = left[0] == 0
             if last:
-                out.put((req_id, futures))
+                # counted here, not when sent: a feeder gone meanwhile must not leave
+                # its images counted as held (the health check would fail for ever)
+                self._answered(n, any(f.cancelled() or f.exception() is not None
+                                      for f in futures))
+                out.put((req_id, futures, enc.dim))
 
         for f in futures:
             f.add_done_callback(done)
@@ -256,8 +351,6 @@ class EncoderServer:
             metrics.ENCODER_QUEUE.set(self.queued)
         metrics.ENCODER_IMAGES.inc(n)
         metrics.ENCODER_LAST_BATCH.set(now)
-        if failed:
-            metrics.ENCODER_FAILED_BATCHES.inc()
 
     def _count(self, failed: BaseException | None) -> None:
         """Count batches that failed as a whole (a device error), once each.
@@ -272,6 +365,7 @@ class EncoderServer:
             if any(failed is seen for seen in self._counted):
                 return  # another request of the same failed batch
             self._counted.append(failed)
+            metrics.ENCODER_FAILED_BATCHES.inc()
             self.failed_in_row += 1
             if self.failed_in_row >= self.max_failed_batches and self.unhealthy is None:
                 self.unhealthy = (f"{self.failed_in_row} batches in a row failed (last: "
@@ -281,7 +375,6 @@ class EncoderServer:
                 self.stop()
 
     def _write(self, conn: socket.socket, out: queue.Queue[Any]) -> None:
-        dim = self.encoder.dim
         while True:
             msg = out.get()
             if msg is None:
@@ -289,7 +382,7 @@ class EncoderServer:
             if isinstance(msg, bytes):
                 data = msg
             else:
-                req_id, futures = msg
+                req_id, futures, dim = msg
                 vecs = np.zeros((len(futures), dim), dtype=np.float32)
                 errors: dict[int, ImageError] = {}
                 failed: Exception | None = None
@@ -304,7 +397,6 @@ class EncoderServer:
                     else:
                         vecs[i] = res
                 self._count(failed)
-                self._answered(len(futures), failed is not None)
                 data = frame(encode_response(req_id, vecs, errors, failed=failed))
             try:
                 conn.sendall(data)

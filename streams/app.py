@@ -260,6 +260,16 @@ async def _cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
+async def _refresh_write_set(processor: PinProcessor, interval_s: float) -> None:
+    """`PinProcessor.refresh_write_set` every ``interval_s``, while batches come or not."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await processor.refresh_write_set()
+        except Exception:  # noqa: BLE001 - the next batch reads it anyway
+            logger.exception("write set refresh failed")
+
+
 async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, worker: str,
                            interval_s: float, liveness: metrics.Liveness | None = None) -> None:
     """Report the committed offset and lag of each held partition every ``interval_s``.
@@ -356,13 +366,19 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
                         on_retry=lambda exc, n, wait: logger.warning(
                             "stores unavailable at start-up (%s); retry %d in %.1fs",
                             exc, n, wait))
+            versions = RegistryVersions(registry, encoder, settings.encoder,
+                                        release_after_s=w.version_release_s)
+            resources.push_async_callback(versions.close)
             processor = PinProcessor(
                 encoder=encoder, milvus=stores.milvus, cache=stores.cache, fetcher=fetcher,
                 dlq=dlq, settings=w, worker_name=worker_name,
-                versions=RegistryVersions(registry, encoder, settings.encoder),
+                versions=versions,
                 hooks=hooks, writer_ttl_s=settings.redis.writer_ttl_s,
             )
             await processor.start()
+            refresher = asyncio.create_task(_refresh_write_set(processor,
+                                                               w.progress_interval_s))
+            resources.push_async_callback(_cancel, refresher)
             reporter = asyncio.create_task(_report_progress(
                 app, stores.cache, k, worker_name, w.progress_interval_s, liveness))
             resources.push_async_callback(_cancel, reporter)
@@ -407,11 +423,7 @@ def run_worker(settings: Settings, on_exit: Callable[[], None] | None = None,
                     settings.kafka.partitions)
     encoder: WorkerEncoder
     if settings.encoder.remote is not None:
-        encoder = RemoteEncoder(
-            settings.encoder.remote, max_pixels=settings.encoder.max_image_pixels,
-            min_side=settings.encoder.min_image_side,
-            request_timeout_s=settings.encoder.remote_timeout_s,
-            max_request_bytes=int(settings.encoder.remote_max_request_mib * (1 << 20)))
+        encoder = RemoteEncoder.from_settings(settings.encoder)
         logger.info("feeder of the encoder process at %s", settings.encoder.remote)
     else:
         encoder = load_encoder(settings.encoder)

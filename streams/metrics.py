@@ -57,10 +57,10 @@ ENCODER_IMAGES = Counter(
     "Images an encoder process answered (a vector or a per-image error)")
 ENCODER_FAILED_BATCHES = Counter(
     "pinfresh_encoder_failed_batches_total",
-    "Requests an encoder process answered with a whole-batch failure (a device error)")
+    "Batches that failed as a whole in an encoder process (a device error), each once")
 ENCODER_LAST_BATCH = Gauge(
     "pinfresh_encoder_last_batch_timestamp_seconds",
-    "Unix time an encoder process last answered a request (0: not yet)")
+    "Unix time an encoder process last finished a request (its start time until the first)")
 ENCODER_FEEDERS = Gauge("pinfresh_encoder_feeders", "Feeder connections an encoder process has")
 ENCODER_INFO = Gauge("pinfresh_encoder_info", "The version and device an encoder process serves",
                      ["version", "device"])

@@ -379,6 +379,20 @@ class PinProcessor:
                          "can come back and writers can race; set it to noeviction "
                          "(docs/operations.md)", policy)
 
+    async def refresh_write_set(self) -> None:
+        """Read the write set now, batches or not (the worker calls it periodically).
+
+        An idle worker thus opens a new version's encoder before its first event,
+        releases a retired one's (`streams.refresh.RegistryVersions`) and keeps
+        ``pinfresh_worker_model_info`` current. A store outage skips a round.
+        """
+        try:
+            write = await self.versions.write_set()
+        except Unavailable as exc:
+            logger.debug("write set not refreshed: %s", exc)
+            return
+        self._show_versions(write)
+
     # ------------------------------------------------------------------ retry
     def _backoff(self) -> Backoff:
         return Backoff(self.settings.retry_backoff_s, self.settings.retry_backoff_max_s,

@@ -86,17 +86,59 @@ def load_version_encoder(info: VersionInfo, base: EncoderSettings) -> ImageEncod
     return enc
 
 
+async def open_version_encoder(info: VersionInfo, es: EncoderSettings) -> Encoder:
+    """The encoder of a registered version, for writing it.
+
+    With ``es.remote`` set (a feeder, or a backfill pointed at a pool's encoder
+    process) the encoder process at that socket loads the version on its
+    device and this process imports no model code; otherwise it is loaded here.
+
+    Raises:
+        ConfigError: the version cannot be built (here or in the encoder process).
+        EncoderUnavailable: the encoder process is not there (an outage: retried).
+    """
+    if es.remote is not None:
+        from dataclasses import asdict
+
+        from encoder.remote import RemoteEncoder
+
+        remote = RemoteEncoder.from_settings(es, select=asdict(info))
+        await remote.connect()
+        return remote
+    return await asyncio.to_thread(load_version_encoder, info, es)
+
+
+async def close_encoder(enc: Encoder) -> None:
+    """Release an encoder: a connection to an encoder process, or a model loaded here."""
+    from encoder.remote import RemoteEncoder
+
+    if isinstance(enc, RemoteEncoder):
+        await enc.close()
+    else:
+        await asyncio.to_thread(enc.close)  # type: ignore[attr-defined]
+
+
 class RegistryVersions:
-    """A worker's write set, refreshed from the registry every ``refresh_s`` seconds."""
+    """A worker's write set, refreshed from the registry every ``refresh_s`` seconds.
+
+    Each version's encoder is opened once (`open_version_encoder`: through the
+    encoder process when this worker is a feeder) and closed when the version
+    has been out of the write set for ``release_after_s`` (a batch that took
+    the old write set may still be encoding with it meanwhile).
+    """
 
     def __init__(self, registry: VersionRegistry, base: Encoder,
-                 settings: EncoderSettings, refresh_s: float = 3.0) -> None:
+                 settings: EncoderSettings, refresh_s: float = 3.0,
+                 release_after_s: float = 60.0) -> None:
         self.registry = registry
         self.settings = settings
         self.refresh_s = refresh_s
+        self.release_after_s = release_after_s
+        self.base = base
         self._encoders: dict[str, Encoder] = {base.version: base}
         self._write: dict[str, Encoder] = {base.version: base}
         self._broken: set[str] = set()  # registered versions whose encoder failed to load
+        self._left: dict[str, float] = {}  # version -> when it left the write set
         self._at = 0.0
 
     async def write_set(self) -> dict[str, Encoder]:
@@ -113,7 +155,7 @@ class RegistryVersions:
                 logger.info("loading encoder of version %s (%s) for dual writes",
                             info.version, info.state)
                 try:
-                    enc = await asyncio.to_thread(load_version_encoder, info, self.settings)
+                    enc = await open_version_encoder(info, self.settings)
                 except ConfigError as exc:
                     # one version this worker cannot build must not stop the stream for the
                     # others: it gets no dual writes here (so its coverage check will refuse
@@ -126,8 +168,29 @@ class RegistryVersions:
             write[info.version] = enc
         if write:
             self._write = write
+        await self._release_unwritten()
         self._at = time.monotonic()
         return self._write
+
+    async def _release_unwritten(self) -> None:
+        now = time.monotonic()
+        for version, enc in list(self._encoders.items()):
+            if version in self._write or enc is self.base:
+                self._left.pop(version, None)
+                continue
+            left = self._left.setdefault(version, now)
+            if now - left >= self.release_after_s:
+                logger.info("version %s left the write set: releasing its encoder", version)
+                del self._encoders[version]
+                self._left.pop(version, None)
+                await close_encoder(enc)
+
+    async def close(self) -> None:
+        """Release every encoder this opened (not the worker's own)."""
+        for version, enc in list(self._encoders.items()):
+            if enc is not self.base:
+                del self._encoders[version]
+                await close_encoder(enc)
 
     def forget(self, version: str) -> None:
         """A version vanished mid-batch (retired): drop it and read the registry next time."""
@@ -202,7 +265,7 @@ async def _backfill(
     registry = stores.registry
     fetcher = Fetcher(settings.fetch)
     dlq = KafkaDeadLetters(settings.kafka)
-    enc: ImageEncoder | NullEncoder | None = None
+    enc: Encoder | None = None
     try:
         info = await registry.get(target)
         live = await cache.get_live()
@@ -215,7 +278,7 @@ async def _backfill(
             sample = [r["image_location"] for r in page_rows]
             break  # one page is enough (the event loop finalizes the abandoned walk)
         check_catalog_root(settings.fetch, sample)
-        enc = await asyncio.to_thread(load_version_encoder, info, settings.encoder)
+        enc = await open_version_encoder(info, settings.encoder)
         processor = PinProcessor(
             encoder=enc, versions=StaticVersions(enc), milvus=milvus, cache=cache,
             fetcher=fetcher, dlq=dlq, settings=settings.worker,
@@ -277,7 +340,7 @@ async def _backfill(
         return rep
     finally:
         if enc is not None:
-            enc.close()
+            await close_encoder(enc)
         await dlq.close()
         await fetcher.close()
 

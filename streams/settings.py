@@ -187,6 +187,10 @@ class WorkerSettings(BaseModel):
         "working directory)"
     )
     metrics_host: str = "127.0.0.1"
+    version_release_s: float = Field(
+        60.0, ge=0, description="a refresh's version that left the write set (retired) has "
+        "its encoder released after this long: closed here, unloaded by the encoder process "
+        "when no feeder writes it")
     liveness_stall_s: float = Field(
         900.0, gt=0, description="the metrics port's /healthz answers 503 (the pod's liveness "
         "probe restarts the worker) when a held partition with lag has not moved for this "

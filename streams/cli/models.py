@@ -30,7 +30,9 @@ def encoder_serve(ctx: Ctx, socket_path: Path) -> None:
 
     Model and device: PINFRESH_ENCODER__MODEL, __CHECKPOINT, __DEVICE, __DTYPE;
     `pinfresh worker --devices 0 --feeders N` starts it with its feeders.
-    Metrics (pinfresh_encoder_*) and /healthz on PINFRESH_WORKER__METRICS_PORT
+    It also serves any registered version a feeder selects (a refresh's
+    versions), loaded once on this device and unloaded when no feeder writes
+    it any more. Metrics (pinfresh_encoder_*) and /healthz on PINFRESH_WORKER__METRICS_PORT
     (the pool gives it the port after its stream processes'); it reports to
     Redis every PINFRESH_WORKER__PROGRESS_INTERVAL_S for `pinfresh status`.
     """
@@ -48,9 +50,17 @@ def encoder_serve(ctx: Ctx, socket_path: Path) -> None:
     if device.startswith("cuda") and visible:
         device = f"cuda (GPU {visible})"  # the host's index, not the process's cuda:0
     ws = ctx.settings.worker
+    def load_version(request: dict[str, object]) -> object:
+        # a version a feeder selected: rebuilt from its registry entry on this device
+        from store.registry import VersionInfo
+        from streams.refresh import load_version_encoder
+
+        return load_version_encoder(VersionInfo(**request), ctx.settings.encoder)  # type: ignore[arg-type]
+
     server = EncoderServer(enc, socket_path,
                            max_failed_batches=ctx.settings.encoder.max_failed_batches,
-                           device=device, stall_s=ws.liveness_stall_s)
+                           device=device, stall_s=ws.liveness_stall_s,
+                           loader=load_version)  # type: ignore[arg-type]
     serve_metrics(ws.metrics_host, ws.metrics_port, server)
     name = f"{_socket.gethostname()}:{socket_path.name.removesuffix('.sock')}"
     done = threading.Event()
@@ -105,9 +115,12 @@ def _report_encoder(ctx: Ctx, server: EncoderServer, name: str,
                                 interval, exc)
                 if await asyncio.to_thread(done.wait, interval):
                     break
-            if server.unhealthy is None:
-                with contextlib.suppress(Exception):
-                    await asyncio.wait_for(cache.forget_encoder(name), timeout=interval)
+            with contextlib.suppress(Exception):
+                if server.unhealthy is None:  # stopped on purpose: no row left to read "down"
+                    await asyncio.wait_for(cache.forget_encoder(name), timeout=5)
+                else:  # say why it stopped; the pool's next process reports over it
+                    await asyncio.wait_for(cache.report_encoder(name, server.snapshot()),
+                                           timeout=5)
         finally:
             await cache.close()
 

@@ -60,11 +60,13 @@ def restart(ctx: Ctx, service: str, force: bool) -> None:
     name, node = _service_of(service)
     if name not in ("kafka", "redis", "milvus"):
         raise click.BadParameter("milvus, redis, redis-N or kafka", param_hint="SERVICE")
-    if name == "kafka" and ctx.settings.stack.kafka_log == "memory" and not force:
+    stack = EmbeddedStack(ctx.settings.stack)
+    running = stack.read()  # the running broker's engine, not this shell's setting
+    log = running.kafka_log if running is not None else ctx.settings.stack.kafka_log
+    if name == "kafka" and log == "memory" and not force:
         raise StackError("PINFRESH_STACK__KAFKA_LOG=memory: restarting the embedded broker "
                          "loses its log (events not yet consumed, dead letters, committed "
                          "offsets): add --force to do it anyway")
-    stack = EmbeddedStack(ctx.settings.stack)
     stack.restart_service(name, node)
     console.print(f"{service} restarted")
 

@@ -165,9 +165,13 @@ def versions_retire(ctx: Ctx, version: str, wait_s: float) -> None:
 @click.option("--catalog-root", type=click.Path(path_type=Path),
               help="allow file paths under this dir, as `worker --catalog-root` "
               "[PINFRESH_FETCH__CATALOG_ROOT]")
+@click.option("--encoder-socket", type=click.Path(path_type=Path, dir_okay=False),
+              help="encode through this encoder process (a `--feeders` pool's, e.g. "
+              "data/run/encoder-0.sock): it loads VERSION on its GPU and this command loads "
+              "no model [PINFRESH_ENCODER__REMOTE]")
 @pass_ctx
 def backfill(ctx: Ctx, target: str, batch: int, max_rate: float | None, yield_lag: int,
-             shard: str, catalog_root: Path | None) -> None:
+             shard: str, catalog_root: Path | None, encoder_socket: Path | None) -> None:
     """Re-encode every live pin into VERSION; resumable, skips what is done.
 
     Reads the catalog from the live version in Milvus, a page at a time. Refuses
@@ -184,6 +188,13 @@ def backfill(ctx: Ctx, target: str, batch: int, max_rate: float | None, yield_la
     if catalog_root:
         s = s.model_copy(update={"fetch": s.fetch.model_copy(
             update={"catalog_root": catalog_root})})
+    if encoder_socket:
+        if not encoder_socket.exists():
+            raise click.BadParameter(f"{encoder_socket} does not exist: start the pool "
+                                     "(`pinfresh worker --feeders N`) first",
+                                     param_hint="--encoder-socket")
+        s = s.model_copy(update={"encoder": s.encoder.model_copy(
+            update={"remote": encoder_socket.resolve()})})
     rep = asyncio.run(run_backfill(s, target, batch=batch, max_rate=max_rate,
                                    yield_lag=yield_lag, shard=(i, n)))
     console.print(f"backfill {rep.source} -> {rep.target}: {rep.pins} pins, {rep.encoded} "

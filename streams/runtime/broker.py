@@ -23,6 +23,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
@@ -37,8 +38,32 @@ BUCKET = "tansu"
 _PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _die_with(parent: int) -> Callable[[], None]:
+    """``preexec_fn`` for the broker: killed when ``parent`` (this wrapper) dies."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
+
+    def run() -> None:  # pragma: no cover - runs in the child before exec
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the wrapper died before prctl took effect
+            os._exit(1)
+
+    return run
+
+
+def _broker_env(port: int) -> dict[str, str]:
+    """The broker's environment: its object store, and nothing that could redirect it.
+
+    The S3 client reads every ``AWS_*`` variable and honours HTTP proxies: a
+    stray one (virtual-hosted style, a proxy for 127.0.0.1) must not send the
+    log elsewhere.
+    """
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("AWS_") and k.lower() not in (
+               "http_proxy", "https_proxy", "all_proxy", "no_proxy")}
+    env.update({"AWS_ACCESS_KEY_ID": "pinfresh", "AWS_SECRET_ACCESS_KEY": "pinfresh",
+                "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT": f"http://127.0.0.1:{port}",
+                "AWS_ALLOW_HTTP": "true", "NO_PROXY": "*", "no_proxy": "*"})
+    return env
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -50,16 +75,11 @@ async def _run(args: argparse.Namespace) -> int:
     site = web.TCPSite(runner, "127.0.0.1", 0, reuse_address=False)
     await site.start()
     port = int(runner.addresses[0][1])
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "pinfresh", "AWS_SECRET_ACCESS_KEY": "pinfresh",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT": f"http://127.0.0.1:{port}",
-           "AWS_ALLOW_HTTP": "true"}
     cmd = [args.binary, "broker", "--listener-url", args.listener_url,
            "--advertised-listener-url", args.listener_url,
            "--storage-engine", f"s3://{BUCKET}/"]
-    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with_parent)
-    if os.getppid() == 1:  # the launcher died before the child could follow it
-        proc.kill()
+    proc = subprocess.Popen(cmd, env=_broker_env(port), stdin=subprocess.DEVNULL,
+                            preexec_fn=_die_with(os.getpid()))
     loop = asyncio.get_running_loop()
 
     def forward(sig: int) -> None:

