@@ -212,8 +212,9 @@ class RemoteEncoder:
     def __init__(self, path: Path, *, max_pixels: int = 40_000_000, min_side: int = 8,
                  connect_timeout_s: float = 5.0, request_timeout_s: float = 300.0,
                  max_request_bytes: int = MAX_REQUEST_BYTES,
-                 select: dict[str, Any] | None = None) -> None:
+                 select: dict[str, Any] | None = None, load_timeout_s: float = 900.0) -> None:
         self.path = path
+        self.load_timeout_s = load_timeout_s
         #: a registered version's info (JSON-ready): the encoder process serves this
         #: connection with that version, loaded there (None: the one it was started with)
         self.select = select
@@ -301,7 +302,14 @@ class RemoteEncoder:
                 TypeError) as exc:
             writer.close()
             raise EncoderUnavailable(f"encoder at {self.path} unreachable: {exc!r}") from exc
-        except ConfigError:
+        except ConfigError as exc:
+            writer.close()
+            if self.hello is not None:
+                # it served this version before (the encoder process restarted, say):
+                # an outage to wait out, not a version to give up on mid-batch
+                raise EncoderUnavailable(f"encoder at {self.path}: {exc}") from exc
+            raise
+        except BaseException:  # cancelled while connecting: leave no half-open connection
             writer.close()
             raise
         if self.hello is not None and hello.version != self.hello.version:
@@ -328,7 +336,8 @@ class RemoteEncoder:
         assert self.select is not None
         writer.write(frame(b"S" + json.dumps(self.select).encode()))
         await writer.drain()
-        reply = json.loads(await asyncio.wait_for(read_frame(reader), self.request_timeout_s))
+        # loading a model can take minutes on a busy host: its own, longer deadline
+        reply = json.loads(await asyncio.wait_for(read_frame(reader), self.load_timeout_s))
         want = self.select["version"]
         if "error" in reply:
             raise ConfigError(f"the encoder process at {self.path} cannot serve {want}: "

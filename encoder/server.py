@@ -86,6 +86,7 @@ class EncoderServer:
         self.loader = loader
         # other versions loaded for feeders that selected them: version -> [encoder, refs]
         self._loaded: dict[str, list[Any]] = {}
+        self._busy: dict[str, threading.Event] = {}  # versions being loaded or unloaded
         self._load_lock = threading.Lock()
         #: every version this process loaded (the started one first), for tests and logs
         self.loads: list[str] = [encoder.version]
@@ -126,29 +127,47 @@ class EncoderServer:
     def _acquire(self, request: dict[str, Any]) -> Encoder:
         """The encoder of the selected version, loaded on first use; counts a user.
 
+        Loading runs outside the lock: other selects, unloads and the status
+        snapshot go on meanwhile; a second select of the same version waits for
+        the first one's load (or for an unload of it to finish) instead of
+        loading a second copy.
+
         Raises:
             ConfigError (or any loading error): the version cannot be served here.
         """
         version = str(request["version"])
         if version == self.encoder.version:
             return self.encoder
-        with self._load_lock:
-            held = self._loaded.get(version)
-            if held is not None:
-                held[1] += 1
-                return held[0]  # type: ignore[no-any-return]
-            if self.loader is None:
-                raise ConfigError(f"this encoder process serves {self.encoder.version} only")
+        while True:
+            with self._load_lock:
+                held = self._loaded.get(version)
+                if held is not None:
+                    held[1] += 1
+                    return held[0]  # type: ignore[no-any-return]
+                busy = self._busy.get(version)
+                if busy is None:
+                    if self.loader is None:
+                        raise ConfigError(
+                            f"this encoder process serves {self.encoder.version} only")
+                    busy = self._busy[version] = threading.Event()
+                    break  # this thread loads it
+            busy.wait()  # loading or unloading elsewhere: look again when it is done
+        try:
             logger.info("loading version %s on %s for a feeder", version, self.device)
             enc = self.loader(request)
             if enc.version != version:
                 enc.close()
                 raise ConfigError(f"{version} rebuilds as {enc.version} here")
             enc.on_batch = self._on_batch
-            self._loaded[version] = [enc, 1]
-            self.loads.append(version)
-        metrics.ENCODER_INFO.labels(version=version, device=self.device).set(1)
-        return enc
+            with self._load_lock:
+                self._loaded[version] = [enc, 1]
+                self.loads.append(version)
+                metrics.ENCODER_INFO.labels(version=version, device=self.device).set(1)
+            return enc
+        finally:
+            with self._load_lock:
+                self._busy.pop(version, None)
+            busy.set()
 
     def _release(self, enc: Encoder) -> None:
         """A connection that selected ``enc`` closed: unload it after its last user."""
@@ -162,10 +181,18 @@ class EncoderServer:
             if held[1] > 0:
                 return
             del self._loaded[enc.version]
+            with contextlib.suppress(KeyError):
+                metrics.ENCODER_INFO.remove(enc.version, self.device)
+            busy = self._busy[enc.version] = threading.Event()  # a select now waits
         logger.info("unloading version %s (no feeder writes it any more)", enc.version)
-        with contextlib.suppress(KeyError):
-            metrics.ENCODER_INFO.remove(enc.version, self.device)
-        enc.close()
+        try:
+            enc.close()
+        except Exception:  # noqa: BLE001 - the connection is gone either way
+            logger.exception("closing version %s failed", enc.version)
+        finally:
+            with self._load_lock:
+                self._busy.pop(enc.version, None)
+            busy.set()
 
     def versions(self) -> list[str]:
         """The versions loaded now: the started one, then the selected ones."""
@@ -262,6 +289,7 @@ class EncoderServer:
             self.open_feeders += 1
             metrics.ENCODER_FEEDERS.set(self.open_feeders)
         enc: Encoder = self.encoder
+        requests = 0
         try:
             while True:
                 head = _recv_exactly(conn, _LEN.size)
@@ -274,16 +302,21 @@ class EncoderServer:
                 if payload is None:
                     break
                 if bytes(payload[:1]) == b"S":  # select a version (before any request)
+                    if requests:
+                        out.put(frame(json.dumps({"error": "select comes before any request "
+                                                            "on a connection"}).encode()))
+                        continue
                     try:
                         picked = self._acquire(json.loads(bytes(payload[1:])))
                     except Exception as exc:  # noqa: BLE001 - told to the feeder, not raised
                         logger.error("cannot serve a selected version: %s", exc)
                         out.put(frame(json.dumps({"error": str(exc)[:2000]}).encode()))
                         continue
-                    self._release(enc)
-                    enc = picked
+                    old, enc = enc, picked
                     out.put(frame(self.hello(enc)))
+                    self._release(old)
                     continue
+                requests += 1
                 self._request(payload, out, enc)
         except (OSError, ValueError, struct.error) as exc:
             logger.warning("feeder connection dropped: %r", exc)

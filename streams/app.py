@@ -375,6 +375,7 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
                 versions=versions,
                 hooks=hooks, writer_ttl_s=settings.redis.writer_ttl_s,
             )
+            versions.in_use = processor.versions_in_flight
             await processor.start()
             refresher = asyncio.create_task(_refresh_write_set(processor,
                                                                w.progress_interval_s))

@@ -379,6 +379,10 @@ class PinProcessor:
                          "can come back and writers can race; set it to noeviction "
                          "(docs/operations.md)", policy)
 
+    def versions_in_flight(self) -> set[str]:
+        """The versions that batches in flight write (their write sets, taken at start)."""
+        return set().union(*self._active.values())
+
     async def refresh_write_set(self) -> None:
         """Read the write set now, batches or not (the worker calls it periodically).
 
@@ -389,7 +393,8 @@ class PinProcessor:
         try:
             write = await self.versions.write_set()
         except Unavailable as exc:
-            logger.debug("write set not refreshed: %s", exc)
+            logger.warning("write set not refreshed (next try in the next batch or "
+                           "interval): %s", exc)
             return
         self._show_versions(write)
 

@@ -118,13 +118,19 @@ async def close_encoder(enc: Encoder) -> None:
         await asyncio.to_thread(enc.close)  # type: ignore[attr-defined]
 
 
+#: seconds before a worker tries again to open a version whose encoder did not load
+BROKEN_RETRY_S = 300.0
+
+
 class RegistryVersions:
     """A worker's write set, refreshed from the registry every ``refresh_s`` seconds.
 
     Each version's encoder is opened once (`open_version_encoder`: through the
-    encoder process when this worker is a feeder) and closed when the version
-    has been out of the write set for ``release_after_s`` (a batch that took
-    the old write set may still be encoding with it meanwhile).
+    encoder process when this worker is a feeder; concurrent readers of the
+    write set wait for one refresh) and closed when the version has been out of
+    the write set for ``release_after_s`` and no batch in flight holds it
+    (``in_use``, which the worker points at its processor). A version whose
+    encoder does not load is left out and tried again after `BROKEN_RETRY_S`.
     """
 
     def __init__(self, registry: VersionRegistry, base: Encoder,
@@ -137,20 +143,32 @@ class RegistryVersions:
         self.base = base
         self._encoders: dict[str, Encoder] = {base.version: base}
         self._write: dict[str, Encoder] = {base.version: base}
-        self._broken: set[str] = set()  # registered versions whose encoder failed to load
+        self._broken: dict[str, float] = {}  # version -> when its encoder failed to load
         self._left: dict[str, float] = {}  # version -> when it left the write set
         self._at = 0.0
+        self._lock = asyncio.Lock()
+        #: versions that batches in flight still write (set by the worker)
+        self.in_use: Callable[[], set[str]] = set
 
     async def write_set(self) -> dict[str, Encoder]:
         """Encoders of every version to write, live first."""
         if time.monotonic() - self._at < self.refresh_s:
             return self._write
+        async with self._lock:  # one refresh at a time: a version is opened once
+            if time.monotonic() - self._at < self.refresh_s:
+                return self._write
+            return await self._refresh()
+
+    async def _refresh(self) -> dict[str, Encoder]:
         infos = await self.registry.written()
         write: dict[str, Encoder] = {}
         for info in sorted(infos, key=lambda v: not v.live):
             enc = self._encoders.get(info.version)
-            if enc is None and info.version in self._broken:
-                continue
+            failed_at = self._broken.get(info.version)
+            if enc is None and failed_at is not None:
+                if time.monotonic() - failed_at < BROKEN_RETRY_S:
+                    continue
+                del self._broken[info.version]
             if enc is None:
                 logger.info("loading encoder of version %s (%s) for dual writes",
                             info.version, info.state)
@@ -160,7 +178,7 @@ class RegistryVersions:
                     # one version this worker cannot build must not stop the stream for the
                     # others: it gets no dual writes here (so its coverage check will refuse
                     # a promotion) and the operator is told once, with the fix
-                    self._broken.add(info.version)
+                    self._broken[info.version] = time.monotonic()
                     logger.error("version %s is registered but its encoder does not load here, "
                                  "so this worker does not write it: %s", info.version, exc)
                     continue
@@ -174,23 +192,25 @@ class RegistryVersions:
 
     async def _release_unwritten(self) -> None:
         now = time.monotonic()
+        busy = self.in_use()
         for version, enc in list(self._encoders.items()):
             if version in self._write or enc is self.base:
                 self._left.pop(version, None)
                 continue
             left = self._left.setdefault(version, now)
-            if now - left >= self.release_after_s:
+            if now - left >= self.release_after_s and version not in busy:
                 logger.info("version %s left the write set: releasing its encoder", version)
-                del self._encoders[version]
+                self._encoders.pop(version, None)
                 self._left.pop(version, None)
                 await close_encoder(enc)
 
     async def close(self) -> None:
         """Release every encoder this opened (not the worker's own)."""
-        for version, enc in list(self._encoders.items()):
-            if enc is not self.base:
-                del self._encoders[version]
-                await close_encoder(enc)
+        async with self._lock:
+            for version, enc in list(self._encoders.items()):
+                if enc is not self.base:
+                    self._encoders.pop(version, None)
+                    await close_encoder(enc)
 
     def forget(self, version: str) -> None:
         """A version vanished mid-batch (retired): drop it and read the registry next time."""

@@ -35,6 +35,7 @@ from __future__ import annotations
 import bisect
 import contextlib
 import email.utils
+import hashlib
 import logging
 import os
 import stat
@@ -68,10 +69,16 @@ class KeyConflict(ValueError):
     """A key the file system cannot hold beside another (``a`` and ``a/b``)."""
 
 
-def _etag_of(st: os.stat_result) -> str:
-    # every write renames a new file into place: a new inode and mtime, so a new etag;
-    # stable across restarts of the store and never a stale cache (nothing is cached)
-    return f'"{st.st_ino:x}-{st.st_mtime_ns:x}-{st.st_size:x}"'
+def _stamp(st: os.stat_result) -> tuple[int, int, int]:
+    return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
+def _md5_etag(data: bytes) -> str:
+    return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
+
+
+#: etags kept in memory at most (one per object read or written since the start)
+_ETAG_CACHE = 500_000
 
 
 def _bad_part(part: str) -> bool:
@@ -81,8 +88,11 @@ def _bad_part(part: str) -> bool:
 class ObjectStore:
     """Objects as files under ``root/<bucket>/<key>``.
 
-    ETags come from the file's inode, mtime and size: every write renames a new
-    file into place, so each write has a new ETag, with no cache to go stale.
+    ETags are the MD5 of the bytes, as S3's: a compare-and-set must fail when
+    the content changed. (An ETag from the file's inode, mtime and size repeats:
+    ext4 hands a freed inode to the next file at once, and equal-sized watermark
+    objects written within one timestamp tick would look unchanged.) They are
+    cached per file, checked against its inode, mtime and size.
     Listings come from a sorted index of each folder's names, built on first
     use and kept by writes and deletes, so paging through a partition's records
     (Tansu lists them on every fetch) costs no directory walk or sort per page.
@@ -94,6 +104,7 @@ class ObjectStore:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # conditional writes: check and rename as one step
         self._names: dict[Path, list[str]] = {}  # folder -> sorted names, folders as "name/"
+        self._etags: dict[Path, tuple[tuple[int, int, int], str]] = {}
         for dirpath, _dirs, files in os.walk(self.root):  # temporary files of a killed store
             for name in files:
                 if name.startswith(".tmp-"):
@@ -114,7 +125,21 @@ class ObjectStore:
             return None
         if not stat.S_ISREG(st.st_mode):
             return None
-        return _Meta(_etag_of(st), st.st_size, st.st_mtime)
+        cached = self._etags.get(path)
+        if cached is not None and cached[0] == _stamp(st):
+            etag = cached[1]
+        else:
+            try:
+                etag = _md5_etag(path.read_bytes())
+            except (FileNotFoundError, IsADirectoryError):
+                return None
+            self._remember(path, st, etag)
+        return _Meta(etag, st.st_size, st.st_mtime)
+
+    def _remember(self, path: Path, st: os.stat_result, etag: str) -> None:
+        if len(self._etags) >= _ETAG_CACHE:
+            self._etags.clear()  # recomputed from the bytes on the next look
+        self._etags[path] = (_stamp(st), etag)
 
     def put(self, path: Path, data: bytes, *, if_match: str | None,
             if_none_match: str | None) -> str | None:
@@ -140,7 +165,9 @@ class ObjectStore:
                 os.replace(tmp, path)
                 if current is None:
                     self._add_name(path.parent, path.name)
-                return _etag_of(path.stat())
+                etag = _md5_etag(data)
+                self._remember(path, path.stat(), etag)
+                return etag
         except (IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
             raise KeyConflict(str(exc)) from exc
         finally:
@@ -148,17 +175,34 @@ class ObjectStore:
                 tmp.unlink(missing_ok=True)
 
     def delete(self, path: Path) -> None:
-        """Remove the object at ``path`` (absent, or a folder, is fine, as on S3)."""
+        """Remove the object at ``path`` (absent, or a folder, is fine, as on S3).
+
+        Folders left empty are removed too: S3 lists no prefix without keys.
+        """
         with self._lock:
             try:
                 path.unlink()
             except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
                 return
-            names = self._names.get(path.parent)
-            if names is not None:
-                i = bisect.bisect_left(names, path.name)
-                if i < len(names) and names[i] == path.name:
-                    del names[i]
+            self._etags.pop(path, None)
+            self._drop_name(path.parent, path.name)
+            folder = path.parent
+            # up to the bucket's folder (kept): every folder this left empty
+            while folder.parent != self.root and self.root in folder.parents:
+                try:
+                    folder.rmdir()
+                except OSError:  # not empty (or gone)
+                    break
+                self._names.pop(folder, None)
+                self._drop_name(folder.parent, folder.name + "/")
+                folder = folder.parent
+
+    def _drop_name(self, folder: Path, name: str) -> None:
+        names = self._names.get(folder)
+        if names is not None:
+            i = bisect.bisect_left(names, name)
+            if i < len(names) and names[i] == name:
+                del names[i]
 
     def _ensure_dir(self, folder: Path) -> None:
         if folder in self._names or folder.is_dir():

@@ -483,3 +483,84 @@ async def test_images_of_a_feeder_gone_mid_request_are_not_held_for_ever(tmp_pat
     finally:
         server.stop()
         t.join(10)
+
+
+async def test_concurrent_write_set_readers_open_a_version_once_and_busy_ones_stay(tmp_path):
+    """The idle refresher and batches read the write set at once: one open, no leaked
+    connection; a retired version a batch in flight still writes is not released under it."""
+    from encoder.config import EncoderSettings
+    from store.registry import VersionInfo
+    from streams.refresh import RegistryVersions
+
+    calls: list = []
+    path = tmp_path / "enc.sock"
+    server = EncoderServer(NullEncoder(dim=8), path, loader=_null_loader(calls))
+    ready = threading.Event()
+    t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
+    t.start()
+    assert ready.wait(30)
+    base = RemoteEncoder(path)
+    await base.connect(wait_s=10)
+    written = [VersionInfo("null_8", "live", 8, "null", "", 0, 0.0, True),
+               VersionInfo(**_version(4))]
+
+    class Registry:
+        async def written(self):
+            await asyncio.sleep(0.05)  # a registry read takes a while: readers overlap
+            return list(written)
+
+    rv = RegistryVersions(Registry(), base, EncoderSettings(remote=path), refresh_s=0,
+                          release_after_s=0)
+    busy = {"null_8_s4"}
+    rv.in_use = lambda: set(busy)
+    try:
+        sets = await asyncio.gather(*(rv.write_set() for _ in range(5)))
+        assert all(list(s) == ["null_8", "null_8_s4"] for s in sets)
+        assert calls == ["null_8_s4"]
+        assert len({id(s["null_8_s4"]) for s in sets}) == 1  # one encoder for all
+        written.pop()
+        assert list(await rv.write_set()) == ["null_8"]
+        await asyncio.sleep(0.2)
+        assert "null_8_s4" in server.versions()  # a batch still writes it: kept
+        busy.clear()
+        await rv.write_set()
+        deadline = time.monotonic() + 10
+        while server.versions() != ["null_8"]:  # released: the only connection closed
+            assert time.monotonic() < deadline, server.versions()
+            await asyncio.sleep(0.05)
+    finally:
+        await rv.close()
+        await base.close()
+        server.stop()
+        t.join(10)
+
+
+async def test_a_failed_reselect_after_a_restart_is_an_outage_not_a_config_error(tmp_path):
+    """The encoder process restarted and cannot load the version now (out of memory, say):
+    mid-batch that is an outage to wait out, not a reason to dead-letter the batch."""
+    path = tmp_path / "enc.sock"
+    calls: list = []
+    server, t = None, None
+    server = EncoderServer(NullEncoder(dim=8), path, loader=_null_loader(calls))
+    ready = threading.Event()
+    t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
+    t.start()
+    assert ready.wait(30)
+    remote = RemoteEncoder(path, select=_version(5))
+    try:
+        await remote.connect(wait_s=10)
+        assert (await remote.encode_images_async([b"x"]))[0].shape == (8,)
+        server.stop()
+        t.join(10)
+        await remote.close()  # the old process is gone
+        server = EncoderServer(NullEncoder(dim=8), path, loader=lambda req: 1 / 0)
+        ready = threading.Event()
+        t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
+        t.start()
+        assert ready.wait(30)
+        with pytest.raises(EncoderUnavailable):
+            await remote.encode_images_async([b"x"])
+    finally:
+        await remote.close()
+        server.stop()
+        t.join(10)
