@@ -13,7 +13,7 @@ import subprocess
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 
 import httpx
@@ -209,6 +209,52 @@ class Pipeline:
             proc.wait(timeout=30)
         await self.cache.close()
         await self.milvus.close()
+
+
+@contextmanager
+def feeder_pool(settings: Settings, log_path: Path, feeders: int = 2) -> Iterator[FeederPool]:
+    """`pinfresh worker --devices cpu --feeders N` as a subprocess; killed with its children
+    after (a test that stops it on purpose calls `FeederPool.stop`)."""
+    pool = FeederPool(settings, log_path, feeders)
+    try:
+        yield pool
+    finally:
+        pool.kill()
+
+
+class FeederPool:
+    """A running CPU pool: one encoder process and ``feeders`` feeders, logging to a file."""
+
+    def __init__(self, settings: Settings, log_path: Path, feeders: int) -> None:
+        import sys
+
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed by kill()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "streams.cli", "worker", "--devices", "cpu", "--feeders",
+             str(feeders)], env=settings.child_environ(os.environ), stdout=self._log,
+            stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def started(self, role: str) -> list[int]:
+        """Pids of every ``encoder`` or ``feeder`` the pool started (restarts included)."""
+        return [int(p) for p in re.findall(rf"{role} \d+ on cpu started \(pid (\d+)\)",
+                                           self.log())]
+
+    def stop(self, timeout: float = 120) -> int:
+        """SIGTERM (the pool drains its feeders) and its exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            for pid in self.started("encoder") + self.started("feeder"):
+                with suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        self._log.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ and writes the table to ``bench/results/faults.json``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import io
 import json
 import signal
@@ -24,6 +23,7 @@ from store.verify import verify_cache
 from streams.events import PinEvent, Reason
 from streams.producer import publish_raw
 from streams.runtime.status import collect_status
+from tests.integration.conftest import feeder_pool
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults, pytest.mark.slow]
 
@@ -509,10 +509,7 @@ async def test_poison_events_do_not_stop_the_stream(pipeline, catalog, fault_cas
 async def test_feeders_share_one_encoder_process_and_survive_kills(pipeline, catalog,
                                                                    fault_case):
     import os
-    import re
     import signal
-    import subprocess
-    import sys
 
     from streams.runtime.stack import free_port
 
@@ -521,22 +518,12 @@ async def test_feeders_share_one_encoder_process_and_survive_kills(pipeline, cat
     base_port = free_port()
     s = pipeline.settings.model_copy(update={
         "worker": pipeline.settings.worker.model_copy(update={"metrics_port": base_port})})
-    log_path = pipeline.logs / "pool.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
-    pool = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--devices", "cpu",
-                             "--feeders", "2"], env=s.child_environ(os.environ),
-                            stdout=log, stderr=subprocess.STDOUT)
-
-    def started(role: str) -> list[int]:
-        text = log_path.read_text(errors="replace")
-        return [int(p) for p in re.findall(rf"{role} \d+ on cpu started \(pid (\d+)\)", text)]
-
-    try:
+    with feeder_pool(s, pipeline.logs / "pool.log") as pool:
         for slot in (0, 1):  # the feeders' agents run (their encoder process answered)
             pipeline.metrics_ports[f"f{slot}"] = base_port + slot
             assert pipeline.wait_metric("pinfresh_worker_model_info", 1, timeout=300,
                                         worker=f"f{slot}", labels_prefix=True) >= 1, \
-                log_path.read_text()[-3000:]
+                pool.log()[-3000:]
         await pipeline.publish([it.event(1) for it in items])
         version = None
         deadline = time.monotonic() + 300
@@ -545,15 +532,15 @@ async def test_feeders_share_one_encoder_process_and_survive_kills(pipeline, cat
             if version and await pipeline.cache.count(version) >= 20:
                 break
             await asyncio.sleep(0.1)
-        encoders = started("encoder")
+        encoders = pool.started("encoder")
         os.kill(encoders[-1], signal.SIGKILL)  # the encoder process, mid-stream
         deadline = time.monotonic() + 300
-        while len(started("encoder")) < 2:  # the pool restarts it
-            assert time.monotonic() < deadline, log_path.read_text()[-3000:]
+        while len(pool.started("encoder")) < 2:  # the pool restarts it
+            assert time.monotonic() < deadline, pool.log()[-3000:]
             await asyncio.sleep(0.2)
-        os.kill(started("feeder")[0], signal.SIGKILL)  # and one feeder
+        os.kill(pool.started("feeder")[0], signal.SIGKILL)  # and one feeder
         meta = await pipeline.wait(ids, timeout=400)
-        assert len(meta) == len(ids), log_path.read_text()[-3000:]
+        assert len(meta) == len(ids), pool.log()[-3000:]
         rows = await pipeline.milvus.iter_pins(version)
         assert sorted(r["pin_id"] for r in rows) == sorted(ids)  # none lost, none twice
         await _stores_agree(pipeline, version)
@@ -583,17 +570,9 @@ async def test_feeders_share_one_encoder_process_and_survive_kills(pipeline, cat
             assert time.monotonic() < deadline, st["encoders"]
             await asyncio.sleep(0.5)
         assert enc["device"] == "cpu" and enc["version"] == version
-        pool.send_signal(signal.SIGTERM)
-        assert pool.wait(timeout=120) == 0, log_path.read_text()[-3000:]
+        assert pool.stop() == 0, pool.log()[-3000:]
         # stopped on purpose: its report is gone, not left to read as "down"
         assert await pipeline.cache.encoders() == {}
-    finally:
-        if pool.poll() is None:
-            pool.kill()
-            for pid in started("encoder") + started("feeder"):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        log.close()
 
 
 class ImageEncoderForCheck:

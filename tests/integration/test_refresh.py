@@ -19,6 +19,7 @@ from store.reader import EmbeddingReader
 from store.registry import CoverageError, VersionRegistry
 from streams.events import PinEvent
 from streams.refresh import run_backfill
+from tests.integration.conftest import feeder_pool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -306,8 +307,6 @@ async def test_a_feeder_pool_writes_every_version_on_its_encoder_process(
     """Issue 21 item 1: during a refresh (a second version registered, then backfilled)
     feeders import no torch; both versions are encoded by the pool's encoder process (the
     backfill too, through its socket), and retiring the version unloads it there."""
-    import contextlib
-    import re
 
     from streams.runtime.stack import free_port
 
@@ -317,27 +316,17 @@ async def test_a_feeder_pool_writes_every_version_on_its_encoder_process(
     s = pipeline.settings.model_copy(update={"worker": pipeline.settings.worker.model_copy(
         update={"metrics_port": base_port, "progress_interval_s": 1.0,
                 "version_release_s": 1.0})})
-    log_path = pipeline.logs / "pool.log"
-    log = open(log_path, "wb")  # noqa: SIM115 - closed in finally
-    pool = subprocess.Popen([sys.executable, "-m", "streams.cli", "worker", "--devices", "cpu",
-                             "--feeders", "2"], env=s.child_environ(os.environ),
-                            stdout=log, stderr=subprocess.STDOUT)
+    with feeder_pool(s, pipeline.logs / "pool.log") as pool:
+        async def encoder_versions() -> list[str]:
+            reports = await pipeline.cache.encoders()
+            return next(iter(reports.values()))["versions"] if reports else []
 
-    def started(role: str) -> list[int]:
-        text = log_path.read_text(errors="replace")
-        return [int(p) for p in re.findall(rf"{role} \d+ on cpu started \(pid (\d+)\)", text)]
+        async def until(cond, what: str, timeout: float = 240) -> None:
+            deadline = time.monotonic() + timeout
+            while not await cond():
+                assert time.monotonic() < deadline, f"{what}: {pool.log()[-3000:]}"
+                await asyncio.sleep(0.3)
 
-    async def encoder_versions() -> list[str]:
-        reports = await pipeline.cache.encoders()
-        return next(iter(reports.values()))["versions"] if reports else []
-
-    async def until(cond, what: str, timeout: float = 240) -> None:
-        deadline = time.monotonic() + timeout
-        while not await cond():
-            assert time.monotonic() < deadline, f"{what}: {log_path.read_text()[-3000:]}"
-            await asyncio.sleep(0.3)
-
-    try:
         for slot in (0, 1):
             pipeline.metrics_ports[f"f{slot}"] = base_port + slot
             assert pipeline.wait_metric("pinfresh_worker_model_info", 1, timeout=300,
@@ -368,25 +357,17 @@ async def test_a_feeder_pool_writes_every_version_on_its_encoder_process(
         assert all(float(stored[p].vector @ v) >= 0.999
                    for p, v in zip(probe, direct, strict=True))
         # the feeders never loaded a model; the encoder process did, once per version
-        feeders, encoders = started("feeder"), started("encoder")
+        feeders, encoders = pool.started("feeder"), pool.started("encoder")
         assert len(feeders) == 2 and len(encoders) == 1
         assert not any(_maps_torch(pid) for pid in feeders)
         assert _maps_torch(encoders[0])
-        log_text = log_path.read_text(errors="replace")
+        log_text = pool.log()
         assert log_text.count(f"loading version {vb}") == 1, log_text[-3000:]
         # retired: it leaves the write set and the encoder process unloads it
         assert await registry.retire(vb, wait_s=120)
         await until(lambda: _equals(encoder_versions(), [va]), "vb unloaded")
-        assert f"unloading version {vb}" in log_path.read_text(errors="replace")
-        pool.send_signal(signal.SIGTERM)
-        assert pool.wait(timeout=120) == 0, log_path.read_text()[-3000:]
-    finally:
-        if pool.poll() is None:
-            pool.kill()
-            for pid in started("encoder") + started("feeder"):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
-        log.close()
+        assert f"unloading version {vb}" in pool.log()
+        assert pool.stop() == 0, pool.log()[-3000:]
 
 
 async def _has(versions, v: str) -> bool:

@@ -362,11 +362,7 @@ async def test_feeders_select_a_version_loaded_once_and_unloaded_after_the_last(
 
     calls: list = []
     path = tmp_path / "enc.sock"
-    server = EncoderServer(NullEncoder(dim=8), path, loader=_null_loader(calls))
-    ready = threading.Event()
-    t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
-    t.start()
-    assert ready.wait(30)
+    server, t = _serve_null(path, loader=_null_loader(calls))
     a, b = (RemoteEncoder(path, select=_version(1)) for _ in range(2))
     primary = RemoteEncoder(path)
     try:
@@ -410,11 +406,7 @@ async def test_a_feeders_write_set_goes_through_the_encoder_process(tmp_path):
 
     calls: list = []
     path = tmp_path / "enc.sock"
-    server = EncoderServer(NullEncoder(dim=8), path, loader=_null_loader(calls))
-    ready = threading.Event()
-    t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
-    t.start()
-    assert ready.wait(30)
+    server, t = _serve_null(path, loader=_null_loader(calls))
     base = RemoteEncoder(path)
     await base.connect(wait_s=10)
     written = [VersionInfo("null_8", "live", 8, "null", "", 0, 0.0, True),
@@ -494,11 +486,7 @@ async def test_concurrent_write_set_readers_open_a_version_once_and_busy_ones_st
 
     calls: list = []
     path = tmp_path / "enc.sock"
-    server = EncoderServer(NullEncoder(dim=8), path, loader=_null_loader(calls))
-    ready = threading.Event()
-    t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
-    t.start()
-    assert ready.wait(30)
+    server, t = _serve_null(path, loader=_null_loader(calls))
     base = RemoteEncoder(path)
     await base.connect(wait_s=10)
     written = [VersionInfo("null_8", "live", 8, "null", "", 0, 0.0, True),
@@ -540,12 +528,7 @@ async def test_a_failed_reselect_after_a_restart_is_an_outage_not_a_config_error
     mid-batch that is an outage to wait out, not a reason to dead-letter the batch."""
     path = tmp_path / "enc.sock"
     calls: list = []
-    server, t = None, None
-    server = EncoderServer(NullEncoder(dim=8), path, loader=_null_loader(calls))
-    ready = threading.Event()
-    t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
-    t.start()
-    assert ready.wait(30)
+    server, t = _serve_null(path, loader=_null_loader(calls))
     remote = RemoteEncoder(path, select=_version(5))
     try:
         await remote.connect(wait_s=10)
@@ -553,11 +536,7 @@ async def test_a_failed_reselect_after_a_restart_is_an_outage_not_a_config_error
         server.stop()
         t.join(10)
         await remote.close()  # the old process is gone
-        server = EncoderServer(NullEncoder(dim=8), path, loader=lambda req: 1 / 0)
-        ready = threading.Event()
-        t = threading.Thread(target=server.serve_forever, args=(ready,), daemon=True)
-        t.start()
-        assert ready.wait(30)
+        server, t = _serve_null(path, loader=lambda req: 1 / 0)
         with pytest.raises(EncoderUnavailable):
             await remote.encode_images_async([b"x"])
     finally:
