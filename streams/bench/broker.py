@@ -31,13 +31,13 @@ from typing import Any
 from rich.console import Console
 
 from streams.bench.report import emit, machine
-from streams.bench.volume import drain_backlog, make_images, written_times
+from streams.bench.runs import private_stack
+from streams.bench.volume import drain_backlog, make_images, null_drain_setup, written_times
 from streams.events import PinEvent
 from streams.producer import ensure_topics, publish_events
-from streams.runtime.catalog import load_catalog, prepare_sample_catalog
 from streams.runtime.processes import stop_group
 from streams.runtime.stack import EmbeddedStack
-from streams.settings import Settings, StackSettings
+from streams.settings import Settings
 
 ENGINES = ("memory", "disk")
 
@@ -109,34 +109,21 @@ async def _round(s: Settings, broker_pid: int, paths: list[Path], feeders: int, 
 def run_broker_bench(settings: Settings, pins: int, feeders: int, rounds: int, out: Path,
                      console: Console) -> dict[str, Any]:
     """Measure both engines (see the module docstring)."""
-    stamps = [Path(it.image) for it in load_catalog(prepare_sample_catalog(
-        settings.stack.data_dir.resolve()))]
-    base = settings.model_copy(update={
-        "encoder": settings.encoder.model_copy(update={"model": "null"}),
-        "worker": settings.worker.model_copy(update={"metrics_port": 0}),
-        "log_level": "WARNING"})
+    stamps, base = null_drain_setup(settings)
     runs: dict[str, list[dict[str, Any]]] = {e: [] for e in ENGINES}
     disk_bytes = 0
     with tempfile.TemporaryDirectory(prefix="pinfresh-broker-") as img_tmp:
         paths = make_images(Path(img_tmp), stamps[:200], pins)
         for i in range(rounds):
             for engine in ENGINES:
-                with tempfile.TemporaryDirectory(prefix="pinfresh-bench-") as tmp:
-                    stack = EmbeddedStack(StackSettings(
-                        data_dir=Path(tmp), kafka_port=0, redis_port=0, milvus_port=0,
-                        milvus=settings.stack.milvus, kafka_log=engine))  # type: ignore[arg-type]
-                    info = stack.start()
-                    try:
-                        s = base.with_stack(info).model_copy(update={
-                            "fetch": base.fetch.model_copy(update={"catalog_root": Path(img_tmp)}),
-                            "stack": base.stack.model_copy(update={"data_dir": Path(tmp)})})
-                        r = asyncio.run(_round(s, info.kafka.pid, paths, feeders,
-                                               Path(tmp) / "logs", console))
-                        if engine == "disk":
-                            disk_bytes = sum(f.stat().st_size for f in
-                                             (Path(tmp) / "kafka").rglob("*") if f.is_file())
-                    finally:
-                        stack.stop()
+                with private_stack(base, Path(img_tmp), kafka_log=engine) as (s, tmp):
+                    info = EmbeddedStack(s.stack).read()
+                    assert info is not None
+                    r = asyncio.run(_round(s, info.kafka.pid, paths, feeders, tmp / "logs",
+                                           console))
+                    if engine == "disk":
+                        disk_bytes = sum(f.stat().st_size for f in (tmp / "kafka").rglob("*")
+                                         if f.is_file())
                 runs[engine].append(r)
                 console.print(f"round {i + 1} {engine}: {r}")
     med = {e: {k: statistics.median(r[k] for r in runs[e]) for k in runs[e][0]} for e in ENGINES}

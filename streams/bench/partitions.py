@@ -27,10 +27,9 @@ from rich.console import Console
 from encoder.null import NullEncoder
 from streams.bench.report import emit, machine
 from streams.bench.runs import private_stack
-from streams.bench.volume import drain_backlog, make_images, written_times
+from streams.bench.volume import drain_backlog, make_images, null_drain_setup, written_times
 from streams.events import PinEvent
 from streams.producer import consumer_lag, ensure_topics, publish_events
-from streams.runtime.catalog import load_catalog, prepare_sample_catalog
 from streams.runtime.processes import stop_group
 from streams.settings import Settings
 
@@ -38,12 +37,7 @@ from streams.settings import Settings
 def run_partitions_bench(settings: Settings, counts: list[int], pins: int, feeders: int,
                          out: Path, console: Console) -> dict[str, Any]:
     """Measure each partition count in ``counts`` (see the module docstring)."""
-    stamps = [Path(it.image) for it in load_catalog(prepare_sample_catalog(
-        settings.stack.data_dir.resolve()))]
-    base = settings.model_copy(update={
-        "encoder": settings.encoder.model_copy(update={"model": "null"}),
-        "worker": settings.worker.model_copy(update={"metrics_port": 0}),
-        "log_level": "WARNING"})
+    stamps, base = null_drain_setup(settings)
     rows_out: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pinfresh-parts-") as img_tmp:
         paths = make_images(Path(img_tmp), stamps[:200], pins)

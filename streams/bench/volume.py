@@ -64,6 +64,19 @@ LIVE = NullEncoder().version
 BACKFILL_SEED = 1
 
 
+def null_drain_setup(settings: Settings) -> tuple[list[Path], Settings]:
+    """The sample catalog's stamp images, and ``settings`` for null-encoder drain runs.
+
+    No metrics port, quiet logs: what the drain benchmarks' workers run with.
+    """
+    stamps = [Path(it.image) for it in load_catalog(prepare_sample_catalog(
+        settings.stack.data_dir.resolve()))]
+    return stamps, settings.model_copy(update={
+        "encoder": settings.encoder.model_copy(update={"model": "null"}),
+        "worker": settings.worker.model_copy(update={"metrics_port": 0}),
+        "log_level": "WARNING"})
+
+
 def make_images(root: Path, stamps: list[Path], n: int, side: int = 48) -> list[Path]:
     """``n`` distinct small PNGs under ``root`` (thumbnails of ``stamps``, unique trailers)."""
     thumbs = []

@@ -397,27 +397,36 @@ async def test_feeders_select_a_version_loaded_once_and_unloaded_after_the_last(
         t.join(10)
 
 
-async def test_a_feeders_write_set_goes_through_the_encoder_process(tmp_path):
-    """RegistryVersions in a feeder: versions opened on the encoder process, released once
-    they leave the write set, and no model code imported here for them."""
+async def _feeder_versions(path, seed: int, read_s: float = 0.0):
+    """A feeder's `RegistryVersions` over the encoder process at ``path``: its base encoder,
+    the registry's list of written versions (live null_8 and null_8_s<seed>; edit it to
+    retire one) and the write set reader (no caching, immediate release)."""
     from encoder.config import EncoderSettings
     from store.registry import VersionInfo
     from streams.refresh import RegistryVersions
 
-    calls: list = []
-    path = tmp_path / "enc.sock"
-    server, t = _serve_null(path, loader=_null_loader(calls))
     base = RemoteEncoder(path)
     await base.connect(wait_s=10)
     written = [VersionInfo("null_8", "live", 8, "null", "", 0, 0.0, True),
-               VersionInfo(**_version(3))]
+               VersionInfo(**_version(seed))]
 
     class Registry:
         async def written(self):
+            await asyncio.sleep(read_s)
             return list(written)
 
     rv = RegistryVersions(Registry(), base, EncoderSettings(remote=path), refresh_s=0,
                           release_after_s=0)
+    return base, written, rv
+
+
+async def test_a_feeders_write_set_goes_through_the_encoder_process(tmp_path):
+    """RegistryVersions in a feeder: versions opened on the encoder process, released once
+    they leave the write set, and no model code imported here for them."""
+    calls: list = []
+    path = tmp_path / "enc.sock"
+    server, t = _serve_null(path, loader=_null_loader(calls))
+    base, written, rv = await _feeder_versions(path, seed=3)
     try:
         encs = await rv.write_set()
         assert list(encs) == ["null_8", "null_8_s3"]
@@ -480,25 +489,11 @@ async def test_images_of_a_feeder_gone_mid_request_are_not_held_for_ever(tmp_pat
 async def test_concurrent_write_set_readers_open_a_version_once_and_busy_ones_stay(tmp_path):
     """The idle refresher and batches read the write set at once: one open, no leaked
     connection; a retired version a batch in flight still writes is not released under it."""
-    from encoder.config import EncoderSettings
-    from store.registry import VersionInfo
-    from streams.refresh import RegistryVersions
-
     calls: list = []
     path = tmp_path / "enc.sock"
     server, t = _serve_null(path, loader=_null_loader(calls))
-    base = RemoteEncoder(path)
-    await base.connect(wait_s=10)
-    written = [VersionInfo("null_8", "live", 8, "null", "", 0, 0.0, True),
-               VersionInfo(**_version(4))]
-
-    class Registry:
-        async def written(self):
-            await asyncio.sleep(0.05)  # a registry read takes a while: readers overlap
-            return list(written)
-
-    rv = RegistryVersions(Registry(), base, EncoderSettings(remote=path), refresh_s=0,
-                          release_after_s=0)
+    # a registry read takes a while: readers overlap
+    base, written, rv = await _feeder_versions(path, seed=4, read_s=0.05)
     busy = {"null_8_s4"}
     rv.in_use = lambda: set(busy)
     try:
