@@ -216,3 +216,55 @@ async def test_freshness_is_read_over_a_time_window(stack):
         assert sorted((await cache.batch_stats())[0]) == [0.4, 95.0]  # no window: all
     finally:
         await cache.close()
+
+
+@pytest.mark.cluster
+async def test_writes_survive_a_server_that_forgot_its_scripts(stack, request, monkeypatch):
+    """Scripts go as EVALSHA; after a SCRIPT FLUSH (a restarted or failed-over server) the
+    calls answered NOSCRIPT are loaded and run once, in write, claim, release and delete."""
+    from redis.asyncio.cluster import RedisCluster
+
+    tag = f"f{abs(hash(request.node.name)) % 10**8}"
+    cache = RedisCache(RedisSettings(url=stack.redis_url, key_prefix=tag))
+    r = cache._r
+    loads: list[str] = []
+    load = type(r).script_load
+
+    async def counting_load(self, script):  # type: ignore[no-untyped-def]
+        loads.append(script)
+        return await load(self, script)
+
+    monkeypatch.setattr(type(r), "script_load", counting_load)
+
+    async def flush() -> None:
+        if isinstance(r, RedisCluster):
+            await r.execute_command("SCRIPT FLUSH", target_nodes=RedisCluster.PRIMARIES)
+        else:
+            await r.script_flush()
+
+    try:
+        await cache.ensure_version("v1", 8)
+        pins = {f"p{i}": 1 for i in range(12)}
+        await flush()
+        assert all(all(v.values()) for v in (await cache.claim("upsert", "t1", pins,
+                                                                 ["v1"])).values())
+        await flush()
+        done = await cache.write("v1", [rec(p, 8) for p in pins])
+        assert done.written == set(pins)
+        assert await cache.count("v1") == 12
+        await flush()
+        assert await cache.release("t1", pins) == set()
+        await flush()
+        await cache.delete("v1", ["p0", "p1"])
+        assert await cache.count("v1") == 10
+        # a write that is stale is refused, not retried into a second copy
+        stale = await cache.write("v1", [replace(rec("p2", 8), pin_version=0)])
+        assert stale.written == frozenset()
+        from store.redis import _CLAIM, _DELETE, _RELEASE, _WRITE
+
+        # each loaded once after each flush (the last write follows the flush before delete)
+        assert loads == [_CLAIM, _WRITE, _RELEASE, _DELETE, _WRITE]
+        meta = await cache.get_meta("v1", ["p2"])
+        assert meta["p2"]["pin_version"] == "1"
+    finally:
+        await cache.close()
