@@ -72,6 +72,12 @@ class EncoderSettings(BaseModel):
     max_image_pixels: int = Field(
         40_000_000, ge=1, description="decoded pixel limit (decompression-bomb guard)"
     )
+    max_decode_mib: int = Field(
+        256, ge=1, description="most MiB one image's decode may hold at once (its pixels in "
+        "memory plus the copy its conversion needs, from the header: `encoder.preprocess."
+        "decode_bytes`); a bigger one is refused as too_many_pixels before it is decoded. A "
+        "worker's decoding takes at most prepare_workers x this"
+    )
     min_image_side: int = Field(8, ge=1, description="images smaller than this are refused")
     seed: int = Field(0, description="seed for untrained projection weights")
     remote: Path | None = Field(

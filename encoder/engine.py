@@ -138,7 +138,8 @@ class ImageEncoder:
         cls = TensorPreparer if kind == "tensor" else PilPreparer
         self.preparer = cls(pre, self.device, pool=self._pool,
                             max_pixels=settings.max_image_pixels,
-                            min_side=settings.min_image_side)
+                            min_side=settings.min_image_side,
+                            max_decode_bytes=settings.max_decode_mib << 20)
         if self.cuda:
             self._streams = {k: torch.cuda.Stream(self.device) for k in ("forward", "copy")}
         #: Each prepare lane's own CUDA stream, created by the lane's thread on first use.
@@ -226,6 +227,7 @@ class ImageEncoder:
             self.spec.preprocess,
             max_pixels=self.settings.max_image_pixels,
             min_side=self.settings.min_image_side,
+            max_decode_bytes=self.settings.max_decode_mib << 20,
         )
 
     def prepare_batch(self, items: Sequence[bytes]) -> PreparedBatch:

@@ -38,7 +38,7 @@ import torch.nn.functional as F  # noqa: N812 - torch convention
 from encoder.errors import ImageError, Reason
 from encoder.jpeg import read_header
 from encoder.model import PreprocessSpec
-from encoder.preprocess import prepare_image, sniff_format
+from encoder.preprocess import DEFAULT_MAX_DECODE_BYTES, prepare_image, sniff_format
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,10 @@ class PreparedBatch:
     event: Any = None
 
 
-def _pil(data: bytes, spec: PreprocessSpec, max_pixels: int, min_side: int) -> np.ndarray:
-    return prepare_image(data, spec, max_pixels=max_pixels, min_side=min_side)
+def _pil(data: bytes, spec: PreprocessSpec, max_pixels: int, min_side: int,
+         max_decode_bytes: int) -> np.ndarray:
+    return prepare_image(data, spec, max_pixels=max_pixels, min_side=min_side,
+                         max_decode_bytes=max_decode_bytes)
 
 
 def _collect(fut: Future[np.ndarray]) -> np.ndarray | ImageError:
@@ -87,16 +89,19 @@ class _CpuDecoder:
     """Shared by both prepare stages: per-image `prepare_image` calls in ``pool``."""
 
     def __init__(self, spec: PreprocessSpec, device: torch.device, *, pool: Executor,
-                 max_pixels: int, min_side: int) -> None:
+                 max_pixels: int, min_side: int,
+                 max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> None:
         self.spec, self.device, self.pool = spec, device, pool
         self.max_pixels, self.min_side = max_pixels, min_side
+        self.max_decode_bytes = max_decode_bytes
 
     def _submit(self, data: bytes | np.ndarray) -> Future[np.ndarray]:
         if isinstance(data, np.ndarray):  # decoded by a feeder already (encoder.remote)
             done: Future[np.ndarray] = Future()
             done.set_result(data)
             return done
-        return self.pool.submit(_pil, data, self.spec, self.max_pixels, self.min_side)
+        return self.pool.submit(_pil, data, self.spec, self.max_pixels, self.min_side,
+                                self.max_decode_bytes)
 
     @staticmethod
     def _gather(futures: dict[int, Future[np.ndarray]], errors: dict[int, ImageError]
@@ -129,8 +134,10 @@ class TensorPreparer(_CpuDecoder):
     """Batched ``decode_jpeg`` on ``device`` with a per-image CPU fallback."""
 
     def __init__(self, spec: PreprocessSpec, device: torch.device, *, pool: Executor,
-                 max_pixels: int, min_side: int) -> None:
-        super().__init__(spec, device, pool=pool, max_pixels=max_pixels, min_side=min_side)
+                 max_pixels: int, min_side: int,
+                 max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES) -> None:
+        super().__init__(spec, device, pool=pool, max_pixels=max_pixels, min_side=min_side,
+                         max_decode_bytes=max_decode_bytes)
         from torchvision.io import ImageReadMode, decode_jpeg
 
         self._decode = decode_jpeg

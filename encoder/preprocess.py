@@ -22,6 +22,8 @@ from PIL import Image, ImageFile, UnidentifiedImageError
 from encoder.errors import ImageError, Reason
 from encoder.types import PreprocessSpec
 
+#: Default of `prepare_image`'s ``max_decode_bytes`` (``EncoderSettings.max_decode_mib``).
+DEFAULT_MAX_DECODE_BYTES = 256 * 2 ** 20
 #: PIL format names that may be opened.
 SUPPORTED_FORMATS = ("JPEG", "PNG", "GIF", "WEBP", "BMP")
 _MAGIC = (
@@ -44,19 +46,26 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def prepare_image(
-    data: bytes, spec: PreprocessSpec, *, max_pixels: int, min_side: int = 8
+    data: bytes, spec: PreprocessSpec, *, max_pixels: int, min_side: int = 8,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
 ) -> np.ndarray:
     """Decode, flatten transparency, resize and centre-crop one image.
 
     Called from the prepare thread pool; pure function, safe to run in
     parallel (PIL releases the GIL while decoding and resizing).
 
+    Memory: an image is shrunk in its own mode before it becomes 8-bit RGB
+    (see `decode_bytes`), and one whose decode would hold more than
+    ``max_decode_bytes`` at once is refused from its header, before any
+    pixel is decoded: a decode costs at most that much.
+
     Returns:
         ``(S, S, 3)`` uint8 array with ``S = spec.image_size``.
 
     Raises:
-        ImageError: with reason ``not_an_image``, ``too_many_pixels``,
-            ``image_too_small`` or ``decode_failed``.
+        ImageError: with reason ``not_an_image``, ``too_many_pixels`` (pixels
+            or decode memory over the limit), ``image_too_small`` or
+            ``decode_failed``.
     """
     if not data:
         raise ImageError(Reason.NOT_AN_IMAGE, "empty body (0 bytes)")
@@ -84,18 +93,15 @@ def prepare_image(
                 opened.draft("RGB", (size, size))
             if getattr(opened, "is_animated", False):
                 opened.seek(0)
-            src: Image.Image = opened
-            if src.mode == "I;16B":  # PIL resizes big-endian 16-bit wrongly
-                src = src.convert("I")
-            if src.mode in _WIDE_GREY:
-                # crop and shrink in the image's own 16/32-bit mode first, then to 8 bits
-                # by the full image's largest value (scaling at full resolution took
-                # float64 copies: +654 MiB at 36 MP)
-                lo_hi = cast("tuple[float, float]", src.getextrema())
-                img = _to_rgb(_resize_crop(src, size), spec.background, float(lo_hi[1]))
-            else:
-                img = _resize_crop(_to_rgb(src, spec.background), size)
-            arr = np.asarray(img, dtype=np.uint8)
+            need = decode_bytes(opened)
+            if need > max_decode_bytes:
+                mib = 2 ** 20
+                raise ImageError(
+                    Reason.TOO_MANY_PIXELS,
+                    f"{opened.size[0]}x{opened.size[1]} {opened.mode} would take about "
+                    f"{need / mib:.0f} MiB to decode > limit {max_decode_bytes / mib:.0f} MiB "
+                    "(PINFRESH_ENCODER__MAX_DECODE_MIB)")
+            arr = _shrink(opened, size, spec.background)
     except ImageError:
         raise
     except Image.DecompressionBombError as exc:
@@ -109,6 +115,74 @@ def prepare_image(
 
 #: 16- and 32-bit greyscale modes: resized before they become 8-bit (see prepare_image)
 _WIDE_GREY = ("I;16", "I;16L", "I")
+#: Modes resized as they are, then made RGB: their conversion to RGB repeats or copies
+#: each value, so shrinking first gives the very same image without a full-size RGB copy.
+_SHRINK_FIRST = ("L", "RGB")
+#: PIL's bytes per pixel in memory (every 3- and 4-band 8-bit mode takes 4).
+_MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I": 4, "F": 4}
+#: Rows flattened at a time (transparency): a strip's copies instead of the image's.
+_STRIP_ROWS = 256
+
+
+def decode_bytes(img: Image.Image) -> int:
+    """The most memory `prepare_image` holds at once to decode ``img`` (from its header).
+
+    The decoded image, plus the full-size copy its path needs: none for
+    8-bit grey, RGB and 16/32-bit grey (shrunk as they are, see
+    `_SHRINK_FIRST`); an RGB copy for the others (transparency is flattened
+    into it strip by strip, `_flatten`; palettes can only be resized
+    nearest-neighbour and CMYK's conversion is not linear, so they become RGB
+    first); a 32-bit copy for big-endian 16-bit. Strips and the 224 px
+    results are left out.
+    """
+    w, h = img.size
+    mode = img.mode
+    own = _MODE_BYTES.get(mode, 4)
+    if mode in ("L", "RGB", "I;16", "I;16L", "I"):
+        extra = 0
+    elif mode == "1":
+        extra = 1  # to L
+    else:  # an RGB (or 32-bit) copy
+        extra = 4
+    return w * h * (own + extra)
+
+
+def _shrink(src: Image.Image, size: int, background: tuple[int, int, int]) -> np.ndarray:
+    """``src`` (opened, not yet decoded) as a ``(size, size, 3)`` uint8 array."""
+    if src.mode == "I;16B":  # PIL resizes big-endian 16-bit wrongly
+        src = src.convert("I")
+    if src.mode in _WIDE_GREY:
+        # crop and shrink in the image's own 16/32-bit mode first, then to 8 bits
+        # by the full image's largest value (scaling at full resolution took
+        # float64 copies: +654 MiB at 36 MP)
+        lo_hi = cast("tuple[float, float]", src.getextrema())
+        return np.asarray(_to_rgb(_resize_crop(src, size), background, float(lo_hi[1])),
+                          dtype=np.uint8)
+    if src.mode == "1":
+        src = src.convert("L")  # 0 and 255: what its RGB would repeat
+    if src.mode not in _SHRINK_FIRST:
+        src = _flatten(src, background) if _has_alpha(src) else src.convert("RGB")
+    return np.asarray(_to_rgb(_resize_crop(src, size), background), dtype=np.uint8)
+
+
+def _has_alpha(img: Image.Image) -> bool:
+    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+        img.mode == "P" and "transparency" in img.info)
+
+
+def _flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
+    """``img`` composited over ``background`` as RGB, `_STRIP_ROWS` rows at a time.
+
+    The same pixels as one full-size composite (compositing is per pixel),
+    which took four full-size copies (+16 bytes a pixel); here the RGB
+    result is the only one.
+    """
+    w, h = img.size
+    out = Image.new("RGB", (w, h))
+    for top in range(0, h, _STRIP_ROWS):
+        part = img.crop((0, top, w, min(h, top + _STRIP_ROWS)))
+        out.paste(_to_rgb(part, background), (0, top))
+    return out
 
 
 def _to_rgb(img: Image.Image, background: tuple[int, int, int],

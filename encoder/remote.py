@@ -59,7 +59,7 @@ import numpy as np
 
 from encoder.config import EncoderSettings
 from encoder.errors import ConfigError, EncoderUnavailable, ImageError, Reason
-from encoder.preprocess import prepare_image, sniff_format
+from encoder.preprocess import DEFAULT_MAX_DECODE_BYTES, prepare_image, sniff_format
 from encoder.types import EncodeResult, EncoderInfo, PreprocessSpec
 
 logger = logging.getLogger(__name__)
@@ -210,6 +210,7 @@ class RemoteEncoder:
     """
 
     def __init__(self, path: Path, *, max_pixels: int = 40_000_000, min_side: int = 8,
+                 max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
                  connect_timeout_s: float = 5.0, request_timeout_s: float = 300.0,
                  max_request_bytes: int = MAX_REQUEST_BYTES,
                  select: dict[str, Any] | None = None, load_timeout_s: float = 900.0) -> None:
@@ -219,6 +220,7 @@ class RemoteEncoder:
         #: connection with that version, loaded there (None: the one it was started with)
         self.select = select
         self.max_pixels, self.min_side = max_pixels, min_side
+        self.max_decode_bytes = max_decode_bytes
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s
         self.max_request_bytes = max_request_bytes
@@ -236,6 +238,7 @@ class RemoteEncoder:
         """A client of the encoder process at ``es.remote`` with ``es``'s limits."""
         assert es.remote is not None
         return cls(es.remote, max_pixels=es.max_image_pixels, min_side=es.min_image_side,
+                   max_decode_bytes=es.max_decode_mib << 20,
                    request_timeout_s=es.remote_timeout_s,
                    max_request_bytes=int(es.remote_max_request_mib * (1 << 20)), select=select)
 
@@ -416,7 +419,8 @@ class RemoteEncoder:
                 continue
             try:
                 px = prepare_image(data, spec, max_pixels=self.max_pixels,
-                                   min_side=self.min_side)
+                                   min_side=self.min_side,
+                                   max_decode_bytes=self.max_decode_bytes)
             except ImageError as exc:
                 errors[i] = exc
                 continue

@@ -314,6 +314,11 @@ class _Batch:
     #: pins whose primary-version entry this batch wrote to Redis (not refused as stale)
     written: set[str] = field(default_factory=set)
     primary: str = ""
+    #: pin id -> its event (a batch holds one event per pin)
+    by_pin: dict[str, PinEvent] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.by_pin = {e.pin_id: e for e in self.events}
 
     def fail(self, ev: PinEvent, letter: DeadLetter) -> None:
         """Dead-letter one event (its first failure wins)."""
@@ -935,7 +940,7 @@ class PinProcessor:
     # ---------------------------------------------------------------- helpers
     @staticmethod
     def _event(batch: _Batch, pin_id: str) -> PinEvent:
-        return next(e for e in batch.events if e.pin_id == pin_id)
+        return batch.by_pin[pin_id]
 
     def _record(
         self, ver: str, ev: PinEvent, vector: np.ndarray, digest: str, encode_time: float

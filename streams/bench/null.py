@@ -31,12 +31,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import os
+import signal
 import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from rich.console import Console
 
 from store.lifecycle import open_stores
 from store.redis import RedisCache
+from streams.bench.cpu import CpuSampler, py_spy, stage_shares
 from streams.bench.report import emit, machine
 from streams.producer import ensure_topics, publish_events
 from streams.runtime.catalog import (
@@ -131,13 +134,17 @@ async def _progress(cache: RedisCache, r: Any, key: str | None) -> int:
 
 
 async def _track(cache: RedisCache, r: Any, key: str | None, start: int, n: int,
-                 timeout: float) -> list[tuple[float, int]]:
+                 timeout: float, on_poll: Callable[[float, int], None] | None = None,
+                 ) -> list[tuple[float, int]]:
     """Poll progress every 20 ms until ``n`` more are done; ``(time, done)`` samples."""
     deadline = time.monotonic() + timeout
     samples: list[tuple[float, int]] = []
     while True:
         got = await _progress(cache, r, key) - start
-        samples.append((time.time(), got))
+        now = time.time()
+        samples.append((now, got))
+        if on_poll is not None:
+            on_poll(now, got)
         if got >= n:
             return samples
         if time.monotonic() > deadline:
@@ -149,9 +156,14 @@ def _crossing(samples: list[tuple[float, int]], at: float) -> float:
     return next(t for t, done in samples if done >= at)
 
 
-def _start(cmd: Sequence[str], s: Settings, log: Path) -> subprocess.Popen[bytes]:
+def _start(cmd: Sequence[str], s: Settings, log: Path,
+           code: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``cmd``; with ``code``, from that source tree (a baseline's checkout)."""
+    env = s.child_environ(os.environ)
+    if code is not None:
+        env["PYTHONPATH"] = os.pathsep.join([str(code), *filter(None, [env.get("PYTHONPATH")])])
     with open(log, "ab") as f:
-        return subprocess.Popen(list(cmd), env=s.child_environ(os.environ), stdout=f,
+        return subprocess.Popen(list(cmd), env=env, stdout=f, cwd=code,
                                 stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -166,8 +178,14 @@ async def _drop(s: Settings) -> None:
 
 
 async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins: int,
-                 logs: Path, console: Console) -> dict[str, Any]:
-    """Start the processes of one configuration, publish the backlog, time it."""
+                 logs: Path, console: Console, code: Path | None = None,
+                 profile: Path | None = None) -> dict[str, Any]:
+    """Start the processes of one configuration, publish the backlog, time it.
+
+    The stream processes' CPU time is sampled with the progress; ``profile``:
+    also record a py-spy profile of the first stream process between 10 % and
+    90 % of the backlog written. ``code``: run the processes from that tree.
+    """
     tag = f"{kind}-{n}-{int(time.time() * 1000) % 10_000_000}"
     # a fresh topic, group, collection and key prefix per round: Milvus Lite slows down as
     # a collection grows (its upserts timed out after 20 rounds into one collection), and
@@ -202,8 +220,20 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
         before = await _progress(cache, r, key)
         backlog = [replace(items[i % len(items)], pin_id=f"p-{tag}-{i}") for i in range(pins)]
         await publish_events(s.kafka, (it.event(1) for it in backlog), progress=False)
-        procs = [_start(cmd, s, logs / f"{tag}.log")]
-        samples = await _track(cache, r, key, before, len(backlog), 1200)
+        procs = [_start(cmd, s, logs / f"{tag}.log", code)]
+        cpu = CpuSampler(procs[0].pid)
+        spy: list[subprocess.Popen[bytes] | None] = []
+
+        def on_poll(at: float, done: int) -> None:
+            cpu.sample(at)
+            if profile is not None and not spy and done >= 0.1 * pins and cpu.pids:
+                spy.append(py_spy(cpu.pids[0], profile))
+            elif spy and spy[0] is not None and spy[0].poll() is None and done >= 0.9 * pins:
+                spy[0].send_signal(signal.SIGINT)
+
+        samples = await _track(cache, r, key, before, len(backlog), 1200, on_poll)
+        if spy and spy[0] is not None:
+            spy[0].wait(60)
         if key is None:  # Redis write times are exact: use them instead of the poll times
             metas = await cache.get_meta(NULL_VERSION, [it.pin_id for it in backlog])
             written = sorted(float(m["written_at"]) for m in metas.values())
@@ -217,16 +247,55 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
         await r.aclose()
         await _drop(s)
     rate = 0.8 * len(backlog) / (t1 - t0)
-    console.print(f"{kind} x{n}: {len(backlog)} pins, 10-90 % in {t1 - t0:.1f}s = "
-                  f"{rate:.0f} pins/s")
+    cpu_s, threads = cpu.between(t0, t1)
+    cpu_ms = 1000 * cpu_s / (0.8 * len(backlog))
+    console.print(f"{kind} x{n}{' (baseline)' if code else ''}: {len(backlog)} pins, 10-90 % "
+                  f"in {t1 - t0:.1f}s = {rate:.0f} pins/s, {cpu_ms:.3f} ms CPU per pin")
     return {"kind": kind, "processes": n, "pins": len(backlog),
-            "seconds_10_to_90_pct": round(t1 - t0, 2), "pins_per_s": round(rate, 1)}
+            "seconds_10_to_90_pct": round(t1 - t0, 2), "pins_per_s": round(rate, 1),
+            "cpu_ms_per_pin": round(cpu_ms, 4),
+            "cpu_ms_per_pin_by_thread": {g: round(1000 * v / (0.8 * len(backlog)), 4)
+                                         for g, v in sorted(threads.items())}}
+
+
+@contextlib.contextmanager
+def source_tree(ref: str) -> Iterator[tuple[Path, str]]:
+    """This repository's files at ``ref`` in a temporary directory, and the commit."""
+    import tarfile
+    import tempfile
+
+    repo = Path(__file__).resolve().parents[2]
+    sha = subprocess.run(["git", "-C", str(repo), "rev-parse", "--verify", f"{ref}^{{commit}}"],
+                         capture_output=True, text=True, check=True).stdout.strip()
+    with tempfile.TemporaryDirectory(prefix="pinfresh-baseline-") as tmp:
+        archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", sha],
+                                 capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tmp, filter="data")
+        yield Path(tmp), sha
 
 
 def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
                    sources: Sequence[str], out: Path, console: Console,
-                   repeat: int = 3) -> dict[str, Any]:
-    """Run every round, print the table and write the JSON (see the module docstring)."""
+                   repeat: int = 3, baseline: str | None = None,
+                   profile: bool = True) -> dict[str, Any]:
+    """Run every round, print the table and write the JSON (see the module docstring).
+
+    ``baseline``: a git ref; one feeder run from that commit's code is
+    measured beside the current code's, interleaved in the same run (before
+    and after). ``profile``: one more feeder round per source (and per code)
+    under py-spy, for the CPU breakdown by stage.
+    """
+    with contextlib.ExitStack() as stack:
+        tree = stack.enter_context(source_tree(baseline)) if baseline else None
+        return _run_null_bench(settings, pins, feeders, sources, out, console, repeat,
+                               tree, profile, baseline)
+
+
+def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
+                    sources: Sequence[str], out: Path, console: Console, repeat: int,
+                    tree: tuple[Path, str] | None, profile: bool,
+                    baseline_ref: str | None = None) -> dict[str, Any]:
     data_dir = settings.stack.data_dir.resolve()
     path = prepare_sample_catalog(data_dir)
     items = [it for it in load_catalog(path) if "party-horn-out" not in it.pin_id]
@@ -236,6 +305,7 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
         "worker": settings.worker.model_copy(update={"metrics_port": 0}),
         "log_level": "WARNING"})
     rounds: list[dict[str, Any]] = []
+    profiles: list[dict[str, Any]] = []
     from streams.bench.runs import private_stack  # imports torch: not in the consumer processes
 
     logs = data_dir / "logs" / "bench-null"
@@ -257,16 +327,54 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
                     ss = s.model_copy(update={"fetch": s.fetch.model_copy(update={
                         "allowed_hosts": ["127.0.0.1"]})})
                 configs = [("bare", 1), ("in-process", 1)] + [("feeders", n) for n in feeders]
+                if tree is not None:
+                    configs.append(("baseline", 1))
                 for _ in range(repeat):  # interleaved, so drift hits every configuration alike
                     for kind, n in configs:
-                        res = asyncio.run(_round(ss, kind, n, src_items, pins, logs, console))
+                        res = asyncio.run(_round(ss, kind, n, src_items, pins, logs, console,
+                                                 code=tree[0] if kind == "baseline" and tree
+                                                 else None))
                         res["source"] = source
                         rounds.append(res)
+                for kind in (["feeders"] + (["baseline"] if tree else [])) if profile else []:
+                    raw = logs / f"profile-{source}-{kind}.txt"
+                    raw.unlink(missing_ok=True)
+                    res = asyncio.run(_round(ss, kind, 1, src_items, pins, logs, console,
+                                             code=tree[0] if kind == "baseline" and tree
+                                             else None, profile=raw))
+                    shares, n_samples = (stage_shares(raw.read_text().splitlines())
+                                         if raw.exists() else ({}, 0))
+                    profiles.append({**res, "source": source, "profile": str(raw),
+                                     "gil_samples": n_samples, "stage_share": shares})
 
-    def rate(kind: str, n: int, source: str) -> float | None:
-        got = [r["pins_per_s"] for r in rounds if r["kind"] == kind
+    def rate(kind: str, n: int, source: str, what: str = "pins_per_s") -> float | None:
+        got = [r[what] for r in rounds if r["kind"] == kind
                and r["processes"] == n and r["source"] == source]
-        return round(statistics.median(got), 1) if got else None
+        return round(statistics.median(got), 4 if what != "pins_per_s" else 1) if got else None
+
+    def cpu(kind: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for src in sources:
+            per = rate(kind, 1, src, "cpu_ms_per_pin")
+            runs = [r for r in rounds if r["kind"] == kind and r["processes"] == 1
+                    and r["source"] == src]
+            groups = sorted({g for r in runs for g in r["cpu_ms_per_pin_by_thread"]})
+            prof = next((p for p in profiles if p["kind"] == kind and p["source"] == src),
+                        None)
+            out[src] = {
+                "ms_per_pin": per,
+                "runs": [r["cpu_ms_per_pin"] for r in runs],
+                "by_thread": {g: round(statistics.median(
+                    r["cpu_ms_per_pin_by_thread"].get(g, 0.0) for r in runs), 4)
+                    for g in groups},
+                "stages": None if prof is None or per is None else {
+                    "gil_samples": prof["gil_samples"],
+                    "profiled_run_ms_per_pin": prof["cpu_ms_per_pin"],
+                    "share_of_gil_samples": prof["stage_share"],
+                    "ms_per_pin": {st: round(sh * per, 4)
+                                   for st, sh in prof["stage_share"].items()}},
+            }
+        return out
 
     src0 = sources[0]
     bare = rate("bare", 1, src0)
@@ -278,7 +386,26 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
                                  if "http" in sources else None),
         "in_process_null_pins_per_s": rate("in-process", 1, src0),
         "one_feeder_vs_bare_consumer": round(one / bare, 3) if one and bare else None,
+        "feeder_cpu_ms_per_pin": cpu("feeders"),
+        "feeder_cpu_target_ms_per_pin": 0.35,
+        "bare_consumer_cpu_ms_per_event": {src: rate("bare", 1, src, "cpu_ms_per_pin")
+                                           for src in sources},
+        "in_process_cpu_ms_per_pin": {src: rate("in-process", 1, src, "cpu_ms_per_pin")
+                                      for src in sources},
+        "baseline": None if tree is None else {
+            "ref": baseline_ref, "commit": tree[1],
+            "null_pins_per_s": {src: rate("baseline", 1, src) for src in sources},
+            "feeder_cpu_ms_per_pin": cpu("baseline")},
+        "cpu_method": "utime+stime of the stream processes (a pool's children, less the "
+                      "encoder process) from /proc, between the times 10 % and 90 % of the "
+                      "backlog was written, per pin written; by thread from /proc/PID/task. "
+                      "Stages: py-spy record --gil (samples of the thread holding the GIL) "
+                      "in one extra run per source, each sample given to the stage of its "
+                      "innermost stage frame (streams/bench/cpu.py STAGES); ms_per_pin = "
+                      "share x the median CPU per pin of the unprofiled runs, which assumes "
+                      "CPU outside the GIL (syscalls, gRPC C threads) splits alike",
         "rounds": rounds,
+        "profiled_rounds": profiles,
         "pins_per_round": pins,
         "runs_per_configuration": repeat,
         "statistic": "median of the runs",
@@ -294,15 +421,26 @@ def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
     }
     rows: list[tuple[str, object]] = []
     for source in sources:
-        for kind, n in [("bare", 1), ("in-process", 1)] + [("feeders", n) for n in feeders]:
+        for kind, n in [("bare", 1), ("in-process", 1)] + [("feeders", n) for n in feeders] + (
+                [("baseline", 1)] if tree else []):
             label = {"bare": "bare Faust consumer (ack only)", "in-process":
                      "1 worker, null encoder in-process", "feeders":
-                     f"{n} feeder(s) + null encoder process"}[kind]
+                     f"{n} feeder(s) + null encoder process", "baseline":
+                     f"1 feeder at {tree[1][:10] if tree else ''} (before)"}[kind]
             runs = [r["pins_per_s"] for r in rounds if r["kind"] == kind
                     and r["processes"] == n and r["source"] == source]
             rows.append((f"{source}: {label}, pins/s (median; runs)",
                          f"{rate(kind, n, source)} ({', '.join(f'{x:.0f}' for x in runs)})"))
     rows.append(("1 feeder / bare consumer", report["one_feeder_vs_bare_consumer"]))
+    for label, kind in (("feeder", "feeders"), ("baseline feeder", "baseline")):
+        block = report["feeder_cpu_ms_per_pin"] if kind == "feeders" else (
+            report["baseline"] or {}).get("feeder_cpu_ms_per_pin", {})
+        for src, got in block.items():
+            rows.append((f"{src}: {label} CPU ms per pin (median; runs)",
+                         f"{got['ms_per_pin']} ({', '.join(f'{x:.3f}' for x in got['runs'])})"))
+            for st, ms in ((got.get("stages") or {}).get("ms_per_pin") or {}).items():
+                rows.append((f"    {st}", ms))
+    rows.append(("bare consumer CPU ms per event", str(report["bare_consumer_cpu_ms_per_event"])))
     emit(f"pinfresh bench pipeline --encoder null ({pins} pins per round, median of {repeat})",
          rows, report, out, console)
     return report

@@ -41,11 +41,18 @@ def bench() -> None:
               help="with --encoder null: image sources to measure")
 @click.option("--repeat", default=3, show_default=True,
               help="with --encoder null: runs per configuration (the median is reported)")
+@click.option("--baseline", default=None, metavar="GIT_REF",
+              help="with --encoder null: also run one feeder from this commit's code, "
+              "interleaved (before and after in one run)")
+@click.option("--profile/--no-profile", default=True, show_default=True,
+              help="with --encoder null: one more feeder run per source under py-spy, for "
+              "the CPU per pin by stage")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="[default: bench/results/pipeline.json, or pipeline_null.json]")
 @pass_ctx
 def bench_pipeline(ctx: Ctx, encoder_kind: str, pins: int | None, fresh_pins: int,
-                   feeders: str, sources: str, repeat: int, out: Path | None) -> None:
+                   feeders: str, sources: str, repeat: int, baseline: str | None,
+                   profile: bool, out: Path | None) -> None:
     """Bare encoder vs whole pipeline on this machine, and freshness at half capacity.
 
     With --encoder null: the stream machinery alone (feeders with a stub
@@ -56,7 +63,8 @@ def bench_pipeline(ctx: Ctx, encoder_kind: str, pins: int | None, fresh_pins: in
 
         run_null_bench(ctx.settings, pins or 6000, [int(x) for x in feeders.split(",")],
                        [x.strip() for x in sources.split(",")],
-                       out or Path("bench/results/pipeline_null.json"), console, repeat=repeat)
+                       out or Path("bench/results/pipeline_null.json"), console, repeat=repeat,
+                       baseline=baseline, profile=profile)
         return
     from streams.bench.runs import run_pipeline_bench
 

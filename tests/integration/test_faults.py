@@ -426,6 +426,59 @@ async def test_hostile_images_and_events(pipeline, tmp_path, fault_case):
     assert pipeline.procs["w1"].poll() is None  # the worker is still running
 
 
+def _memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM (the peak since the last reset) of a process, MiB."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) / 1024
+    return out
+
+
+async def test_decoding_stays_within_its_memory_budget(pipeline, catalog, tmp_path, fault_case):
+    """Hostile images that are small files and huge decodes go through a real worker with
+    one decode thread: its peak memory grows by less than its documented budget
+    (`PINFRESH_ENCODER__MAX_DECODE_MIB`, 256 MiB, per decode thread, plus 64 MiB), and the
+    one over the budget is dead-lettered before it is decoded."""
+    root = tmp_path / "deep"
+    root.mkdir()
+    grey16 = np.zeros((6000, 6000), np.uint16)  # 36 MP at 16 bits: 80 KiB as a PNG
+    grey16[::7, ::5] = 60000
+    Image.fromarray(grey16).save(root / "grey16.png", "PNG", compress_level=9)
+    alpha = np.zeros((4000, 6000, 4), np.uint8)  # 24 MP RGBA: 183 MiB to decode
+    alpha[::9, ::7] = (200, 10, 10, 120)
+    Image.fromarray(alpha, "RGBA").save(root / "alpha.png", "PNG", compress_level=9)
+    Image.new("RGBA", (6000, 6000), (0, 0, 255, 40)).save(root / "over.png", "PNG")  # 275 MiB
+    for item in catalog[:16]:  # warm-up images, under the same root
+        (root / Path(item.image).name).write_bytes(Path(item.image).read_bytes())
+    pipeline.settings = pipeline.settings.model_copy(update={
+        "fetch": pipeline.settings.fetch.model_copy(update={"catalog_root": root}),
+        "encoder": pipeline.settings.encoder.model_copy(update={"prepare_workers": 1})})
+    proc = pipeline.start_worker("w1")
+    warm = [PinEvent.upsert(f"warm-{i}", str(root / Path(it.image).name), 1)
+            for i, it in enumerate(catalog[:16])]
+    await pipeline.publish(warm)
+    assert len(await pipeline.wait([e.pin_id for e in warm], timeout=180)) == 16
+    Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS from here
+    before = _memory_mib(proc.pid)
+    deep = [PinEvent.upsert(f"deep-{n}", str(root / f"{n}.png"), 1)
+            for n in ("grey16", "alpha", "over")]
+    await pipeline.publish(deep)
+    meta, letters = await pipeline.settle([e.pin_id for e in deep], timeout=300)
+    after = _memory_mib(proc.pid)
+    grew = after["VmHWM"] - before["VmRSS"]
+    assert set(meta) == {"deep-grey16", "deep-alpha"}
+    assert letters["deep-over"].reason == Reason.TOO_MANY_PIXELS
+    assert "6000x6000 RGBA would take about 275 MiB to decode > limit 256 MiB" in \
+        letters["deep-over"].error
+    fault_case.add("36 MP 16-bit PNG + 24 MP RGBA PNG through a worker (1 decode thread)",
+                   "peak RSS grows < 320 MiB", f"grew {grew:.0f} MiB", ok=grew < 320)
+    fault_case.add("36 MP RGBA PNG (275 MiB to decode)", "too_many_pixels, not decoded",
+                   letters["deep-over"].reason.value)
+    assert grew < 256 + 64, (before, after)
+
+
 @pytest.mark.cluster
 async def test_verify_detects_and_repairs_a_corrupted_cache(pipeline, catalog, fault_case):
     items = catalog[40:60]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from encoder.errors import ImageError
+from encoder.errors import ImageError, Reason
 from encoder.model import PreprocessSpec
 from encoder.preprocess import prepare_image, sniff_format
 
@@ -140,3 +140,83 @@ def test_a_16bit_png_is_shrunk_before_it_is_converted(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     peak_mib = float(run.stdout.strip())
     assert peak_mib < 6000 * 6000 * 2 / 2**20 + 100, peak_mib
+
+
+def _old_flatten_then_shrink(img: Image.Image, size: int, bg=(255, 255, 255)) -> np.ndarray:
+    """The rule before decode memory was bounded: composite at full size, then resize."""
+    rgba = img.convert("RGBA")
+    canvas = Image.new("RGBA", rgba.size, (*bg, 255))
+    canvas.alpha_composite(rgba)
+    w, h = canvas.size
+    side = min(w, h)
+    box = ((w - side) // 2, (h - side) // 2, (w - side) // 2 + side, (h - side) // 2 + side)
+    return np.asarray(canvas.convert("RGB").resize((size, size), Image.Resampling.BICUBIC,
+                                                   box=box, reducing_gap=3.0))
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "P"])
+def test_transparency_flattened_in_strips_gives_the_same_image(mode):
+    """Flattening strip by strip gives exactly the pixels of the old full-size composite, for
+    every kind of transparency (the rule every model version's vectors were made with)."""
+    rng = np.random.default_rng(7)
+    rgba = rng.integers(0, 256, (700, 420, 4), dtype=np.uint8)  # several strips
+    rgba[..., 3] = np.where(rng.random((700, 420)) < 0.3, 0, rgba[..., 3])  # holes
+    img = Image.fromarray(rgba, "RGBA")
+    if mode == "LA":
+        img = img.convert("LA")
+    elif mode == "P":
+        img = img.convert("RGB").quantize(64)
+        img.info["transparency"] = 3
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    new = prepare_image(buf.getvalue(), PreprocessSpec(), max_pixels=10**7).astype(int)
+    old = _old_flatten_then_shrink(Image.open(io.BytesIO(buf.getvalue())), 224).astype(int)
+    assert np.array_equal(new, old)
+
+
+def test_decode_memory_is_estimated_from_the_header_and_bounded():
+    from encoder.preprocess import decode_bytes
+
+    def opened(mode: str, size=(1000, 500), **info) -> Image.Image:
+        img = Image.new(mode, size)
+        img.info.update(info)
+        return img
+
+    px = 1000 * 500
+    assert decode_bytes(opened("L")) == px
+    assert decode_bytes(opened("RGB")) == 4 * px
+    assert decode_bytes(opened("I;16")) == 2 * px
+    assert decode_bytes(opened("RGBA")) == 8 * px  # + its RGB
+    assert decode_bytes(opened("P")) == 5 * px
+    assert decode_bytes(opened("P", transparency=0)) == 5 * px
+    assert decode_bytes(opened("CMYK")) == 8 * px
+    # a 20 MP RGBA PNG is 160 MB to decode: refused under a 128 MiB limit, from its header
+    buf = io.BytesIO()
+    Image.new("RGBA", (5000, 4000), (1, 2, 3, 4)).save(buf, "PNG")
+    with pytest.raises(ImageError) as err:
+        prepare_image(buf.getvalue(), PreprocessSpec(), max_pixels=40_000_000,
+                      max_decode_bytes=128 << 20)
+    assert err.value.reason == Reason.TOO_MANY_PIXELS
+    assert "5000x4000 RGBA would take about 153 MiB to decode > limit 128 MiB" in str(err.value)
+
+
+PEAK_RGBA = PEAK.replace("max_pixels=40_000_000)", "max_pixels=40_000_000, "
+                         "max_decode_bytes=1 << 40)")
+
+
+def test_a_transparent_png_costs_its_pixels_and_one_copy(tmp_path):
+    """A 24 MP RGBA PNG (4 bytes a pixel in memory) decodes in its pixels and its RGB
+    (8 bytes a pixel, `decode_bytes`), not the five full-size copies of a full-size
+    composite (20 bytes a pixel, 458 MiB)."""
+    import subprocess
+    import sys
+
+    arr = np.zeros((4000, 6000, 4), np.uint8)
+    arr[::9, ::7] = (200, 10, 10, 120)
+    path = tmp_path / "alpha.png"
+    Image.fromarray(arr, "RGBA").save(path, "PNG", compress_level=9)
+    run = subprocess.run([sys.executable, "-c", PEAK_RGBA, str(path)], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    peak_mib = float(run.stdout.strip())
+    assert peak_mib < 6000 * 4000 * 8 / 2**20 + 60, peak_mib

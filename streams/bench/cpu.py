@@ -1,0 +1,226 @@
+"""Where a stream process spends its CPU: ``/proc`` counters and py-spy stacks.
+
+Two measurements, both of the process's own CPU time (never wall time, so
+the stack sharing the machine's cores does not blur them):
+
+* `CpuSampler` reads ``utime + stime`` of the stream processes under a
+  ``pinfresh worker`` supervisor (its children, less the encoder process) and
+  of each of their threads, so a benchmark can take the CPU spent between
+  two moments of a drain and split it into the event-loop thread, helper
+  threads (``asyncio.to_thread``: pymilvus calls, file reads, hashing) and
+  gRPC's own C threads.
+* `stage_shares` reads a ``py-spy record --gil --format raw`` profile and
+  attributes each sample to a stage of the pipeline (`STAGES`) by the
+  innermost frame that names one. ``--gil`` keeps only samples of the thread
+  that holds the GIL, i.e. Python doing work, not threads waiting in epoll or
+  in a C call. Work done outside the GIL (syscalls, gRPC's C threads, hashing
+  inside hashlib) is not in these samples; the thread split above says how
+  much of the CPU that is.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+_HZ = os.sysconf("SC_CLK_TCK")
+
+#: Stage names, in the order of a batch's path through a feeder.
+STAGE_ORDER = ("consume (Kafka fetch, Faust stream)", "parse and validate",
+               "lookups (tombstones, Redis and Milvus states)", "file read or HTTP", "hash",
+               "encoder round trip", "Milvus upsert", "Redis write (claim, write, release)",
+               "ack and commit", "progress and metrics", "plan and bookkeeping",
+               "event loop and other")
+
+#: (stage, frame prefixes): a sample belongs to the stage of its innermost frame whose
+#: qualified name starts with one of the prefixes (checked in this order per frame).
+STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("hash", ("PinProcessor._fetch_all.<locals>.<lambda>",)),
+    ("file read or HTTP", ("Fetcher.", "_fd_path", "PinProcessor._fetch_all",
+                           "PinProcessor._fetch_one", "PinProcessor._retry_fetch")),
+    ("encoder round trip", ("RemoteEncoder.", "decode_response", "encode_request",
+                            "RegistryVersions.", "PinProcessor._build_records",
+                            "NullEncoder.", "null_vector")),
+    ("Milvus upsert", ("MilvusStore.upsert", "MilvusStore._upsert_columns",
+                       "MilvusStore._seal_after", "PinProcessor._upsert_rows",
+                       "MilvusClient.upsert")),
+    ("Redis write (claim, write, release)", (
+        "RedisCache.write", "RedisCache.claim", "RedisCache.release", "RedisCache.in_flight",
+        "RedisCache.commit_deletes", "RedisCache._meta_args", "RedisCache._to_bytes")),
+    ("lookups (tombstones, Redis and Milvus states)", (
+        "RedisCache.get_states", "RedisCache.get_tombstones", "MilvusStore.get_states",
+        "MilvusStore._query", "MilvusClient.query", "PinProcessor._states")),
+    ("parse and validate", ("parse_event", "PinEvent.", "guess_pin_id")),
+    ("progress and metrics", ("RedisCache.report_writer", "RedisCache.record_batch_stats",
+                              "RedisCache.report_progress", "PinProcessor._report",
+                              "PinProcessor._observe", "PinProcessor._keep_reporting",
+                              "_report_progress", "PinProcessor._show_versions")),
+    ("ack and commit", ("BatchesInFlight._ack_in_order", "Stream.ack", "Consumer.commit",
+                        "Consumer._commit", "Consumer.ack", "AIOKafkaConsumer.commit",
+                        "DrainingWorker._commit_acked")),
+    ("plan and bookkeeping", ("plan_batch", "PinProcessor.", "BatchesInFlight.", "_Batch.",
+                              "BatchReport.", "split_reuse", "Lookups")),
+)
+#: Libraries whose frames, with no stage frame inside them, are the consumer's work.
+_CONSUME_PATHS = ("aiokafka/", "faust/", "mode/", "kafka/")
+#: Frames that run callbacks: what is below them in a stack is the work.
+_RUNNERS = ("Handle._run ", "Thread.run ", "_worker ", "WorkerThread.run ")
+
+
+def _stat(path: Path) -> tuple[str, float] | None:
+    """``(comm, utime + stime seconds)`` from a ``stat`` file, or None if it is gone."""
+    try:
+        raw = path.read_text()
+    except OSError:
+        return None
+    head, _, rest = raw.rpartition(")")
+    f = rest.split()
+    return head.partition("(")[2], (int(f[11]) + int(f[12])) / _HZ
+
+
+def process_cpu(pid: int) -> float | None:
+    """Seconds of CPU ``pid`` has used (every thread, also those that ended)."""
+    got = _stat(Path(f"/proc/{pid}/stat"))
+    return got[1] if got else None
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``."""
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                st = (p / "stat").read_text()
+            except OSError:
+                continue
+            if int(st.rpartition(")")[2].split()[1]) == pid:
+                out.append(int(p.name))
+    return out
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def thread_group(pid: int, tid: int, comm: str) -> str:
+    """Which of a stream process's threads ``tid`` is (see the module docstring)."""
+    if tid == pid:
+        return "event loop thread"
+    if comm.startswith(("grpc", "event_engine", "lifeguard", "resolver", "default-execut")):
+        return "gRPC C threads"
+    return "helper threads"
+
+
+@dataclass
+class CpuSampler:
+    """CPU of the stream processes under ``root`` (a process, or a pool supervisor).
+
+    `sample` is cheap (a few ``/proc`` reads); call it as often as progress is
+    polled, then `between` gives the CPU spent between two sample times.
+    """
+
+    root: int
+    skip: bytes = b"encoder\x00serve"  # the encoder process: not a stream process
+    samples: list[tuple[float, dict[int, float], dict[str, float]]] = field(
+        default_factory=list)
+    pids: list[int] = field(default_factory=list)
+    _looked: float = 0.0
+
+    def _discover(self) -> list[int]:
+        kids = [c for c in children(self.root) if self.skip not in _cmdline(c)]
+        if kids:
+            return kids
+        # a process without stream children is the stream process itself (bare consumer)
+        return [] if b"streams.cli" in _cmdline(self.root) else [self.root]
+
+    def sample(self, at: float | None = None) -> None:
+        """Record each stream process's CPU, and its threads' by group, now."""
+        now = time.monotonic()
+        if not self.pids or now - self._looked > 1.0:  # a pool starts its children one by one
+            self.pids, self._looked = self._discover(), now
+        procs: dict[int, float] = {}
+        groups: dict[str, float] = collections.defaultdict(float)
+        for pid in self.pids:
+            total = process_cpu(pid)
+            if total is None:
+                continue
+            procs[pid] = total
+            seen = 0.0
+            try:
+                tasks = list(Path(f"/proc/{pid}/task").iterdir())
+            except OSError:
+                tasks = []
+            for t in tasks:
+                got = _stat(t / "stat")
+                if got is None:
+                    continue
+                groups[thread_group(pid, int(t.name), got[0])] += got[1]
+                seen += got[1]
+            groups["threads that ended"] += max(0.0, total - seen)
+        self.samples.append((time.time() if at is None else at, procs, dict(groups)))
+
+    def _at(self, t: float) -> tuple[dict[int, float], dict[str, float]]:
+        """The first sample taken at or after ``t`` (the last one if none)."""
+        for at, procs, groups in self.samples:
+            if at >= t:
+                return procs, groups
+        return self.samples[-1][1], self.samples[-1][2]
+
+    def between(self, t0: float, t1: float) -> tuple[float, dict[str, float]]:
+        """CPU seconds of the stream processes between ``t0`` and ``t1``, and by thread group."""
+        p0, g0 = self._at(t0)
+        p1, g1 = self._at(t1)
+        total = sum(p1[p] - p0[p] for p in p1 if p in p0)
+        groups = {g: round(g1[g] - g0.get(g, 0.0), 3) for g in g1}
+        return total, groups
+
+
+def stage_of(frames: list[str]) -> str:
+    """The stage of one stack (outermost frame first), by its innermost stage frame."""
+    for frame in reversed(frames):
+        name = frame.partition(" (")[0]
+        for stage, prefixes in STAGES:
+            if name.startswith(prefixes):
+                return stage
+    # library frames: only those the event loop (or a thread) called count, not the
+    # frames that run the loop itself (mode's worker sits at the root of every stack)
+    start = max((i for i, f in enumerate(frames) if f.startswith(_RUNNERS)), default=-1) + 1
+    for frame in reversed(frames[start:]):
+        where = frame.rpartition("(")[2]
+        if where.startswith(_CONSUME_PATHS):
+            return STAGE_ORDER[0]
+    return "event loop and other"
+
+
+def stage_shares(lines: Iterable[str]) -> tuple[dict[str, float], int]:
+    """Share of the samples per stage (`STAGE_ORDER`), and the number of samples."""
+    counts: collections.Counter[str] = collections.Counter()
+    for line in lines:
+        stack, _, n = line.rstrip("\n").rpartition(" ")
+        if not stack or not n.isdigit():
+            continue
+        counts[stage_of(stack.split(";"))] += int(n)
+    total = sum(counts.values())
+    return ({s: round(counts[s] / total, 4) for s in STAGE_ORDER if counts[s]} if total
+            else {}), total
+
+
+def py_spy(pid: int, out: Path, rate: int = 200) -> subprocess.Popen[bytes] | None:
+    """Start ``py-spy record --gil`` on ``pid`` (stopped by SIGINT); None if py-spy is missing."""
+    import shutil
+    import sys
+
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        return None
+    return subprocess.Popen([exe, "record", "-p", str(pid), "-r", str(rate), "--gil",
+                             "-f", "raw", "-o", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
