@@ -112,6 +112,9 @@ _SENT: contextvars.ContextVar[set[str] | None] = contextvars.ContextVar("pinfres
 MAX_WRITE_ROUNDS = 8
 #: How often a batch in flight renews its writer report (`store.registry.wait_writers`).
 REPORT_EVERY_S = 10.0
+#: An unchanged writer report is sent again after this long at the latest (a report
+#: older than `store.registry.WRITER_REPORT_FRESH_S`, 60 s, counts for nothing).
+REPORT_SAME_S = 5.0
 #: This process's part of every writer token (a restarted container keeps host and pid).
 _PROCESS_ID = uuid.uuid4().hex[:12]
 
@@ -357,6 +360,9 @@ class PinProcessor:
         #: write sets of the batches in flight (reported with `Cache.report_writer`)
         self._active: dict[int, frozenset[str]] = {}
         self._shown_versions: set[str] = set()  # labels of pinfresh_worker_model_info
+        self._report_lock = asyncio.Lock()
+        self._reported: tuple[Any, ...] = ()  # the last report sent, and when
+        self._reported_at = 0.0
 
     @property
     def version(self) -> str:
@@ -465,10 +471,27 @@ class PinProcessor:
                 logger.warning("could not record batch statistics: %s", exc)
         return report
 
-    async def _report(self, write: Sequence[str]) -> None:
-        batches = [sorted(b) for b in self._active.values()]
-        await self._retry("redis", partial(self.cache.report_writer, self.worker_name,
-                                           list(write), batches))
+    async def _report(self, write: Sequence[str], *, tick: bool = False) -> None:
+        """Report the write set and the batches' version sets (`Cache.report_writer`).
+
+        One report at a time, each with the state when it is sent, so the last
+        to land is the newest. `VersionRegistry.wait_writers` reads only which
+        versions the batches hold, so each distinct set is reported once, and
+        a report equal to the last one sent less than `REPORT_SAME_S` ago is
+        skipped: a worker streaming batches of the same versions sent two
+        identical reports a batch (two Redis round trips). ``tick``: the
+        periodic refresh, always sent, not retried.
+        """
+        async with self._report_lock:
+            batches = sorted({tuple(sorted(b)) for b in self._active.values()})
+            state = (tuple(write), tuple(batches))
+            now = time.monotonic()
+            if not tick and state == self._reported and now - self._reported_at < REPORT_SAME_S:
+                return
+            send = partial(self.cache.report_writer, self.worker_name, list(write),
+                           [list(b) for b in batches])
+            await (send() if tick else self._retry("redis", send))
+            self._reported, self._reported_at = state, now
 
     def _show_versions(self, write: Mapping[str, Any]) -> None:
         """``pinfresh_worker_model_info``: one series per version this worker writes now."""
@@ -499,8 +522,7 @@ class PinProcessor:
         while True:
             await asyncio.sleep(REPORT_EVERY_S)
             with contextlib.suppress(Unavailable):
-                await self.cache.report_writer(self.worker_name, write,
-                                               [sorted(b) for b in self._active.values()])
+                await self._report(write, tick=True)
 
     async def _apply_steps(self, batch: _Batch, write: dict[str, Encoder]) -> None:
         report = batch.report

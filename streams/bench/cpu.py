@@ -193,6 +193,8 @@ def stage_of(frames: list[str]) -> str:
     # library frames: only those the event loop (or a thread) called count, not the
     # frames that run the loop itself (mode's worker sits at the root of every stack)
     start = max((i for i, f in enumerate(frames) if f.startswith(_RUNNERS)), default=-1) + 1
+    if not start:  # the loop between callbacks (select, scheduling)
+        return "event loop and other"
     for frame in reversed(frames[start:]):
         where = frame.rpartition("(")[2]
         if where.startswith(_CONSUME_PATHS):

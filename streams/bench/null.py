@@ -185,8 +185,14 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
     The stream processes' CPU time is sampled with the progress; ``profile``:
     also record a py-spy profile of the first stream process between 10 % and
     90 % of the backlog written. ``code``: run the processes from that tree.
+    A kind ``name@B`` runs ``name`` with micro-batches of B events.
     """
-    tag = f"{kind}-{n}-{int(time.time() * 1000) % 10_000_000}"
+    label = kind
+    kind, _, batch = kind.partition("@")
+    if batch:
+        s = s.model_copy(update={"worker": s.worker.model_copy(update={
+            "batch_size": int(batch)})})
+    tag = f"{kind}-{batch or 'd'}-{n}-{int(time.time() * 1000) % 10_000_000}"
     # a fresh topic, group, collection and key prefix per round: Milvus Lite slows down as
     # a collection grows (its upserts timed out after 20 rounds into one collection), and
     # each round must start from the same store state
@@ -245,13 +251,15 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
             stop_group(p)
         await cache.close()
         await r.aclose()
-        await _drop(s)
+        if kind != "bare":  # it writes no collection and no keys but its counter
+            await _drop(s)
     rate = 0.8 * len(backlog) / (t1 - t0)
     cpu_s, threads = cpu.between(t0, t1)
     cpu_ms = 1000 * cpu_s / (0.8 * len(backlog))
-    console.print(f"{kind} x{n}{' (baseline)' if code else ''}: {len(backlog)} pins, 10-90 % "
-                  f"in {t1 - t0:.1f}s = {rate:.0f} pins/s, {cpu_ms:.3f} ms CPU per pin")
-    return {"kind": kind, "processes": n, "pins": len(backlog),
+    console.print(f"{label} x{n}: {len(backlog)} pins, 10-90 % in {t1 - t0:.1f}s = "
+                  f"{rate:.0f} pins/s, {cpu_ms:.3f} ms CPU per pin")
+    return {"kind": label, "processes": n, "pins": len(backlog),
+            "batch_size": s.worker.batch_size,
             "seconds_10_to_90_pct": round(t1 - t0, 2), "pins_per_s": round(rate, 1),
             "cpu_ms_per_pin": round(cpu_ms, 4),
             "cpu_ms_per_pin_by_thread": {g: round(1000 * v / (0.8 * len(backlog)), 4)
@@ -278,24 +286,26 @@ def source_tree(ref: str) -> Iterator[tuple[Path, str]]:
 def run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
                    sources: Sequence[str], out: Path, console: Console,
                    repeat: int = 3, baseline: str | None = None,
-                   profile: bool = True) -> dict[str, Any]:
+                   profile: bool = True, cpu_batches: Sequence[int] = ()) -> dict[str, Any]:
     """Run every round, print the table and write the JSON (see the module docstring).
 
     ``baseline``: a git ref; one feeder run from that commit's code is
     measured beside the current code's, interleaved in the same run (before
     and after). ``profile``: one more feeder round per source (and per code)
-    under py-spy, for the CPU breakdown by stage.
+    under py-spy, for the CPU breakdown by stage. ``cpu_batches``: also run
+    one feeder (and the baseline's) with micro-batches of these sizes.
     """
     with contextlib.ExitStack() as stack:
         tree = stack.enter_context(source_tree(baseline)) if baseline else None
         return _run_null_bench(settings, pins, feeders, sources, out, console, repeat,
-                               tree, profile, baseline)
+                               tree, profile, baseline, cpu_batches)
 
 
 def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
                     sources: Sequence[str], out: Path, console: Console, repeat: int,
                     tree: tuple[Path, str] | None, profile: bool,
-                    baseline_ref: str | None = None) -> dict[str, Any]:
+                    baseline_ref: str | None = None,
+                    cpu_batches: Sequence[int] = ()) -> dict[str, Any]:
     data_dir = settings.stack.data_dir.resolve()
     path = prepare_sample_catalog(data_dir)
     items = [it for it in load_catalog(path) if "party-horn-out" not in it.pin_id]
@@ -329,11 +339,15 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
                 configs = [("bare", 1), ("in-process", 1)] + [("feeders", n) for n in feeders]
                 if tree is not None:
                     configs.append(("baseline", 1))
+                for b in cpu_batches:
+                    configs += [(f"feeders@{b}", 1)] + ([(f"baseline@{b}", 1)] if tree else [])
                 for _ in range(repeat):  # interleaved, so drift hits every configuration alike
                     for kind, n in configs:
-                        res = asyncio.run(_round(ss, kind, n, src_items, pins, logs, console,
-                                                 code=tree[0] if kind == "baseline" and tree
-                                                 else None))
+                        # 40 batches at least: a window of a few batches would be all edges
+                        k_pins = max(pins, 40 * int(kind.partition("@")[2] or 0))
+                        res = asyncio.run(_round(ss, kind, n, src_items, k_pins, logs, console,
+                                                 code=tree[0] if kind.startswith("baseline")
+                                                 and tree else None))
                         res["source"] = source
                         rounds.append(res)
                 for kind in (["feeders"] + (["baseline"] if tree else [])) if profile else []:
@@ -392,10 +406,14 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
                                            for src in sources},
         "in_process_cpu_ms_per_pin": {src: rate("in-process", 1, src, "cpu_ms_per_pin")
                                       for src in sources},
+        "feeder_cpu_ms_per_pin_by_batch_size": {str(b): cpu(f"feeders@{b}")
+                                                for b in cpu_batches},
         "baseline": None if tree is None else {
             "ref": baseline_ref, "commit": tree[1],
             "null_pins_per_s": {src: rate("baseline", 1, src) for src in sources},
-            "feeder_cpu_ms_per_pin": cpu("baseline")},
+            "feeder_cpu_ms_per_pin": cpu("baseline"),
+            "feeder_cpu_ms_per_pin_by_batch_size": {str(b): cpu(f"baseline@{b}")
+                                                    for b in cpu_batches}},
         "cpu_method": "utime+stime of the stream processes (a pool's children, less the "
                       "encoder process) from /proc, between the times 10 % and 90 % of the "
                       "backlog was written, per pin written; by thread from /proc/PID/task. "
@@ -432,9 +450,13 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
             rows.append((f"{source}: {label}, pins/s (median; runs)",
                          f"{rate(kind, n, source)} ({', '.join(f'{x:.0f}' for x in runs)})"))
     rows.append(("1 feeder / bare consumer", report["one_feeder_vs_bare_consumer"]))
-    for label, kind in (("feeder", "feeders"), ("baseline feeder", "baseline")):
-        block = report["feeder_cpu_ms_per_pin"] if kind == "feeders" else (
-            report["baseline"] or {}).get("feeder_cpu_ms_per_pin", {})
+    blocks = [("feeder", report["feeder_cpu_ms_per_pin"]),
+              ("baseline feeder", (report["baseline"] or {}).get("feeder_cpu_ms_per_pin", {}))]
+    for b in cpu_batches:
+        blocks += [(f"feeder, batches of {b},", report["feeder_cpu_ms_per_pin_by_batch_size"][
+            str(b)]), (f"baseline feeder, batches of {b},", ((report["baseline"] or {}).get(
+                "feeder_cpu_ms_per_pin_by_batch_size") or {}).get(str(b), {}))]
+    for label, block in blocks:
         for src, got in block.items():
             rows.append((f"{src}: {label} CPU ms per pin (median; runs)",
                          f"{got['ms_per_pin']} ({', '.join(f'{x:.3f}' for x in got['runs'])})"))

@@ -47,12 +47,16 @@ def bench() -> None:
 @click.option("--profile/--no-profile", default=True, show_default=True,
               help="with --encoder null: one more feeder run per source under py-spy, for "
               "the CPU per pin by stage")
+@click.option("--cpu-batch-sizes", default="256", show_default=True,
+              help="with --encoder null: also measure one feeder's CPU per pin with "
+              "micro-batches of these sizes (256: the GPU pods' setting, deploy/k8s); "
+              "empty for none")
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="[default: bench/results/pipeline.json, or pipeline_null.json]")
 @pass_ctx
 def bench_pipeline(ctx: Ctx, encoder_kind: str, pins: int | None, fresh_pins: int,
                    feeders: str, sources: str, repeat: int, baseline: str | None,
-                   profile: bool, out: Path | None) -> None:
+                   profile: bool, cpu_batch_sizes: str, out: Path | None) -> None:
     """Bare encoder vs whole pipeline on this machine, and freshness at half capacity.
 
     With --encoder null: the stream machinery alone (feeders with a stub
@@ -64,7 +68,8 @@ def bench_pipeline(ctx: Ctx, encoder_kind: str, pins: int | None, fresh_pins: in
         run_null_bench(ctx.settings, pins or 6000, [int(x) for x in feeders.split(",")],
                        [x.strip() for x in sources.split(",")],
                        out or Path("bench/results/pipeline_null.json"), console, repeat=repeat,
-                       baseline=baseline, profile=profile)
+                       baseline=baseline, profile=profile,
+                       cpu_batches=[int(x) for x in cpu_batch_sizes.split(",") if x.strip()])
         return
     from streams.bench.runs import run_pipeline_bench
 

@@ -251,3 +251,27 @@ async def test_a_registered_version_that_does_not_load_is_skipped_not_fatal(capl
     for _ in range(2):  # tried once, then remembered as broken
         assert list(await rv.write_set()) == [base.version]
     assert sum("ghost_123" in r.message for r in caplog.records if r.levelname == "ERROR") == 1
+
+
+async def test_writer_reports_go_out_when_they_change_and_the_newest_lands_last(parts):
+    """Two batches of one version in flight at once: the report naming the version goes out
+    once, the empty one after the last batch ends (before, two reports a batch)."""
+    import asyncio
+
+    proc, enc, milvus, cache, *_ = parts
+    sent: list[list[list[str]]] = []
+    original = cache.report_writer
+
+    async def slow_report(name, write_set, batches):  # type: ignore[no-untyped-def]
+        sent.append([list(b) for b in batches])
+        await asyncio.sleep(0)  # lets the other batch start meanwhile
+        await original(name, write_set, batches)
+
+    cache.report_writer = slow_report
+    await asyncio.gather(proc.process([up("a", "/c/a.png", 1)]),
+                         proc.process([up("b", "/c/b.png", 1)]))
+    assert sent[0] == [[enc.version]] and sent[-1] == [], sent
+    assert len(sent) < 4, sent
+    assert cache.writer_reports[proc.worker_name]["batches"] == []
+    await proc.process([up("a", "/c/a.png", 2)])  # the state changed since: sent again
+    assert sent[-2:] == [[[enc.version]], []]
