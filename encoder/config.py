@@ -75,8 +75,9 @@ class EncoderSettings(BaseModel):
     max_decode_mib: int = Field(
         256, ge=1, description="most MiB one image's decode may hold at once (its pixels in "
         "memory plus the copy its conversion needs, from the header: `encoder.preprocess."
-        "decode_bytes`); a bigger one is refused as too_many_pixels before it is decoded. A "
-        "worker's decoding takes at most prepare_workers x this"
+        "decode_bytes`); a bigger one is refused as too_many_pixels before it is decoded. An "
+        "in-process worker decodes prepare_workers images at once per version it writes, a "
+        "feeder one per batch in flight (docs/integration.md)"
     )
     min_image_side: int = Field(8, ge=1, description="images smaller than this are refused")
     seed: int = Field(0, description="seed for untrained projection weights")

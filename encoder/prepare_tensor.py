@@ -158,6 +158,11 @@ class TensorPreparer(_CpuDecoder):
         if min(hdr.width, hdr.height) < self.min_side:
             return ImageError(Reason.IMAGE_TOO_SMALL,
                               f"{hdr.width}x{hdr.height} is below {self.min_side} px")
+        if hdr.width * hdr.height * 3 > self.max_decode_bytes:  # decoded at full size
+            mib = 2 ** 20
+            return ImageError(Reason.TOO_MANY_PIXELS, f"{hdr.width}x{hdr.height} JPEG would take "
+                              f"about {hdr.width * hdr.height * 3 / mib:.0f} MiB to decode > "
+                              f"limit {self.max_decode_bytes / mib:.0f} MiB")
         if not hdr.gpu_decodable:
             return "cpu"  # CMYK/YCCK, 12-bit, arithmetic or lossless coding
         if data.rfind(b"\xff\xd9", max(0, len(data) - 4096)) < 0:

@@ -89,11 +89,17 @@ def prepare_image(
                                  f"{w}x{h} = {w * h} pixels > limit {max_pixels}")
             if min(w, h) < min_side:
                 raise ImageError(Reason.IMAGE_TOO_SMALL, f"{w}x{h} is below {min_side} px")
+            coefficients = 0
             if fmt == "JPEG":
+                # a progressive JPEG keeps every DCT coefficient of the full image (2 bytes
+                # each, per component) whatever the draft scale
+                if opened.info.get("progressive"):
+                    coefficients = 2 * len(opened.getbands()) * w * h
                 opened.draft("RGB", (size, size))
             if getattr(opened, "is_animated", False):
                 opened.seek(0)
-            need = decode_bytes(opened)
+            need = decode_bytes(opened) + coefficients + (
+                _WEBP_EXTRA * w * h if fmt == "WEBP" else 0)
             if need > max_decode_bytes:
                 mib = 2 ** 20
                 raise ImageError(
@@ -120,8 +126,12 @@ _WIDE_GREY = ("I;16", "I;16L", "I")
 _SHRINK_FIRST = ("L", "RGB")
 #: PIL's bytes per pixel in memory (every 3- and 4-band 8-bit mode takes 4).
 _MODE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I": 4, "F": 4}
-#: Rows flattened at a time (transparency): a strip's copies instead of the image's.
-_STRIP_ROWS = 256
+#: Pixels flattened at a time (transparency; whole rows, at least one): a strip's four
+#: temporary copies (16 bytes a pixel) instead of the image's.
+_STRIP_PIXELS = 1 << 20
+#: Bytes a pixel that libwebp holds beside PIL's image: Pillow decodes every WebP through
+#: its animation decoder, which keeps two RGBA canvases and hands over a bytes copy.
+_WEBP_EXTRA = 12
 
 
 def decode_bytes(img: Image.Image) -> int:
@@ -132,8 +142,10 @@ def decode_bytes(img: Image.Image) -> int:
     `_SHRINK_FIRST`); an RGB copy for the others (transparency is flattened
     into it strip by strip, `_flatten`; palettes can only be resized
     nearest-neighbour and CMYK's conversion is not linear, so they become RGB
-    first); a 32-bit copy for big-endian 16-bit. Strips and the 224 px
-    results are left out.
+    first); a 32-bit copy for big-endian 16-bit; for transparency, one
+    strip's temporary copies (`_flatten`). The 224 px results are left out;
+    `prepare_image` adds what a format's decoder holds (WebP, progressive
+    JPEG).
     """
     w, h = img.size
     mode = img.mode
@@ -144,7 +156,8 @@ def decode_bytes(img: Image.Image) -> int:
         extra = 1  # to L
     else:  # an RGB (or 32-bit) copy
         extra = 4
-    return w * h * (own + extra)
+    strips = 16 * min(w * h, max(_STRIP_PIXELS, w)) if _has_alpha(img) else 0
+    return w * h * (own + extra) + strips
 
 
 def _shrink(src: Image.Image, size: int, background: tuple[int, int, int]) -> np.ndarray:
@@ -171,16 +184,17 @@ def _has_alpha(img: Image.Image) -> bool:
 
 
 def _flatten(img: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """``img`` composited over ``background`` as RGB, `_STRIP_ROWS` rows at a time.
+    """``img`` composited over ``background`` as RGB, about `_STRIP_PIXELS` at a time.
 
     The same pixels as one full-size composite (compositing is per pixel),
     which took four full-size copies (+16 bytes a pixel); here the RGB
-    result is the only one.
+    result is the only one, and strips of whole rows take the copies.
     """
     w, h = img.size
+    rows = max(1, _STRIP_PIXELS // w)
     out = Image.new("RGB", (w, h))
-    for top in range(0, h, _STRIP_ROWS):
-        part = img.crop((0, top, w, min(h, top + _STRIP_ROWS)))
+    for top in range(0, h, rows):
+        part = img.crop((0, top, w, min(h, top + rows)))
         out.paste(_to_rgb(part, background), (0, top))
     return out
 

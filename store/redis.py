@@ -36,9 +36,10 @@ What shares a slot, and why:
 Reads: a batch of 25 vectors is one ``MGET`` on a single node; on a cluster
 the keys are grouped by slot and one pipeline goes to each node touched, all
 nodes at once (one round trip per node). Writes of a batch: one script call
-per pin (vector, meta and id set together), all in one MULTI/EXEC on a single
-node; on a cluster one pipeline per node, each pin still atomic. A reader
-never sees a vector without its meta.
+per pin (vector, meta and id set together). On a single node the calls go as
+EVALSHA of the script's batch form, 256 pins per command (`_eval_many`), in
+one MULTI/EXEC; on a cluster one EVALSHA per pin, pipelined per node, each
+pin still atomic. A reader never sees a vector without its meta.
 
 A URL ``redis+cluster://host:port`` (or ``rediss+cluster://``) names any node
 of a cluster; ``redis://`` one node.
@@ -507,12 +508,13 @@ class RedisCache:
         server answers NOSCRIPT (a restarted or failed-over server, a SCRIPT
         FLUSH) are run again, alone, after a SCRIPT LOAD (on every primary of
         a cluster). A call answered NOSCRIPT did not run, so none runs twice.
-        Any other error reply raises, as `_do` maps it.
+        Any other error reply raises, as `_do` maps it; NOSCRIPT again after
+        two loads is `StoreUnavailable`.
         """
         sha = _sha(script)
         out: list[Any] = [None] * len(calls)
         todo = list(range(len(calls)))
-        for _ in range(3):
+        for attempt in range(3):
             async with self._r.pipeline(transaction=transaction) as pipe:
                 for i in todo:
                     # execute_command: a cluster pipeline blocks its evalsha() method only;
@@ -529,9 +531,12 @@ class RedisCache:
                     out[i] = reply
             if not missing:
                 return out
-            await self._r.script_load(script)
+            if attempt < 2:
+                await self._r.script_load(script)
             todo = missing
-        raise NoScriptError(f"script {sha} still unknown after SCRIPT LOAD twice")
+        # a failover in progress can answer so twice: an outage, retried like one
+        raise StoreUnavailable(f"Redis forgot script {sha} again after SCRIPT LOAD twice "
+                               "(a failover?)", retry_after=1.0)
 
     # -------------------------------------------------------------- versions
     async def ensure_version(self, version: str, dim: int, model: str = "",

@@ -490,7 +490,11 @@ class PinProcessor:
                 return
             send = partial(self.cache.report_writer, self.worker_name, list(write),
                            [list(b) for b in batches])
-            await (send() if tick else self._retry("redis", send))
+            try:
+                await (send() if tick else self._retry("redis", send))
+            except BaseException:
+                self._reported = ()  # it may have landed or not: the next one goes out
+                raise
             self._reported, self._reported_at = state, now
 
     def _show_versions(self, write: Mapping[str, Any]) -> None:

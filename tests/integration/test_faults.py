@@ -446,10 +446,10 @@ async def test_decoding_stays_within_its_memory_budget(pipeline, catalog, tmp_pa
     grey16 = np.zeros((6000, 6000), np.uint16)  # 36 MP at 16 bits: 80 KiB as a PNG
     grey16[::7, ::5] = 60000
     Image.fromarray(grey16).save(root / "grey16.png", "PNG", compress_level=9)
-    alpha = np.zeros((4000, 6000, 4), np.uint8)  # 24 MP RGBA: 183 MiB to decode
+    alpha = np.zeros((4000, 6000, 4), np.uint8)  # 24 MP RGBA: 199 MiB to decode
     alpha[::9, ::7] = (200, 10, 10, 120)
     Image.fromarray(alpha, "RGBA").save(root / "alpha.png", "PNG", compress_level=9)
-    Image.new("RGBA", (6000, 6000), (0, 0, 255, 40)).save(root / "over.png", "PNG")  # 275 MiB
+    Image.new("RGBA", (6000, 6000), (0, 0, 255, 40)).save(root / "over.png", "PNG")  # 291 MiB
     for item in catalog[:16]:  # warm-up images, under the same root
         (root / Path(item.image).name).write_bytes(Path(item.image).read_bytes())
     pipeline.settings = pipeline.settings.model_copy(update={
@@ -460,7 +460,10 @@ async def test_decoding_stays_within_its_memory_budget(pipeline, catalog, tmp_pa
             for i, it in enumerate(catalog[:16])]
     await pipeline.publish(warm)
     assert len(await pipeline.wait([e.pin_id for e in warm], timeout=180)) == 16
-    Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS from here
+    try:
+        Path(f"/proc/{proc.pid}/clear_refs").write_text("5")  # VmHWM := VmRSS from here
+    except OSError as exc:  # a kernel or sandbox without it: nothing to measure against
+        pytest.skip(f"cannot reset the peak RSS: {exc}")
     before = _memory_mib(proc.pid)
     deep = [PinEvent.upsert(f"deep-{n}", str(root / f"{n}.png"), 1)
             for n in ("grey16", "alpha", "over")]
@@ -470,12 +473,13 @@ async def test_decoding_stays_within_its_memory_budget(pipeline, catalog, tmp_pa
     grew = after["VmHWM"] - before["VmRSS"]
     assert set(meta) == {"deep-grey16", "deep-alpha"}
     assert letters["deep-over"].reason == Reason.TOO_MANY_PIXELS
-    assert "6000x6000 RGBA would take about 275 MiB to decode > limit 256 MiB" in \
+    assert "6000x6000 RGBA would take about 291 MiB to decode > limit 256 MiB" in \
         letters["deep-over"].error
     fault_case.add("36 MP 16-bit PNG + 24 MP RGBA PNG through a worker (1 decode thread)",
                    "peak RSS grows < 320 MiB", f"grew {grew:.0f} MiB", ok=grew < 320)
-    fault_case.add("36 MP RGBA PNG (275 MiB to decode)", "too_many_pixels, not decoded",
+    fault_case.add("36 MP RGBA PNG (291 MiB to decode)", "too_many_pixels, not decoded",
                    letters["deep-over"].reason.value)
+    print(f"decode memory: peak RSS grew {grew:.0f} MiB")
     assert grew < 256 + 64, (before, after)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -55,7 +56,7 @@ def test_cpu_sampler_reads_a_childs_cpu_time():
             "while time.process_time() - t < 0.3: pass\ntime.sleep(30)\n")
     parent = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time; "
                                f"p = subprocess.Popen([sys.executable, '-c', {code!r}]); "
-                               "time.sleep(60)"])
+                               "time.sleep(60)"], start_new_session=True)
     try:
         from streams.bench.cpu import children
 
@@ -77,5 +78,5 @@ def test_cpu_sampler_reads_a_childs_cpu_time():
         assert groups.get("event loop thread", 0) >= 0.28, groups
         assert os.sysconf("SC_CLK_TCK") > 0
     finally:
-        parent.kill()
+        os.killpg(parent.pid, signal.SIGKILL)  # the child too
         parent.wait()
