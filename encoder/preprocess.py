@@ -179,7 +179,7 @@ def _shrink(src: Image.Image, size: int, background: tuple[int, int, int]) -> np
 
 
 def _has_alpha(img: Image.Image) -> bool:
-    return img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
+    return img.mode in ("RGBA", "LA", "PA") or (
         img.mode == "P" and "transparency" in img.info)
 
 
@@ -216,10 +216,7 @@ def _to_rgb(img: Image.Image, background: tuple[int, int, int],
             top = float(arr.max())
         img = Image.fromarray(np.clip(arr * (255.0 / max(top, 255.0)), 0, 255).astype(
             np.uint8), "L")
-    has_alpha = img.mode in ("RGBA", "LA", "PA") or (
-        img.mode == "P" and "transparency" in img.info
-    )
-    if has_alpha:
+    if _has_alpha(img):
         rgba = img.convert("RGBA")
         canvas = Image.new("RGBA", rgba.size, (*background, 255))
         canvas.alpha_composite(rgba)

@@ -47,6 +47,7 @@ of a cluster; ``redis://`` one node.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import re
@@ -260,17 +261,14 @@ for i = 1, n do
 end
 return out
 """
-_BATCHED: dict[str, str] = {}
 
 
+@functools.cache
 def _batched(script: str) -> str:
     """The batch form of a per-pin script (``_LIB`` + body): `_BATCH_DRIVER` around it."""
-    got = _BATCHED.get(script)
-    if got is None:
-        assert script.startswith(_LIB), "a per-pin script starts with _LIB"
-        got = _BATCHED[script] = (_LIB + "local function one(KEYS, ARGV)\n"
-                                  + script[len(_LIB):] + "\nend\n" + _BATCH_DRIVER)
-    return got
+    assert script.startswith(_LIB), "a per-pin script starts with _LIB"
+    return (_LIB + "local function one(KEYS, ARGV)\n" + script[len(_LIB):] + "\nend\n"
+            + _BATCH_DRIVER)
 
 
 def _batch_call(calls: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
@@ -334,15 +332,10 @@ def pin_slot(pin_id: str) -> int:
     return int(key_slot(pin_id.encode()))
 
 
-_SHAS: dict[str, str] = {}
-
-
+@functools.cache
 def _sha(script: str) -> str:
     """The SHA-1 a server names ``script`` by (EVALSHA)."""
-    sha = _SHAS.get(script)
-    if sha is None:
-        sha = _SHAS[script] = hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis's name
-    return sha
+    return hashlib.sha1(script.encode()).hexdigest()  # noqa: S324 - Redis's name for it
 
 
 class _HiredisPacking:
@@ -482,22 +475,25 @@ class RedisCache:
             raise StateError(f"Redis error: {exc}") from exc
 
     async def _eval_many(self, script: str, calls: Sequence[tuple[Any, ...]], *,
-                         transaction: bool) -> list[Any]:
+                         atomic: bool = False) -> list[Any]:
         """Run the per-pin ``script`` once per call (``(numkeys, *keys, *args)``).
 
         On a single node the calls go `BATCH_CALLS` at a time through the
         script's batch form (`_batched`): one EVALSHA runs them in order and
         answers one reply per call, so a batch of pins costs the client a
         command per 256 pins instead of one per pin (redis-py spends about
-        30 us of CPU on each command of a pipeline). Each call is still its
-        own compare-and-set, as before. On a cluster a pin's keys share a slot
-        but a batch's do not: one EVALSHA per call, pipelined per node.
+        30 us of CPU on each command of a pipeline); ``atomic``: all in one
+        MULTI/EXEC. Each call is still its own compare-and-set, as before. On
+        a cluster a pin's keys share a slot but a batch's do not: one EVALSHA
+        per call, pipelined per node. Errors are mapped as in `_do`.
         """
         if self.cluster:
-            return await self._evalsha_all(script, list(calls), transaction=transaction)
-        chunks = [calls[i:i + BATCH_CALLS] for i in range(0, len(calls), BATCH_CALLS)]
-        replies = await self._evalsha_all(_batched(script), [_batch_call(c) for c in chunks],
-                                          transaction=transaction)
+            return await self._do(partial(self._evalsha_all, script, list(calls),
+                                          transaction=False))
+        chunks = [_batch_call(calls[i:i + BATCH_CALLS])
+                  for i in range(0, len(calls), BATCH_CALLS)]
+        replies = await self._do(partial(self._evalsha_all, _batched(script), chunks,
+                                         transaction=atomic))
         return [x for chunk in replies for x in chunk]
 
     async def _evalsha_all(self, script: str, calls: list[tuple[Any, ...]], *,
@@ -736,8 +732,7 @@ class RedisCache:
                   self.ids_key(version, pin_slot(r.pin_id)), self.tomb_key(r.pin_id), m,
                   str(int(r.pin_version)), self._to_bytes(r.vector, dtype), r.pin_id,
                   *self._meta_args(r, now)) for r in records]
-        replies = await self._do(lambda: self._eval_many(_WRITE, calls,
-                                                          transaction=not self.cluster))
+        replies = await self._eval_many(_WRITE, calls, atomic=True)
         return WriteResult(
             now, frozenset(r.pin_id for r, x in zip(records, replies, strict=True) if int(x)))
 
@@ -760,8 +755,7 @@ class RedisCache:
                   expected.get(r.pin_id) or "", str(int(r.pin_version)),
                   self._to_bytes(r.vector, dtype), r.pin_id, *self._meta_args(r, now))
                  for r in records]
-        replies = await self._do(lambda: self._eval_many(_REPLACE, calls,
-                                                          transaction=not self.cluster))
+        replies = await self._eval_many(_REPLACE, calls, atomic=True)
         return {r.pin_id for r, x in zip(records, replies, strict=True) if int(x)}
 
     async def drop_if(self, version: str, expected: Mapping[str, str]) -> set[str]:
@@ -775,8 +769,7 @@ class RedisCache:
         calls = [(3, self.vec_key(version, pid), self.meta_key(version, pid),
                   self.ids_key(version, pin_slot(pid)), ver, pid)
                  for pid, ver in expected.items()]
-        replies = await self._do(lambda: self._eval_many(_DROP_IF, calls,
-                                                          transaction=not self.cluster))
+        replies = await self._eval_many(_DROP_IF, calls, atomic=True)
         return {pid for pid, x in zip(expected, replies, strict=True) if int(x)}
 
     async def eviction_policy(self) -> str | None:
@@ -804,7 +797,7 @@ class RedisCache:
 
         calls = [(2, self.wip_key(pid), self.tomb_key(pid), token, str(int(ver)), ttl)
                  for pid, ver in pins.items()]
-        replies = await self._do(lambda: self._eval_many(_RELEASE, calls, transaction=False))
+        replies = await self._eval_many(_RELEASE, calls)
         return {pid for pid, n in zip(pins, replies, strict=True) if int(n)}
 
     async def upsert(
@@ -838,7 +831,7 @@ class RedisCache:
         calls = [(2 + len(versions), self.tomb_key(pid), self.wip_key(pid),
                   *[self.meta_key(v, pid) for v in versions], o, token, str(int(ver)),
                   tomb_ttl, ttl) for pid, ver in pins.items()]
-        replies = await self._do(lambda: self._eval_many(_CLAIM, calls, transaction=False))
+        replies = await self._eval_many(_CLAIM, calls)
         return {pid: {v: bool(int(f)) for v, f in zip(versions, flags, strict=True)}
                 for pid, flags in zip(pins, replies, strict=True)}
 
@@ -860,8 +853,7 @@ class RedisCache:
                 keys += [self.vec_key(v, pid), self.meta_key(v, pid),
                          self.ids_key(v, pin_slot(pid))]
             calls.append((len(keys), *keys, token, str(int(ver)), pid, ttl))
-        replies = await self._do(lambda: self._eval_many(_DELETE, calls,
-                                                          transaction=not self.cluster))
+        replies = await self._eval_many(_DELETE, calls, atomic=True)
         return {pid for pid, n in zip(pins, replies, strict=True) if int(n)}
 
     async def in_flight(self, pins: Mapping[str, int]) -> set[str]:
@@ -871,7 +863,7 @@ class RedisCache:
         ttl = str(int(self.settings.writer_ttl_s * 1000))
 
         calls = [(1, self.wip_key(pid), str(int(ver)), ttl) for pid, ver in pins.items()]
-        replies = await self._do(lambda: self._eval_many(_IN_FLIGHT, calls, transaction=False))
+        replies = await self._eval_many(_IN_FLIGHT, calls)
         return {pid for pid, n in zip(pins, replies, strict=True) if int(n)}
 
     async def delete(self, version: str, pin_ids: Sequence[str]) -> None:
@@ -882,7 +874,7 @@ class RedisCache:
         calls = [(5, self.tomb_key(pid), self.wip_key(pid), self.vec_key(version, pid),
                   self.meta_key(version, pid), self.ids_key(version, pin_slot(pid)),
                   "", "", pid, "0") for pid in pin_ids]
-        await self._do(lambda: self._eval_many(_DELETE, calls, transaction=not self.cluster))
+        await self._eval_many(_DELETE, calls, atomic=True)
 
     async def drop_version(self, version: str) -> int:
         """Delete every key of a version's namespace; returns keys removed."""
@@ -1029,17 +1021,8 @@ class RedisCache:
         if not pin_ids:
             return {}
 
-        async def go() -> list[Any]:
-            async with self._r.pipeline(transaction=False) as pipe:
-                for p in pin_ids:
-                    pipe.hmget(self.meta_key(version, p), "pin_version", "content_hash")
-                return list(await pipe.execute())
-
-        if self.cluster:
-            rows = await self._do(go)
-        else:  # one command per 256 pins (see `_eval_many`)
-            calls = [(1, self.meta_key(version, p)) for p in pin_ids]
-            rows = await self._do(lambda: self._eval_many(_STATES, calls, transaction=False))
+        rows = await self._eval_many(_STATES, [(1, self.meta_key(version, p))
+                                               for p in pin_ids])
         return {
             p: PinState(p, int(r[0]), r[1].decode())
             for p, r in zip(pin_ids, rows, strict=True) if r[0] is not None

@@ -21,7 +21,6 @@ Medians over the rounds are reported.
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
 import tempfile
 import time
@@ -30,6 +29,7 @@ from typing import Any
 
 from rich.console import Console
 
+from streams.bench.cpu import children, process_cpu
 from streams.bench.report import emit, machine
 from streams.bench.runs import private_stack
 from streams.bench.volume import drain_backlog, make_images, null_drain_setup, written_times
@@ -44,20 +44,7 @@ ENGINES = ("memory", "disk")
 
 def _cpu_s(pid: int) -> float:
     """CPU seconds of ``pid`` and its children (live and reaped): the broker's process tree."""
-    total = 0.0
-    tick = os.sysconf("SC_CLK_TCK")
-    pids = [pid]
-    try:
-        pids += [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
-    except OSError:
-        pass
-    for p in pids:
-        try:
-            f = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += sum(int(x) for x in f[11:15]) / tick  # utime stime cutime cstime
-    return total
+    return sum(process_cpu(p, reaped=True) or 0.0 for p in [pid, *children(pid)])
 
 
 async def _consume(s: Settings, n: int) -> float:

@@ -83,23 +83,31 @@ def _stat(path: Path) -> tuple[str, float] | None:
     return head.partition("(")[2], (int(f[11]) + int(f[12])) / _HZ
 
 
-def process_cpu(pid: int) -> float | None:
-    """Seconds of CPU ``pid`` has used (every thread, also those that ended)."""
-    got = _stat(Path(f"/proc/{pid}/stat"))
-    return got[1] if got else None
+def process_cpu(pid: int, reaped: bool = False) -> float | None:
+    """Seconds of CPU ``pid`` has used (every thread, also those that ended).
+
+    ``reaped``: plus that of its children that ended and were waited for.
+    """
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    f = raw.rpartition(")")[2].split()
+    return sum(int(x) for x in f[11:15 if reaped else 13]) / _HZ
 
 
 def children(pid: int) -> list[int]:
-    """Direct children of ``pid``."""
-    out = []
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                st = (p / "stat").read_text()
-            except OSError:
-                continue
-            if int(st.rpartition(")")[2].split()[1]) == pid:
-                out.append(int(p.name))
+    """Direct children of ``pid`` (of any of its threads), from ``/proc``."""
+    out: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return out
+    for t in tasks:
+        try:
+            out += [int(c) for c in (t / "children").read_text().split()]
+        except OSError:
+            continue
     return out
 
 

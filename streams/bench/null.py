@@ -318,6 +318,10 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
     profiles: list[dict[str, Any]] = []
     from streams.bench.runs import private_stack  # imports torch: not in the consumer processes
 
+    def code_for(kind: str) -> Path | None:
+        """The baseline's source tree for its rounds; None: this code."""
+        return tree[0] if tree is not None and kind.startswith("baseline") else None
+
     logs = data_dir / "logs" / "bench-null"
     logs.mkdir(parents=True, exist_ok=True)
     console.print(f"process logs: {logs}")
@@ -346,16 +350,14 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
                         # 40 batches at least: a window of a few batches would be all edges
                         k_pins = max(pins, 40 * int(kind.partition("@")[2] or 0))
                         res = asyncio.run(_round(ss, kind, n, src_items, k_pins, logs, console,
-                                                 code=tree[0] if kind.startswith("baseline")
-                                                 and tree else None))
+                                                 code=code_for(kind)))
                         res["source"] = source
                         rounds.append(res)
                 for kind in (["feeders"] + (["baseline"] if tree else [])) if profile else []:
                     raw = logs / f"profile-{source}-{kind}.txt"
                     raw.unlink(missing_ok=True)
                     res = asyncio.run(_round(ss, kind, 1, src_items, pins, logs, console,
-                                             code=tree[0] if kind == "baseline" and tree
-                                             else None, profile=raw))
+                                             code=code_for(kind), profile=raw))
                     shares, n_samples = (stage_shares(raw.read_text().splitlines())
                                          if raw.exists() else ({}, 0))
                     profiles.append({**res, "source": source, "profile": str(raw),
