@@ -14,8 +14,8 @@ measures the stream and the stores, not a model:
 3. ``similar`` through `EmbeddingReader` (as the read API runs it) on
    ``queries`` pins after the collection is sealed and indexed: p50/p99, and
    recall@10 against an exact search over every stored vector (recomputed
-   from the image bytes, so exact); then the same queries again while the
-   stream writes new versions of existing pins (new images) at
+   from the image bytes, so exact); then the same queries again while
+   another process publishes new versions of existing pins (new images) at
    ``stream_rate`` pins/s into the version searched, recall counted against
    the vectors before the updates for the pins not yet updated;
 4. ``store verify`` of the whole version;
@@ -23,10 +23,9 @@ measures the stream and the stores, not a model:
    another seed) while live pins arrive at ``live_rate``/s: backfill pins/s,
    and the live pins' freshness (event time to Redis write) meanwhile.
 
-The null encoder's vectors are pseudo-random points of full rank (a hash of
-the bytes), with no neighbourhood structure: recall on them is a pessimistic
-figure for an ANN index. `pinfresh bench similar` measures the index on
-clustered vectors. The Milvus engine is whatever the stack runs
+The null encoder's vectors have full rank and 16 intrinsic dimensions (see
+`encoder.null`), so recall measures the index on neighbours that exist;
+`pinfresh bench similar` measures it on clustered vectors. The Milvus engine is whatever the stack runs
 (``PINFRESH_STACK__MILVUS``); the report names it (``milvus_engine``).
 """
 
@@ -34,13 +33,16 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 import logging
+import multiprocessing
 import os
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +60,7 @@ from streams.producer import ensure_topics, publish_events
 from streams.refresh import run_backfill
 from streams.runtime.catalog import load_catalog, prepare_sample_catalog
 from streams.runtime.processes import stop_group
-from streams.settings import Settings
+from streams.settings import KafkaSettings, Settings
 
 LIVE = NullEncoder().version
 BACKFILL_SEED = 1
@@ -221,28 +223,36 @@ async def _similar(s: Settings, paths: list[Path], queries: int, stream_rate: fl
         "similar_recall_at_10": round(statistics.fmean(recall), 4),
         "similar_queries": len(picks), "index_settled": settled,
         "index_settle_s": round(settle_s, 1)}
-    # again while the stream writes new images for random pins into the searched version
-    stop = asyncio.Event()
-    updated: list[int] = []
+    # again while the stream writes new images for random pins into the searched version,
+    # from another process (as a producer and a ranking service are): in the queries'
+    # event loop the publisher's bursts delayed queries, which measured the driver
+    ctx = multiprocessing.get_context("spawn")  # no fork of this process's gRPC threads
+    stop, sent = ctx.Event(), ctx.Value("q", 0)
+    pub = ctx.Process(target=_stream_updates, daemon=True, name="pinfresh-bench-stream",
+                      args=(s.kafka, [str(p) for p in paths], stream_rate, stop, sent))
     loads: list[float] = []
 
-    async def stream() -> None:
-        r = np.random.default_rng(1)
-        while not stop.is_set():
-            ids = [int(x) for x in r.integers(0, len(paths), max(1, int(stream_rate)))]
-            updated.extend(ids)
-            await publish_events(s.kafka, [PinEvent.upsert(
-                f"v{i}", str(paths[(i + 1) % len(paths)]), 2) for i in ids], progress=False)
+    async def sample_load() -> None:
+        while True:
             loads.append(os.getloadavg()[0])
             await asyncio.sleep(1.0)
 
-    pub = asyncio.create_task(stream())
-    await asyncio.sleep(5.0)  # the writes are flowing before the first query
+    pub.start()
+    sampler = asyncio.create_task(sample_load())
     try:
+        deadline = time.monotonic() + 300
+        while sent.value < stream_rate * 5:  # the writes have flowed 5 s before the first query
+            if not pub.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the update stream did not start (exit code {pub.exitcode})")
+            await asyncio.sleep(0.2)
         lat2, hits2 = await _queries(s, picks)
     finally:
         stop.set()
-        await pub
+        sampler.cancel()
+        await asyncio.to_thread(pub.join, 120)
+        if pub.is_alive():
+            pub.kill()
+    updated = list(itertools.islice(_update_ids(len(paths)), sent.value))
     recall2 = _recall(vecs, picks, hits2, skip=set(updated))
     console.print(f"similar while streaming {stream_rate:g} updates/s: "
                   f"{len(set(updated))} pins updated, recall over {len(recall2)} queries")
@@ -257,6 +267,30 @@ async def _similar(s: Settings, paths: list[Path], queries: int, stream_rate: fl
         "stream_updates_published": len(updated),
         "load_avg_1m_while_streaming": round(statistics.fmean(loads), 2) if loads else None})
     return out
+
+
+def _update_ids(pins: int) -> Iterator[int]:
+    """The pins the update stream rewrites, in order (the same sequence in both processes)."""
+    rng = np.random.default_rng(1)
+    while True:
+        yield from (int(i) for i in rng.integers(0, pins, 1024))
+
+
+def _stream_updates(kafka: KafkaSettings, paths: list[str], rate: float, stop: Any,
+                    sent: Any) -> None:
+    """Publish new images for the pins of `_update_ids` at ``rate``/s until ``stop``.
+
+    Runs in a child process; ``sent`` counts the events, each before it is
+    handed to the producer.
+    """
+    def events() -> Iterator[PinEvent]:
+        for i in _update_ids(len(paths)):
+            if stop.is_set():
+                return
+            sent.value += 1
+            yield PinEvent.upsert(f"v{i}", paths[(i + 1) % len(paths)], 2)
+
+    asyncio.run(publish_events(kafka, events(), rate=rate, progress=False))
 
 
 async def _backfill_with_live(s: Settings, live_rate: float, paths: list[Path],

@@ -118,3 +118,27 @@ async def test_a_released_collection_is_loaded_again_on_next_use(milvus):
     with pytest.raises(StoreUnavailable, match="code 101"):
         await milvus.get_states("v1", ["a"])
     assert "a" in await milvus.get_states("v1", ["a"], consistency="Strong")
+
+
+async def test_search_leaves_out_excluded_pins_and_still_returns_k(milvus):
+    """`similar` excludes the query's own pin from k + len(exclude) hits (no filter
+    expression: a filtered HNSW search found fewer true neighbours on the server). The
+    excluded pins are the nearest here, so a search that dropped them from k hits would
+    return fewer than k."""
+    await milvus.ensure_version("v1", 8)
+    records = [rec(f"s{i}") for i in range(30)]
+    twin = EmbeddingRecord("twin", records[0].vector.copy(), "v1", "h" * 64, 1, time.time(),
+                           time.time(), "/img/twin.png", "twin of s0")
+    await milvus.upsert("v1", [*records, twin])
+    assert await milvus.count("v1") == 31  # a Strong read: every row is searchable
+    hits = await milvus.search("v1", records[0].vector, 5, exclude=["s0", "twin"])
+    ids = [h.pin_id for h in hits]
+    assert len(ids) == 5 and not {"s0", "twin"} & set(ids)
+    scores = [h.score for h in hits]
+    assert scores == sorted(scores, reverse=True)
+    exact = sorted(((float(r.vector @ records[0].vector), r.pin_id) for r in records[1:]),
+                   reverse=True)
+    assert ids == [p for _, p in exact[:5]]  # a growing segment is searched exactly
+    assert hits[0].caption == f"caption {ids[0]}"
+    got = await milvus.search("v1", records[0].vector, 3)
+    assert {h.pin_id for h in got[:2]} == {"s0", "twin"}  # nothing excluded: they lead
