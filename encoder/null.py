@@ -9,7 +9,9 @@ checked with it. Like a model's embeddings the vectors have full rank but
 few intrinsic dimensions: a point of a ``LATENT_DIM``-dimensional latent space
 (bytes of SHAKE-256 of the bytes' SHA-512) mapped into ``dim`` by a fixed
 random basis (one per seed), plus isotropic noise of norm ``NOISE`` relative
-to it. So the vectors of distinct images span the whole space (rank ``dim``)
+to it. (The basis comes from numpy's seeded generator: the same vectors
+wherever one numpy release runs, not promised across releases.) So the
+vectors of distinct images span the whole space (rank ``dim``)
 and have true neighbours for a search benchmark to find (isotropic random
 points have none: in 512-d a point's ten nearest are barely nearer than the
 rest, and recall on them measures that, not the index).
@@ -41,8 +43,10 @@ NOISE = 0.5
 @functools.cache
 def _basis(dim: int, seed: int) -> np.ndarray:
     """The fixed ``LATENT_DIM`` x ``dim`` map from the latent space (one per seed)."""
-    rng = np.random.default_rng([0x6E756C6C, seed])  # "null"
-    return rng.standard_normal((LATENT_DIM, dim)).astype(np.float32)
+    rng = np.random.default_rng([0x6E756C6C, seed % 2**64])  # "null"; any int seed
+    basis = rng.standard_normal((LATENT_DIM, dim)).astype(np.float32)
+    basis.setflags(write=False)
+    return basis
 
 
 def null_vector(data: bytes, dim: int, seed: int = 0) -> np.ndarray:

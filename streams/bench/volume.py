@@ -25,8 +25,8 @@ measures the stream and the stores, not a model:
 
 The null encoder's vectors have full rank and 16 intrinsic dimensions (see
 `encoder.null`), so recall measures the index on neighbours that exist;
-`pinfresh bench similar` measures it on clustered vectors. The Milvus engine is whatever the stack runs
-(``PINFRESH_STACK__MILVUS``); the report names it (``milvus_engine``).
+`pinfresh bench similar` measures it on clustered vectors. The Milvus engine
+is whatever the stack runs (``PINFRESH_STACK__MILVUS``); the report names it (``milvus_engine``).
 """
 
 from __future__ import annotations
@@ -79,6 +79,11 @@ def null_drain_setup(settings: Settings) -> tuple[list[Path], Settings]:
         "log_level": "WARNING"})
 
 
+def image_path(root: Path, i: int) -> Path:
+    """Where `make_images` puts image ``i``."""
+    return root / f"{i // 1000:04d}" / f"{i}.png"
+
+
 def make_images(root: Path, stamps: list[Path], n: int, side: int = 48) -> list[Path]:
     """``n`` distinct small PNGs under ``root`` (thumbnails of ``stamps``, unique trailers)."""
     thumbs = []
@@ -91,10 +96,9 @@ def make_images(root: Path, stamps: list[Path], n: int, side: int = 48) -> list[
             thumbs.append(buf.getvalue())
     paths = []
     for i in range(n):
-        d = root / f"{i // 1000:04d}"
+        path = image_path(root, i)
         if i % 1000 == 0:
-            d.mkdir(parents=True, exist_ok=True)
-        path = d / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
         # bytes after IEND are ignored by decoders; they make every file's hash distinct
         path.write_bytes(thumbs[i % len(thumbs)] + b"pinfresh" + i.to_bytes(8, "little"))
         paths.append(path)
@@ -187,27 +191,37 @@ async def _queries(s: Settings, picks: np.ndarray) -> tuple[list[float], list[se
 
 
 def _recall(vecs: np.ndarray, picks: np.ndarray, hits: list[set[str]],
-            skip: set[int] = frozenset()) -> list[float]:  # type: ignore[assignment]
+            skip: set[int] = frozenset(),  # type: ignore[assignment]
+            after: np.ndarray | None = None) -> list[float]:
     """recall@10 of each query against an exact search.
 
-    Queries whose pin or any of whose true neighbours changed meanwhile
-    (``skip``) are left out.
+    With updates meanwhile (the pins ``skip``, holding the vectors ``after``
+    once their updates land), a query counts only if its pin was not updated
+    and no updated pin is among its true neighbours before the updates or
+    after them: its true neighbours are then the same whether or not an
+    update had landed when it ran.
     """
     out = []
     for lo in range(0, len(picks), 100):
-        q = vecs[picks[lo:lo + 100]]
-        scores = q @ vecs.T
-        scores[np.arange(len(q)), picks[lo:lo + 100]] = -np.inf  # the pin itself is excluded
-        top = np.argpartition(-scores, 10, axis=1)[:, :10]
-        for i, row, got in zip(picks[lo:lo + 100], top, hits[lo:lo + 100], strict=True):
-            if int(i) in skip or skip.intersection(int(j) for j in row):
+        batch = picks[lo:lo + 100]
+        tops = [_top10(vecs, batch)] + ([_top10(after, batch)] if after is not None else [])
+        for n, (i, got) in enumerate(zip(batch, hits[lo:lo + 100], strict=True)):
+            near = {int(j) for top in tops for j in top[n]}
+            if int(i) in skip or skip & near:
                 continue
-            out.append(len({f"v{j}" for j in row} & got) / 10)
+            out.append(len({f"v{j}" for j in tops[0][n]} & got) / 10)
     return out
 
 
-async def _similar(s: Settings, paths: list[Path], queries: int, stream_rate: float,
-                   console: Console) -> dict[str, Any]:
+def _top10(vecs: np.ndarray, picks: np.ndarray) -> np.ndarray:
+    """The ten nearest rows of ``vecs`` to each of ``vecs[picks]``, the row itself excluded."""
+    scores = vecs[picks] @ vecs.T
+    scores[np.arange(len(picks)), picks] = -np.inf
+    return np.argpartition(-scores, 10, axis=1)[:, :10]
+
+
+async def _similar(s: Settings, images: Path, paths: list[Path], queries: int,
+                   stream_rate: float, console: Console) -> dict[str, Any]:
     async with open_stores(s) as stores:
         t = time.monotonic()
         settled = await stores.milvus.settle(LIVE, deadline_s=1800)
@@ -227,9 +241,9 @@ async def _similar(s: Settings, paths: list[Path], queries: int, stream_rate: fl
     # from another process (as a producer and a ranking service are): in the queries'
     # event loop the publisher's bursts delayed queries, which measured the driver
     ctx = multiprocessing.get_context("spawn")  # no fork of this process's gRPC threads
-    stop, sent = ctx.Event(), ctx.Value("q", 0)
+    stop, sent = ctx.Event(), ctx.RawValue("q", 0)  # one writer (the child): no lock
     pub = ctx.Process(target=_stream_updates, daemon=True, name="pinfresh-bench-stream",
-                      args=(s.kafka, [str(p) for p in paths], stream_rate, stop, sent))
+                      args=(s.kafka, images, len(paths), stream_rate, stop, sent))
     loads: list[float] = []
 
     async def sample_load() -> None:
@@ -246,14 +260,23 @@ async def _similar(s: Settings, paths: list[Path], queries: int, stream_rate: fl
                 raise RuntimeError(f"the update stream did not start (exit code {pub.exitcode})")
             await asyncio.sleep(0.2)
         lat2, hits2 = await _queries(s, picks)
+        if not pub.is_alive():
+            raise RuntimeError(f"the update stream stopped during the queries "
+                               f"(exit code {pub.exitcode})")
     finally:
         stop.set()
         sampler.cancel()
         await asyncio.to_thread(pub.join, 120)
         if pub.is_alive():
             pub.kill()
+            await asyncio.to_thread(pub.join)
+    if pub.exitcode != 0:
+        raise RuntimeError(f"the update stream failed (exit code {pub.exitcode})")
     updated = list(itertools.islice(_update_ids(len(paths)), sent.value))
-    recall2 = _recall(vecs, picks, hits2, skip=set(updated))
+    new = vecs.copy()  # what the updated pins hold once their updates land
+    for i in set(updated):
+        new[i] = vecs[(i + 1) % len(paths)]
+    recall2 = _recall(vecs, picks, hits2, skip=set(updated), after=new)
     console.print(f"similar while streaming {stream_rate:g} updates/s: "
                   f"{len(set(updated))} pins updated, recall over {len(recall2)} queries")
     out.update({
@@ -276,19 +299,22 @@ def _update_ids(pins: int) -> Iterator[int]:
         yield from (int(i) for i in rng.integers(0, pins, 1024))
 
 
-def _stream_updates(kafka: KafkaSettings, paths: list[str], rate: float, stop: Any,
+def _stream_updates(kafka: KafkaSettings, images: Path, pins: int, rate: float, stop: Any,
                     sent: Any) -> None:
     """Publish new images for the pins of `_update_ids` at ``rate``/s until ``stop``.
 
     Runs in a child process; ``sent`` counts the events, each before it is
-    handed to the producer.
+    handed to the producer. Pin ``i`` gets image ``i + 1`` (`image_path`
+    under ``images``). Stops by itself if its parent is gone.
     """
+    parent = os.getppid()
+
     def events() -> Iterator[PinEvent]:
-        for i in _update_ids(len(paths)):
-            if stop.is_set():
+        for i in _update_ids(pins):
+            if stop.is_set() or os.getppid() != parent:
                 return
             sent.value += 1
-            yield PinEvent.upsert(f"v{i}", paths[(i + 1) % len(paths)], 2)
+            yield PinEvent.upsert(f"v{i}", str(image_path(images, (i + 1) % pins)), 2)
 
     asyncio.run(publish_events(kafka, events(), rate=rate, progress=False))
 
@@ -389,7 +415,8 @@ def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,
             milvus_pid = _milvus_pid(tmp)
             report["milvus_rss_mb"] = round(_rss_mb(milvus_pid), 1) if milvus_pid else None
             report["milvus_disk_mb"] = round(_du_mb(tmp / "milvus"), 1)
-            report.update(asyncio.run(_similar(s, paths, queries, stream_rate, console)))
+            report.update(asyncio.run(_similar(s, images, paths, queries, stream_rate,
+                                                 console)))
 
             async def verify() -> tuple[float, bool]:
                 async with open_stores(s) as stores:

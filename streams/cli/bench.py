@@ -197,7 +197,8 @@ def bench_similar(ctx: Ctx, rows: int, stream_rows: int, cost_rows: int, rate: f
               help="similar queries (latency and recall@10 against exact)")
 @click.option("--live-rate", type=float, default=20.0, show_default=True,
               help="live pins/s published during the backfill")
-@click.option("--stream-rate", type=float, default=200.0, show_default=True,
+@click.option("--stream-rate", type=click.FloatRange(min=0, min_open=True), default=200.0,
+              show_default=True,
               help="updates/s streamed into the searched version during the second round "
               "of similar queries")
 @click.option("--out", type=click.Path(path_type=Path),

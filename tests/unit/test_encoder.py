@@ -144,6 +144,7 @@ def test_null_vectors_span_the_whole_space():
     assert np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-5)
     assert np.array_equal(null_vector(b"same", 512), null_vector(b"same", 512))
     assert not np.allclose(null_vector(b"same", 512), null_vector(b"same", 512, seed=1))
+    assert not np.allclose(null_vector(b"same", 512, seed=-1), null_vector(b"same", 512))
 
 
 def test_null_vectors_have_true_neighbours():
