@@ -401,13 +401,12 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
             if vec.shape != (dim,) or not np.isfinite(vec).all():
                 raise ApiError(422, "bad_vector",
                                f"vector must be {dim} finite floats for version {version}")
-        want = body.k + len(body.filter.exclude)
-        fetch = want * 5 if body.filter.caption_contains else want
+        fetch = body.k * 5 if body.filter.caption_contains else body.k
         _, hits = await reader.similar(pin_id=body.pin_id, vector=vec,
-                                       k=min(fetch, api.max_k * 5), version=version)
+                                       k=min(fetch, api.max_k * 5), version=version,
+                                       exclude=body.filter.exclude)
         needle = (body.filter.caption_contains or "").lower()
-        exclude = set(body.filter.exclude)
-        kept = [h for h in hits if h.pin_id not in exclude and needle in h.caption.lower()]
+        kept = [h for h in hits if needle in h.caption.lower()]
         return {"version": version, "hits": [
             {"pin_id": h.pin_id, "score": round(h.score, 6), "caption": h.caption}
             for h in kept[:body.k]]}

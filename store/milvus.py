@@ -105,6 +105,10 @@ def connect(uri: str, *, token: str = "", timeout_s: float = 10.0,
     )
 
 
+#: The most hits one Milvus search returns (its topk limit).
+MAX_TOPK = 16384
+
+
 def _quote(pin_ids: Sequence[str]) -> str:
     # pin ids are validated against PIN_ID_PATTERN upstream; json-style quoting
     # keeps even an unvalidated id from breaking out of the string literal.
@@ -442,11 +446,14 @@ class MilvusStore:
         name = self.collection(version)
         await self._load(name)
         skip = set(exclude)
+        limit = min(k + len(skip), MAX_TOPK)
+        params = dict(self.settings.search_params)
+        if "ef" in params and int(params["ef"]) < limit:  # HNSW refuses an ef below topk
+            params["ef"] = limit
         res = await self._call(
             self._client.search, name, data=[np.asarray(vector, np.float32).tolist()],
-            limit=k + len(skip), output_fields=["caption", "image_location"],
-            search_params={"metric_type": self.settings.metric,
-                           "params": dict(self.settings.search_params)},
+            limit=limit, output_fields=["caption", "image_location"],
+            search_params={"metric_type": self.settings.metric, "params": params},
         )
         hits = []
         for h in res[0]:

@@ -169,21 +169,23 @@ class EmbeddingReader:
 
     async def similar(
         self, *, pin_id: str | None = None, vector: np.ndarray | None = None, k: int = 10,
-        version: str | None = None,
+        version: str | None = None, exclude: Sequence[str] = (),
     ) -> tuple[str, list[SearchHit]]:
         """Nearest pins to a pin (itself excluded) or to a vector, from one version.
+
+        ``exclude``: pins left out of the hits as well (up to ``k`` others still come back).
 
         Raises:
             PinNotFound: the pin is unknown.
         """
         ver = await self.resolve_version(version)
-        exclude: list[str] = []
+        skip = list(exclude)
         if pin_id is not None:
             res = await self.get_many([pin_id], ver)
             if not res.found[0]:
                 raise PinNotFound(pin_id, ver)
             vector = res.vectors[0]
-            exclude = [pin_id]
+            skip.append(pin_id)
         if vector is None:
             raise ValueError("give pin_id or vector")
-        return ver, await self.milvus.search(ver, vector, k, exclude=exclude)
+        return ver, await self.milvus.search(ver, vector, k, exclude=skip)
