@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, field_validator
 
 
 class RedisSettings(BaseModel):
@@ -27,6 +27,10 @@ class RedisSettings(BaseModel):
         "concurrent writers) counts as abandoned this long after its last renewal; keep it "
         "well above PINFRESH_MILVUS__TIMEOUT_S, the longest a Milvus write can take",
     )
+
+#: Search parameters an index refuses below the topk: HNSW's ``ef``, DiskANN's
+#: ``search_list``; `MilvusStore.search` raises a configured one to the hits it asks for.
+TOPK_BOUND_PARAMS = ("ef", "search_list")
 
 
 class MilvusSettings(BaseModel):
@@ -60,6 +64,23 @@ class MilvusSettings(BaseModel):
         description='search parameters of `similar`, as JSON: {"ef": 64} for HNSW, '
         '{"nprobe": 16} for IVF_FLAT; empty: the index\'s defaults',
     )
+    @field_validator("search_params")
+    @classmethod
+    def _bounds_are_counts(cls, v: dict[str, int | float | str]) -> dict[str, int | float | str]:
+        # `similar` compares these with its topk: a value that is not a positive whole
+        # number would fail every search, so it fails at start-up instead
+        for key in TOPK_BOUND_PARAMS:
+            if key in v:
+                try:
+                    n = float(v[key])
+                except ValueError:
+                    n = 0.0
+                if n < 1 or n != int(n):
+                    raise ValueError(f"search_params.{key} must be a positive whole number, "
+                                     f"not {v[key]!r}")
+                v[key] = int(n)
+        return v
+
     seal_rows: int = Field(
         0, ge=0,
         description="seal (flush) a collection after this many rows upserted by one "

@@ -48,7 +48,7 @@ from encoder.errors import (
     UnknownVersion,
 )
 from store.base import EmbeddingRecord, PinState, SearchHit
-from store.config import MilvusSettings
+from store.config import TOPK_BOUND_PARAMS, MilvusSettings
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -441,15 +441,18 @@ class MilvusStore:
         a ``pin_id not in [...]`` filter: on the Milvus 2.3.5 server a filtered
         HNSW search found fewer true neighbours (recall@10 0.91 against 0.98
         unfiltered, 200,000 rows, the index's default ``ef``) and evaluated
-        the expression over every row.
+        the expression over every row. Fewer than ``k`` come back only when
+        the collection holds fewer others, or when ``k + len(exclude)`` passes
+        Milvus's topk limit (`MAX_TOPK`).
         """
         name = self.collection(version)
         await self._load(name)
         skip = set(exclude)
         limit = min(k + len(skip), MAX_TOPK)
         params = dict(self.settings.search_params)
-        if "ef" in params and int(params["ef"]) < limit:  # HNSW refuses an ef below topk
-            params["ef"] = limit
+        for key in TOPK_BOUND_PARAMS:  # the index refuses a value below the topk
+            if key in params and int(params[key]) < limit:
+                params[key] = limit
         res = await self._call(
             self._client.search, name, data=[np.asarray(vector, np.float32).tolist()],
             limit=limit, output_fields=["caption", "image_location"],

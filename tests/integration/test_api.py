@@ -167,6 +167,24 @@ async def test_similar_by_pin_and_vector_with_filters(api):
     assert "dog-4" not in [h["pin_id"] for h in hits]
 
 
+async def test_similar_leaves_out_many_excluded_pins_and_still_returns_k(api, stack, request):
+    """The excluded pins go to the search: they used to be filtered from at most
+    max_k * 5 hits afterwards, so excluding the nearest ten with max_k 2 left none."""
+    _, truth, _ = api
+    prefix = f"api{abs(hash(request.node.name)) % 10**6}"  # the fixture's data
+    app = create_app(ApiSettings(max_k=2), RedisSettings(url=stack.redis_url, key_prefix=prefix),
+                     MilvusSettings(uri=stack.milvus_uri, collection_prefix=prefix))
+    q = truth["va"]["cat-1"]
+    nearest = sorted((p for p in truth["va"] if p != "cat-1"),
+                     key=lambda p: -float(truth["va"][p] @ q))
+    async with _serving(app) as http:
+        r = await http.post("/v1/similar", json={"pin_id": "cat-1", "k": 2,
+                                                 "filter": {"exclude": nearest[:12]}})
+    assert r.status_code == 200, r.text
+    got = [h["pin_id"] for h in r.json()["hits"]]
+    assert len(got) == 2 and set(got) <= set(nearest[12:15])  # the query read from fp16
+
+
 @pytest.mark.parametrize("path, body, status, code", [
     ("/v1/embeddings:batchGet", {"pin_ids": []}, 422, "invalid_request"),
     ("/v1/embeddings:batchGet", {"pin_ids": ["a"] * 51}, 413, "too_many_ids"),

@@ -80,3 +80,29 @@ async def test_a_configured_ef_is_raised_to_the_hits_asked_for(server):
         assert len(many) == 3 and server.limits == [6, 3]
     finally:
         await store.close()
+
+
+async def test_the_hits_asked_for_stop_at_milvus_topk_limit(server):
+    import store.milvus as m
+
+    store = m.MilvusStore(MilvusSettings(search_params={"ef": "64"}))  # as an env var gives it
+    try:
+        assert store.settings.search_params == {"ef": 64}
+        hits = await store.search("v1", server.rows["p0"], 10, exclude=[f"x{i}" for i in
+                                                                         range(m.MAX_TOPK)])
+        assert len(hits) == 10 and server.limits == [m.MAX_TOPK]
+        await store.search("v1", server.rows["p0"], 10)
+        assert server.limits[-1] == 10  # ef 64 >= 10: left as configured, no error
+    finally:
+        await store.close()
+
+
+@pytest.mark.parametrize("bad", [0, -3, 1.5, "64.5", "many"])
+def test_an_ef_that_is_not_a_count_is_refused_at_start_up(bad):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="search_params.ef must be a positive whole"):
+        MilvusSettings(search_params={"ef": bad})
+    with pytest.raises(ValidationError, match="search_list"):
+        MilvusSettings(search_params={"search_list": bad})
+    assert MilvusSettings(search_params={"nprobe": 16}).search_params == {"nprobe": 16}
