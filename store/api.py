@@ -401,10 +401,10 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
             if vec.shape != (dim,) or not np.isfinite(vec).all():
                 raise ApiError(422, "bad_vector",
                                f"vector must be {dim} finite floats for version {version}")
+        # a caption filter keeps its matches among the 5k nearest (k <= max_k, checked above)
         fetch = body.k * 5 if body.filter.caption_contains else body.k
-        _, hits = await reader.similar(pin_id=body.pin_id, vector=vec,
-                                       k=min(fetch, api.max_k * 5), version=version,
-                                       exclude=body.filter.exclude)
+        _, hits = await reader.similar(pin_id=body.pin_id, vector=vec, k=fetch,
+                                       version=version, exclude=body.filter.exclude)
         needle = (body.filter.caption_contains or "").lower()
         kept = [h for h in hits if needle in h.caption.lower()]
         return {"version": version, "hits": [

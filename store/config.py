@@ -64,6 +64,14 @@ class MilvusSettings(BaseModel):
         description='search parameters of `similar`, as JSON: {"ef": 64} for HNSW, '
         '{"nprobe": 16} for IVF_FLAT; empty: the index\'s defaults',
     )
+    seal_rows: int = Field(
+        0, ge=0,
+        description="seal (flush) a collection after this many rows upserted by one "
+        "process; 0: never, the server seals by itself. On Milvus Lite sealing every 256 "
+        "rows halved the write rate and helped search little at 200k rows "
+        "(docs/benchmarks.md); it pays only for small collections",
+    )
+
     @field_validator("search_params")
     @classmethod
     def _bounds_are_counts(cls, v: dict[str, int | float | str]) -> dict[str, int | float | str]:
@@ -80,14 +88,6 @@ class MilvusSettings(BaseModel):
                                      f"not {v[key]!r}")
                 v[key] = int(n)
         return v
-
-    seal_rows: int = Field(
-        0, ge=0,
-        description="seal (flush) a collection after this many rows upserted by one "
-        "process; 0: never, the server seals by itself. On Milvus Lite sealing every 256 "
-        "rows halved the write rate and helped search little at 200k rows "
-        "(docs/benchmarks.md); it pays only for small collections",
-    )
 
 
 class ApiSettings(BaseModel):

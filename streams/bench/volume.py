@@ -16,8 +16,8 @@ measures the stream and the stores, not a model:
    recall@10 against an exact search over every stored vector (recomputed
    from the image bytes, so exact); then the same queries again while
    another process publishes new versions of existing pins (new images) at
-   ``stream_rate`` pins/s into the version searched, recall counted against
-   the vectors before the updates for the pins not yet updated;
+   ``stream_rate`` pins/s into the version searched, recall counted over the
+   queries whose true neighbours are the same before and after the updates;
 4. ``store verify`` of the whole version;
 5. a backfill of every pin into a second version (the null encoder with
    another seed) while live pins arrive at ``live_rate``/s: backfill pins/s,
@@ -51,7 +51,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import Progress
 
-from encoder.null import NullEncoder, null_vector
+from encoder.null import LATENT_DIM, NullEncoder, null_vector
 from store.lifecycle import open_stores
 from store.verify import verify_cache
 from streams.bench.report import emit, machine, percentile
@@ -436,8 +436,8 @@ def run_volume_bench(settings: Settings, pins: int, feeders: int, queries: int,
     report["seconds"] = round(time.monotonic() - t_all)
     report["images"] = ("48 px PNG thumbnails of 200 Tux Paint stamps, each file made "
                         "distinct by a trailer after IEND; local files")
-    report["encoder"] = ("null (a function of the image bytes: full rank, 16 intrinsic "
-                         "dimensions; no decode, no model)")
+    report["encoder"] = (f"null (a function of the image bytes: full rank, {LATENT_DIM} "
+                         "intrinsic dimensions; no decode, no model)")
     report["machine"] = machine()
     report["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     rows: list[tuple[str, object]] = [
