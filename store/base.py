@@ -9,7 +9,7 @@ retry rather than drop.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -56,6 +56,30 @@ class PinState:
     pin_id: str
     pin_version: int
     content_hash: str
+
+
+@dataclass(frozen=True)
+class CacheLookup:
+    """What one read of the cache says about a batch of pins (`RedisCache.lookup`).
+
+    Attributes:
+        tombs: per pin, the version of its last delete (pins without one are absent).
+        states: per model version asked for, the stored state of the pins found.
+        claimed: pins with a writer's claim in Redis (a writer in flight, or one
+            that died after its claim and whose claim has not expired yet): Milvus
+            may hold a write of theirs that Redis does not.
+        registered: the versions asked for that are registered.
+        complete: the registered versions whose cache holds every pin written
+            to Milvus (the ``cache`` field of the version's registry hash, set
+            when the version started empty in both stores or by ``store verify
+            --repair``; gone when Redis lost its data).
+    """
+
+    tombs: Mapping[str, int]
+    states: Mapping[str, Mapping[str, PinState]]
+    claimed: frozenset[str] = frozenset()
+    registered: frozenset[str] = frozenset()
+    complete: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)

@@ -47,6 +47,7 @@ of a cluster; ``redis://`` one node.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hashlib
 import json
@@ -80,7 +81,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from encoder.errors import DimensionMismatch, StateError, StoreUnavailable, UnknownVersion
-from store.base import EmbeddingRecord, PinState
+from store.base import CacheLookup, EmbeddingRecord, PinState
 from store.config import RedisSettings
 
 T = TypeVar("T")
@@ -287,6 +288,29 @@ def _batch_call(calls: Sequence[tuple[Any, ...]]) -> tuple[Any, ...]:
 _STATES = _LIB + """
 return redis.call('HMGET', KEYS[1], 'pin_version', 'content_hash')
 """
+# KEYS: tomb, wip, then the meta of each version. What a batch's look-up needs of one pin:
+# {tombstone, writers in flight (HLEN of wip), then pin version and content hash of each
+# version} (nil where absent).
+_LOOKUP = _LIB + """
+local out = {get(KEYS[1]) or false, redis.call('HLEN', KEYS[2])}
+for i = 3, #KEYS do
+  local m = redis.call('HMGET', KEYS[i], 'pin_version', 'content_hash')
+  out[#out + 1] = m[1]
+  out[#out + 1] = m[2]
+end
+return out
+"""
+# KEYS: a version's registry hash. ARGV: the mark. Sets its ``cache`` field if the version
+# is registered (a dropped version is not brought back as a hash of one field).
+_MARK = """
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  redis.call('HSET', KEYS[1], 'cache', ARGV[1])
+  return 1
+end
+return 0
+"""
+#: Value of a version's ``cache`` field when its cache holds every pin written to Milvus.
+CACHE_COMPLETE = "complete"
 
 _slot_tags: list[str] = []
 
@@ -330,6 +354,10 @@ def slot_tag(slot: int) -> str:
 def pin_slot(pin_id: str) -> int:
     """Cluster slot of every key of ``pin_id``."""
     return int(key_slot(pin_id.encode()))
+
+
+async def _none() -> list[Any]:
+    return []
 
 
 @functools.cache
@@ -1027,6 +1055,61 @@ class RedisCache:
             p: PinState(p, int(r[0]), r[1].decode())
             for p, r in zip(pin_ids, rows, strict=True) if r[0] is not None
         }
+
+    async def lookup(self, versions: Sequence[str], pin_ids: Sequence[str]) -> CacheLookup:
+        """Everything a batch's look-up needs from Redis, in one script call per pin.
+
+        Per pin: its tombstone, whether a writer holds a claim on it, and its
+        stored version and content hash in each of ``versions``; per version:
+        whether it is registered and whether its cache is complete (see
+        `mark_complete`). On one node the pins go as one EVALSHA of the batch
+        form and the registry read beside it; on a cluster one call per pin,
+        pipelined per node.
+        """
+        ids = list(pin_ids)
+        calls = [(2 + len(versions), self.tomb_key(p), self.wip_key(p),
+                  *(self.meta_key(v, p) for v in versions)) for p in ids]
+
+        async def registry() -> list[Any]:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for v in versions:
+                    pipe.hmget(self.reg_key(f"version:{v}"), "dim", "cache")
+                return list(await pipe.execute())
+
+        rows, flags = await asyncio.gather(
+            self._eval_many(_LOOKUP, calls) if ids else _none(), self._do(registry))
+        tombs: dict[str, int] = {}
+        claimed: set[str] = set()
+        states: dict[str, dict[str, PinState]] = {v: {} for v in versions}
+        for p, row in zip(ids, rows, strict=True):
+            if row[0] is not None:
+                tombs[p] = int(row[0])
+            if int(row[1]):
+                claimed.add(p)
+            for j, v in enumerate(versions):
+                pv = row[2 + 2 * j]
+                if pv is not None:
+                    states[v][p] = PinState(p, int(pv), as_text(row[3 + 2 * j] or b""))
+        registered = frozenset(v for v, (dim, _) in zip(versions, flags, strict=True)
+                               if dim is not None)
+        complete = frozenset(v for v, (_, c) in zip(versions, flags, strict=True)
+                             if c is not None and as_text(c) == CACHE_COMPLETE)
+        return CacheLookup(tombs, states, frozenset(claimed), registered, complete & registered)
+
+    async def mark_complete(self, version: str) -> None:
+        """Record that ``version``'s cache holds every pin written to Milvus.
+
+        Called when the version is known to be empty in both stores (a new
+        version) or after ``store verify --repair`` copied Milvus into the
+        cache. A worker then looks up the version's pins in Redis alone; losing
+        Redis's data loses this mark too, and workers read Milvus again.
+        """
+        key = self.reg_key(f"version:{version}")
+        done = await self._do(partial(self._evalsha_all, _MARK, [(1, key, CACHE_COMPLETE)],
+                                      transaction=False))
+        if not int(done[0]):
+            raise UnknownVersion(f"model version {version} is not registered: see "
+                                 "`pinfresh versions list`")
 
     async def record_batch_stats(self, freshness_s: Sequence[float], encoded: int,
                                  keep: int = 10_000) -> None:

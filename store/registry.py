@@ -43,6 +43,27 @@ WRITE_SET_REFRESH_S = 3.0
 WRITER_REPORT_FRESH_S = 60.0
 
 
+async def mark_complete_if_empty(milvus: Any, cache: Any, version: str) -> bool:
+    """Mark ``version``'s cache complete if its collection is empty; whether it is complete.
+
+    Called once a version is registered in both stores (a worker's start, `versions
+    create`). A version registered in Redis whose Milvus collection holds no row
+    (counted at Strong consistency) cannot miss a row in Redis: from then on every
+    writer writes Redis after Milvus, and a writer that dies in between leaves
+    its claim for the next look-up to see. A collection that holds rows while
+    Redis has no mark (Redis lost its data, or an older pinfresh filled it) stays
+    unmarked until ``store verify --repair`` has copied Milvus into the cache.
+    """
+    got = await cache.lookup([version], [])
+    if version in got.complete:
+        return True
+    if version not in got.registered or await milvus.count(version):
+        return False
+    await cache.mark_complete(version)
+    logger.info("version %s starts empty in both stores: its cache is complete", version)
+    return True
+
+
 @dataclass(frozen=True)
 class VersionInfo:
     """One registered model version."""
@@ -121,6 +142,7 @@ class VersionRegistry:
         await self.milvus.ensure_version(version, dim)
         await self.cache.ensure_version(version, dim, model,
                                         extra={"checkpoint": checkpoint or "", "seed": seed})
+        await mark_complete_if_empty(self.milvus, self.cache, version)
         if await self.cache.set_live_if_none(version):
             await self.milvus.set_live(version)
             await self.cache.set_version_state(version, "live")

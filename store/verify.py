@@ -7,7 +7,10 @@ entries (each record read again from Milvus at Strong consistency just
 before, written as a compare-and-set on the version seen in Redis:
 `RedisCache.replace`, so a worker's write landing meanwhile is kept), and
 removes cache entries Milvus does not have (read again at Strong consistency
-first, and removed only if they still hold the version seen). A pin a worker
+first, and removed only if they still hold the version seen). A repair then
+marks the version's cache complete (`RedisCache.mark_complete`): workers that
+read Milvus for every pin since Redis lost its data look pins up in Redis
+alone again. A pin a worker
 writes while the walk runs can show up as stale in the report; its repair
 then writes what Milvus holds now.
 """
@@ -37,6 +40,8 @@ class VerifyReport:
     vector_mismatch: list[str] = field(default_factory=list)
     extra_in_cache: list[str] = field(default_factory=list)
     repaired: int = 0
+    #: the repair marked the cache complete (workers look pins up in Redis alone again)
+    marked_complete: bool = False
 
     @property
     def ok(self) -> bool:
@@ -95,6 +100,11 @@ async def verify_cache(milvus: MilvusStore, cache: RedisCache, version: str,
         held = await cache.get_meta(version, extra)
         rep.repaired += len(await cache.drop_if(version, {
             p: m["pin_version"] for p, m in held.items() if "pin_version" in m}))
+    if repair:
+        # every row Milvus held when the walk began is in the cache now (or a newer
+        # write of its pin is), and every later write goes to Redis after Milvus
+        await cache.mark_complete(version)
+        rep.marked_complete = True
     logger.info("verify %s: %d in Milvus, %d cached, %d missing, %d stale, %d wrong vectors, "
                 "%d extra, %d repaired", version, rep.milvus_pins, rep.cache_pins,
                 len(rep.missing_in_cache), len(rep.stale_in_cache), len(rep.vector_mismatch),

@@ -9,9 +9,9 @@ A batch runs in named steps:
 1. **Parse**: every message is validated; a malformed one, or one whose Kafka
    key is not its pin id (``key_mismatch``), becomes a dead letter. Per pin
    only the newest event of the batch is kept.
-2. **Look up**: tombstones, then every written model version's state in
-   Milvus (read at Session consistency: this process's own upserts are seen;
-   see "Consistency" below) and in Redis.
+2. **Look up**: tombstones, writer claims and every written model version's
+   pin states in one Redis call; Milvus only for pins Redis may not know (see
+   "Consistency" below).
 3. **Plan**: `streams.plan.plan_batch`, pure: deletes to apply, images to
    fetch per version, cache entries to repair, skips.
 4. **Delete**, **fetch and hash**, **encode or reuse** (`streams.plan.split_reuse`).
@@ -55,13 +55,32 @@ last writes again, so both stores hold one writer's content. After
 `MAX_WRITE_ROUNDS` rounds a pin still contended is logged (``store verify
 --repair`` reconciles it).
 
-Consistency. The lookups read Milvus at Session consistency (about 2 ms on
-the 2.3 server against 200 ms for Strong, which waits for the next time
-tick): this process sees its own upserts. Other writers' recent writes may
-be missing from the read, and a 2.3 server gives no session timestamp for a
-delete; neither can make a wrong write, because every write is still checked
-by the claim and the conditional write in Redis. A lagging read can only
-cost a useless fetch or encode.
+Consistency. Redis holds the state (pin version, content hash) of every pin
+written to Milvus: each writer writes Redis right after Milvus, nothing in
+Redis expires but tombstones and claims, and Redis must run with
+``maxmemory-policy noeviction``. A version's registry hash carries a mark,
+``cache = complete``, set when the version starts empty in both stores
+(`store.registry.mark_complete_if_empty`) or by ``store verify --repair``;
+losing Redis's data loses the mark. The look-up of a batch therefore reads:
+
+* Redis, for every pin (one script call per pin, one command per batch);
+* Milvus at Eventually, only for pins that another writer has claimed (one
+  in flight, or one that died between its two writes and whose claim has not
+  expired): the redelivered event of a dead writer is then skipped and the
+  cache repaired instead of encoding again. Eventually waits for no time tick;
+* Milvus at Strong, every pin, for a version whose cache is not marked
+  complete or when Redis may evict: until a repair, an older event must not
+  overwrite what only Milvus still knows. Strong waits for the server's next
+  time tick (``docs/benchmarks.md`` has the measured cost of each level),
+  every batch.
+
+A read at Session right after this process's own upsert waits for the tick
+too, which is why the stream never uses it. The reuse of a stored vector reads
+Milvus at Eventually (only a row of the same content hash is reused; a row the
+read misses is encoded), repairs at Strong. None of these reads decides a
+write on its own: every write is still checked by the claim and the
+conditional write in Redis, so a lagging read can only cost a useless fetch
+or encode.
 """
 
 from __future__ import annotations
@@ -93,7 +112,8 @@ from encoder.errors import (
     Unavailable,
     UnknownVersion,
 )
-from store.base import EmbeddingRecord, PinState
+from store.base import CacheLookup, EmbeddingRecord, PinState
+from store.registry import mark_complete_if_empty
 from streams import metrics
 from streams.events import DeadLetter, PinEvent, guess_pin_id, parse_event
 from streams.fetch import FetchError
@@ -202,11 +222,12 @@ class VectorStore(Protocol):
     async def upsert(self, version: str, records: Sequence[EmbeddingRecord]) -> None: ...  # noqa: D102
     async def delete(self, version: str, pin_ids: Sequence[str]) -> None: ...  # noqa: D102
     async def get_many(  # noqa: D102
-        self, version: str, pin_ids: Sequence[str]
+        self, version: str, pin_ids: Sequence[str], *, consistency: Any = None,
     ) -> dict[str, EmbeddingRecord]: ...
     async def get_states(  # noqa: D102
-        self, version: str, pin_ids: Sequence[str]
+        self, version: str, pin_ids: Sequence[str], *, consistency: Any = None,
     ) -> dict[str, PinState]: ...
+    async def count(self, version: str) -> int: ...  # noqa: D102
 
 
 class WriteOutcome(Protocol):
@@ -224,10 +245,10 @@ class Cache(Protocol):
     async def ensure_version(self, version: str, dim: int, model: str = "") -> None: ...  # noqa: D102
     async def set_live_if_none(self, version: str) -> bool: ...  # noqa: D102
     async def versions(self) -> dict[str, dict[str, str]]: ...  # noqa: D102
-    async def get_tombstones(self, pin_ids: Sequence[str]) -> dict[str, int]: ...  # noqa: D102
-    async def get_states(  # noqa: D102
-        self, version: str, pin_ids: Sequence[str]
-    ) -> dict[str, PinState]: ...
+    async def lookup(  # noqa: D102
+        self, versions: Sequence[str], pin_ids: Sequence[str]
+    ) -> CacheLookup: ...
+    async def mark_complete(self, version: str) -> None: ...  # noqa: D102
     async def write(  # noqa: D102
         self, version: str, records: Sequence[EmbeddingRecord], *, mode: Any = "write",
         written_at: float | None = None,
@@ -363,6 +384,9 @@ class PinProcessor:
         self._report_lock = asyncio.Lock()
         self._reported: tuple[Any, ...] = ()  # the last report sent, and when
         self._reported_at = 0.0
+        #: whether Redis keeps every entry (maxmemory-policy noeviction; `start` checks)
+        self._trust_cache = True
+        self._shown_untrusted: set[str] = set()
 
     @property
     def version(self) -> str:
@@ -378,6 +402,8 @@ class PinProcessor:
         for ver, enc in write.items():
             await self._retry("milvus", partial(self.milvus.ensure_version, ver, enc.dim))
             await self._retry("redis", partial(self.cache.ensure_version, ver, enc.dim))
+            await self._retry("redis", partial(mark_complete_if_empty, self.milvus,
+                                               self.cache, ver))
         first = next(iter(write))
         if await self._retry("redis", partial(self.cache.set_live_if_none, first)):
             await self._retry("milvus", partial(self.milvus.set_live, first))
@@ -385,9 +411,11 @@ class PinProcessor:
         self._show_versions(write)
         policy = await self._retry("redis", self.cache.eviction_policy)
         if policy not in (None, "noeviction"):
+            self._trust_cache = False
             logger.error("Redis maxmemory-policy is %s: it may evict tombstones and writer "
                          "claims (keys with a TTL) and cached vectors, and then a deleted pin "
-                         "can come back and writers can race; set it to noeviction "
+                         "can come back and writers can race; every batch reads Milvus at "
+                         "Strong consistency meanwhile; set it to noeviction "
                          "(docs/operations.md)", policy)
 
     def versions_in_flight(self) -> set[str]:
@@ -532,17 +560,9 @@ class PinProcessor:
         report = batch.report
         primary = next(iter(write))
         ids = [e.pin_id for e in batch.events]
-        # Step 2. Look up: tombstones, then each version in both stores, all at once
+        # Step 2. Look up: Redis first, Milvus only where Redis may not know
         t = time.perf_counter()
-        tombs = await self._retry("redis", partial(self.cache.get_tombstones, ids))
-        found = await asyncio.gather(*(self._states(v, ids, v == primary) for v in write))
-        for ver, got in zip(list(write), found, strict=True):
-            if got is None:
-                write.pop(ver)
-        states = {v: s for v, s in zip(list(write), [f for f in found if f is not None],
-                                       strict=True)}
-        lookups = Lookups(tombs, {v: s[0] for v, s in states.items()},
-                          {v: s[1] for v, s in states.items()})
+        lookups = await self._look_up(ids, write, primary)
         report.add_time("lookup", t)
         # Step 3. Plan
         plan = plan_batch(batch.events, list(write), lookups)
@@ -570,19 +590,70 @@ class PinProcessor:
             report.freshness_s = [max(0.0, written_at - r.event_time) for r in fresh]
         await self._repair(plan, write, report)
 
-    async def _states(self, ver: str, ids: list[str], primary: bool
-                      ) -> tuple[dict[str, PinState], dict[str, PinState]] | None:
-        """Milvus and Redis states of one version; None if a non-primary version vanished."""
+    async def _look_up(self, ids: list[str], write: dict[str, Encoder], primary: str
+                       ) -> Lookups:
+        """Tombstones and every written version's pin states (see "Consistency" above).
+
+        One Redis call reads the tombstones, the claims and each version's
+        states. A version whose cache is complete (`CacheLookup.complete`)
+        reads Milvus only for pins that a writer has claimed (one may have died
+        between its Milvus and its Redis write), at Eventually: no time tick is
+        waited for. Any other version reads every pin from Milvus at Strong. A
+        version gone from the registry (retired) leaves ``write``; the primary
+        one never does.
+        """
+        versions = list(write)
+        got = await self._retry("redis", partial(self.cache.lookup, versions, ids))
+        for ver in versions:
+            if ver != primary and ver not in got.registered:
+                self._vanished(ver)
+                write.pop(ver)
+        trusted = {v for v in write if v in got.complete and self._trust_cache}
+        ask = {v: ([p for p in ids if p in got.claimed] if v in trusted else ids) for v in write}
+        found = await asyncio.gather(*(
+            self._milvus_states(v, ask[v], "Eventually" if v in trusted else "Strong",
+                                v == primary) for v in write))
+        milvus: dict[str, dict[str, PinState]] = {}
+        for ver, states in zip(list(write), found, strict=True):
+            if states is None:
+                write.pop(ver)
+            elif ver in trusted:  # what Redis holds, Milvus was written first
+                milvus[ver] = {**got.states[ver], **states}
+            else:
+                milvus[ver] = states
+        self._untrusted(set(write) - trusted)
+        return Lookups(got.tombs, milvus, {v: got.states[v] for v in write})
+
+    async def _milvus_states(self, ver: str, ids: list[str], consistency: str, primary: bool
+                             ) -> dict[str, PinState] | None:
+        """Milvus states of one version's pins; None if a non-primary version vanished."""
+        if not ids:
+            return {}
         try:
-            return await asyncio.gather(
-                self._retry("milvus", partial(self.milvus.get_states, ver, ids)),
-                self._retry("redis", partial(self.cache.get_states, ver, ids)))
+            return await self._retry("milvus", partial(self.milvus.get_states, ver, ids,
+                                                       consistency=consistency))
         except UnknownVersion:
             if primary:
                 raise
-            logger.warning("version %s vanished (retired?): no longer written", ver)
-            self.versions.forget(ver)
+            self._vanished(ver)
             return None
+
+    def _vanished(self, ver: str) -> None:
+        logger.warning("version %s vanished (retired?): no longer written", ver)
+        self.versions.forget(ver)
+
+    def _untrusted(self, versions: set[str]) -> None:
+        """Log, once per change, the versions whose look-ups read Milvus at Strong."""
+        if versions == self._shown_untrusted:
+            return
+        for ver in sorted(versions - self._shown_untrusted):
+            why = ("Redis's maxmemory-policy may evict entries" if not self._trust_cache
+                   else "Redis does not mark its cache complete (its data was lost, or "
+                        "an older pinfresh wrote it)")
+            logger.warning("version %s: every batch reads Milvus at Strong consistency, "
+                           "waiting for its time tick, because %s; `pinfresh store verify "
+                           "--repair` rebuilds the cache and marks it complete", ver, why)
+        self._shown_untrusted = set(versions)
 
     # ----------------------------------------------------------------- writes
     def _token(self) -> str:
@@ -764,7 +835,8 @@ class PinProcessor:
             ids = list(plan.work[ver].repair)
             if not ids:
                 continue
-            recs = await self._retry("milvus", partial(self.milvus.get_many, ver, ids))
+            recs = await self._retry("milvus", partial(self.milvus.get_many, ver, ids,
+                                                       consistency="Strong"))
             if recs:
                 res = await self._retry("redis", partial(self.cache.write, ver,
                                                          list(recs.values())))
@@ -849,8 +921,11 @@ class PinProcessor:
         encode, reuse = split_reuse(todo, {p: h for p, (_, h) in fetched.items()}, m_states)
         records: list[EmbeddingRecord] = []
         if reuse:
+            # any consistency will do: only a row of these very bytes is reused, and one
+            # that a lagging read misses is encoded instead
             old = await self._retry("milvus", partial(self.milvus.get_many, ver,
-                                                      [e.pin_id for e in reuse]))
+                                                      [e.pin_id for e in reuse],
+                                                      consistency="Eventually"))
             for ev in reuse:
                 # the row may have changed since the lookup (another writer): reuse only a
                 # vector of these very bytes

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from encoder.errors import UnknownVersion
 from store.base import EmbeddingRecord
 
 
@@ -137,3 +138,23 @@ async def check_cache_contract(cache: Any, ver: str = "m1") -> None:
     assert (await cache.write(ver, [rec("z", big - 1)])).written == frozenset()
     assert (await cache.claim("upsert", "z1", {"z": big - 1}, [ver])) == {"z": {ver: False}}
     await cache.release("z1", {"z": big - 1})
+
+    # the look-up: tombstones, claims, states per version, registration and completeness
+    assert (await cache.claim("upsert", "look", {"c1": 1}, [ver])) == {"c1": {ver: True}}
+    got = await cache.lookup([ver, "never"], ["a", "c1", "nobody", "z", "x"])
+    assert got.tombs == {"a": 7, "x": 2}
+    assert set(got.states["never"]) == set() and set(got.states[ver]) == {"a", "z"}
+    assert got.states[ver]["z"].pin_version == big and got.states[ver]["a"].pin_version == 8
+    assert got.states[ver]["a"].content_hash == "hash0"
+    assert "c1" in got.claimed and "nobody" not in got.claimed
+    assert got.registered == {ver} and got.complete == frozenset()
+    await cache.release("look", {"c1": 1})
+    await cache.mark_complete(ver)
+    got = await cache.lookup([ver], [])
+    assert got.complete == {ver} and got.tombs == {} and got.states == {ver: {}}
+    try:
+        await cache.mark_complete("never")
+        raise AssertionError("an unregistered version was marked")
+    except UnknownVersion:
+        pass
+    assert (await cache.lookup(["never"], [])).registered == frozenset()

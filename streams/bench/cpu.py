@@ -53,8 +53,8 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
         "RedisCache.write", "RedisCache.claim", "RedisCache.release", "RedisCache.in_flight",
         "RedisCache.commit_deletes", "RedisCache._meta_args", "RedisCache._to_bytes")),
     ("lookups (tombstones, Redis and Milvus states)", (
-        "RedisCache.get_states", "RedisCache.get_tombstones", "MilvusStore.get_states",
-        "MilvusStore._query", "MilvusClient.query", "PinProcessor._states")),
+        "RedisCache.lookup", "MilvusStore.get_states", "MilvusStore._query",
+        "MilvusClient.query", "PinProcessor._look_up", "PinProcessor._milvus_states")),
     ("parse and validate", ("parse_event", "PinEvent.", "guess_pin_id")),
     ("progress and metrics", ("RedisCache.report_writer", "RedisCache.record_batch_stats",
                               "RedisCache.report_progress", "PinProcessor._report",

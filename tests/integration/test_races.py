@@ -314,3 +314,53 @@ async def test_a_caption_at_the_limit_in_multibyte_text_is_written(real, fault_c
                    f"{rep.written} written, {len(dlq.letters)} dead letters, caption "
                    f"{len(stored['jp'].caption.encode())} bytes stored", ok=ok)
     assert ok
+
+
+class CountedQueries:
+    """Records the consistency level of every query the store's client sends."""
+
+    def __init__(self, milvus: MilvusStore) -> None:
+        self.levels: list[str] = []
+        client, orig = milvus._client, milvus._client.query
+
+        def query(name, **kw):
+            self.levels.append(kw.get("consistency_level"))
+            return orig(name, **kw)
+
+        client.query = query
+
+
+async def test_look_ups_of_known_pins_wait_for_no_time_tick(real):
+    """On the real server a read at Session or Strong right after this process's upsert
+    waits for the next time tick (300-380 ms here, docs/benchmarks.md). Pins Redis knows,
+    or that nobody has claimed, are looked up in Redis alone; a pin a dead writer left
+    claimed is read at Eventually; a cache that lost its completeness mark is read at
+    Strong until it is marked again."""
+    milvus, cache = real
+    p = proc(milvus, cache)
+    await p.start()
+    assert V in (await cache.lookup([V], [])).complete  # a new version starts complete
+    counted = CountedQueries(milvus)
+    await p.process([up("a", "/c/a.png", 1), up("b", "/c/b.png", 1)])
+    rep = await p.process([up("a", "/c/a.png", 1), up("b", "/c/v5.png", 2), delete("x", 3),
+                           up("n", "/c/v6.png", 1)])
+    assert rep.skipped == 1 and rep.written == 2 and rep.deleted == 1
+    assert counted.levels == []
+    # a writer died between its Milvus and its Redis write of n: its claim is left
+    await cache.delete(V, ["n"])
+    await cache.claim("upsert", "dead-writer", {"n": 1}, [V])
+    counted.levels.clear()
+    rep = await p.process([up("n", "/c/v6.png", 1)])
+    assert counted.levels[:1] == ["Eventually"] and "Session" not in counted.levels
+    assert rep.skipped == 1 and rep.repaired == 1 and rep.encoded == 0
+    # Redis lost the mark (its data): every pin is read at Strong until verify repairs it
+    await cache.client.hdel(cache.reg_key(f"version:{V}"), "cache")
+    counted.levels.clear()
+    await p.process([up("a", "/c/a.png", 1)])
+    assert counted.levels == ["Strong"]
+    from store.verify import verify_cache
+
+    assert (await verify_cache(milvus, cache, V, repair=True)).marked_complete
+    counted.levels.clear()
+    await p.process([up("a", "/c/a.png", 1)])
+    assert counted.levels == []

@@ -25,7 +25,7 @@ from encoder.errors import (
     StoreUnavailable,
     UnknownVersion,
 )
-from store.base import EmbeddingRecord, PinState
+from store.base import CacheLookup, EmbeddingRecord, PinState
 from streams.events import DeadLetter
 from streams.fetch import FetchError
 
@@ -83,6 +83,8 @@ class FakeMilvus(_Faults):
         self.before_upsert: Callable[[str, Sequence[EmbeddingRecord]], object] | None = None
         #: awaited with (version, pin ids) before a delete is applied
         self.before_delete: Callable[[str, Sequence[str]], Any] | None = None
+        #: every read: (method, version, pin ids, consistency asked for)
+        self.reads: list[tuple[str, str, tuple[str, ...], str | None]] = []
 
     def _coll(self, version: str) -> dict[str, EmbeddingRecord]:
         if version not in self.data:
@@ -115,15 +117,24 @@ class FakeMilvus(_Faults):
         for p in pin_ids:
             self.data.get(version, {}).pop(p, None)
 
-    async def get_many(self, version: str, pin_ids: Sequence[str], **_: object
-                       ) -> dict[str, EmbeddingRecord]:
+    async def get_many(self, version: str, pin_ids: Sequence[str], *,
+                       consistency: str | None = None) -> dict[str, EmbeddingRecord]:
+        self.reads.append(("get_many", version, tuple(pin_ids), consistency))
+        return self._get(version, pin_ids)
+
+    def _get(self, version: str, pin_ids: Sequence[str]) -> dict[str, EmbeddingRecord]:
         self._maybe_fail()
         d = self._coll(version)
         return {p: d[p] for p in pin_ids if p in d}
 
-    async def get_states(self, version: str, pin_ids: Sequence[str], **_: object
-                         ) -> dict[str, PinState]:
-        return {p: r.state() for p, r in (await self.get_many(version, pin_ids)).items()}
+    async def get_states(self, version: str, pin_ids: Sequence[str], *,
+                         consistency: str | None = None) -> dict[str, PinState]:
+        self.reads.append(("get_states", version, tuple(pin_ids), consistency))
+        return {p: r.state() for p, r in self._get(version, pin_ids).items()}
+
+    async def count(self, version: str) -> int:
+        self._maybe_fail()
+        return len(self._coll(version))
 
 
 @dataclass(frozen=True)
@@ -143,7 +154,7 @@ class FakeCache(_Faults):
         # pin -> token -> [version, claimed at, dirty]
         self.wip: dict[str, dict[str, list]] = {}
         self.live: str | None = None
-        self.info: dict[str, dict[str, str]] = {}  # registered versions
+        self.info: dict[str, dict[str, str]] = {}  # registered versions (and their marks)
         self.writer_reports: dict[str, dict[str, object]] = {}
         self.writer_ttl_s = writer_ttl_s
         self.clock = clock
@@ -172,6 +183,20 @@ class FakeCache(_Faults):
 
     async def registered(self, versions: Sequence[str]) -> set[str]:
         return {v for v in versions if v in self.info}
+
+    async def mark_complete(self, version: str) -> None:
+        self._maybe_fail()
+        if version not in self.info:
+            raise UnknownVersion(f"model version {version} is not registered")
+        self.info[version]["cache"] = "complete"
+
+    def lose_data(self) -> None:
+        """What a Redis restarted without its data holds: nothing."""
+        self.data.clear()
+        self.tombs.clear()
+        self.wip.clear()
+        self.info.clear()
+        self.live = None
 
     async def eviction_policy(self) -> str | None:
         return "noeviction"
@@ -295,6 +320,21 @@ class FakeCache(_Faults):
 
     async def get_states(self, version: str, pin_ids: Sequence[str]) -> dict[str, PinState]:
         return {p: r.state() for p, r in (await self.get_many(version, pin_ids)).items()}
+
+    async def lookup(self, versions: Sequence[str], pin_ids: Sequence[str]) -> CacheLookup:
+        self._maybe_fail()
+        now = self.clock()
+        return CacheLookup(
+            tombs={p: self.tombs[p] for p in pin_ids if p in self.tombs},
+            states={v: {p: r.state() for p, r in self.data.get(v, {}).items()
+                        if p in set(pin_ids)} for v in versions},
+            # like HLEN of the wip hash, which expires whole a ttl after its last claim
+            claimed=frozenset(p for p in pin_ids if any(
+                e[1] >= now - self.writer_ttl_s for e in self.wip.get(p, {}).values())),
+            registered=frozenset(v for v in versions if v in self.info),
+            complete=frozenset(v for v in versions
+                               if self.info.get(v, {}).get("cache") == "complete"),
+        )
 
     async def get_vectors(self, version: str, pin_ids: Sequence[str]
                           ) -> tuple[np.ndarray, np.ndarray]:

@@ -171,13 +171,69 @@ async def test_store_outage_is_retried_not_dropped(parts):
     assert "a" in milvus.data[enc.version] and "a" in cache.data[enc.version]
 
 
-async def test_cache_lost_record_is_repaired_from_milvus_without_encoding(parts):
+async def test_a_writer_that_died_between_the_stores_costs_no_encode(parts):
+    """A writer killed after its Milvus write leaves its claim in Redis: the next
+    look-up reads Milvus for that pin (at Eventually, no tick to wait for), skips the
+    redelivery and repairs the cache from Milvus."""
     proc, enc, milvus, cache, *_ = parts
     await proc.process([up("a", "/c/a.png", 1)])
-    del cache.data[enc.version]["a"]  # e.g. crash after the Milvus write
-    rep = await proc.process([up("a", "/c/a.png", 1)])
-    assert rep.repaired == 1 and len(enc.calls) == 1
+    del cache.data[enc.version]["a"]  # the crash: Milvus written, Redis not
+    await cache.claim("upsert", "dead-writer", {"a": 1}, [enc.version])
+    milvus.reads.clear()
+    rep = await proc.process([up("a", "/c/a.png", 1), up("b", "/c/b.png", 1)])
+    assert rep.repaired == 1 and rep.skipped == 1 and len(enc.calls) == 2
     assert "a" in cache.data[enc.version]
+    assert milvus.reads[0] == ("get_states", enc.version, ("a",), "Eventually")
+    assert all(c != "Session" and c is not None for *_, c in milvus.reads)
+
+
+async def test_pins_redis_knows_are_looked_up_in_redis_alone(parts):
+    """The look-up of a batch whose pins Redis knows (or that nobody claims) reads no
+    Milvus state: a read at Session or Strong right after this process's own upsert
+    would wait for the server's time tick (docs/benchmarks.md)."""
+    proc, enc, milvus, cache, fetcher, _ = parts
+    await proc.process([up("a", "/c/a.png", 1), up("b", "/c/b.png", 1)])
+    milvus.reads.clear()
+    rep = await proc.process([up("a", "/c/a.png", 1), up("b", "/c/b.png", 2),
+                              up("x", "/c/a2.png", 1),
+                              msg(PinEvent.delete("a", 3, event_time=100.0))])
+    assert rep.deleted == 1 and rep.written == 2
+    # the only read: the reuse of b's vector (same bytes, new pin version), hash-checked
+    assert [r[:3] for r in milvus.reads] == [("get_many", enc.version, ("b",))]
+    assert milvus.reads[0][3] == "Eventually"
+
+
+async def test_a_cache_that_lost_its_data_is_not_trusted_until_repaired(parts):
+    """Redis restarted empty: the cache's completeness mark is gone with its data, so
+    look-ups read every pin from Milvus at Strong (an older event must not overwrite
+    what only Milvus still knows) until `store verify --repair` marks it again."""
+    proc, enc, milvus, cache, *_ = parts
+    await proc.process([up("a", "/c/a.png", 5)])
+    cache.lose_data()
+    await proc.start()  # a restarted worker: Milvus holds rows, so no mark
+    milvus.reads.clear()
+    rep = await proc.process([up("a", "/c/a2.png", 3), up("b", "/c/b.png", 1)])
+    assert rep.skipped == 1 and rep.repaired == 1  # stale against Milvus; cache repaired
+    assert milvus.data[enc.version]["a"].pin_version == 5
+    assert cache.data[enc.version]["a"].pin_version == 5
+    assert ("get_states", enc.version, ("a", "b"), "Strong") in milvus.reads
+    await cache.mark_complete(enc.version)  # what verify --repair does at its end
+    milvus.reads.clear()
+    await proc.process([up("c", "/c/a2.png", 1)])
+    assert not [r for r in milvus.reads if r[0] == "get_states"]
+
+
+async def test_an_evicting_redis_is_never_trusted(parts):
+    proc, enc, milvus, cache, *_ = parts
+
+    async def lru() -> str:
+        return "allkeys-lru"
+
+    cache.eviction_policy = lru
+    await proc.start()
+    milvus.reads.clear()
+    await proc.process([up("a", "/c/a.png", 1)])
+    assert milvus.reads == [("get_states", enc.version, ("a",), "Strong")]
 
 
 # ------------------------------------------------------------ isolation
