@@ -37,7 +37,9 @@ Nothing waits for ever and no batch is too big: when requests wait on a
 connection and the encoder sends nothing on it for ``request_timeout_s`` (a
 hung GPU, or an encoder that stopped reading), the connection is dropped and
 every call waiting on it fails with `EncoderUnavailable` (the next call
-reconnects); an encoder that is slow but answers keeps its connection. A
+reconnects), including one still sending a request that the socket buffers
+cannot hold; an encoder that is slow but answers keeps its connection. The
+connect and the hello wait ``connect_timeout_s`` at most. A
 call's items go out as several requests of at most ``max_request_bytes`` each
 (one item over the cap goes alone), so a batch of large images is never
 refused for its size; when one of them fails the others are cancelled.
@@ -393,7 +395,9 @@ class RemoteEncoder:
         """Close ``link`` and fail every request waiting on it; the next call reconnects."""
         if self._link is link:
             self._link = None
-        link.writer.close()
+        # abort, not close: close waits to flush what is buffered, which an encoder that
+        # stopped reading never takes (nothing on a dropped link is wanted any more)
+        link.writer.transport.abort()
         pending, link.pending = link.pending, {}
         for fut in pending.values():
             if not fut.done():
@@ -481,7 +485,16 @@ class RemoteEncoder:
         link.pending[req_id] = fut
         try:
             link.writer.writelines(encode_request(req_id, send))
-            await link.writer.drain()  # back-pressure: the encoder is behind
+            # back-pressure: the encoder is behind. An encoder that stopped reading never
+            # lets a request larger than the socket buffers flush, so the drain is raced
+            # against the answer, which the watchdog fails when it drops the link
+            drain = asyncio.ensure_future(link.writer.drain())
+            try:
+                await asyncio.wait({drain, fut}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                drain.cancel()
+            if not fut.done() and not drain.cancelled() and drain.exception() is not None:
+                raise drain.exception()  # type: ignore[misc]
             self.requests_sent += 1
             self.images_sent += len(send)
             return await fut

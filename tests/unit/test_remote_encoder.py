@@ -193,6 +193,11 @@ async def test_a_hung_encoder_times_out_drops_and_the_next_call_reconnects(tmp_p
     outcomes = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), 120)
     assert all(isinstance(o, EncoderUnavailable) and "sent nothing for 0.5 s" in str(o)
                for o in outcomes), outcomes
+    # an item larger than the socket buffers: the send itself cannot finish, and the
+    # watchdog's drop ends it too
+    big = await asyncio.wait_for(asyncio.gather(
+        remote.encode_images_async([b"x" * (8 << 20)]), return_exceptions=True), 120)
+    assert isinstance(big[0], EncoderUnavailable) and "sent nothing" in str(big[0]), big
     assert remote.in_flight == 0 and remote._link is None  # dropped, nothing pending
     # a cancelled call leaves nothing pending either
     task = asyncio.create_task(remote.encode_images_async([b"c"]))
