@@ -488,13 +488,14 @@ class RemoteEncoder:
             # back-pressure: the encoder is behind. An encoder that stopped reading never
             # lets a request larger than the socket buffers flush, so the drain is raced
             # against the answer, which the watchdog fails when it drops the link
-            drain = asyncio.ensure_future(link.writer.drain())
+            drain: asyncio.Future[Any] = asyncio.ensure_future(link.writer.drain())
             try:
-                await asyncio.wait({drain, fut}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([drain, fut], return_when=asyncio.FIRST_COMPLETED)
             finally:
                 drain.cancel()
-            if not fut.done() and not drain.cancelled() and drain.exception() is not None:
-                raise drain.exception()  # type: ignore[misc]
+            failed = None if drain.cancelled() else drain.exception()
+            if failed is not None and not fut.done():
+                raise failed
             self.requests_sent += 1
             self.images_sent += len(send)
             return await fut
