@@ -10,7 +10,7 @@ same cluster slot.
 | ``{p}:live`` | string | the live model version id |
 | ``{p}:previous`` | string | the version live before the last promote (rollback target) |
 | ``{p}:versions`` | set | every known model version id |
-| ``{p}:version:v`` | hash | ``dim``, ``dtype`` (float16/float32), ``model``, ``created_at``, ``state`` |
+| ``{p}:version:v`` | hash | ``dim``, ``dtype`` (float16/float32), ``model``, ``checkpoint``, ``seed``, ``created_at``, ``state``, ``cache`` (``complete``: see `RedisCache.mark_complete`) |
 | ``p:v:vec:{PIN}`` | string | the vector: ``dim`` little-endian values of ``dtype``, L2-normalised |
 | ``p:v:meta:{PIN}`` | hash | ``pin_version``, ``content_hash``, ``event_time``, ``encode_time``, ``written_at``, ``image_location``, ``caption``, ``metadata`` (the event's metadata object as JSON) |
 | ``p:v:ids:{T}`` | set | pin ids of version ``v`` whose slot is ``T``'s (one set per slot, see below) |

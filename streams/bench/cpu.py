@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import collections
 import os
+import re
 import subprocess
 import time
 from collections.abc import Iterable
@@ -234,3 +235,49 @@ def py_spy(pid: int, out: Path, rate: int = 200) -> subprocess.Popen[bytes] | No
     return subprocess.Popen([exe, "record", "-p", str(pid), "-r", str(rate), "--gil",
                              "-f", "raw", "-o", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+_STAGE_LINE = re.compile(
+    r'^pinfresh_stage_seconds_(sum|count)\{stage="([^"]+)"\} ([0-9.eE+-]+)$', re.M)
+
+
+def stage_seconds(metrics_text: str) -> dict[str, tuple[float, float]]:
+    """``stage -> (seconds, batches)`` from a process's ``pinfresh_stage_seconds`` histogram.
+
+    The processor observes each batch's wall time per stage (waits included:
+    a look-up that waits for a store is look-up time); the difference of two
+    scrapes is what the batches between them spent.
+    """
+    out: dict[str, list[float]] = {}
+    for kind, stage, value in _STAGE_LINE.findall(metrics_text):
+        out.setdefault(stage, [0.0, 0.0])[0 if kind == "sum" else 1] = float(value)
+    return {k: (v[0], v[1]) for k, v in out.items()}
+
+
+def scrape_stages(ports: Iterable[int], host: str = "127.0.0.1"
+                  ) -> dict[str, tuple[float, float]]:
+    """`stage_seconds` summed over the processes serving metrics on ``ports``."""
+    import urllib.request
+
+    total: dict[str, list[float]] = {}
+    for port in ports:
+        try:
+            with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=5) as resp:
+                text = resp.read().decode()
+        except OSError:
+            continue  # not serving yet (or gone): its batches are not counted
+        for stage, (secs, n) in stage_seconds(text).items():
+            acc = total.setdefault(stage, [0.0, 0.0])
+            acc[0] += secs
+            acc[1] += n
+    return {k: (v[0], v[1]) for k, v in total.items()}
+
+
+def stage_wall_ms(before: dict[str, tuple[float, float]],
+                  after: dict[str, tuple[float, float]]) -> dict[str, float]:
+    """Mean wall milliseconds per batch of each stage between two `scrape_stages`."""
+    batches = after.get("total", (0.0, 0.0))[1] - before.get("total", (0.0, 0.0))[1]
+    if batches <= 0:
+        return {}
+    return {stage: round(1000 * (secs - before.get(stage, (0.0, 0.0))[0]) / batches, 2)
+            for stage, (secs, _) in sorted(after.items())}

@@ -1,7 +1,7 @@
 """``pinfresh bench pipeline --encoder null``: what feeders cost, with the encoder taken out.
 
 Everything but the encoder is real: a private embedded stack (Kafka protocol
-broker, Valkey, Milvus Lite), ``pinfresh worker`` processes consuming,
+broker, Valkey, the Milvus server), ``pinfresh worker`` processes consuming,
 validating, fetching, hashing, writing both stores and committing. The
 encoder is the null stub (a unit vector from the image bytes, no decode), so
 the rate measures the stream machinery a GPU host needs to feed its GPU.
@@ -47,7 +47,7 @@ from rich.console import Console
 
 from store.lifecycle import open_stores
 from store.redis import RedisCache
-from streams.bench.cpu import CpuSampler, py_spy, stage_shares
+from streams.bench.cpu import CpuSampler, py_spy, scrape_stages, stage_shares, stage_wall_ms
 from streams.bench.report import emit, machine
 from streams.producer import ensure_topics, publish_events
 from streams.runtime.catalog import (
@@ -57,7 +57,7 @@ from streams.runtime.catalog import (
     prepare_sample_catalog,
 )
 from streams.runtime.processes import stop_group
-from streams.runtime.stack import free_port
+from streams.runtime.stack import free_port, free_ports
 from streams.settings import Settings
 
 NULL_VERSION = "null_512"
@@ -220,6 +220,12 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
         cmd = [*py, "worker", "--devices", ",".join(["cpu"] * n)]
     else:
         cmd = [*py, "worker", "--devices", "cpu", "--feeders", str(n)]
+    # the stream processes serve metrics on base, base + 1, ...: their stage times are
+    # scraped at 10 % and 90 % of the backlog written
+    base_port = free_ports(n) if kind != "bare" else 0
+    ports = [base_port + i for i in range(n)] if base_port else []
+    s = s.model_copy(update={"worker": s.worker.model_copy(update={"metrics_port": base_port})})
+    scrapes: list[dict[str, tuple[float, float]]] = []
     try:
         # the backlog is published before the processes start; the rate is taken
         # between 10 % and 90 % of it done, so start-up, joins and the tail do not count
@@ -232,6 +238,8 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
 
         def on_poll(at: float, done: int) -> None:
             cpu.sample(at)
+            if ports and len(scrapes) < 2 and done >= (0.1, 0.9)[len(scrapes)] * pins:
+                scrapes.append(scrape_stages(ports))
             if profile is not None and not spy and done >= 0.1 * pins and cpu.pids:
                 spy.append(py_spy(cpu.pids[0], profile))
             elif spy and spy[0] is not None and spy[0].poll() is None and done >= 0.9 * pins:
@@ -262,6 +270,9 @@ async def _round(s: Settings, kind: str, n: int, items: list[CatalogItem], pins:
             "batch_size": s.worker.batch_size,
             "seconds_10_to_90_pct": round(t1 - t0, 2), "pins_per_s": round(rate, 1),
             "cpu_ms_per_pin": round(cpu_ms, 4),
+            # cores the stream processes kept busy: 1.0 = one core all the time
+            "busy_cores": round(cpu_ms * rate / 1000, 3),
+            "stage_wall_ms_per_batch": stage_wall_ms(*scrapes) if len(scrapes) == 2 else None,
             "cpu_ms_per_pin_by_thread": {g: round(1000 * v / (0.8 * len(backlog)), 4)
                                          for g, v in sorted(threads.items())}}
 
@@ -392,6 +403,14 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
             }
         return out
 
+    def stages(kind: str, n: int, source: str) -> dict[str, float] | None:
+        runs = [r["stage_wall_ms_per_batch"] for r in rounds if r["kind"] == kind
+                and r["processes"] == n and r["source"] == source
+                and r.get("stage_wall_ms_per_batch")]
+        names = sorted({st for run in runs for st in run})
+        return {st: round(statistics.median(run.get(st, 0.0) for run in runs), 2)
+                for st in names} if runs else None
+
     src0 = sources[0]
     bare = rate("bare", 1, src0)
     one = rate("feeders", 1, src0)
@@ -404,6 +423,17 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
         "one_feeder_vs_bare_consumer": round(one / bare, 3) if one and bare else None,
         "feeder_cpu_ms_per_pin": cpu("feeders"),
         "feeder_cpu_target_ms_per_pin": 0.35,
+        # CPU per pin x pins/s: the share of a core the stream processes kept busy
+        "busy_cores": {src: {f"{kind}x{n}": rate(kind, n, src, "busy_cores")
+                             for kind, n in [("bare", 1), ("in-process", 1)]
+                             + [("feeders", n) for n in feeders]} for src in sources},
+        # mean wall ms per batch of each stage, waits included (the processor's
+        # pinfresh_stage_seconds between 10 % and 90 % of the backlog); several feeders:
+        # every feeder's batches together
+        "stage_wall_ms_per_batch": {src: {f"{kind}x{n}": stages(kind, n, src)
+                                          for kind, n in [("in-process", 1)]
+                                          + [("feeders", n) for n in feeders]}
+                                    for src in sources},
         "bare_consumer_cpu_ms_per_event": {src: rate("bare", 1, src, "cpu_ms_per_pin")
                                            for src in sources},
         "in_process_cpu_ms_per_pin": {src: rate("in-process", 1, src, "cpu_ms_per_pin")
@@ -434,7 +464,7 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
         "images": "Tux Paint stamps (PNG), local files or a local HTTP/1.1 keep-alive server "
                   "(one asyncio event loop) in a separate process",
         "note": "every configuration runs `runs_per_configuration` times, interleaved; "
-                "everything (broker, Valkey, Milvus Lite, HTTP server, processes under test, "
+                "everything (broker, Valkey, the Milvus server, HTTP server, processes under test, "
                 "this driver) shares this machine's cores",
         "machine": machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -452,6 +482,13 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
             rows.append((f"{source}: {label}, pins/s (median; runs)",
                          f"{rate(kind, n, source)} ({', '.join(f'{x:.0f}' for x in runs)})"))
     rows.append(("1 feeder / bare consumer", report["one_feeder_vs_bare_consumer"]))
+    for source in sources:
+        for label, busy in report["busy_cores"][source].items():
+            rows.append((f"{source}: {label} busy cores (CPU per pin x pins/s)", busy))
+        for label, st in report["stage_wall_ms_per_batch"][source].items():
+            if st:
+                rows.append((f"{source}: {label} wall ms per batch by stage",
+                             " ".join(f"{k}={v}" for k, v in st.items())))
     blocks = [("feeder", report["feeder_cpu_ms_per_pin"]),
               ("baseline feeder", (report["baseline"] or {}).get("feeder_cpu_ms_per_pin", {}))]
     for b in cpu_batches:

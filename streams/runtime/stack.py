@@ -123,6 +123,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(s.getsockname()[1])
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> int:
+    """The first of ``n`` consecutive ports that were all free a moment ago on ``host``."""
+    for _ in range(100):
+        base = free_port(host)
+        if base + n > 65535:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + n):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind((host, port))
+            except OSError:
+                continue
+        return base
+    raise OSError(f"no {n} consecutive free ports on {host}")
+
+
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket() as s:
         s.settimeout(0.2)
