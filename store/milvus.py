@@ -164,8 +164,10 @@ class MilvusStore:
           check of the data it was given: `StoreRejected`, the request's
           content is at fault and retrying cannot help;
         * collection not found: `UnknownVersion`;
-        * any other code: `StateError` (a bug or an operator's problem;
-          the stream isolates the event that caused it).
+        * a gRPC status in place of a code (pymilvus's retry loop ran out of
+          time on one): `StoreUnavailable`;
+        * any other code, or none: `StateError` (a bug or an operator's
+          problem; the stream isolates the event that caused it).
         """
         # A deadline over the whole call: pymilvus retries inside one call (a frozen
         # server held a query for 69 s at a 10 s timeout) unless the call gets a
@@ -194,8 +196,17 @@ class MilvusStore:
                 # pymilvus's own checks (schema not ready, version incompatible, ...): their
                 # code is pymilvus's default (1), not the server's
                 raise StateError(f"Milvus {fn.__name__} failed: {exc}") from exc
-            code = int(getattr(exc, "code", -1) or -1)
-            text = f"Milvus {fn.__name__} failed (code {code}): {exc.message}"
+            raw = getattr(exc, "code", None)
+            if isinstance(raw, grpc.StatusCode):
+                # pymilvus's retry loop gave up on a gRPC status that lasted until the
+                # deadline (UNAVAILABLE, INTERNAL, UNKNOWN, CANCELLED, ...): the server
+                # did not serve for that long, an outage (the statuses that blame the
+                # request are raised at once, as a grpc.RpcError, and never get here)
+                self._forget_loaded()
+                raise StoreUnavailable(f"Milvus {fn.__name__} failed (gRPC {raw.name} until "
+                                       f"the deadline): {exc.message}", retry_after=1.0) from exc
+            code = raw if isinstance(raw, int) and not isinstance(raw, bool) else -1
+            text = f"Milvus {fn.__name__} failed (code {raw!r}): {exc.message}"
             if code in OUTAGE_CODES:
                 self._forget_loaded()
                 raise StoreUnavailable(text, retry_after=1.0) from exc
