@@ -24,8 +24,9 @@ class RedisSettings(BaseModel):
     )
     writer_ttl_s: float = Field(
         60.0, gt=0, description="a writer's claim on a pin (see docs/integration.md, "
-        "concurrent writers) counts as abandoned this long after its last renewal; keep it "
-        "well above PINFRESH_MILVUS__TIMEOUT_S, the longest a Milvus write can take",
+        "concurrent writers) counts as abandoned this long after its last renewal; a "
+        "writer renews it every quarter of this while its Milvus write runs, and keeps "
+        "its release's answer this long",
     )
 
 #: Search parameters an index refuses below the topk: HNSW's ``ef``, DiskANN's

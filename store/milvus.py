@@ -267,6 +267,7 @@ class MilvusStore:
         if name not in self._loaded:
             await self._call(self._client.load_collection, name)
             desc = await self._call(self._client.describe_collection, name)
+            self._schemas[name] = desc  # what a column upsert sends with its rows
             if not any(f["name"] == "metadata" for f in desc["fields"]):
                 # created before events' metadata was stored: keep working without it
                 logger.warning("collection %s has no metadata field: pin metadata is not "
@@ -282,6 +283,21 @@ class MilvusStore:
 
     def _fields(self, name: str, fields: list[str]) -> list[str]:
         return [f for f in fields if not (f == "metadata" and name in self._no_metadata)]
+
+    async def ensure_loaded(self, version: str) -> bool:
+        """Load a version's collection if it is not loaded; False if it does not exist.
+
+        Writers call it before they claim pins: a load after an outage can take
+        minutes (``deadline_s`` x 5), which is no time to hold other writers of
+        those pins waiting.
+        """
+        name = self.collection(version)
+        if name in self._loaded:
+            return True
+        if not await self.has_version(version):
+            return False
+        await self._load(name)
+        return True
 
     async def has_version(self, version: str) -> bool:
         """Whether the version's collection exists."""

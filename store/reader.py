@@ -158,12 +158,15 @@ class EmbeddingReader:
         hits = int(found.sum())
         missing = [p for p, f in zip(ids, found, strict=True) if not f]
         if missing:
-            recs = await self.milvus.get_many(ver, missing, consistency="Bounded")
+            recs = await self.milvus.get_many(ver, list(dict.fromkeys(missing)),
+                                              consistency="Bounded")
             if recs:
-                index = {p: i for i, p in enumerate(ids)}
-                for pid, rec in recs.items():
-                    vectors[index[pid]] = rec.vector
-                    found[index[pid]] = True
+                # every position of a pin asked for more than once gets its vector
+                for i, pid in enumerate(ids):
+                    rec = recs.get(pid)
+                    if rec is not None and not found[i]:
+                        vectors[i] = rec.vector
+                        found[i] = True
                 self._schedule(ver, list(recs))
         return ReadResult(ver, ids, vectors, found, hits)
 

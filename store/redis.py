@@ -94,7 +94,9 @@ CLUSTER_SCHEMES = ("redis+cluster://", "rediss+cluster://")
 # as decimal strings and compared as such (exact up to 2**62; Lua's numbers are
 # doubles). A writer's entry in the pin's in-flight hash is "<pin version>:<ms>:<f>":
 # the server time of its last claim, and f = 1 once another writer's release (or an
-# expired claim) marked it as possibly overwritten in Milvus.
+# expired claim) marked it as possibly overwritten in Milvus. A release replaces it with
+# "R<n>:<ms>", its answer, kept for the writer ttl: a release run again because its reply
+# was lost (a reset connection, a timeout after the server ran it) answers the same.
 _LIB = """
 local function cmp(a, b)
   if a == nil then return b == nil and 0 or -1 end
@@ -125,12 +127,19 @@ local function flag_from(key, v, except)
     end
   end
 end
+local function released(e)
+  local n, at = string.match(e, '^R(%d+):(%d+)$')
+  if n == nil then return nil end
+  return tonumber(n), tonumber(at)
+end
 local function older(key, v, ttl)
   local now, n = now_ms(), 0
   local e = redis.call('HGETALL', key)
   for i = 1, #e, 2 do
     local pv, at = parse(e[i + 1])
-    if pv == nil then redis.call('HDEL', key, e[i])
+    if pv == nil then
+      local _, rat = released(e[i + 1])
+      if rat == nil or rat < now - ttl then redis.call('HDEL', key, e[i]) end
     elseif at < now - ttl then
       redis.call('HDEL', key, e[i])
       flag_from(key, pv, e[i])
@@ -140,6 +149,10 @@ local function older(key, v, ttl)
 end
 local function release(wip, tomb, token, v, ttl)
   local mine = redis.call('HGET', wip, token)
+  if mine then
+    local was = released(mine)
+    if was ~= nil then return was end
+  end
   local dirty = false
   if mine then
     local _, _, d = parse(mine)
@@ -147,8 +160,18 @@ local function release(wip, tomb, token, v, ttl)
     redis.call('HDEL', wip, token)
     flag_from(wip, v, token)
   end
-  if cmp(get(tomb), v) > 0 then return 0 end
-  return older(wip, v, ttl) + (dirty and 1 or 0)
+  local n = 0
+  if cmp(get(tomb), v) <= 0 then n = older(wip, v, ttl) + (dirty and 1 or 0) end
+  redis.call('HSET', wip, token, 'R' .. n .. ':' .. now_ms())
+  redis.call('PEXPIRE', wip, ttl)
+  return n
+end
+local function claims(key)
+  local n = 0
+  for _, e in ipairs(redis.call('HVALS', key)) do
+    if parse(e) ~= nil then n = n + 1 end
+  end
+  return n
 end
 """
 # KEYS: tomb, wip, meta of each version. ARGV: op (u|d), token, pin version, tomb ttl s,
@@ -234,6 +257,17 @@ end
 if ARGV[1] == '' then return 0 end
 return release(KEYS[2], KEYS[1], ARGV[1], v, tonumber(ARGV[4]))
 """
+# KEYS: wip. ARGV: token, wip ttl ms. Renews a claim that is still held (its version and
+# flag kept, its time now); returns 1 if it was held.
+_RENEW = _LIB + """
+local e = redis.call('HGET', KEYS[1], ARGV[1])
+if e == false then return 0 end
+local pv, _, d = parse(e)
+if pv == nil then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], pv .. ':' .. now_ms() .. ':' .. (d and '1' or '0'))
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
 # KEYS: wip. ARGV: pin version, wip ttl ms. Other writers of this or an older version
 # still in flight (expired claims are dropped, and flag the writers above them).
 _IN_FLIGHT = _LIB + """
@@ -289,10 +323,10 @@ _STATES = _LIB + """
 return redis.call('HMGET', KEYS[1], 'pin_version', 'content_hash')
 """
 # KEYS: tomb, wip, then the meta of each version. What a batch's look-up needs of one pin:
-# {tombstone, writers in flight (HLEN of wip), then pin version and content hash of each
-# version} (nil where absent).
+# {tombstone, writers in flight (their claims in wip), then pin version and content hash
+# of each version} (nil where absent).
 _LOOKUP = _LIB + """
-local out = {get(KEYS[1]) or false, redis.call('HLEN', KEYS[2])}
+local out = {get(KEYS[1]) or false, claims(KEYS[2])}
 for i = 3, #KEYS do
   local m = redis.call('HMGET', KEYS[i], 'pin_version', 'content_hash')
   out[#out + 1] = m[1]
@@ -817,7 +851,9 @@ class RedisCache:
         Called once the writer's Milvus and Redis writes of every version are
         done. An older writer still in flight may yet land its Milvus write
         after this one: the caller waits for it (`in_flight`) and applies
-        these pins again.
+        these pins again. Idempotent for the writer ttl: run again (redis-py
+        or the caller retrying after a lost reply), it answers what the first
+        run did.
         """
         if not pins:
             return set()
@@ -869,6 +905,7 @@ class RedisCache:
 
         Ends the claims of ``token``; returns the pins that still have an
         older writer in flight (the caller deletes them again after it).
+        Idempotent like `release`.
         """
         if not pins:
             return set()
@@ -883,6 +920,21 @@ class RedisCache:
             calls.append((len(keys), *keys, token, str(int(ver)), pid, ttl))
         replies = await self._eval_many(_DELETE, calls, atomic=True)
         return {pid for pid, n in zip(pins, replies, strict=True) if int(n)}
+
+    async def renew(self, token: str, pins: Sequence[str]) -> set[str]:
+        """Renew ``token``'s claims on ``pins`` (their time becomes now); the pins still held.
+
+        A writer renews its claims while a Milvus write runs, so that a slow
+        write (a load after an outage, a slow server) never outlives its claim:
+        a claim that expired would let a newer writer finish first, and the
+        older write would then land on top of it.
+        """
+        if not pins:
+            return set()
+        ttl = str(int(self.settings.writer_ttl_s * 1000))
+        replies = await self._eval_many(_RENEW, [(1, self.wip_key(p), token, ttl)
+                                                 for p in pins])
+        return {p for p, n in zip(pins, replies, strict=True) if int(n)}
 
     async def in_flight(self, pins: Mapping[str, int]) -> set[str]:
         """The pins that have a writer of an older version in flight (not yet expired)."""

@@ -95,7 +95,7 @@ import os
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any, Protocol, TypeVar
@@ -228,6 +228,7 @@ class VectorStore(Protocol):
         self, version: str, pin_ids: Sequence[str], *, consistency: Any = None,
     ) -> dict[str, PinState]: ...
     async def count(self, version: str) -> int: ...  # noqa: D102
+    async def ensure_loaded(self, version: str) -> bool: ...  # noqa: D102
 
 
 class WriteOutcome(Protocol):
@@ -257,6 +258,7 @@ class Cache(Protocol):
         self, op: Any, token: str, pins: Mapping[str, int], versions: Sequence[str]
     ) -> dict[str, dict[str, bool]]: ...
     async def release(self, token: str, pins: Mapping[str, int]) -> set[str]: ...  # noqa: D102
+    async def renew(self, token: str, pins: Sequence[str]) -> set[str]: ...  # noqa: D102
     async def commit_deletes(  # noqa: D102
         self, token: str, pins: Mapping[str, int], versions: Sequence[str]
     ) -> set[str]: ...
@@ -698,12 +700,14 @@ class PinProcessor:
             for ver in versions:
                 async def milvus_write(ver: str = ver) -> None:
                     nonlocal claimed
+                    await self.milvus.ensure_loaded(ver)  # a load holds no claim
                     # renews the claim and drops what turned stale meanwhile
                     allowed = await self.cache.claim("upsert", token, pins, versions)
                     claimed = True
                     recs = [r for r in records[ver] if allowed[r.pin_id][ver]
                             and not batch.has_failed(self._event(batch, r.pin_id))]
-                    sent[ver] = await self._upsert_rows(ver, recs, batch)
+                    async with self._holding(token, pins):
+                        sent[ver] = await self._upsert_rows(ver, recs, batch)
 
                 t = time.perf_counter()
                 try:
@@ -781,6 +785,30 @@ class PinProcessor:
             return (await self._upsert_rows(ver, recs[:mid], batch)
                     + await self._upsert_rows(ver, recs[mid:], batch))
 
+    @contextlib.asynccontextmanager
+    async def _holding(self, token: str, pins: Mapping[str, int]) -> AsyncIterator[None]:
+        """Renew ``token``'s claims every quarter of the writer ttl while a Milvus call runs.
+
+        A claim that expired while its write was still on its way (a load, a slow
+        server) would let a newer writer of the pin stop waiting and finish
+        first; the older write would then land on top of it. A renewal that
+        fails (Redis out) is tried again at the next tick.
+        """
+        async def renew() -> None:
+            while True:
+                await asyncio.sleep(self.writer_ttl_s / 4)
+                try:
+                    await self.cache.renew(token, list(pins))
+                except Unavailable as exc:
+                    logger.warning("could not renew the claims of a Milvus write in flight "
+                                   "(trying again in %.0fs): %s", self.writer_ttl_s / 4, exc)
+
+        task = asyncio.create_task(renew())
+        try:
+            yield
+        finally:
+            task.cancel()
+
     async def _wait_for_older(self, pins: dict[str, int]) -> None:
         """Wait until no other writer of these pins at this or an older version is in flight.
 
@@ -800,6 +828,8 @@ class PinProcessor:
         known = await self._retry("redis", self.cache.versions)
         versions = list(write) + sorted(set(known) - set(write))
         todo = {e.pin_id: e.version for e in plan.deletes}
+        for ver in versions:  # loads hold no claim
+            await self._retry("milvus", partial(self.milvus.ensure_loaded, ver))
         for _ in range(MAX_WRITE_ROUNDS):
             token = self._token()
             allowed = await self._retry("redis", partial(self.cache.claim, "delete", token,
@@ -812,7 +842,8 @@ class PinProcessor:
                         p in lookups.milvus.get(ver, {})
                         and lookups.milvus[ver][p].pin_version > todo[p])]
                     if ids:
-                        await self._retry("milvus", partial(self.milvus.delete, ver, ids))
+                        async with self._holding(token, todo):
+                            await self._retry("milvus", partial(self.milvus.delete, ver, ids))
             except asyncio.CancelledError:
                 raise
             except BaseException:

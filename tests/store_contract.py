@@ -91,6 +91,8 @@ async def check_cache_contract(cache: Any, ver: str = "m1") -> None:
     assert await cache.release("o5", {"o": 5}) == set()
     assert (await cache.write(ver, [rec("o", 6)])).written == {"o"}
     assert await cache.release("o6", {"o": 6}) == {"o"}
+    # a release run again (its reply was lost and the client retried) answers the same
+    assert await cache.release("o6", {"o": 6}) == {"o"}
     assert await cache.in_flight({"o": 6}) == set()
     # a renewed claim keeps that flag
     assert (await cache.claim("upsert", "n5", {"n": 5}, [ver])) == {"n": {ver: True}}
@@ -113,6 +115,7 @@ async def check_cache_contract(cache: Any, ver: str = "m1") -> None:
     assert (await cache.write(ver, [rec("x", 1)])).written == frozenset()  # tombstone
     assert await cache.release("x1", {"x": 1}) == set()
     assert await cache.commit_deletes("x2", {"x": 2}, [ver]) == {"x"}
+    assert await cache.commit_deletes("x2", {"x": 2}, [ver]) == {"x"}  # retried: the same
     # two writers of the same version: the one that releases last writes again, so both
     # stores end with one writer's content
     assert (await cache.claim("upsert", "e-a", {"e": 4}, [ver])) == {"e": {ver: True}}
@@ -131,6 +134,15 @@ async def check_cache_contract(cache: Any, ver: str = "m1") -> None:
     assert await cache.in_flight({"q": 1}) == set()
     # the expired writer may have landed its write after the live one's: flagged
     assert await cache.release("live", {"q": 2}) == {"q"}
+    # a claim renewed while its write runs outlives the ttl; a released one is not renewed
+    assert (await cache.claim("upsert", "slow", {"s": 1}, [ver])) == {"s": {ver: True}}
+    until = time.monotonic() + 1.0
+    while time.monotonic() < until:
+        assert await cache.renew("slow", ["s", "nobody"]) == {"s"}
+        await asyncio.sleep(0.05)
+    assert await cache.in_flight({"s": 2}) == {"s"}
+    assert await cache.release("slow", {"s": 1}) == set()
+    assert await cache.renew("slow", ["s"]) == set()
 
     # versions compare exactly up to 2**62 (Lua numbers are doubles)
     big = 2 ** 62
@@ -141,9 +153,10 @@ async def check_cache_contract(cache: Any, ver: str = "m1") -> None:
 
     # the look-up: tombstones, claims, states per version, registration and completeness
     assert (await cache.claim("upsert", "look", {"c1": 1}, [ver])) == {"c1": {ver: True}}
-    got = await cache.lookup([ver, "never"], ["a", "c1", "nobody", "z", "x"])
+    got = await cache.lookup([ver, "never"], ["a", "c1", "nobody", "z", "x", "o"])
     assert got.tombs == {"a": 7, "x": 2}
-    assert set(got.states["never"]) == set() and set(got.states[ver]) == {"a", "z"}
+    assert set(got.states["never"]) == set() and set(got.states[ver]) == {"a", "z", "o"}
+    assert "o" not in got.claimed  # released writers (their answers kept) claim nothing
     assert got.states[ver]["z"].pin_version == big and got.states[ver]["a"].pin_version == 8
     assert got.states[ver]["a"].content_hash == "hash0"
     assert "c1" in got.claimed and "nobody" not in got.claimed

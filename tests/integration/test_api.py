@@ -95,6 +95,18 @@ async def test_batch_get_json_and_base64_with_missing_ids(api):
     assert np.allclose(arr[3], truth["vb"]["cat-9"], atol=2e-3) and not arr[1].any()
 
 
+async def test_a_pin_asked_for_twice_is_found_at_both_places(api):
+    """One response, one answer per pin: dog-7 is only in Milvus, and each of its two
+    places gets its vector (the Milvus answer was mapped back to the last one only)."""
+    http, truth, _ = api
+    ids = ["dog-7", "cat-1", "dog-7", "nope", "nope"]
+    body = (await http.post("/v1/embeddings:batchGet", json={"pin_ids": ids})).json()
+    assert body["found"] == [True, True, True, False, False]
+    assert body["missing"] == ["nope", "nope"]
+    for i in (0, 2):
+        assert np.allclose(body["vectors"][i], truth["va"]["dog-7"], atol=1e-6)
+
+
 @pytest.mark.parametrize("encoding", ["binary", "base64"])
 async def test_client_returns_array_mask_and_version(api, encoding):
     http, truth, app = api

@@ -370,3 +370,152 @@ async def test_look_ups_of_known_pins_wait_for_no_time_tick(real):
     counted.levels.clear()
     await p.process([up("a", "/c/a.png", 1)])
     assert counted.levels == []
+
+
+class DroppingProxy:
+    """A TCP proxy to Valkey that can lose one reply: once armed, the next bytes the
+    server sends are dropped and the client's connection is closed, after the server
+    ran the command (what a reset connection or a timeout looks like to a client)."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.armed = False
+        self.dropped = 0
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, creader, cwriter) -> None:
+        sreader, swriter = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(reader, writer, replies: bool) -> None:
+            try:
+                while data := await reader.read(1 << 16):
+                    if replies and self.armed:
+                        self.armed = False
+                        self.dropped += 1
+                        cwriter.transport.abort()
+                        swriter.close()
+                        return
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(pipe(creader, swriter, False), pipe(sreader, cwriter, True))
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+
+
+class GatedRelease:
+    """A RedisCache whose releases wait for ``gate``; the proxy loses the first one's reply."""
+
+    def __init__(self, cache: RedisCache, proxy: DroppingProxy) -> None:
+        self.cache, self.proxy = cache, proxy
+        self.gate, self.reached = asyncio.Event(), asyncio.Event()
+        self.lose_one = True
+
+    def __getattr__(self, name: str):
+        return getattr(self.cache, name)
+
+    async def release(self, token, pins):
+        self.reached.set()
+        await self.gate.wait()
+        if self.lose_one:
+            self.lose_one = False
+            self.proxy.armed = True
+        return await self.cache.release(token, pins)
+
+
+@pytest.mark.faults
+async def test_a_lost_release_reply_keeps_the_write_again_signal(real, stack, fault_case):
+    """v6 writes both stores; then v5's Milvus write lands on top and v5 releases first,
+    marking v6 as possibly overwritten. v6's release reply is lost and the release runs
+    again: it must still answer "write again", or Milvus stays at v5."""
+    milvus, cache = real
+    await proc(milvus, cache).start()
+    proxy = DroppingProxy(int(stack.redis_url.rsplit(":", 1)[1].split("/")[0]))
+    port = await proxy.start()
+    via = RedisCache(RedisSettings(url=f"redis://127.0.0.1:{port}/0",
+                                   key_prefix=cache.settings.key_prefix, writer_ttl_s=20))
+    b_cache = GatedRelease(via, proxy)
+    try:
+        slow = Paused(milvus, 5)
+        t5 = asyncio.create_task(proc(slow, cache).process([up("a", "/c/v5.png", 5)]))
+        await asyncio.wait_for(slow.reached.wait(), 60)
+        t6 = asyncio.create_task(proc(milvus, b_cache).process([up("a", "/c/v6.png", 6)]))
+        await asyncio.wait_for(b_cache.reached.wait(), 60)  # v6 wrote both stores
+        slow.gate.set()  # v5 lands in Milvus on top of v6, its Redis write is refused
+        await asyncio.wait_for(t5, 60)
+        b_cache.gate.set()  # v6 releases; the reply is lost, the release runs again
+        rep6 = await asyncio.wait_for(t6, 120)
+        end = await _state(milvus, cache, "a")
+    finally:
+        await via.close()
+        await proxy.close()
+    fault_case.add("release reply lost (v5 landed in Milvus after v6 and released first)",
+                   "v6 writes again; both stores end at v6",
+                   f"reply dropped {proxy.dropped}x; Milvus v{end[0]}, Redis v{end[1]}; v6 "
+                   f"wrote again {rep6.rewritten} time(s)", ok=end == (6, 6))
+    assert proxy.dropped == 1
+    assert end == (6, 6) and rep6.rewritten == 1
+
+
+class Slow:
+    """A MilvusStore whose writes of pin version ``pin_version`` take ``delay_s`` longer
+    (a load after an outage, a slow server)."""
+
+    def __init__(self, store: MilvusStore, pin_version: int, delay_s: float) -> None:
+        self.store, self.pin_version, self.delay_s = store, pin_version, delay_s
+        self.reached = asyncio.Event()
+
+    def __getattr__(self, name: str):
+        return getattr(self.store, name)
+
+    async def upsert(self, version, records):
+        if any(r.pin_version == self.pin_version for r in records):
+            self.reached.set()
+            await asyncio.sleep(self.delay_s)
+        await self.store.upsert(version, records)
+
+
+@pytest.mark.faults
+@pytest.mark.parametrize("newer", ["upsert", "delete"])
+async def test_a_write_slower_than_the_claim_ttl_never_lands_on_a_newer_one(
+        real, newer, fault_case):
+    """The writer ttl scaled to 2 s, v3's Milvus write takes 3 s: its claim must outlive
+    it, or the newer writer (an upsert or a delete at v5) stops waiting, finishes, and
+    v3 lands on top of it in Milvus."""
+    milvus, cache = real
+    short = RedisCache(RedisSettings(url=cache.settings.url,
+                                     key_prefix=cache.settings.key_prefix, writer_ttl_s=2))
+
+    def p(store) -> PinProcessor:
+        return PinProcessor(encoder=FakeEncoder(), milvus=store, cache=short,
+                            fetcher=FakeFetcher(FILES), dlq=FakeDLQ(),
+                            settings=WorkerSettings(retry_backoff_s=0.05,
+                                                    retry_backoff_max_s=0.5),
+                            writer_ttl_s=2)
+
+    try:
+        await p(milvus).start()
+        slow = Slow(milvus, 3, delay_s=3.0)
+        t3 = asyncio.create_task(p(slow).process([up("a", "/c/v5.png", 3)]))
+        await asyncio.wait_for(slow.reached.wait(), 60)
+        event = up("a", "/c/v6.png", 5) if newer == "upsert" else delete("a", 5)
+        await asyncio.wait_for(asyncio.gather(p(milvus).process([event]), t3), 120)
+        end = await _state(milvus, short, "a")
+        tomb = (await short.get_tombstones(["a"])).get("a")
+    finally:
+        await short.close()
+    want = (5, 5) if newer == "upsert" else (None, None)
+    fault_case.add(f"a Milvus write (v3) slower than the writer ttl, racing {newer} v5",
+                   "v3 never lands on top", f"Milvus v{end[0]}, Redis v{end[1]}, "
+                   f"tombstone {tomb}", ok=end == want)
+    assert end == want

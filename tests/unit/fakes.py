@@ -136,6 +136,10 @@ class FakeMilvus(_Faults):
         self._maybe_fail()
         return len(self._coll(version))
 
+    async def ensure_loaded(self, version: str) -> bool:
+        self._maybe_fail()
+        return version in self.data
+
 
 @dataclass(frozen=True)
 class _Written:
@@ -153,6 +157,8 @@ class FakeCache(_Faults):
         self.tombs: dict[str, int] = {}
         # pin -> token -> [version, claimed at, dirty]
         self.wip: dict[str, dict[str, list]] = {}
+        # (pin, token) -> (what its release answered, when)
+        self.released: dict[tuple[str, str], tuple[int, float]] = {}
         self.live: str | None = None
         self.info: dict[str, dict[str, str]] = {}  # registered versions (and their marks)
         self.writer_reports: dict[str, dict[str, object]] = {}
@@ -195,6 +201,7 @@ class FakeCache(_Faults):
         self.data.clear()
         self.tombs.clear()
         self.wip.clear()
+        self.released.clear()
         self.info.clear()
         self.live = None
 
@@ -231,14 +238,17 @@ class FakeCache(_Faults):
         return n
 
     def _release(self, pin: str, token: str, v: int) -> int:
+        was = self.released.get((pin, token))
+        if was is not None and was[1] >= self.clock() - self.writer_ttl_s:
+            return was[0]  # a retried release answers what the first one did
         mine = self.wip.get(pin, {}).pop(token, None)
         dirty = False
         if mine is not None:
             dirty = mine[2]
             self._flag_from(pin, v, token)
-        if self.tombs.get(pin, -1) > v:
-            return 0
-        return self._older(pin, v) + (1 if dirty else 0)
+        n = 0 if self.tombs.get(pin, -1) > v else self._older(pin, v) + (1 if dirty else 0)
+        self.released[(pin, token)] = (n, self.clock())
+        return n
 
     async def write(self, version: str, records: Sequence[EmbeddingRecord], *,
                     mode: str = "write", written_at: float | None = None) -> _Written:
@@ -306,6 +316,16 @@ class FakeCache(_Faults):
 
     async def in_flight(self, pins: Mapping[str, int]) -> set[str]:
         return {pid for pid, v in pins.items() if self._older(pid, v)}
+
+    async def renew(self, token: str, pins: Sequence[str]) -> set[str]:
+        self._maybe_fail()
+        held = set()
+        for pid in pins:
+            e = self.wip.get(pid, {}).get(token)
+            if e is not None:
+                e[1] = self.clock()
+                held.add(pid)
+        return held
 
     async def delete(self, version: str, pin_ids: Sequence[str]) -> None:
         self._maybe_fail()
