@@ -9,6 +9,7 @@ same cluster slot.
 | --- | --- | --- |
 | ``{p}:live`` | string | the live model version id |
 | ``{p}:previous`` | string | the version live before the last promote (rollback target) |
+| ``{p}:retired`` | hash | version -> when it was retired (workers never register it again) |
 | ``{p}:versions`` | set | every known model version id |
 | ``{p}:version:v`` | hash | ``dim``, ``dtype`` (float16/float32), ``model``, ``checkpoint``, ``seed``, ``created_at``, ``state``, ``cache`` (``complete``: see `RedisCache.mark_complete`) |
 | ``p:v:vec:{PIN}`` | string | the vector: ``dim`` little-endian values of ``dtype``, L2-normalised |
@@ -649,15 +650,18 @@ class RedisCache:
         return out
 
     async def report_writer(self, name: str, write_set: Sequence[str],
-                            batches: Sequence[Sequence[str]]) -> None:
+                            batches: Sequence[Sequence[str]],
+                            extra: Mapping[str, Any] | None = None) -> None:
         """Record what one writer writes now (``{p}:writers``, field ``name``).
 
         ``write_set``: the versions its next batch writes; ``batches``: the
         versions each of its batches in flight writes. `VersionRegistry.wait_writers`
         reads these to know when a retired version is no longer written, or a
-        new one is written by every batch.
+        new one is written by every batch. ``extra``: what a worker adds for
+        `pinfresh status` (the partitions it holds, its host and pid, since
+        when it holds none while partitions with lag have no worker).
         """
-        entry = json.dumps({"at": time.time(), "write_set": list(write_set),
+        entry = json.dumps({**(extra or {}), "at": time.time(), "write_set": list(write_set),
                             "batches": [list(b) for b in batches]})
         await self._do(lambda: self._r.hset(self.reg_key("writers"), name, entry))
 
@@ -707,6 +711,13 @@ class RedisCache:
         if names:
             await self._do(lambda: self._r.hdel(self.reg_key("writers"), *names))
 
+    async def forget_progress(self, worker: str) -> None:
+        """Remove the progress records a worker wrote last (it stopped on purpose)."""
+        mine = [str(part) for part, rec in (await self.progress()).items()
+                if rec.get("worker") == worker]
+        if mine:
+            await self._do(lambda: self._r.hdel(self.reg_key("progress"), *mine))
+
     async def registered(self, versions: Sequence[str]) -> set[str]:
         """Which of ``versions`` are still registered (not dropped)."""
         if not versions:
@@ -719,6 +730,20 @@ class RedisCache:
                 return list(await pipe.execute())
 
         return {v for v, ok in zip(versions, await self._do(go), strict=True) if int(ok)}
+
+    async def mark_retired(self, version: str, at: float | None = None) -> None:
+        """Remember that ``version`` was retired (``{p}:retired``: version -> time)."""
+        when = repr(time.time() if at is None else at)
+        await self._do(lambda: self._r.hset(self.reg_key("retired"), version, when))
+
+    async def unmark_retired(self, version: str) -> bool:
+        """Forget that ``version`` was retired (`versions create` brings it back)."""
+        return bool(await self._do(lambda: self._r.hdel(self.reg_key("retired"), version)))
+
+    async def retired(self) -> dict[str, float]:
+        """Every version retired and not created again, with when it was retired."""
+        raw = await self._do(lambda: self._r.hgetall(self.reg_key("retired")))
+        return {as_text(k): float(as_text(v)) for k, v in raw.items()}
 
     async def set_version_state(self, version: str, state: str) -> None:
         """Record a version's state (building, live, retired)."""

@@ -137,8 +137,13 @@ class VersionRegistry:
                        seed: int) -> bool:
         """Create the version's collection and namespace (state ``building``).
 
-        The first version ever registered becomes live. Returns whether it did.
+        What `versions create` does: a version retired before is registered
+        again (state ``building``). The first version ever registered becomes
+        live. Returns whether it did.
         """
+        if await self.cache.unmark_retired(version):
+            await self.cache.set_version_state(version, "building")
+            logger.info("version %s, retired before, is registered again (building)", version)
         await self.milvus.ensure_version(version, dim)
         await self.cache.ensure_version(version, dim, model,
                                         extra={"checkpoint": checkpoint or "", "seed": seed})
@@ -148,6 +153,41 @@ class VersionRegistry:
             await self.cache.set_version_state(version, "live")
             logger.info("model version %s registered and live (first version)", version)
             return True
+        return False
+
+    async def join(self, version: str, dim: int, model: str, checkpoint: str | None,
+                   seed: int) -> bool:
+        """What a worker does with its own encoder's version when it starts.
+
+        Workers follow the registry: they write the live version and the
+        versions being built (`written`), whatever encoder they were started
+        with. Only when no version is live yet (a new deployment) does a worker
+        register its own, which then goes live. A version that the registry
+        does not write is never registered here (a retired one comes back only
+        through `versions create`); the worker says so in one line. Returns
+        whether the worker's version is among those written.
+        """
+        if await self.cache.get_live() is None:
+            await self.register(version, dim, model, checkpoint, seed)
+            return True
+        written = await self.written()
+        if any(v.version == version for v in written):
+            return True
+        names = ", ".join(f"{v.version} ({v.state})" for v in written) or "none"
+        retired_at = (await self.cache.retired()).get(version)
+        if retired_at is not None:
+            logger.error(
+                "this worker's encoder is version %s, retired %s: it is not registered again "
+                "and this worker writes the registry's versions instead (%s); point "
+                "PINFRESH_ENCODER__CHECKPOINT at the live version's checkpoint, or run "
+                "`pinfresh versions create` to bring %s back", version,
+                time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(retired_at)), names,
+                version)
+        else:
+            logger.warning(
+                "this worker's encoder is version %s, which the registry does not write: this "
+                "worker writes the registry's versions instead (%s); `pinfresh versions "
+                "create` registers %s to backfill and promote it", version, names, version)
         return False
 
     async def written(self) -> list[VersionInfo]:
@@ -285,6 +325,7 @@ class VersionRegistry:
         if await self.cache.get_live() == version:
             raise StateError(f"{version} is live: promote another version first")
         await self.cache.set_version_state(version, "retired")
+        await self.cache.mark_retired(version)
         if await self.cache.get_previous() == version:
             await self.cache.clear_previous()
         clean = True

@@ -20,7 +20,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -39,7 +39,7 @@ from streams.dlq import KafkaDeadLetters
 from streams.fetch import Fetcher
 from streams.kafka import faust_kwargs
 from streams.processor import Message, PinProcessor, ProcessorHooks
-from streams.producer import committed_offsets, ensure_topics, partition_offsets
+from streams.producer import committed_offsets, consumer_lag, ensure_topics, partition_offsets
 from streams.refresh import RegistryVersions
 from streams.retry import Backoff, retry
 from streams.settings import KafkaSettings, Settings
@@ -65,6 +65,55 @@ class DrainState:
         self.idle = asyncio.Event()
         self.idle.set()
         self.acked: dict[TP, int] = {}
+        #: run before a drained worker exits (it removes its reports for `status`)
+        self.farewell: list[Callable[[], Awaitable[None]]] = []
+
+
+class Membership:
+    """This worker's place in its consumer group, for `status` and ``/healthz``.
+
+    The progress loop calls `observe` every interval with the partitions the
+    worker holds and whether partitions with lag have no live worker (as the
+    workers' reports in Redis say). A worker that holds none while such
+    partitions exist, for longer than ``limit_s`` (a join takes seconds),
+    is stuck outside its group: it logs that once, ``/healthz`` fails and
+    its report says since when.
+    """
+
+    def __init__(self, limit_s: float, clock: Callable[[], float] = time.time) -> None:
+        self.limit_s, self.clock = limit_s, clock
+        self.held: list[int] = []
+        self.unassigned_since: float | None = None
+        self.started_at = clock()
+        self._logged = False
+
+    def observe(self, held: set[int], orphaned: set[int]) -> None:
+        """One progress round: ``orphaned``: partitions with lag that no live worker holds."""
+        self.held = sorted(held)
+        if held or not orphaned:
+            self.unassigned_since, self._logged = None, False
+            return
+        now = self.clock()
+        if self.unassigned_since is None:
+            self.unassigned_since = now
+        if now - self.unassigned_since > self.limit_s and not self._logged:
+            self._logged = True
+            logger.error("this worker has held no partition for %.0f s while partitions %s "
+                         "have lag and no live worker: its consumer group does not finish "
+                         "its join; /healthz now fails so that it is restarted",
+                         now - self.unassigned_since, sorted(orphaned)[:16])
+
+    def stuck_s(self) -> float:
+        """How long it has been stuck outside its group (0: it is not)."""
+        if self.unassigned_since is None:
+            return 0.0
+        return max(0.0, self.clock() - self.unassigned_since)
+
+    def report(self) -> dict[str, Any]:
+        """What the worker's report carries for `status`."""
+        return {"partitions": self.held, "unassigned_since": self.unassigned_since,
+                "started_at": self.started_at, "host": socket.gethostname(),
+                "pid": os.getpid()}
 
 
 def _pin_id(value: bytes | None) -> bytes | None:
@@ -198,6 +247,11 @@ class DrainingWorker(faust.Worker):
             confirmed = False
         code = 0 if clean and confirmed else 1
         await self._leave_group()
+        for fn in self._drain.farewell:
+            try:
+                await asyncio.wait_for(fn(), 5.0)
+            except Exception as exc:  # noqa: BLE001 - best effort before exiting
+                logger.warning("drain: clean-up step failed (%r)", exc)
         logger.info("exiting with code %d", code)
         for fn in self.on_exit:
             fn()
@@ -270,12 +324,29 @@ async def _refresh_write_set(processor: PinProcessor, interval_s: float) -> None
             logger.exception("write set refresh failed")
 
 
+async def _orphaned(k: KafkaSettings, cache: RedisCache, worker: str, fresh_s: float
+                    ) -> set[int]:
+    """Partitions with lag that no live worker holds, by the workers' reports in Redis."""
+    lagging = {p for p, lag in (await consumer_lag(k)).items() if lag > 0}
+    if not lagging:
+        return set()
+    now = time.time()
+    held: set[int] = set()
+    for name, rep in (await cache.writers()).items():
+        if name != worker and now - float(rep.get("at", 0)) <= fresh_s:
+            held.update(int(p) for p in rep.get("partitions") or [])
+    return lagging - held
+
+
 async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, worker: str,
-                           interval_s: float, liveness: metrics.Liveness | None = None) -> None:
+                           interval_s: float, liveness: metrics.Liveness | None = None,
+                           membership: Membership | None = None) -> None:
     """Report the committed offset and lag of each held partition every ``interval_s``.
 
     To Redis (`pinfresh status` marks partitions that stopped moving) and to the
     ``pinfresh_consumer_lag`` and ``pinfresh_partition_stalled_seconds`` gauges.
+    A worker that holds no partition checks whether partitions with lag have no
+    live worker (`Membership`).
 
     A view only: a failed report is logged and tried again, never stops the stream.
     """
@@ -283,9 +354,12 @@ async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, 
     worst = 0.0
     while True:
         if liveness is not None:  # the loop runs (a slow broker below must not hide that)
-            liveness.beat(worst)
+            liveness.beat(worst, membership.stuck_s() if membership else 0.0)
         try:
             held = {tp.partition for tp in app.consumer.assignment() if tp.topic == k.topic}
+            if membership is not None:
+                membership.observe(held, set() if held else await _orphaned(
+                    k, cache, worker, 3 * interval_s + 10))
             offsets = await partition_offsets(k, partitions=held) if held else {}
             now = time.time()
             for part in set(seen) - set(offsets):
@@ -306,7 +380,7 @@ async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, 
             worst = max((now - moved[p] for p, (_, lag) in offsets.items() if lag), default=0.0)
             # the gauges first: a Redis outage must not freeze them
             if liveness is not None:
-                liveness.beat(worst)
+                liveness.beat(worst, membership.stuck_s() if membership else 0.0)
             await cache.report_progress(worker, offsets, moved, now)
         except Exception as exc:  # noqa: BLE001 - a view; the stream goes on
             logger.warning("progress report failed (retried in %.0fs): %s", interval_s, exc)
@@ -315,7 +389,8 @@ async def _report_progress(app: faust.App, cache: RedisCache, k: KafkaSettings, 
 
 def create_app(settings: Settings, encoder: WorkerEncoder,
                drain: DrainState | None = None, hooks: ProcessorHooks | None = None,
-               liveness: metrics.Liveness | None = None) -> faust.App:
+               liveness: metrics.Liveness | None = None,
+               membership: Membership | None = None) -> faust.App:
     """Build the Faust app with the encode agent bound to ``encoder``.
 
     The encoder is loaded before the app starts, so the worker joins the
@@ -346,6 +421,7 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
     app.topic(k.dlq_topic, key_type=bytes, value_type=bytes, partitions=k.partitions)
     worker_name = f"{socket.gethostname()}:{os.getpid()}"
     w = settings.worker
+    membership = membership or Membership(w.unassigned_stall_s)
 
     @app.agent(topic, name="encode_pins")
     async def encode_pins(stream: Any) -> None:
@@ -360,7 +436,9 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
             info = encoder.info
             registry = stores.registry
             # a store that is down at start-up delays the worker, never kills it
-            await retry(partial(registry.register, info.version, info.dim, info.model,
+            # workers follow the registry: their own version is registered only as the
+            # first of a new deployment, never again once retired
+            await retry(partial(registry.join, info.version, info.dim, info.model,
                                 info.checkpoint, settings.encoder.seed),
                         retry_on=(Unavailable,), backoff=Backoff(1.0, 10.0),
                         on_retry=lambda exc, n, wait: logger.warning(
@@ -376,12 +454,20 @@ def create_app(settings: Settings, encoder: WorkerEncoder,
                 hooks=hooks, writer_ttl_s=settings.redis.writer_ttl_s,
             )
             versions.in_use = processor.versions_in_flight
+            processor.report_extra = membership.report
+
+            async def farewell() -> None:  # a drained worker leaves no report behind
+                await stores.cache.forget_writers([worker_name])
+                await stores.cache.forget_progress(worker_name)
+
+            drain.farewell.append(farewell)
             await processor.start()
             refresher = asyncio.create_task(_refresh_write_set(processor,
                                                                w.progress_interval_s))
             resources.push_async_callback(_cancel, refresher)
             reporter = asyncio.create_task(_report_progress(
-                app, stores.cache, k, worker_name, w.progress_interval_s, liveness))
+                app, stores.cache, k, worker_name, w.progress_interval_s, liveness,
+                membership))
             resources.push_async_callback(_cancel, reporter)
             flight = BatchesInFlight(processor, stream, drain, w.batches_in_flight)
             resources.push_async_callback(flight.cancel)
@@ -437,9 +523,11 @@ def run_worker(settings: Settings, on_exit: Callable[[], None] | None = None,
     w = settings.worker
     # beats: every report, and before each (a report may wait 40 s on a slow broker)
     liveness = metrics.Liveness(w.liveness_stall_s, 3 * w.progress_interval_s + 60)
+    liveness.stuck_limit_s = w.unassigned_stall_s
     serve_metrics(w.metrics_host, w.metrics_port, liveness)
     drain = DrainState()
-    app = create_app(settings, encoder, drain, hooks, liveness)
+    app = create_app(settings, encoder, drain, hooks, liveness,
+                     Membership(w.unassigned_stall_s))
     worker = DrainingWorker(app, drain, settings.worker.drain_timeout_s, settings.kafka,
                             loglevel=settings.log_level.lower(), quiet=True,
                             redirect_stdouts=False, override_logging=False)

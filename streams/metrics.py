@@ -105,10 +105,18 @@ class Liveness:
         self.stall_s, self.beat_s, self.clock, self.outage = stall_s, beat_s, clock, outage
         self.last_beat: float | None = None
         self.worst_stall = 0.0
+        self.stuck = 0.0
+        #: how long a worker may hold no partition while partitions with lag have no
+        #: live worker (its group's join does not finish) before this fails
+        self.stuck_limit_s = float("inf")
 
-    def beat(self, worst_stall_s: float) -> None:
-        """A progress report ran; ``worst_stall_s``: its longest stalled partition."""
-        self.last_beat, self.worst_stall = self.clock(), worst_stall_s
+    def beat(self, worst_stall_s: float, stuck_s: float = 0.0) -> None:
+        """A progress report ran.
+
+        ``worst_stall_s``: its longest stalled partition; ``stuck_s``: how long
+        the worker has been stuck outside its group (`streams.app.Membership`).
+        """
+        self.last_beat, self.worst_stall, self.stuck = self.clock(), worst_stall_s, stuck_s
 
     def check(self) -> tuple[bool, str]:
         """``(alive, one line why)``."""
@@ -117,6 +125,9 @@ class Liveness:
         quiet = self.clock() - self.last_beat
         if quiet > self.beat_s:
             return False, f"no progress report for {quiet:.0f} s (the event loop is stuck)"
+        if self.stuck > self.stuck_limit_s:
+            return False, (f"held no partition for {self.stuck:.0f} s while partitions with "
+                           "lag had no live worker (the group's join does not finish)")
         if self.worst_stall > self.stall_s:
             outage = self.outage()
             if outage is not None and self.clock() - outage < self.beat_s:

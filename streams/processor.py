@@ -266,7 +266,8 @@ class Cache(Protocol):
     async def registered(self, versions: Sequence[str]) -> set[str]: ...  # noqa: D102
     async def eviction_policy(self) -> str | None: ...  # noqa: D102
     async def report_writer(  # noqa: D102
-        self, name: str, write_set: Sequence[str], batches: Sequence[Sequence[str]]
+        self, name: str, write_set: Sequence[str], batches: Sequence[Sequence[str]],
+        extra: Mapping[str, Any] | None = None,
     ) -> None: ...
     async def record_batch_stats(  # noqa: D102
         self, freshness_s: Sequence[float], encoded: int, keep: int = 10_000
@@ -386,6 +387,8 @@ class PinProcessor:
         self._report_lock = asyncio.Lock()
         self._reported: tuple[Any, ...] = ()  # the last report sent, and when
         self._reported_at = 0.0
+        #: what the worker adds to each writer report (partitions held, host, pid, ...)
+        self.report_extra: Callable[[], Mapping[str, Any]] = dict
         #: whether Redis keeps every entry (maxmemory-policy noeviction; `start` checks)
         self._trust_cache = True
         self._shown_untrusted: set[str] = set()
@@ -438,6 +441,10 @@ class PinProcessor:
                            "interval): %s", exc)
             return
         self._show_versions(write)
+        # an idle worker reports too: `status` tells a worker that stopped from one
+        # with nothing to do by the age of its report
+        with contextlib.suppress(Unavailable):
+            await self._report(list(write), tick=True)
 
     # ------------------------------------------------------------------ retry
     def _backoff(self) -> Backoff:
@@ -514,12 +521,13 @@ class PinProcessor:
         """
         async with self._report_lock:
             batches = sorted({tuple(sorted(b)) for b in self._active.values()})
-            state = (tuple(write), tuple(batches))
+            extra = dict(self.report_extra())
+            state = (tuple(write), tuple(batches), tuple(sorted(extra.items(), key=str)))
             now = time.monotonic()
             if not tick and state == self._reported and now - self._reported_at < REPORT_SAME_S:
                 return
             send = partial(self.cache.report_writer, self.worker_name, list(write),
-                           [list(b) for b in batches])
+                           [list(b) for b in batches], extra)
             try:
                 await (send() if tick else self._retry("redis", send))
             except BaseException:

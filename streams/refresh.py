@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tqdm import tqdm
 
 from encoder.config import EncoderSettings
-from encoder.errors import ConfigError, StateError, Unavailable
+from encoder.errors import ConfigError, EncoderUnavailable, StateError, Unavailable
 from encoder.loading import load_encoder
 from encoder.null import NullEncoder
 from store.lifecycle import Stores, open_stores
@@ -186,6 +186,12 @@ class RegistryVersions:
             write[info.version] = enc
         if write:
             self._write = write
+        elif infos:
+            # the registry names versions and none loads here: never fall back to this
+            # worker's own encoder, whose version the registry may have retired
+            raise EncoderUnavailable(
+                "no version the registry writes (" + ", ".join(i.version for i in infos)
+                + ") has an encoder that loads here; see the errors above", retry_after=30.0)
         await self._release_unwritten()
         self._at = time.monotonic()
         return self._write

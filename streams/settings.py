@@ -191,6 +191,10 @@ class WorkerSettings(BaseModel):
         60.0, ge=0, description="a refresh's version that left the write set (retired) has "
         "its encoder released after this long: closed here, unloaded by the encoder process "
         "when no feeder writes it")
+    unassigned_stall_s: float = Field(
+        60.0, gt=0, description="a worker that holds no partition this long while partitions "
+        "with lag have no live worker logs it, shows it in `status` and fails /healthz "
+        "(its consumer group does not finish its join)")
     liveness_stall_s: float = Field(
         900.0, gt=0, description="the metrics port's /healthz answers 503 (the pod's liveness "
         "probe restarts the worker) when a held partition with lag has not moved for this "

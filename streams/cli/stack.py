@@ -100,7 +100,12 @@ def down(ctx: Ctx) -> None:
 @pass_ctx
 def status(ctx: Ctx, as_json: bool, watch: bool, interval: float, window: float,
            stalled_after: float) -> None:
-    """Lag, rates, freshness, dead letters, versions and store health on one screen."""
+    """Lag, rates, freshness, dead letters, versions and store health on one screen.
+
+    Exit code (not with --watch): 0 the pipeline runs or is idle; 1 it is
+    stalled, or a worker or encoder process is down or stuck; 3 Kafka, Redis
+    or Milvus does not answer.
+    """
     from functools import partial
 
     from rich.live import Live
@@ -111,12 +116,14 @@ def status(ctx: Ctx, as_json: bool, watch: bool, interval: float, window: float,
                              stalled_after_s=stalled_after)
     render = st.render
 
-    if as_json:
-        click.echo(json.dumps(asyncio.run(collect_status(ctx.settings, interval)), indent=2))
-        return
     if not watch:
-        console.print(render(asyncio.run(collect_status(ctx.settings, interval))))
-        return
+        snap = asyncio.run(collect_status(ctx.settings, interval))
+        if as_json:
+            click.echo(json.dumps(snap, indent=2))
+        else:
+            console.print(render(snap))
+        # 0 ok or idle, 1 stalled or a process down, 3 a service unreachable
+        raise SystemExit(st.exit_code(snap))
     with Live(console=console, refresh_per_second=1) as live:
         try:
             while True:

@@ -11,8 +11,11 @@ from the registry, and a real call to each store.
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 import time
 from collections import Counter
+from collections.abc import Mapping
 from contextlib import AsyncExitStack
 from typing import Any
 
@@ -36,31 +39,102 @@ async def _offsets(settings: Settings) -> tuple[dict[int, int], int]:
     return lag, sum(lag.values())
 
 
-def pipeline_state(lag: dict[int, int], progress: dict[int, dict[str, Any]], now: float,
-                   stalled_after_s: float, workers_alive: bool) -> tuple[str, list[int]]:
-    """``("ok" | "idle" | "stalled", stalled partitions)``.
+def pid_gone(report: Mapping[str, Any], host: str | None = None) -> bool:
+    """Whether a report comes from a process of this host that no longer exists."""
+    pid = report.get("pid")
+    if report.get("host") != (host or socket.gethostname()) or not isinstance(pid, int):
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # another user's process: it exists
+        return False
+    return False
 
-    A partition is stalled when it has lag and, as the workers' progress
-    reports saw it, its committed offset has not moved for ``stalled_after_s``
-    seconds, or its last report is that old (its worker is frozen or gone). A
-    partition with lag that no worker has reported yet is stalled only when no
-    worker reported anything for that long (nobody runs); while workers are
-    alive it is taken as just assigned.
+
+def pipeline_state(lag: Mapping[int, int], progress: Mapping[int, Mapping[str, Any]],
+                   now: float, stalled_after_s: float,
+                   live: Mapping[str, Mapping[str, Any]], join_s: float = 60.0,
+                   ) -> tuple[str, list[int], str]:
+    """``("ok" | "idle" | "stalled", stalled partitions, why)``.
+
+    ``live``: the reports of the workers that reported lately (their process
+    runs). A partition with lag is stalled when:
+
+    * no worker runs at all;
+    * a live worker holds it and, as its progress reports saw it, its committed
+      offset has not moved for ``stalled_after_s``, or its last progress
+      report is that old;
+    * no live worker holds it although every live worker started more than
+      ``join_s`` ago (a join takes seconds): it is consumed by nobody.
+      Reports without the partitions a worker holds (an older pinfresh) fall
+      back to the progress records.
     """
-    stalled = []
-    for part, behind in sorted(lag.items()):
-        if behind <= 0:
-            continue
+    behind = sorted(p for p, n in lag.items() if n > 0)
+    if not behind:
+        return "idle", [], ""
+    if not live:
+        return "stalled", behind, "no worker is running"
+    held: set[int] = set()
+    for rep in live.values():
+        held.update(int(p) for p in rep.get("partitions") or [])
+    partial = any("partitions" not in rep for rep in live.values())
+    joined = all(now - float(rep.get("started_at", 0.0)) > join_s for rep in live.values())
+    stalled, why = [], set()
+    for part in behind:
         rec = progress.get(part)
-        if rec is None:
-            if not workers_alive:
+        owned = part in held or (partial and rec is not None and rec.get("worker") in live)
+        if not owned:
+            if joined and not partial:
                 stalled.append(part)
-        elif now - float(rec["moved_at"]) > stalled_after_s \
-                or now - float(rec["at"]) > stalled_after_s:
+                why.add("partitions with lag held by no running worker")
+            continue
+        if rec is not None and (now - float(rec["moved_at"]) > stalled_after_s
+                                or now - float(rec["at"]) > stalled_after_s):
             stalled.append(part)
+            why.add(f"committed offset not moving for over {stalled_after_s:g} s")
     if stalled:
-        return "stalled", stalled
-    return ("ok" if any(v > 0 for v in lag.values()) else "idle"), []
+        return "stalled", stalled, "; ".join(sorted(why))
+    return "ok", [], ""
+
+
+def worker_view(writers: Mapping[str, Mapping[str, Any]], progress: Mapping[int, Any],
+                now: float, fresh_s: float, stuck_s: float,
+                ) -> tuple[dict[str, dict[str, Any]], dict[str, Mapping[str, Any]], list[str]]:
+    """``(rows, live reports, reports to forget)`` of the stream workers.
+
+    A worker is ``ok`` while it reports (every progress interval, busy or
+    idle; `fresh_s` is three intervals and some); ``down`` once its process is
+    gone from this host (its report is then forgotten) or silent for longer;
+    ``stuck`` when it has held no partition for ``stuck_s`` while partitions
+    with lag have no live worker. A drained worker removes its own report.
+    Only live workers are shown holding partitions.
+    """
+    rows: dict[str, dict[str, Any]] = {}
+    live: dict[str, Mapping[str, Any]] = {}
+    forget: list[str] = []
+    for name, rep in sorted(writers.items()):
+        if name.startswith("backfill:"):
+            continue
+        ago = now - float(rep.get("at", 0.0))
+        if pid_gone(rep) or ago > max(3600.0, 10 * fresh_s):
+            forget.append(name)
+            continue
+        parts: list[int] = []
+        if ago > fresh_s:
+            state = f"down: no report for {ago:.0f} s"
+        else:
+            live[name] = rep
+            since = rep.get("unassigned_since")
+            state = (f"stuck: no partition for {now - float(since):.0f} s while partitions "
+                     "with lag have no live worker"
+                     if since is not None and now - float(since) > stuck_s else "ok")
+            parts = sorted(int(p) for p in rep["partitions"]) if "partitions" in rep else \
+                sorted(p for p, rec in progress.items() if rec.get("worker") == name)
+        rows[name] = {"state": state, "last_report_s_ago": round(ago, 1),
+                      "writes": rep.get("write_set", []), "partitions": parts}
+    return rows, live, forget
 
 
 async def collect_status(settings: Settings, interval: float = 1.0,
@@ -139,29 +213,26 @@ async def collect_status(settings: Settings, interval: float = 1.0,
             out["dlq_by_reason"] = dict(Counter(d.reason.value for d in opened))
         if out["health"]["redis"] == "ok":
             now = time.time()
+            w = settings.worker
+            fresh_s = 3 * w.progress_interval_s + 10  # reports come every interval
             progress = await cache.progress()
-            writers = await cache.writers()
-            workers: dict[str, dict[str, Any]] = {
-                name: {"last_report_s_ago": round(now - float(rep["at"]), 1),
-                       "writes": rep.get("write_set", []), "partitions": []}
-                for name, rep in writers.items() if not name.startswith("backfill:")}
-            for part, rec in sorted(progress.items()):
-                if now - float(rec["at"]) <= stalled_after_s and rec["worker"] in workers:
-                    workers[rec["worker"]]["partitions"].append(part)
-            out["workers"] = workers
+            rows, running, gone = worker_view(await cache.writers(), progress, now, fresh_s,
+                                              w.unassigned_stall_s)
+            await cache.forget_writers(gone)
+            out["workers"] = rows
             reports = await cache.encoders()
             for name, rep in list(reports.items()):
                 # a process gone for an hour (a replaced pod: a new host name) is forgotten
                 if now - float(rep["at"]) > max(3600.0, 10 * stalled_after_s):
                     await cache.forget_encoder(name)
                     del reports[name]
-            out["encoders"] = encoder_view(reports, now, stalled_after_s)
+            out["encoders"] = encoder_view(reports, now, fresh_s)
             if "lag" in out:
-                alive = any(now - float(rep["at"]) <= stalled_after_s
-                            for rep in writers.values())
-                state, stalled = pipeline_state(out["lag"], progress, now, stalled_after_s,
-                                                alive)
+                state, stalled, why = pipeline_state(out["lag"], progress, now,
+                                                     stalled_after_s, running,
+                                                     w.unassigned_stall_s)
                 out["pipeline"], out["partitions_stalled"] = state, stalled
+                out["pipeline_why"] = why or None
             fresh, encoded = await cache.batch_stats(window_s=window_s)
             out["pins_encoded_total"] = encoded
             if fresh:
@@ -189,19 +260,22 @@ async def collect_status(settings: Settings, interval: float = 1.0,
     return out
 
 
-def encoder_view(reports: dict[str, dict[str, Any]], now: float, stalled_after_s: float
+def encoder_view(reports: dict[str, dict[str, Any]], now: float, fresh_s: float
                  ) -> dict[str, dict[str, Any]]:
-    """Encoder processes from their Redis reports: ``down`` when silent for ``stalled_after_s``.
+    """Encoder processes from their Redis reports.
 
-    A process that stopped on purpose removed its report; one that was killed
-    or hangs keeps its last one, so it shows as down until the pool's new one
-    reports under the same name.
+    ``down`` when its process is gone from this host, or silent for ``fresh_s``
+    (it reports every progress interval). A process that stopped on purpose
+    removed its report; one that was killed or hangs keeps its last one, so it
+    shows as down until the pool's new one reports under the same name.
     """
     out: dict[str, dict[str, Any]] = {}
     for name, rep in sorted(reports.items()):
         ago = now - float(rep["at"])
+        host = name.rpartition(":")[0]
         state = ("down: " + rep["unhealthy"] if rep.get("unhealthy") else
-                 f"down: no report for {ago:.0f} s" if ago > stalled_after_s else "ok")
+                 f"down: process {rep.get('pid')} is gone" if pid_gone({**rep, "host": host})
+                 else f"down: no report for {ago:.0f} s" if ago > fresh_s else "ok")
         last = rep.get("last_answer_at")
         out[name] = {"state": state, "last_report_s_ago": round(ago, 1),
                      "version": rep.get("version"), "device": rep.get("device"),
@@ -211,6 +285,25 @@ def encoder_view(reports: dict[str, dict[str, Any]], now: float, stalled_after_s
                      "batches_total": rep.get("batches_total"),
                      "last_answer_s_ago": round(now - float(last), 1) if last else None}
     return out
+
+
+#: ``pinfresh status`` exit codes (docs/operations.md): scripts can act on them.
+EXIT_OK, EXIT_DEGRADED, EXIT_UNREACHABLE = 0, 1, 3
+
+
+def exit_code(st: Mapping[str, Any]) -> int:
+    """The exit code of a snapshot.
+
+    ``EXIT_UNREACHABLE`` when a service does not answer; ``EXIT_DEGRADED`` when
+    the pipeline is stalled or a worker or encoder process is down or stuck;
+    else ``EXIT_OK`` (running, or idle).
+    """
+    if any(v != "ok" for v in st.get("health", {}).values()):
+        return EXIT_UNREACHABLE
+    rows = [*(st.get("workers") or {}).values(), *(st.get("encoders") or {}).values()]
+    if st.get("pipeline") == "stalled" or any(r["state"] != "ok" for r in rows):
+        return EXIT_DEGRADED
+    return EXIT_OK
 
 
 def render(st: dict[str, Any]) -> Group:
@@ -224,6 +317,8 @@ def render(st: dict[str, Any]) -> Group:
         head.add_row(key, str(st.get(key, "-")))
     if st.get("partitions_stalled"):
         head.add_row("partitions stalled", ", ".join(map(str, st["partitions_stalled"])))
+    if st.get("pipeline_why"):
+        head.add_row("why", st["pipeline_why"])
     for name, state in st["health"].items():
         head.add_row(f"health: {name}", state)
     parts = Table(title="consumer lag by partition")
@@ -242,10 +337,10 @@ def render(st: dict[str, Any]) -> Group:
     for r, n in sorted((st.get("dlq_by_reason") or {}).items()):
         dlq.add_row(r, str(n))
     workers = Table(title="workers (their last report; partitions held)")
-    for col in ("worker", "last report, s ago", "writes", "partitions"):
+    for col in ("worker", "state", "last report, s ago", "writes", "partitions"):
         workers.add_column(col, overflow="fold")
     for name, w in sorted((st.get("workers") or {}).items()):
-        workers.add_row(name, str(w["last_report_s_ago"]), ", ".join(w["writes"]),
+        workers.add_row(name, w["state"], str(w["last_report_s_ago"]), ", ".join(w["writes"]),
                         " ".join(map(str, w["partitions"])) or "-")
     encoders = Table(title="encoder processes (their last report)")
     for col in ("encoder", "state", "version", "device", "feeders", "queue", "images/s",

@@ -376,3 +376,29 @@ async def _has(versions, v: str) -> bool:
 
 async def _equals(versions, want: list[str]) -> bool:
     return await versions == want
+
+
+async def test_a_retired_version_stays_retired_when_workers_restart(
+        pipeline, catalog, encoder_b):
+    """After `promote vb` and `retire va`, a worker started with its default settings
+    (va's encoder) writes vb only: va is not registered again, its collection is not
+    recreated, and the worker says why in one line. `versions create` brings va back."""
+    items, registry, va, vb = await _two_versions(pipeline, catalog, encoder_b, n=12)
+    await run_backfill(pipeline.settings, vb, batch=8, progress=False, yield_lag=None)
+    assert await registry.promote(vb) is not None
+    assert await registry.retire(va, wait_s=120)
+    pipeline.kill_worker("w1", signal.SIGTERM)
+    pipeline.start_worker("w2")  # default settings: the encoder of the retired va
+    fresh = catalog[200:206]
+    await pipeline.publish([it.event(1) for it in fresh])
+    meta, letters = await pipeline.settle([it.pin_id for it in fresh], timeout=240)
+    assert len(meta) == len(fresh) and not letters
+    assert va not in await pipeline.cache.versions()
+    assert not await pipeline.milvus.has_version(va)
+    assert (await pipeline.cache.get_vectors(vb, [it.pin_id for it in fresh]))[1].all()
+    log = pipeline.worker_log("w2")
+    assert log.count(f"this worker's encoder is version {va}, retired") == 1, log[-3000:]
+    # an explicit `versions create` registers it again, as building
+    await registry.register(va, encoder_b.dim, "pinfresh-effl0-minilm", None, 0)
+    assert (await registry.get(va)).state == "building"
+    assert va not in await pipeline.cache.retired()

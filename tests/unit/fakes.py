@@ -209,8 +209,10 @@ class FakeCache(_Faults):
         return "noeviction"
 
     async def report_writer(self, name: str, write_set: Sequence[str],
-                            batches: Sequence[Sequence[str]]) -> None:
-        self.writer_reports[name] = {"at": time.time(), "write_set": list(write_set),
+                            batches: Sequence[Sequence[str]],
+                            extra: Mapping[str, object] | None = None) -> None:
+        self.writer_reports[name] = {**(extra or {}), "at": time.time(),
+                                     "write_set": list(write_set),
                                      "batches": [list(b) for b in batches]}
 
     async def writers(self) -> dict[str, dict[str, object]]:

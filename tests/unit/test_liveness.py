@@ -65,3 +65,34 @@ def test_metrics_port_serves_healthz_and_metrics():
         raise AssertionError("expected 503")
     except urllib.error.HTTPError as err:
         assert err.code == 503 and b"has not moved for 11 s" in err.read()
+
+
+def test_a_worker_stuck_outside_its_group_fails_and_says_so(caplog):
+    """Holding no partition while partitions with lag have no live worker, for longer
+    than a join takes: logged once, /healthz fails; holding one again clears it. A
+    surplus member (every lagging partition is held by others) is fine."""
+    from streams.app import Membership
+
+    clock = Clock()
+    member = Membership(limit_s=60, clock=clock)
+    live = Liveness(stall_s=900, beat_s=60, clock=clock, outage=lambda: None)
+    live.stuck_limit_s = 60
+    member.observe(set(), set())  # nothing behind: an idle surplus member
+    assert member.stuck_s() == 0 and member.report()["unassigned_since"] is None
+    member.observe(set(), {3, 5})
+    clock.now += 30
+    member.observe(set(), {3, 5})
+    live.beat(0.0, member.stuck_s())
+    assert live.check()[0] and not caplog.records  # within a join's time
+    clock.now += 31
+    member.observe(set(), {3, 5})
+    member.observe(set(), {3, 5})
+    live.beat(0.0, member.stuck_s())
+    alive, why = live.check()
+    assert not alive and "held no partition for 61 s" in why
+    assert [r.levelname for r in caplog.records] == ["ERROR"]  # said once
+    assert "partitions [3, 5] have lag and no live worker" in caplog.records[0].getMessage()
+    assert member.report()["unassigned_since"] == 1000.0
+    member.observe({3}, {5})  # it holds a partition again
+    live.beat(0.0, member.stuck_s())
+    assert live.check()[0] and member.report()["partitions"] == [3]

@@ -318,10 +318,10 @@ async def test_writer_reports_go_out_when_they_change_and_the_newest_lands_last(
     sent: list[list[list[str]]] = []
     original = cache.report_writer
 
-    async def slow_report(name, write_set, batches):  # type: ignore[no-untyped-def]
+    async def slow_report(name, write_set, batches, extra=None):  # type: ignore[no-untyped-def]
         sent.append([list(b) for b in batches])
         await asyncio.sleep(0)  # lets the other batch start meanwhile
-        await original(name, write_set, batches)
+        await original(name, write_set, batches, extra)
 
     cache.report_writer = slow_report
     await asyncio.gather(proc.process([up("a", "/c/a.png", 1)]),

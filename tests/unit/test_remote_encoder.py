@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import socket
 import threading
 import time
@@ -335,11 +336,34 @@ def test_status_marks_silent_or_unhealthy_encoders_down():
         "h:encoder-1": {"at": now - 500, "version": "v", "device": "cuda (GPU 1)"},
         "h:encoder-2": {"at": now - 1, "version": "v", "device": "cpu",
                         "unhealthy": "3 batches in a row failed"},
-    }, now, stalled_after_s=120)
+        "h:encoder-3": {"at": now - 50, "version": "v", "device": "cpu"},
+    }, now, fresh_s=40)
     assert view["h:encoder-0"]["state"] == "ok"
     assert view["h:encoder-0"]["last_answer_s_ago"] == 1.0
     assert view["h:encoder-1"]["state"] == "down: no report for 500 s"
     assert view["h:encoder-2"]["state"].startswith("down: 3 batches")
+    # silent for longer than three report intervals: down (after 2 minutes before)
+    assert view["h:encoder-3"]["state"] == "down: no report for 50 s"
+
+
+def test_status_marks_an_encoder_whose_process_is_gone_down_at_once():
+    import socket
+    import subprocess
+    import sys
+
+    from streams.runtime.status import encoder_view
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(gone.stdout)
+    now = 1_000.0
+    host = socket.gethostname()
+    view = encoder_view({f"{host}:encoder-cpu": {"at": now - 1, "pid": pid},
+                         f"{host}:encoder-0": {"at": now - 1, "pid": os.getpid()},
+                         "elsewhere:encoder-0": {"at": now - 1, "pid": pid}}, now, fresh_s=40)
+    assert view[f"{host}:encoder-cpu"]["state"] == f"down: process {pid} is gone"
+    assert view[f"{host}:encoder-0"]["state"] == "ok"
+    assert view["elsewhere:encoder-0"]["state"] == "ok"  # another host's: its report decides
 
 
 # ------------------------------------------------ a refresh's versions, on the encoder
