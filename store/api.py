@@ -33,10 +33,10 @@ import base64
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from dataclasses import dataclass
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -66,7 +66,9 @@ from store.config import ApiSettings, MilvusSettings, RedisSettings
 from store.lifecycle import open_stores
 from store.reader import EmbeddingReader
 
+T = TypeVar("T")
 logger = logging.getLogger(__name__)
+
 
 class _Body(BaseModel):
     """Request bodies refuse fields they do not know (a typo is an error, not ignored)."""
@@ -200,8 +202,37 @@ class _Sections:
     milvus: MilvusSettings
 
 
+#: The longest /readyz waits for a store's ping.
+READY_PING_S = 1.5
+
+
+async def _within(deadline_s: float, call: Awaitable[T], left_s: float | None = None) -> T:
+    """``call``'s result, or `StoreUnavailable` once the read's deadline has passed.
+
+    A ranking service times out long before a writer's Milvus deadline: a read
+    answers 503 (retry later) within its own deadline, ``PINFRESH_API__READ_DEADLINE_S``.
+    ``left_s``: what is left of it (a read of several calls), default all of it.
+    """
+    try:
+        return await asyncio.wait_for(call, max(0.0, deadline_s if left_s is None
+                                                else left_s))
+    except TimeoutError:
+        raise StoreUnavailable(
+            f"the stores gave no answer within the read deadline ({deadline_s:g} s, "
+            "PINFRESH_API__READ_DEADLINE_S)", retry_after=1.0) from None
+
+
 def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -> FastAPI:
-    """Build the read API; clients are opened and closed by the app's lifespan."""
+    """Build the read API; clients are opened and closed by the app's lifespan.
+
+    The API's store clients wait at most ``api.read_deadline_s`` per call (the
+    workers keep their longer write deadlines), and every read answers within
+    that deadline: a store that is frozen makes it answer 503, not hang.
+    """
+    deadline = api.read_deadline_s
+    redis = redis.model_copy(update={"timeout_s": min(redis.timeout_s, deadline)})
+    milvus = milvus.model_copy(update={"timeout_s": min(milvus.timeout_s, deadline),
+                                       "deadline_s": min(milvus.deadline_s, deadline)})
     registry = CollectorRegistry()
     requests = Counter("pinfresh_api_requests_total", "API requests", ["route", "status"],
                        registry=registry)
@@ -316,13 +347,18 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
             return JSONResponse({"error": {"code": "not_ready",
                                            "message": request.app.state.stores_down}},
                                 status_code=503)
-        checks: dict[str, str] = {}
-        for name, ping in (("redis", reader.cache.ping), ("milvus", reader.milvus.ping)):
+        async def check(ping: Callable[[], Awaitable[None]]) -> str:
             try:
-                await ping()
-                checks[name] = "ok"
+                await asyncio.wait_for(ping(), READY_PING_S)
+                return "ok"
+            except TimeoutError:
+                return f"down: no answer in {READY_PING_S:g} s"
             except PinfreshError as exc:
-                checks[name] = f"down: {exc}"[:200]
+                return f"down: {exc}"[:200]
+
+        # both at once, each with a short deadline: /readyz answers within 2 s
+        got = await asyncio.gather(check(reader.cache.ping), check(reader.milvus.ping))
+        checks = dict(zip(("redis", "milvus"), got, strict=True))
         if all(v == "ok" for v in checks.values()):
             return JSONResponse({"status": "ready", "checks": checks})
         down = "; ".join(f"{name} {state}" for name, state in checks.items() if state != "ok")
@@ -344,7 +380,7 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
             raise ApiError(413, "too_many_ids",
                            f"{len(body.pin_ids)} pin ids > limit {api.max_batch}: split the batch")
         reader = _reader(request)
-        res = await reader.get_many(body.pin_ids, body.version)
+        res = await _within(deadline, reader.get_many(body.pin_ids, body.version))
         if body.encoding == "binary":
             arr = res.vectors.astype(np.dtype(body.dtype).newbyteorder("<"))
             return Response(arr.tobytes(), media_type="application/octet-stream", headers={
@@ -393,18 +429,23 @@ def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -
         if (body.pin_id is None) == (body.vector is None):
             raise ApiError(422, "invalid_request", "give exactly one of pin_id or vector")
         reader = _reader(request)
-        version = await reader.resolve_version(body.version)
+        loop = asyncio.get_running_loop()
+        until = loop.time() + deadline  # one deadline for the read's every store call
+        version = await _within(deadline, reader.resolve_version(body.version),
+                                until - loop.time())
         vec = None
         if body.vector is not None:
             vec = np.asarray(body.vector, dtype=np.float32)
-            dim, _ = await reader.cache.version_info(version)
+            dim, _ = await _within(deadline, reader.cache.version_info(version),
+                                   until - loop.time())
             if vec.shape != (dim,) or not np.isfinite(vec).all():
                 raise ApiError(422, "bad_vector",
                                f"vector must be {dim} finite floats for version {version}")
         # a caption filter keeps its matches among the 5k nearest (k <= max_k, checked above)
         fetch = body.k * 5 if body.filter.caption_contains else body.k
-        _, hits = await reader.similar(pin_id=body.pin_id, vector=vec, k=fetch,
-                                       version=version, exclude=body.filter.exclude)
+        _, hits = await _within(deadline, reader.similar(
+            pin_id=body.pin_id, vector=vec, k=fetch, version=version,
+            exclude=body.filter.exclude), until - loop.time())
         needle = (body.filter.caption_contains or "").lower()
         kept = [h for h in hits if needle in h.caption.lower()]
         return {"version": version, "hits": [

@@ -100,3 +100,8 @@ class ApiSettings(BaseModel):
     max_k: int = Field(100, ge=1, description="largest k for similar")
     max_body_bytes: int = Field(1 << 20, ge=1024,
                                 description="largest request body, checked before parsing")
+    read_deadline_s: float = Field(
+        3.0, gt=0, le=60, description="a read (batchGet, similar) whose stores have not "
+        "answered in this long answers 503 store_unavailable; the API's store calls use it "
+        "as their deadline too (the workers keep PINFRESH_MILVUS__DEADLINE_S). /readyz "
+        "answers within 2 s")

@@ -68,6 +68,64 @@ async def served_over_http(app) -> AsyncIterator[str]:
         await asyncio.to_thread(thread.join, 60)
 
 
+class Relay:
+    """A TCP relay to a local service that can misbehave like a network or a server.
+
+    `freeze`: nothing goes through either way until `thaw` (a frozen server: the
+    client's requests wait unanswered). `drop_next_reply`: the next bytes the
+    service sends are dropped and the client's connection is closed, after the
+    service ran the command (a reset connection or a timeout, as a client sees it).
+    """
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.dropped = 0
+        self._drop = False
+        self._open = asyncio.Event()
+        self._open.set()
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self) -> int:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+    def freeze(self) -> None:
+        self._open.clear()
+
+    def thaw(self) -> None:
+        self._open.set()
+
+    def drop_next_reply(self) -> None:
+        self._drop = True
+
+    async def _serve(self, creader, cwriter) -> None:
+        sreader, swriter = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(reader, writer, replies: bool) -> None:
+            try:
+                while data := await reader.read(1 << 16):
+                    await self._open.wait()
+                    if replies and self._drop:
+                        self._drop = False
+                        self.dropped += 1
+                        cwriter.transport.abort()
+                        swriter.close()
+                        return
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        await asyncio.gather(pipe(creader, swriter, False), pipe(sreader, cwriter, True))
+
+    async def close(self) -> None:
+        self._open.set()
+        if self.server is not None:
+            self.server.close()
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory, request) -> Iterator[StackInfo]:
     """The shared embedded stack; ``cluster``: Valkey as a cluster (``--redis-cluster 3``)."""

@@ -19,6 +19,7 @@ from store.config import ApiSettings, MilvusSettings, RedisSettings
 from store.milvus import MilvusStore
 from store.redis import RedisCache
 from streams.runtime.stack import EmbeddedStack, StackSettings
+from tests.integration.conftest import Relay
 
 pytestmark = pytest.mark.integration
 DIM = 16
@@ -420,3 +421,42 @@ async def test_graft_ask_reads_the_cache_and_checks_the_version(api, stack, tmp_
                                   env=env)
     assert isinstance(bad.exception, VersionMismatch)
     assert "trained on encoder version vb" in str(bad.exception)
+
+
+async def test_reads_answer_within_their_deadline_when_a_store_freezes(stack, request):
+    """A frozen Milvus (then a frozen Valkey): reads the cache can answer still answer;
+    a miss, `similar` and /readyz answer 503 at the API's read deadline (1 s here), not
+    after the writers' 30 s."""
+    prefix = f"fz{abs(hash(request.node.name)) % 10**6}"
+    await _seed(stack.redis_url, stack.milvus_uri, prefix)
+    to_milvus = Relay(int(stack.milvus_uri.rsplit(":", 1)[1]))
+    to_redis = Relay(int(stack.redis_url.rsplit(":", 1)[1].split("/")[0]))
+    mport, rport = await to_milvus.start(), await to_redis.start()
+    app = create_app(ApiSettings(read_deadline_s=1.0),
+                     RedisSettings(url=f"redis://127.0.0.1:{rport}/0", key_prefix=prefix),
+                     MilvusSettings(uri=f"http://127.0.0.1:{mport}", collection_prefix=prefix))
+    cached = {"pin_ids": ["cat-1", "cat-2"]}
+    try:
+        async with _serving(app) as http:
+            assert (await http.post("/v1/embeddings:batchGet", json=cached)).status_code == 200
+            to_milvus.freeze()
+            r = await http.post("/v1/embeddings:batchGet", json=cached)
+            assert r.status_code == 200 and r.json()["found"] == [True, True]
+            for path, body in (("/v1/embeddings:batchGet", {"pin_ids": ["dog-7"]}),
+                               ("/v1/similar", {"pin_id": "cat-1", "k": 3})):
+                r = await http.post(path, json=body)
+                assert r.status_code == 503, r.text
+                assert "read deadline (1 s" in r.json()["error"]["message"]
+            r = await http.get("/readyz")
+            assert r.status_code == 503 and r.json()["checks"]["redis"] == "ok"
+            assert r.json()["checks"]["milvus"].startswith("down")
+            to_milvus.thaw()
+            to_redis.freeze()
+            r = await http.post("/v1/embeddings:batchGet", json=cached)
+            assert r.status_code == 503 and "read deadline" in r.json()["error"]["message"]
+            r = await http.get("/readyz")
+            assert r.status_code == 503 and r.json()["checks"]["redis"].startswith("down")
+            to_redis.thaw()
+    finally:
+        await to_milvus.close()
+        await to_redis.close()

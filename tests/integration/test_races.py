@@ -21,6 +21,7 @@ from streams.events import PinEvent
 from streams.processor import Message, PinProcessor
 from streams.runtime.stack import free_port
 from streams.settings import WorkerSettings
+from tests.integration.conftest import Relay
 from tests.unit.fakes import FakeDLQ, FakeEncoder, FakeFetcher
 
 pytestmark = pytest.mark.integration
@@ -372,51 +373,10 @@ async def test_look_ups_of_known_pins_wait_for_no_time_tick(real):
     assert counted.levels == []
 
 
-class DroppingProxy:
-    """A TCP proxy to Valkey that can lose one reply: once armed, the next bytes the
-    server sends are dropped and the client's connection is closed, after the server
-    ran the command (what a reset connection or a timeout looks like to a client)."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.armed = False
-        self.dropped = 0
-        self.server: asyncio.base_events.Server | None = None
-
-    async def start(self) -> int:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        return self.server.sockets[0].getsockname()[1]
-
-    async def _serve(self, creader, cwriter) -> None:
-        sreader, swriter = await asyncio.open_connection("127.0.0.1", self.target_port)
-
-        async def pipe(reader, writer, replies: bool) -> None:
-            try:
-                while data := await reader.read(1 << 16):
-                    if replies and self.armed:
-                        self.armed = False
-                        self.dropped += 1
-                        cwriter.transport.abort()
-                        swriter.close()
-                        return
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                writer.close()
-
-        await asyncio.gather(pipe(creader, swriter, False), pipe(sreader, cwriter, True))
-
-    async def close(self) -> None:
-        if self.server is not None:
-            self.server.close()
-
-
 class GatedRelease:
     """A RedisCache whose releases wait for ``gate``; the proxy loses the first one's reply."""
 
-    def __init__(self, cache: RedisCache, proxy: DroppingProxy) -> None:
+    def __init__(self, cache: RedisCache, proxy: Relay) -> None:
         self.cache, self.proxy = cache, proxy
         self.gate, self.reached = asyncio.Event(), asyncio.Event()
         self.lose_one = True
@@ -429,7 +389,7 @@ class GatedRelease:
         await self.gate.wait()
         if self.lose_one:
             self.lose_one = False
-            self.proxy.armed = True
+            self.proxy.drop_next_reply()
         return await self.cache.release(token, pins)
 
 
@@ -440,7 +400,7 @@ async def test_a_lost_release_reply_keeps_the_write_again_signal(real, stack, fa
     again: it must still answer "write again", or Milvus stays at v5."""
     milvus, cache = real
     await proc(milvus, cache).start()
-    proxy = DroppingProxy(int(stack.redis_url.rsplit(":", 1)[1].split("/")[0]))
+    proxy = Relay(int(stack.redis_url.rsplit(":", 1)[1].split("/")[0]))
     port = await proxy.start()
     via = RedisCache(RedisSettings(url=f"redis://127.0.0.1:{port}/0",
                                    key_prefix=cache.settings.key_prefix, writer_ttl_s=20))
