@@ -341,6 +341,8 @@ class _Batch:
     #: pins whose primary-version entry this batch wrote to Redis (not refused as stale)
     written: set[str] = field(default_factory=set)
     primary: str = ""
+    #: pin id -> the message value its event came in, byte for byte (for its dead letter)
+    raw: dict[str, bytes | None] = field(default_factory=dict)
     #: pin id -> its event (a batch holds one event per pin)
     by_pin: dict[str, PinEvent] = field(init=False)
 
@@ -351,6 +353,10 @@ class _Batch:
         """Dead-letter one event (its first failure wins)."""
         i = next(k for k, e in enumerate(self.events) if e is ev)
         self.failed.setdefault(i, letter)
+
+    def original(self, ev: PinEvent) -> bytes | None:
+        """The message value ``ev`` was parsed from, as sent (not re-serialised)."""
+        return self.raw[ev.pin_id] if ev.pin_id in self.raw else ev.to_bytes()
 
     def has_failed(self, ev: PinEvent) -> bool:
         """Whether this very event has a dead letter already."""
@@ -473,6 +479,7 @@ class PinProcessor:
         # Step 1. Parse: one letter per bad message, the newest event per pin
         letters: list[DeadLetter] = []
         events: dict[str, PinEvent] = {}
+        raws: dict[str, bytes | None] = {}
         for msg in messages:
             try:
                 ev = parse_event(msg.value)
@@ -489,9 +496,10 @@ class PinProcessor:
             cur = events.get(ev.pin_id)
             if cur is None or ev.version >= cur.version:
                 events[ev.pin_id] = ev
+                raws[ev.pin_id] = msg.value
             if cur is not None:
                 report.skipped += 1
-        batch = _Batch(list(events.values()), report)
+        batch = _Batch(list(events.values()), report, raw=raws)
         if batch.events:
             self.hooks.before_batch(batch.events)
             await self._apply(batch)
@@ -783,7 +791,7 @@ class PinProcessor:
                 ev = self._event(batch, recs[0].pin_id)
                 if ver == batch.primary:
                     logger.error("Milvus refused pin %s: %s", ev.pin_id, exc)
-                    batch.fail(ev, self._letter(exc.reason, str(exc), ev.to_bytes(),
+                    batch.fail(ev, self._letter(exc.reason, str(exc), batch.original(ev),
                                                 ev.pin_id))
                 else:
                     logger.error("Milvus refused pin %s in version %s (not the live one): "
@@ -882,8 +890,12 @@ class PinProcessor:
                 report.repaired += len(res.written)
 
     # ------------------------------------------------------------------ fetch
-    async def _fetch_one(self, ev: PinEvent, first: int = 1) -> bytes | DeadLetter:
-        """Fetch with retries of transient errors, from attempt ``first`` on."""
+    async def _fetch_one(self, ev: PinEvent, raw: bytes | None, first: int = 1
+                         ) -> bytes | DeadLetter:
+        """Fetch with retries of transient errors, from attempt ``first`` on.
+
+        ``raw``: the event's message as sent, for its dead letter.
+        """
         assert ev.image is not None  # guaranteed by PinEvent validation
         image = ev.image
         backoff = self._backoff()
@@ -905,18 +917,19 @@ class PinProcessor:
                                attempts=self.settings.fetch_attempts - first + 1,
                                on_retry=note)
         except Rejected as exc:
-            return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, tried)
+            return self._letter(exc.reason, str(exc), raw, ev.pin_id, tried)
         except Exception as exc:  # noqa: BLE001 - never raise out of the agent
-            return self._letter(Reason.FETCH_FAILED, f"unexpected: {exc!r}", ev.to_bytes(),
+            return self._letter(Reason.FETCH_FAILED, f"unexpected: {exc!r}", raw,
                                 ev.pin_id, tried)
 
-    async def _retry_fetch(self, ev: PinEvent, exc: FetchError) -> bytes | DeadLetter:
+    async def _retry_fetch(self, ev: PinEvent, raw: bytes | None, exc: FetchError
+                           ) -> bytes | DeadLetter:
         """After a first attempt failed with ``exc``: give up, or wait and try again."""
         if not isinstance(exc, TransientRejection) or self.settings.fetch_attempts <= 1:
-            return self._letter(exc.reason, str(exc), ev.to_bytes(), ev.pin_id, 1)
+            return self._letter(exc.reason, str(exc), raw, ev.pin_id, 1)
         metrics.RETRIES.labels(stage="fetch").inc()
         await self._backoff().wait(exc.retry_after or 0.0)
-        return await self._fetch_one(ev, first=2)
+        return await self._fetch_one(ev, raw, first=2)
 
     async def _fetch_all(self, events: list[PinEvent], batch: _Batch
                          ) -> dict[str, tuple[bytes, str]]:
@@ -937,8 +950,9 @@ class PinProcessor:
                                                 for r in first]
         again_idx = [i for i, r in enumerate(first) if isinstance(r, FetchError)]
         if again_idx:
-            again = await asyncio.gather(*(self._retry_fetch(events[i], first[i])  # type: ignore[arg-type]
-                                           for i in again_idx))
+            again = await asyncio.gather(*(
+                self._retry_fetch(events[i], batch.original(events[i]), first[i])  # type: ignore[arg-type]
+                for i in again_idx))
             for i, later in zip(again_idx, again, strict=True):
                 got[i] = later
         batch.report.add_time("fetch", t)
@@ -987,7 +1001,8 @@ class PinProcessor:
             now = time.time()
             for ev, res in zip(encode, results, strict=True):
                 if isinstance(res, ImageError):  # one dead letter per event, not per version
-                    batch.fail(ev, self._letter(res.reason, str(res), ev.to_bytes(), ev.pin_id))
+                    batch.fail(ev, self._letter(res.reason, str(res), batch.original(ev),
+                                                ev.pin_id))
                 else:
                     records.append(self._record(ver, ev, res, fetched[ev.pin_id][1], now))
         return records

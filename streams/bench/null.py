@@ -338,6 +338,9 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
     console.print(f"process logs: {logs}")
     with private_stack(base, root) as (s, _tmp):
         s = s.model_copy(update={"kafka": s.kafka.model_copy(update={"partitions": 8})})
+        # what a look-up would wait at each consistency level in a process that writes
+        consistency = asyncio.run(read_after_write_ms(s))
+        console.print(f"query right after an upsert, median ms: {consistency}")
         for source in sources:
             src_items = items
             ctx: contextlib.AbstractContextManager[str | None] = contextlib.nullcontext(None)
@@ -423,6 +426,8 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
         "one_feeder_vs_bare_consumer": round(one / bare, 3) if one and bare else None,
         "feeder_cpu_ms_per_pin": cpu("feeders"),
         "feeder_cpu_target_ms_per_pin": 0.35,
+        # median ms of a query by id right after the same client's upsert, per level
+        "read_after_write_ms_by_consistency": consistency,
         # CPU per pin x pins/s: the share of a core the stream processes kept busy
         "busy_cores": {src: {f"{kind}x{n}": rate(kind, n, src, "busy_cores")
                              for kind, n in [("bare", 1), ("in-process", 1)]
@@ -482,6 +487,8 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
             rows.append((f"{source}: {label}, pins/s (median; runs)",
                          f"{rate(kind, n, source)} ({', '.join(f'{x:.0f}' for x in runs)})"))
     rows.append(("1 feeder / bare consumer", report["one_feeder_vs_bare_consumer"]))
+    rows.append(("query right after an upsert, median ms by consistency",
+                 " ".join(f"{k}={v}" for k, v in consistency.items())))
     for source in sources:
         for label, busy in report["busy_cores"][source].items():
             rows.append((f"{source}: {label} busy cores (CPU per pin x pins/s)", busy))
@@ -505,3 +512,37 @@ def _run_null_bench(settings: Settings, pins: int, feeders: Sequence[int],
     emit(f"pinfresh bench pipeline --encoder null ({pins} pins per round, median of {repeat})",
          rows, report, out, console)
     return report
+
+
+async def read_after_write_ms(s: Settings, samples: int = 15) -> dict[str, float]:
+    """Median ms of a by-id query issued right after the same client's upsert, per level.
+
+    What a look-up costs at each consistency level in a process that writes
+    all the time (a feeder): Session and Strong wait for the server's next
+    time tick, Bounded and Eventually do not.
+    """
+    import numpy as np
+
+    from store.base import EmbeddingRecord
+    from store.milvus import MilvusStore
+
+    prefix = f"cons{int(time.time() * 1000) % 10_000_000}"
+    store = MilvusStore(s.milvus.model_copy(update={"collection_prefix": prefix}))
+    out: dict[str, float] = {}
+    try:
+        await store.ensure_version("c", 8)
+        vec = np.ones(8, dtype=np.float32) / np.sqrt(8)
+        for level in ("Strong", "Session", "Bounded", "Eventually"):
+            times = []
+            for i in range(samples):
+                rec = EmbeddingRecord(f"p{i}", vec, "c", "h", i, time.time(), time.time(), "",
+                                      "", {})
+                await store.upsert("c", [rec])
+                t = time.perf_counter()
+                await store.get_states("c", [f"p{i}"], consistency=level)  # type: ignore[arg-type]
+                times.append(1000 * (time.perf_counter() - t))
+            out[level] = round(statistics.median(times), 1)
+        await store.drop_version("c")
+    finally:
+        await store.close()
+    return out

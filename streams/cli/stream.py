@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from streams.cli.base import Ctx, cli, console, pass_ctx
+from streams.cli.base import Ctx, cli, console, err_console, pass_ctx
 
 
 @cli.group()
@@ -32,7 +32,11 @@ def catalog_prepare(ctx: Ctx, emoji: bool) -> None:
     )
 
     data = ctx.settings.stack.data_dir.resolve()
-    path = prepare_sample_catalog(data)
+    try:
+        path = prepare_sample_catalog(data)
+    except CatalogError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False)
+        raise SystemExit(1) from exc
     console.print(f"{sum(1 for _ in load_catalog(path))} pins -> {path}")
     from streams.runtime.catalog import catalog_root_of
 

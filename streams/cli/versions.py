@@ -166,8 +166,9 @@ def versions_retire(ctx: Ctx, version: str, wait_s: float) -> None:
               help="allow file paths under this dir, as `worker --catalog-root` "
               "[PINFRESH_FETCH__CATALOG_ROOT]")
 @click.option("--encoder-socket", type=click.Path(path_type=Path, dir_okay=False),
-              help="encode through this encoder process (a `--feeders` pool's, e.g. "
-              "data/run/encoder-0.sock): it loads VERSION on its GPU and this command loads "
+              help="encode through this encoder process (a `--feeders` pool's: "
+              "data/run/encoder-<GPU>.sock, e.g. encoder-0.sock; a CPU pool's is "
+              "encoder-cpu.sock): it loads VERSION on its device and this command loads "
               "no model [PINFRESH_ENCODER__REMOTE]")
 @pass_ctx
 def backfill(ctx: Ctx, target: str, batch: int, max_rate: float | None, yield_lag: int,

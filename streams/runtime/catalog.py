@@ -123,10 +123,20 @@ def scan_directory(root: Path, prefix: str = "img", require_caption: bool = Fals
 
 
 def prepare_sample_catalog(data_dir: Path) -> Path:
-    """Write ``<data_dir>/catalog/tuxpaint.jsonl`` (installing the stamps if needed)."""
+    """Write ``<data_dir>/catalog/tuxpaint.jsonl`` (installing the stamps if needed).
+
+    Raises:
+        CatalogError: no captioned stamp was found (the package is missing, or
+            still being installed by another command).
+    """
     out = data_dir / "catalog" / "tuxpaint.jsonl"
     root = stamps_dir(data_dir)
     items = scan_directory(root, prefix="tux", require_caption=True)
+    if not items:
+        raise CatalogError(
+            f"no captioned Tux Paint stamp under {root}: the tuxpaint-stamps package is "
+            "missing or still being installed; run `pinfresh catalog prepare` again once it "
+            "is there")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     with open(tmp, "w") as f:

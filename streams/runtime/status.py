@@ -314,7 +314,8 @@ def render(st: dict[str, Any]) -> Group:
     for key in ("pipeline", "lag_total", "events_in_per_s", "events_out_per_s",
                 "pins_encoded_per_s", "freshness_p50_s", "freshness_p95_s", "freshness_p99_s",
                 "dlq_total", "live_version"):
-        head.add_row(key, str(st.get(key, "-")))
+        value = st.get(key)
+        head.add_row(key, "-" if value is None else str(value))  # "-": nothing known
     if st.get("partitions_stalled"):
         head.add_row("partitions stalled", ", ".join(map(str, st["partitions_stalled"])))
     if st.get("pipeline_why"):

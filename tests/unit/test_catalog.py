@@ -36,3 +36,20 @@ def test_training_prepares_a_missing_default_catalog(tmp_path):
     assert path == s.paths.catalog("tuxpaint")
     lines = path.read_text().splitlines()
     assert len(lines) > 100 and all('"caption"' in x for x in lines[:5])
+
+
+def test_prepare_with_no_stamps_says_so_and_exits_non_zero(tmp_path, monkeypatch):
+    """The stamps package still installing (an empty folder): not a catalog of 0 pins."""
+    from click.testing import CliRunner
+
+    import streams.runtime.catalog as cat
+    from streams.cli import cli
+
+    empty = tmp_path / "stamps"
+    empty.mkdir()
+    monkeypatch.setattr(cat, "stamps_dir", lambda _data: empty)
+    with pytest.raises(CatalogError, match="no captioned Tux Paint stamp"):
+        cat.prepare_sample_catalog(tmp_path)
+    monkeypatch.setenv("PINFRESH_STACK__DATA_DIR", str(tmp_path))
+    res = CliRunner().invoke(cli, ["catalog", "prepare", "--no-emoji"])
+    assert res.exit_code == 1 and "no captioned Tux Paint stamp" in res.output

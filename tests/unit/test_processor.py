@@ -331,3 +331,18 @@ async def test_writer_reports_go_out_when_they_change_and_the_newest_lands_last(
     assert cache.writer_reports[proc.worker_name]["batches"] == []
     await proc.process([up("a", "/c/a.png", 2)])  # the state changed since: sent again
     assert sent[-2:] == [[[enc.version]], []]
+
+
+async def test_a_dead_letter_keeps_the_message_as_sent_byte_for_byte(parts):
+    """A parsed event's letter holds its message value as it came (spacing, key order),
+    with the size and sha256 of those bytes, not of a re-serialised event."""
+    import hashlib
+
+    proc, *_, dlq = parts
+    sent = (b'{ "pin_id": "m",  "op": "upsert", "version": 1,\n "image": "/c/missing.png", '
+            b'"event_time": 100.0 }')
+    await proc.process([Message(b"m", sent)])
+    letter = dlq.letters[0]
+    assert letter.original_bytes() == sent
+    assert letter.original_size == len(sent)
+    assert letter.original_sha256 == hashlib.sha256(sent).hexdigest()
