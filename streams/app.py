@@ -200,7 +200,8 @@ class DrainingWorker(faust.Worker):
     flight, commits the acknowledged offsets, reads the group's committed
     offsets back from the broker and checks that they reach every offset the
     agent acknowledged. It logs the committed offset of every partition,
-    leaves the consumer group (so its partitions move at once, not after the
+    leaves the consumer group unless it is the group's leader (`_leave_group`:
+    so its partitions move at once, not after the
     session timeout) and exits 0 only when the in-flight batch finished and
     the commit is confirmed; otherwise it exits 1 (the unconfirmed events are redelivered to
     the next owner, which the processor's idempotence makes harmless).
@@ -262,14 +263,32 @@ class DrainingWorker(faust.Worker):
         """Leave the consumer group, so its partitions move to the other members now.
 
         Without it they sit idle until the broker's session timeout expires.
-        Best effort, through Faust's consumer thread to aiokafka's coordinator
-        (their internals: anything missing is logged and the exit goes on).
+        The group's leader does not leave: the embedded broker (Tansu 0.6.0,
+        ``Forming::leave`` in its group administrator) keeps a leader that
+        leaves a group in the middle of a rebalance as the group's leader for
+        good, and no later member then finishes its join (a restarted pool sat
+        idle: 5 of 8 restarts). A leader that stops heartbeating is evicted
+        after ``PINFRESH_KAFKA__SESSION_TIMEOUT_S``, which clears it, so its
+        partitions move then. Best effort, through Faust's consumer thread to
+        aiokafka's coordinator (their internals: anything missing is logged and
+        the exit goes on).
         """
         try:
             thread = self._pinfresh_app.consumer._thread  # type: ignore[attr-defined]
             coordinator = thread._consumer._coordinator
-            fut = asyncio.run_coroutine_threadsafe(coordinator._maybe_leave_group(),
-                                                   thread.thread_loop)
+            # the leader ran the assignment of the current generation (aiokafka keeps its
+            # group's subscription then; Faust gives it the leader topic's partition)
+            leader = (getattr(coordinator, "_group_subscription", None) is not None
+                      or self._pinfresh_app.is_leader())
+            if leader:
+                logger.info("drain: the group's leader does not leave %s; its partitions "
+                            "move after the session timeout (%.0f s)", self._kafka.group_id,
+                            self._kafka.session_timeout_s)
+                return
+            # close, not a bare leave: close stops the coordination loop first. After a
+            # bare LeaveGroup that loop (still subscribed) sends a JoinGroup at once, and
+            # the process exits during it, leaving a member that never syncs
+            fut = asyncio.run_coroutine_threadsafe(coordinator.close(), thread.thread_loop)
             await asyncio.wait_for(asyncio.wrap_future(fut), 5.0)
             logger.info("drain: left consumer group %s", self._kafka.group_id)
         except Exception as exc:  # noqa: BLE001 - best effort before exiting

@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -337,3 +338,26 @@ async def test_dlq_replay_reads_the_whole_topic_and_refuses_letters_past_the_tom
     assert open_keys() == {}
     status = await collect_status(pipeline.settings, interval=0.1)
     assert status["dlq_total"] == 0 and status["dlq_letters_on_topic"] == 304
+
+
+async def test_a_pool_stopped_and_started_20_times_with_a_backlog_consumes_every_time(
+        pipeline, catalog):
+    """A 2-feeder pool drained (SIGTERM) and started again, 20 times, each time with new
+    events waiting: every start consumes them, within 90 s (observed 9-23 s on the dev
+    machine). Before, when the group's leader left while the group was re-forming, the
+    embedded broker kept it as leader for good and a later start never consumed."""
+    from tests.integration.conftest import feeder_pool
+
+    s = pipeline.settings.model_copy(update={
+        "encoder": pipeline.settings.encoder.model_copy(update={"model": "null"})})
+    took = []
+    for r in range(20):
+        items = [replace(it, pin_id=f"restart{r}-{i}") for i, it in enumerate(catalog[:10])]
+        await pipeline.publish([it.event(1) for it in items])
+        t0 = time.monotonic()
+        with feeder_pool(s, pipeline.logs / f"pool-{r}.log") as pool:
+            meta = await pipeline.wait([it.pin_id for it in items], timeout=90)
+            assert len(meta) == len(items), f"start {r} consumed nothing: {pool.log()[-3000:]}"
+            took.append(round(time.monotonic() - t0, 1))
+            assert pool.stop() == 0, pool.log()[-3000:]  # drained and committed
+    assert len(took) == 20, took
