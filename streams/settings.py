@@ -73,6 +73,9 @@ class StackSettings(BaseModel):
     stop_timeout_s: float = Field(
         10.0, gt=0, description="SIGTERM grace before SIGKILL at `down` (a Milvus server "
         "that does not stop in time is killed; its WAL keeps the data)")
+    supervise: bool = Field(
+        True, description="run a supervisor beside the stack that starts a service that "
+        "exits again, with backoff, and counts it (`pinfresh status`)")
 
 
 class StackAddresses(Protocol):

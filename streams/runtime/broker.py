@@ -18,16 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 import sys
-from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
+from streams.runtime.deathsig import die_with
 from streams.runtime.objectstore import ObjectStore, make_app
 
 __all__ = ["BUCKET", "main"]
@@ -35,19 +34,6 @@ __all__ = ["BUCKET", "main"]
 #: The bucket (a folder under ``DIR/objects``) that holds the broker's log.
 BUCKET = "tansu"
 
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with(parent: int) -> Callable[[], None]:
-    """``preexec_fn`` for the broker: killed when ``parent`` (this wrapper) dies."""
-    prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here, not in the child
-
-    def run() -> None:  # pragma: no cover - runs in the child before exec
-        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-        if os.getppid() != parent:  # the wrapper died before prctl took effect
-            os._exit(1)
-
-    return run
 
 
 def _broker_env(port: int) -> dict[str, str]:
@@ -79,7 +65,7 @@ async def _run(args: argparse.Namespace) -> int:
            "--advertised-listener-url", args.listener_url,
            "--storage-engine", f"s3://{BUCKET}/"]
     proc = subprocess.Popen(cmd, env=_broker_env(port), stdin=subprocess.DEVNULL,
-                            preexec_fn=_die_with(os.getpid()))
+                            preexec_fn=die_with(os.getpid()))
     loop = asyncio.get_running_loop()
 
     def forward(sig: int) -> None:

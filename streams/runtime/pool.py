@@ -32,6 +32,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from streams.runtime.deathsig import die_with
+
 logger = logging.getLogger(__name__)
 
 RESTART_WINDOW_S = 600.0
@@ -165,7 +167,10 @@ class WorkerPool:
             env = child_env(child.device, child.metrics_slot, self.env, self.metrics_port,
                             remote)
             cmd = self.command
-        child.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        # SIGTERM (a drain) when the pool's process dies, even by SIGKILL: no pool is left
+        # running beside the next one
+        child.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL,
+                                      preexec_fn=die_with(os.getpid(), signal.SIGTERM))
         logger.info("%s started (pid %d)", child.label, child.proc.pid)
 
     def start(self) -> None:

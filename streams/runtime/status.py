@@ -39,6 +39,18 @@ async def _offsets(settings: Settings) -> tuple[dict[int, int], int]:
     return lag, sum(lag.values())
 
 
+def stack_view(settings: Settings) -> dict[str, Any] | None:
+    """The embedded stack's supervisor and its restarts (None: no embedded stack here)."""
+    from streams.runtime.stackstate import StackFile, pid_alive
+
+    info = StackFile(settings.stack.data_dir.resolve()).read()
+    if info is None:
+        return None
+    return {"supervisor": (f"running (pid {info.supervisor_pid})"
+                           if pid_alive(info.supervisor_pid) else "not running"),
+            "restarts": info.restarts, "held_down": info.held}
+
+
 def pid_gone(report: Mapping[str, Any], host: str | None = None) -> bool:
     """Whether a report comes from a process of this host that no longer exists."""
     pid = report.get("pid")
@@ -253,6 +265,7 @@ async def collect_status(settings: Settings, interval: float = 1.0,
                  "coverage": round(min(1.0, n / live_n), 4) if live_n else None}
                 for v in versions if v.state != "retired"
             ]
+    out["stack"] = stack_view(settings)
     for key in ("lag_total", "freshness_p99_s", "live_version", "dlq_total", "pipeline",
                 "partitions_stalled", "workers", "encoders"):
         out.setdefault(key, None)  # None: not known (its service is down)
@@ -322,6 +335,14 @@ def render(st: dict[str, Any]) -> Group:
         head.add_row("why", st["pipeline_why"])
     for name, state in st["health"].items():
         head.add_row(f"health: {name}", state)
+    stack = st.get("stack") or {}
+    if stack:
+        head.add_row("stack supervisor", stack["supervisor"])
+        for name, rec in sorted(stack["restarts"].items()):
+            when = time.strftime("%H:%M:%S", time.localtime(rec.get("last_at", 0)))
+            head.add_row(f"stack restarts: {name}", f"{rec.get('count', 0)} (last at {when}"
+                         + (f": {rec['last_error'][:80]}" if rec.get("last_error") else "")
+                         + ")")
     parts = Table(title="consumer lag by partition")
     parts.add_column("partition")
     parts.add_column("lag", justify="right")

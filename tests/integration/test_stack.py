@@ -104,6 +104,10 @@ def test_cli_up_status_down(tmp_path):
     assert not (tmp_path / "stack.json").exists()
     with socket.socket() as s:
         assert s.connect_ex(("127.0.0.1", info["redis"]["port"])) != 0
+    # every service gone: status says so and exits 3 (it exited 0 before)
+    gone = run("status", "--json")
+    assert gone.returncode == 3, gone.stdout[-2000:] + gone.stderr[-2000:]
+    assert all(v.startswith("down") for v in json.loads(gone.stdout)["health"].values())
     # the services' logs are text: no terminal escapes
     kafka_log = (tmp_path / "logs" / "kafka.log").read_text(errors="replace")
     assert "INFO" in kafka_log, kafka_log[-2000:]
@@ -246,3 +250,45 @@ def test_milvus_data_of_the_other_engine_is_refused(tmp_path):
     with pytest.raises(StackError, match="PINFRESH_STACK__MILVUS=lite"):
         st.start()
     assert st.read() is None
+
+
+def test_the_stack_restarts_a_service_that_exits_and_up_waits_for_a_dying_one(tmp_path):
+    """A service that exits (SIGKILL, not a held kill) is started again by the stack's
+    supervisor, on its port and data, and counted; `up` right after a kill counts the
+    broker as running only once it answers (it said "started: nothing" while the
+    broker was gone)."""
+    from streams.runtime.stack import check_kafka, check_redis
+    from streams.runtime.stackstate import pid_alive
+    from streams.runtime.status import stack_view
+    from streams.settings import Settings
+
+    st = EmbeddedStack(StackSettings(data_dir=tmp_path, kafka_port=0, redis_port=0,
+                                     milvus_port=0))
+    info = st.start()
+    try:
+        assert pid_alive(info.supervisor_pid)
+        os.killpg(info.redis.pid, signal.SIGKILL)  # a crash: nobody asked for it
+        deadline = time.monotonic() + 180
+        while True:
+            now = st.read()
+            if now.redis.pid != info.redis.pid and now.restarts.get("redis", {}).get("count"):
+                try:
+                    check_redis(now.redis_url)
+                    break
+                except Exception:  # noqa: BLE001 - still starting
+                    pass
+            assert time.monotonic() < deadline, (tmp_path / "logs/supervisor.log").read_text()
+            time.sleep(0.2)
+        assert now.redis.port == info.redis.port
+        settings = Settings().model_copy(update={"stack": StackSettings(data_dir=tmp_path)})
+        view = stack_view(settings)
+        assert view["supervisor"].startswith("running") and view["restarts"]["redis"][
+            "count"] == 1 and view["restarts"]["redis"]["last_error"] is None
+        # `up` a moment after the broker was killed: it returns with a broker that answers
+        os.killpg(now.kafka.pid, signal.SIGKILL)
+        st.start()
+        check_kafka(st.read().kafka_bootstrap)
+        assert st.read().kafka.port == info.kafka.port
+    finally:
+        st.stop()
+    assert not pid_alive(info.supervisor_pid)

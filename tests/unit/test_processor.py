@@ -346,3 +346,16 @@ async def test_a_dead_letter_keeps_the_message_as_sent_byte_for_byte(parts):
     assert letter.original_bytes() == sent
     assert letter.original_size == len(sent)
     assert letter.original_sha256 == hashlib.sha256(sent).hexdigest()
+
+
+async def test_an_idle_worker_reports_at_every_refresh(parts):
+    """No batches: the periodic write-set refresh still sends the writer report, so
+    `status` tells an idle worker from one that stopped (its report aged 70-140 s)."""
+    proc, *_, cache, _fetcher, _dlq = parts
+    proc.report_extra = lambda: {"partitions": [3], "pid": 42}
+    await proc.refresh_write_set()
+    first = cache.writer_reports[proc.worker_name]
+    assert first["partitions"] == [3] and first["pid"] == 42
+    await proc.refresh_write_set()
+    assert cache.writer_reports[proc.worker_name]["at"] >= first["at"]
+    assert cache.writer_reports[proc.worker_name] is not first  # sent again, not skipped

@@ -291,3 +291,32 @@ def test_a_field_name_several_sections_have_lists_every_candidate():
 
     (name, hint), = unknown_env(["PINFRESH_TIMEOUT_S"])
     assert hint is not None and "PINFRESH_MILVUS__TIMEOUT_S" in hint and " or " in hint
+
+
+def test_a_failed_first_start_leaves_no_engine_marker(tmp_path, monkeypatch):
+    """Without network namespaces `up` fails and advises PINFRESH_STACK__MILVUS=lite;
+    following the advice must work: the engine is recorded only once it has started."""
+    import pytest as _pytest
+
+    from encoder.errors import StackError
+    from streams.runtime import services
+    from streams.runtime.stack import EmbeddedStack
+    from streams.runtime.stackstate import ServiceInfo
+    from streams.settings import StackSettings
+
+    def fake_spawn(data_dir, name, cmd, port, bus_port=0, pass_fds=()):
+        return ServiceInfo(name=name, pid=0, port=port, log="")
+
+    def no_namespaces(data_dir, host, port):
+        raise StackError("user namespaces are off: ... or set PINFRESH_STACK__MILVUS=lite")
+
+    monkeypatch.setattr(services, "spawn", fake_spawn)
+    monkeypatch.setattr(services, "kafka_cmd", lambda *a: ["kafka"])
+    monkeypatch.setattr(services, "redis_cmd", lambda *a: ["redis"])
+    monkeypatch.setattr(services, "spawn_milvus_server", no_namespaces)
+    st = EmbeddedStack(StackSettings(data_dir=tmp_path, kafka_port=0, redis_port=0,
+                                     milvus_port=0, supervise=False))
+    with _pytest.raises(StackError, match="MILVUS=lite"):
+        st.start()
+    assert not (tmp_path / "milvus" / "ENGINE").exists() and st.read() is None
+    assert services.milvus_engine(tmp_path, "lite") == "lite"  # the advice is not refused

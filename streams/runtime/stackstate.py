@@ -1,0 +1,222 @@
+"""The embedded stack's record: ``<data_dir>/stack.json``, its lock and process helpers.
+
+`streams.runtime.stack.EmbeddedStack` (``pinfresh up``, ``down``, ``restart``)
+and the stack's supervisor (`streams.runtime.supervisor`) both change the
+record; every change happens under one file lock (`StackFile.lock`), so a
+service is never started twice at once, whoever notices it is down.
+
+``stack.json`` holds, per service, its pid, port and log, and for the stack:
+the Milvus engine and the broker's log engine it runs, the supervisor's pid,
+the services held down on purpose (`EmbeddedStack.kill_service`: the
+supervisor leaves them alone) and how often the supervisor restarted each
+service, when, and why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["ServiceInfo", "StackFile", "StackInfo", "free_port", "free_ports", "pid_alive",
+           "port_in_use", "service_of"]
+
+
+@dataclass
+class ServiceInfo:
+    """One running embedded service."""
+
+    name: str
+    pid: int
+    port: int
+    log: str
+    #: Valkey Cluster bus port (0: not a cluster node).
+    bus_port: int = 0
+
+
+@dataclass
+class StackInfo:
+    """The running stack, as written to ``stack.json``."""
+
+    host: str
+    kafka: ServiceInfo
+    redis: ServiceInfo
+    milvus: ServiceInfo
+    #: Valkey Cluster nodes after the first (``redis``); empty for one plain node.
+    redis_nodes: list[ServiceInfo] = field(default_factory=list)
+    redis_cluster: bool = False
+    #: ``server`` (a Milvus standalone server) or ``lite`` (Milvus Lite).
+    milvus_engine: str = "server"
+    #: where the running broker keeps its log: ``disk`` or ``memory`` (what a restart
+    #: of it loses); a stack.json from before the disk log has none: memory
+    kafka_log: str = "disk"
+    #: the supervisor watching the services (0: none)
+    supervisor_pid: int = 0
+    #: services stopped on purpose (a fault test's kill): the supervisor leaves them down
+    held: list[str] = field(default_factory=list)
+    #: per service: ``{"count", "last_at", "last_error"}`` of the supervisor's restarts
+    restarts: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def kafka_bootstrap(self) -> str:
+        """``host:port`` of the broker."""
+        return f"{self.host}:{self.kafka.port}"
+
+    @property
+    def redis_url(self) -> str:
+        """URL of Valkey: ``redis+cluster://`` (a seed node) when it runs as a cluster."""
+        if self.redis_cluster:
+            return f"redis+cluster://{self.host}:{self.redis.port}"
+        return f"redis://{self.host}:{self.redis.port}/0"
+
+    @property
+    def milvus_uri(self) -> str:
+        """URI of the Milvus gRPC endpoint."""
+        return f"http://{self.host}:{self.milvus.port}"
+
+    def services(self) -> list[ServiceInfo]:
+        """Every process: the broker, each Valkey node, Milvus."""
+        return [self.kafka, self.redis, *self.redis_nodes, self.milvus]
+
+    def redis_node(self, node: int) -> ServiceInfo:
+        """Valkey node ``node`` (0 is ``redis``)."""
+        return self.redis if node == 0 else self.redis_nodes[node - 1]
+
+    def service(self, name: str, node: int = 0) -> ServiceInfo:
+        """The service ``name`` (``redis`` with ``node`` for a cluster node)."""
+        svc: ServiceInfo = self.redis_node(node) if name == "redis" else getattr(self, name)
+        return svc
+
+    def replace(self, name: str, node: int, new: ServiceInfo) -> None:
+        """Record ``new`` as service ``name`` (node ``node``)."""
+        if name == "redis" and node > 0:
+            self.redis_nodes[node - 1] = new
+        else:
+            setattr(self, name, new)
+
+
+class StackFile:
+    """``stack.json`` of one data dir, and the lock every change takes."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = data_dir / "stack.json"
+        self._lock_path = data_dir / "stack.lock"
+        self._depth = 0
+        self._fd: int | None = None
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold the stack's lock (re-entrant within this object; blocks other processes)."""
+        if self._depth == 0:
+            self._lock_path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except BaseException:
+                os.close(fd)
+                raise
+            self._fd = fd
+        self._depth += 1
+        try:
+            yield
+        finally:
+            self._depth -= 1
+            if self._depth == 0 and self._fd is not None:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
+
+    def read(self) -> StackInfo | None:
+        """The recorded stack, or None."""
+        try:
+            raw = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+        return StackInfo(
+            host=raw["host"],
+            kafka=ServiceInfo(**raw["kafka"]),
+            redis=ServiceInfo(**raw["redis"]),
+            milvus=ServiceInfo(**raw["milvus"]),
+            redis_nodes=[ServiceInfo(**n) for n in raw.get("redis_nodes", [])],
+            redis_cluster=bool(raw.get("redis_cluster", False)),
+            milvus_engine=str(raw.get("milvus_engine", "lite")),
+            kafka_log=str(raw.get("kafka_log", "memory")),
+            supervisor_pid=int(raw.get("supervisor_pid", 0)),
+            held=list(raw.get("held", [])),
+            restarts=dict(raw.get("restarts", {})),
+        )
+
+    def write(self, info: StackInfo) -> None:
+        """Replace the record (atomically: a reader sees the old one or the new one)."""
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(info), indent=2))
+        tmp.replace(self.path)
+
+    def remove(self) -> None:
+        """Forget the stack (it was stopped)."""
+        self.path.unlink(missing_ok=True)
+
+
+def service_of(name: str) -> tuple[str, int]:
+    """``(service, node)`` of a recorded process name (``redis-2`` is Valkey node 2)."""
+    if name.startswith("redis-"):
+        return "redis", int(name.split("-", 1)[1])
+    return name, 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """Return a port that was free a moment ago on ``host``."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def free_ports(n: int, host: str = "127.0.0.1") -> int:
+    """The first of ``n`` consecutive ports that were all free a moment ago on ``host``."""
+    for _ in range(100):
+        base = free_port(host)
+        if base + n > 65535:
+            continue
+        with contextlib.ExitStack() as held:
+            try:
+                for port in range(base, base + n):
+                    sock = held.enter_context(socket.socket())
+                    sock.bind((host, port))
+            except OSError:
+                continue
+        return base
+    raise OSError(f"no {n} consecutive free ports on {host}")
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something accepts connections on ``host:port``."""
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex((host, port)) == 0
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not; one that is our child is reaped)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    with contextlib.suppress(ChildProcessError):
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done == pid:
+            return False
+    try:  # a zombie that is not our child (its parent has not reaped it yet)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
