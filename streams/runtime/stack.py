@@ -166,7 +166,8 @@ class EmbeddedStack:
         started: list[ServiceInfo] = []
         try:
             kafka = services.spawn(self.data_dir, "kafka", services.kafka_cmd(
-                self.data_dir, host, ports["kafka"], self.settings.kafka_log), ports["kafka"])
+                self.data_dir, host, ports["kafka"], self.settings.kafka_log, self.settings),
+                ports["kafka"])
             started.append(kafka)
             valkeys = []
             for i, (port, bus) in enumerate(nodes):
@@ -295,7 +296,8 @@ class EmbeddedStack:
         else:
             cmd = (services.redis_cmd(self.data_dir, info.host, svc.port, node, svc.bus_port)
                    if name == "redis" else
-                   services.kafka_cmd(self.data_dir, info.host, svc.port, info.kafka_log))
+                   services.kafka_cmd(self.data_dir, info.host, svc.port, info.kafka_log,
+                                      self.settings))
             new = services.spawn(self.data_dir, svc.name, cmd, svc.port, svc.bus_port)
         info.replace(name, node, new)
         info.held = [h for h in info.held if h != svc.name]

@@ -243,3 +243,114 @@ def test_the_running_brokers_engine_decides_not_this_shells_setting(tmp_path):
     res = CliRunner().invoke(cli, ["restart", "kafka"],
                              env={"PINFRESH_STACK__DATA_DIR": str(tmp_path)})
     assert isinstance(res.exception, StackError) and "--force" in str(res.exception)
+
+
+# ------------------------------------------------------ a log that can run for months
+def _batch(records: int = 1, value: bytes = b"v") -> bytes:
+    """A real Kafka record batch (what Tansu writes per produce), ``records`` long."""
+    from aiokafka.record.default_records import DefaultRecordBatchBuilder
+
+    b = DefaultRecordBatchBuilder(magic=2, compression_type=0, is_transactional=0,
+                                  producer_id=-1, producer_epoch=-1, base_sequence=-1,
+                                  batch_size=1 << 20)
+    for i in range(records):
+        b.append(i, timestamp=1_000, key=b"k", value=value, headers=[])
+    return bytes(b.build())
+
+
+_RECORDS = "clusters/c/topics/t/partitions/0000000000/records"
+
+
+async def test_a_failed_conditional_put_leaves_no_folder(s3, tmp_path):
+    """A phantom consumer group: an If-Match on a key that does not exist, in a folder
+    that does not exist, left that folder behind, listed as a common prefix."""
+    res = await s3.put("/b/clusters/c/groups/consumers/ghost/x.json", data=b"{}",
+                       headers={"If-Match": '"nope"'})
+    assert res.status == 412
+    assert not (tmp_path / "objects" / "b" / "clusters").exists()
+    root = ET.fromstring(await (await s3.get("/b", params={
+        "list-type": "2", "prefix": "clusters/c/groups/consumers/", "delimiter": "/"})).text())
+    assert [p.findtext(f"{NS}Prefix") for p in root.iter(f"{NS}CommonPrefixes")] == []
+
+
+def test_listings_come_from_memory_without_touching_the_files(tmp_path, monkeypatch):
+    """Tansu lists a partition's every batch on each fetch: after the first listing no
+    file is read or stat'ed again per key."""
+    from pathlib import Path
+
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    for i in range(50):
+        path = store.path("b", f"{_RECORDS}/{i:020d}.batch")
+        assert store.put(path, _batch(), if_match=None, if_none_match="*")
+    first, _last, _t = store.page_rows("b", _RECORDS + "/")
+    assert len(first) == 50
+
+    def no_disk(*_a, **_k):
+        raise AssertionError("a listing touched the disk")
+
+    monkeypatch.setattr(Path, "read_bytes", no_disk)
+    monkeypatch.setattr(Path, "stat", no_disk)
+    again, _last, _t = store.page_rows("b", _RECORDS + "/")
+    assert again == first
+
+
+def test_acknowledged_writes_are_synced_with_their_folder(tmp_path, monkeypatch):
+    import os
+
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    store = ObjectStore(tmp_path / "objects")  # fsync by default
+    path = store.path("b", "clusters/c/w.json")
+    assert store.put(path, b"{}", if_match=None, if_none_match=None)
+    assert len(synced) == 2  # the file before its rename, the folder after it
+    synced.clear()
+    ObjectStore(tmp_path / "o2", fsync=False).put(path, b"{}", if_match=None,
+                                                   if_none_match=None)
+    assert synced == []
+
+
+async def test_torn_batches_are_quarantined_at_start_and_on_read(tmp_path):
+    import json
+
+    root = tmp_path / "kafka" / "objects"
+    store = ObjectStore(root, fsync=False)
+    good, torn = _batch(3), _batch(3)[:-7]
+    for i, data in enumerate([good, torn, b"", good]):
+        store.put(store.path("b", f"{_RECORDS}/{i * 3:020d}.batch"), data, if_match=None,
+                  if_none_match=None)
+    restarted = ObjectStore(root, fsync=False)
+    assert restarted.scan_batches() == 2
+    keys = [k for k, _p in restarted.list("b", _RECORDS + "/")[0]]
+    assert keys == [f"{_RECORDS}/{0:020d}.batch", f"{_RECORDS}/{9:020d}.batch"]
+    lines = [json.loads(x) for x in (tmp_path / "kafka" / "quarantine.jsonl").read_text()
+             .splitlines()]
+    assert [(x["base_offset"], "header says" in x["reason"] or "shorter" in x["reason"])
+            for x in lines] == [(3, True), (6, True)]
+    assert (tmp_path / "kafka" / "quarantine" / "b" / _RECORDS / f"{3:020d}.batch").exists()
+    # torn after the start (a disk error): the GET that finds it answers 404, and the
+    # batch leaves every listing, so the next fetch moves past it
+    bad = restarted.path("b", f"{_RECORDS}/{12:020d}.batch")
+    restarted.put(bad, good, if_match=None, if_none_match=None)
+    bad.write_bytes(good[:30])
+    client = TestClient(TestServer(make_app(restarted)))
+    await client.start_server()
+    try:
+        res = await client.get(f"/b/{_RECORDS}/{12:020d}.batch")
+        assert res.status == 404 and "quarantined" in await res.text()
+        assert f"{_RECORDS}/{12:020d}.batch" not in [
+            k for k, _p in restarted.list("b", _RECORDS + "/")[0]]
+    finally:
+        await client.close()
+
+
+def test_the_broker_gets_no_variable_of_the_callers_but_what_pinfresh_sets(monkeypatch):
+    from streams.runtime.broker import _broker_env
+
+    monkeypatch.setenv("CLUSTER_ID", "prod")  # Tansu's own: a data dir showed no topics
+    monkeypatch.setenv("STORAGE_ENGINE", "memory://x/")
+    monkeypatch.setenv("AWS_ENDPOINT", "http://elsewhere")
+    monkeypatch.setenv("RUST_LOG", "info")
+    env = _broker_env(1234)
+    assert "CLUSTER_ID" not in env and "STORAGE_ENGINE" not in env
+    assert env["AWS_ENDPOINT"] == "http://127.0.0.1:1234" and env["RUST_LOG"] == "info"
