@@ -33,8 +33,9 @@ from pathlib import Path
 from aiohttp import web
 
 from streams.runtime.deathsig import die_with
-from streams.runtime.objectstore import ObjectStore, make_app
+from streams.runtime.objectstore import ObjectStore
 from streams.runtime.retention import CHECK_S, Retention, RetentionPolicy
+from streams.runtime.s3api import make_app
 
 __all__ = ["BUCKET", "main"]
 

@@ -263,16 +263,41 @@ async def test_writes_survive_a_server_that_forgot_its_scripts(stack, request, m
         stale = await cache.write("v1", mixed)
         assert stale.written == {r.pin_id for r in mixed if r.pin_version == 2}
         assert len(stale.written) == 398
-        from store.redis import _CLAIM, _DELETE, _RELEASE, _WRITE
+        from store.redis.scripts import CLAIM, DELETE, RELEASE, WRITE
 
         # each loaded once after each flush (the last write follows the flush before delete)
-        if not cache.cluster:  # one node: the scripts run in their batch form
-            from store.redis import _batched
-
-            loads = [next(s for s in (_CLAIM, _WRITE, _RELEASE, _DELETE) if _batched(s) == x)
-                     for x in loads]
-        assert loads == [_CLAIM, _WRITE, _RELEASE, _DELETE, _WRITE]
+        sent = {(s.batch_text if not cache.cluster else s.text): s.name
+                for s in (CLAIM, WRITE, RELEASE, DELETE)}  # one node: the batch forms
+        assert [sent.get(x) for x in loads] == ["claim", "write", "release", "delete", "write"]
         meta = await cache.get_meta("v1", ["p2", "p3"])
         assert (meta["p2"]["pin_version"], meta["p3"]["pin_version"]) == ("1", "2")
+    finally:
+        await cache.close()
+
+
+@pytest.mark.cluster
+async def test_every_lua_script_loads_into_valkey(stack):
+    """Each script of store/redis/lua, and each per-pin script's batch form, is loaded into
+    the real server (every primary of a cluster): a syntax error fails here, not in a
+    worker at start-up."""
+    from redis.asyncio.cluster import RedisCluster
+
+    from store.redis.scripts import ALL
+
+    cache = RedisCache(RedisSettings(url=stack.redis_url, key_prefix="lua"))
+    r = cache.client
+    try:
+        texts = [s.text for s in ALL] + [s.batch_text for s in ALL if s.body is not None]
+        assert len(texts) == len(ALL) * 2 - 1  # every script but the mark runs per pin
+        for text in texts:
+            if isinstance(r, RedisCluster):
+                shas = await r.script_load(text)  # loaded on every primary
+                got = {s if isinstance(s, str) else s.decode() for s in (
+                    shas.values() if isinstance(shas, dict) else [shas])}
+            else:
+                got = {await r.script_load(text)}
+            from store.redis.scripts import sha1
+
+            assert got == {sha1(text)}
     finally:
         await cache.close()

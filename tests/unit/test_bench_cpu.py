@@ -21,14 +21,16 @@ def _stack(*frames: str) -> list[str]:
 def test_a_sample_belongs_to_its_innermost_stage_frame():
     # the Redis write's own frames decide, not the shared helper below it
     assert stage_of(_stack(
-        "PinProcessor._write_round (streams/processor.py:640)",
-        "RedisCache.write (store/redis.py:660)", "RedisCache._eval_many (store/redis.py:430)",
+        "ClaimWriter._round (streams/claims.py:140)",
+        "ClaimWriter._write_redis (streams/claims.py:190)",
+        "WriteOps.write (store/redis/writes.py:60)",
+        "Client._eval_many (store/redis/client.py:150)",
         "AbstractConnection.pack_commands (redis/asyncio/connection.py:1390)",
     )) == "Redis write (claim, write, release)"
     # hashing inside the fetch step is hashing
     assert stage_of(_stack(
-        "PinProcessor._fetch_all (streams/processor.py:800)",
-        "PinProcessor._fetch_all.<locals>.<lambda> (streams/processor.py:804)",
+        "Gather.fetch_all (streams/gather.py:60)",
+        "Gather.fetch_all.<locals>.<lambda> (streams/gather.py:70)",
     )) == "hash"
     # a helper thread running a Milvus query is a lookup
     assert stage_of(["Thread._bootstrap (threading.py:1002)", "Thread.run (threading.py:982)",

@@ -16,7 +16,8 @@ from aiohttp.test_utils import TestClient, TestServer
 from click.testing import CliRunner
 
 from encoder.errors import StackError
-from streams.runtime.objectstore import ObjectStore, make_app
+from streams.runtime.objectstore import ObjectStore
+from streams.runtime.s3api import make_app
 
 NS = "{http://s3.amazonaws.com/doc/2006-03-01/}"
 

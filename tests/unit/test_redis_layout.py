@@ -31,7 +31,7 @@ def test_commands_are_packed_by_hiredis_into_the_same_bytes():
     """The cache's connections pack with hiredis (C); the bytes are redis-py's own."""
     from redis.asyncio.connection import Connection
 
-    from store.redis import _HiredisPacking
+    from store.redis.client import _HiredisPacking
 
     cache = RedisCache(RedisSettings(url="redis://127.0.0.1:1/0"))
     cls = cache._r.connection_pool.connection_class

@@ -1,0 +1,12 @@
+-- uses: lib.lua
+-- Ends a writer's claim once its Milvus and Redis writes of every version are done.
+--
+-- KEYS[1]  p:wip:{PIN}
+-- KEYS[2]  p:tomb:{PIN}
+-- ARGV[1]  the writer's token
+-- ARGV[2]  its pin version
+-- ARGV[3]  claim ttl, ms
+-- returns: > 0 when the writer must write the pin again: an older (or equal) writer is
+--          still in flight, or one released after this writer claimed and may have
+--          landed its Milvus write last. Run again (a lost reply), the same answer.
+return release(KEYS[1], KEYS[2], ARGV[1], ARGV[2], tonumber(ARGV[3]))
