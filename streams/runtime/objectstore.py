@@ -87,16 +87,20 @@ class _Folder:
 
     names: list[str] = field(default_factory=list)
     files: dict[str, _Entry] = field(default_factory=dict)
+    #: how many of ``names`` are sub-folders (none: a page is a slice of ``names``)
+    dirs: int = 0
 
     def add(self, name: str) -> None:
         i = bisect.bisect_left(self.names, name)
         if i == len(self.names) or self.names[i] != name:
             self.names.insert(i, name)
+            self.dirs += name.endswith("/")
 
     def drop(self, name: str) -> None:
         i = bisect.bisect_left(self.names, name)
         if i < len(self.names) and self.names[i] == name:
             del self.names[i]
+            self.dirs -= name.endswith("/")
 
 
 class KeyConflict(ValueError):
@@ -201,6 +205,7 @@ class ObjectStore:
         except (FileNotFoundError, NotADirectoryError):
             return None
         f.names.sort()
+        f.dirs = sum(n.endswith("/") for n in f.names)
         self._folders[folder] = f
         return f
 
@@ -455,12 +460,50 @@ class ObjectStore:
         out.sort(key=lambda t: t[0])
         return out[:max_keys], len(out) > max_keys
 
+    def _flat_page(self, bucket: str, prefix: str, delimiter: str, start_after: str,
+                   max_keys: int) -> tuple[list[str], str, bool] | None:
+        """A page of a folder that holds objects only, as a slice; None when not that case."""
+        if delimiter or not prefix.endswith("/") or not max_keys:
+            return None
+        parts = prefix[:-1].split("/")
+        if _bad_part(bucket) or any(_bad_part(p) for p in parts):
+            return None  # the general walk refuses it
+        d = self.root.joinpath(bucket, *parts)
+        with self._lock:
+            folder = self._folder(d)
+            if folder is None or folder.dirs:
+                return None
+            if start_after and not start_after.startswith(prefix):
+                if start_after > prefix:
+                    return [], "", False  # past every key of the prefix
+                start_after = ""
+            lo = bisect.bisect_right(folder.names, start_after[len(prefix):]) \
+                if start_after else 0
+            chunk = folder.names[lo:lo + max_keys + 1]
+            truncated = len(chunk) > max_keys
+            chunk = chunk[:max_keys]
+            rows = []
+            for name in chunk:
+                entry = folder.files[name]
+                if entry.row is None:
+                    etag = self._etag(d / name, entry)
+                    if etag is None:
+                        continue
+                    entry.row = _row(prefix + name, entry, etag)
+                rows.append(entry.row)
+        return rows, (prefix + chunk[-1]) if chunk else "", truncated
+
     def page_rows(self, bucket: str, prefix: str, *, delimiter: str = "",
                   start_after: str = "", max_keys: int = 1000) -> tuple[list[str], str, bool]:
         """The ``<Contents>``/``<CommonPrefixes>`` rows of one page, its last key, truncated.
 
-        Rows come from the index, rendered once per object.
+        Rows come from the index, rendered once per object. A folder of objects
+        only (a partition's ``records/``, which Tansu lists on every fetch) is
+        paged as a slice of its sorted names.
         """
+        flat = self._flat_page(bucket, prefix, delimiter, start_after, max_keys)
+        if flat is not None:
+            return flat
         items, truncated = self._page(bucket, prefix, delimiter, start_after, max_keys)
         rows: list[str] = []
         last = ""
@@ -477,10 +520,7 @@ class ObjectStore:
                 etag = self._etag(folder / name, entry)
                 if etag is None:
                     continue
-                entry.row = (f"<Contents><Key>{escape(key)}</Key><LastModified>"
-                             f"{_iso(entry.mtime)}</LastModified><ETag>{escape(etag)}</ETag>"
-                             f"<Size>{entry.size}</Size><StorageClass>STANDARD</StorageClass>"
-                             "</Contents>")
+                entry.row = _row(key, entry, etag)
             rows.append(entry.row)
         return rows, last, truncated
 
@@ -499,6 +539,13 @@ class ObjectStore:
         items, truncated = self._page(bucket, prefix, delimiter, start_after, max_keys)
         return ([(k, f / n) for k, f, n in items if n is not None],
                 [k for k, _f, n in items if n is None], truncated)
+
+def _row(key: str, entry: _Entry, etag: str) -> str:
+    """One object's ``<Contents>`` row of a listing."""
+    return (f"<Contents><Key>{escape(key)}</Key><LastModified>{_iso(entry.mtime)}"
+            f"</LastModified><ETag>{escape(etag)}</ETag><Size>{entry.size}</Size>"
+            "<StorageClass>STANDARD</StorageClass></Contents>")
+
 
 def etag_matches(header: str, etag: str) -> bool:
     """Whether an ``If-Match``/``If-None-Match`` header names ``etag`` (or ``*``)."""

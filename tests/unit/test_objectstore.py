@@ -355,3 +355,27 @@ def test_the_broker_gets_no_variable_of_the_callers_but_what_pinfresh_sets(monke
     env = _broker_env(1234)
     assert "CLUSTER_ID" not in env and "STORAGE_ENGINE" not in env
     assert env["AWS_ENDPOINT"] == "http://127.0.0.1:1234" and env["RUST_LOG"] == "info"
+
+
+def test_a_flat_folder_pages_exactly_as_the_general_walk(tmp_path):
+    """The fast path (a folder of objects only, as a slice of its names) answers every
+    page as the general walk does, whatever the token."""
+    import random
+
+    store = ObjectStore(tmp_path / "objects", fsync=False)
+    names = sorted(f"{random.Random(i).randrange(10**6):020d}.batch" for i in range(300))
+    for n in names:
+        store.put(store.path("b", f"{_RECORDS}/{n}"), b"x", if_match=None, if_none_match=None)
+    prefix = _RECORDS + "/"
+    rng = random.Random(7)
+    tokens = ["", "a", "zzz", prefix, prefix + names[0], prefix + names[-1],
+              *(prefix + rng.choice(names) for _ in range(20)),
+              *(prefix + f"{rng.randrange(10**6):020d}" for _ in range(20))]
+    for token in tokens:
+        for size in (1, 7, 1000):
+            fast = store._flat_page("b", prefix, "", token, size)
+            assert fast is not None
+            items, truncated = store._page("b", prefix, "", token, size)
+            assert [r.split("<Key>")[1].split("</Key>")[0] for r in fast[0]] == \
+                [k for k, _f, _n in items], token
+            assert fast[2] == truncated and fast[1] == (items[-1][0] if items else "")
