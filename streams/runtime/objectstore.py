@@ -307,6 +307,38 @@ class ObjectStore:
             with contextlib.suppress(OSError):  # renamed, never made, or no folder
                 tmp.unlink(missing_ok=True)
 
+    def merge(self, first: Path, data: bytes, others: list[Path], mtime: float) -> bool:
+        """Replace ``first`` with ``data`` and remove ``others``, as one step for readers.
+
+        The swap of `streams.runtime.compaction`: a listing or GET sees the objects
+        before or after it, never the new ``first`` beside one of ``others``. False
+        (nothing changed) when one of them is gone already.
+        """
+        tmp = first.parent / f".tmp-{first.name}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(data)
+                if self.fsync:
+                    fh.flush()
+                    os.fsync(fh.fileno())
+            os.utime(tmp, (mtime, mtime))
+            with self._lock:
+                if any(self._entry(p) is None for p in [first, *others]):
+                    return False
+                os.replace(tmp, first)
+                folder = self._folder(first.parent)
+                assert folder is not None
+                folder.files[first.name] = _Entry(len(data), mtime, _md5_etag(data))
+                for p in others:
+                    p.unlink(missing_ok=True)
+                    self._forget(p)
+            if self.fsync:
+                _fsync(first.parent, directory=True)
+            return True
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+
     def _holds(self, path: Path, if_match: str | None, if_none_match: str | None) -> bool:
         if if_none_match is None and if_match is None:
             return True

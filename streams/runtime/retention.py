@@ -14,7 +14,10 @@ hang. The broker's wrapper (`streams.runtime.broker`) runs `Retention` every
 * a batch that a consumer group has not yet committed past is kept, whatever
   its age; only the size and count bounds remove it, and then the removal is
   logged as a warning and recorded with the groups that were behind;
-* a partition's newest batch is always kept.
+* a partition's newest batch is always kept;
+* then a partition's old small batches are merged into larger ones
+  (`streams.runtime.compaction`), so that the number of objects a fetch lists
+  stays small whatever the publish rate.
 
 A consumer whose committed offset fell out of retention resumes from the
 oldest batch kept: Tansu answers a fetch below it with the batches that
@@ -31,6 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from streams.runtime.compaction import compact_partition
 from streams.runtime.objectstore import ObjectStore
 
 logger = logging.getLogger(__name__)
@@ -122,7 +126,8 @@ class Retention:
         if removed:
             logger.info("retention removed %d batch(es) of %s[%d]", removed, topic,
                         int(part.name))
+        merged = compact_partition(self.store, part / "records", now)
         kept = self.store.objects(part / "records")
         return {"batches": len(kept), "bytes": total,
                 "oldest_offset": int(kept[0][0][:20]) if kept else None,
-                "removed": removed}
+                "removed": removed, "merged": merged}

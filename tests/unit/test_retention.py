@@ -42,7 +42,8 @@ def test_expired_batches_go_once_every_group_committed_past_them(tmp_path):
     # six batches are older than 4.5 h; "workers" has read only the first three
     assert _kept(store) == [6, 8, 10, 12, 14, 16, 18]
     assert report["partitions"]["pins/0"] == {"batches": 7, "bytes": 7 * len(_batch(2)),
-                                              "oldest_offset": 6, "removed": 3}
+                                              "oldest_offset": 6, "removed": 3,
+                                                 "merged": 0}
     assert report["forced"] == []
     assert json.loads((tmp_path / "r.json").read_text())["removed_total"] == 3
 
