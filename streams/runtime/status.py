@@ -11,12 +11,14 @@ from the registry, and a real call to each store.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import socket
 import time
 from collections import Counter
 from collections.abc import Mapping
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -48,7 +50,33 @@ def stack_view(settings: Settings) -> dict[str, Any] | None:
         return None
     return {"supervisor": (f"running (pid {info.supervisor_pid})"
                            if pid_alive(info.supervisor_pid) else "not running"),
-            "restarts": info.restarts, "held_down": info.held}
+            "restarts": info.restarts, "held_down": info.held,
+            "kafka_log": kafka_log_view(settings.stack.data_dir.resolve() / "kafka")}
+
+
+def kafka_log_view(kdir: Path) -> dict[str, Any] | None:
+    """The disk log's retention and its lost offsets, from the broker wrapper's reports.
+
+    None when there is no disk log here (the memory engine, or a Kafka cluster).
+    """
+    try:
+        report = json.loads((kdir / "retention.json").read_text())
+    except (OSError, ValueError):
+        return None
+    lost: list[dict[str, Any]] = []
+    try:
+        lost = [json.loads(line) for line in
+                (kdir / "quarantine.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        pass
+    pol = report.get("policy", {})
+    return {"retention": f"{pol.get('max_age_s', 0) / 3600:g} h, "
+                         f"{pol.get('max_bytes', 0) / (1 << 20):g} MiB, "
+                         f"{pol.get('max_batches', 0):,} batches per partition",
+            "checked_at": report.get("checked_at"),
+            "partitions": report.get("partitions", {}),
+            "removed_unread": report.get("forced", []),
+            "quarantined": lost}
 
 
 def pid_gone(report: Mapping[str, Any], host: str | None = None) -> bool:
@@ -343,6 +371,17 @@ def render(st: dict[str, Any]) -> Group:
             head.add_row(f"stack restarts: {name}", f"{rec.get('count', 0)} (last at {when}"
                          + (f": {rec['last_error'][:80]}" if rec.get("last_error") else "")
                          + ")")
+        log = stack.get("kafka_log")
+        if log:
+            head.add_row("broker log retention", log["retention"])
+            for f in log["removed_unread"][-3:]:
+                head.add_row("broker log: removed unread",
+                             f"{f['topic']}[{f['partition']}] offsets {f['from']}..{f['to']} "
+                             f"(groups {', '.join(sorted(f['groups_behind']))})")
+            for q in log["quarantined"][-3:]:
+                head.add_row("broker log: torn batch lost",
+                             f"{q['key'].split('/topics/')[-1]} from offset {q['base_offset']}"
+                             f" ({q['reason'][:60]})")
     parts = Table(title="consumer lag by partition")
     parts.add_column("partition")
     parts.add_column("lag", justify="right")

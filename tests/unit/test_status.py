@@ -12,7 +12,9 @@ from streams.runtime.status import (
     EXIT_OK,
     EXIT_UNREACHABLE,
     exit_code,
+    kafka_log_view,
     pipeline_state,
+    render,
     worker_view,
 )
 
@@ -94,3 +96,34 @@ def test_the_exit_code_says_ok_degraded_or_unreachable():
     assert exit_code({**ok, "encoders": {"e": {"state": "down: gone"}}}) == EXIT_DEGRADED
     assert exit_code({**ok, "health": {"kafka": "ok", "redis": "down: refused",
                                        "milvus": "down: x"}}) == EXIT_UNREACHABLE == 3
+
+
+def test_status_shows_the_broker_logs_retention_and_what_it_lost(tmp_path):
+    """The disk log's policy, a forced removal (groups behind) and a torn batch reach
+    the status view from the broker wrapper's reports; no report: no section."""
+    import json
+
+    from rich.console import Console
+
+    assert kafka_log_view(tmp_path) is None
+    (tmp_path / "retention.json").write_text(json.dumps({
+        "policy": {"max_age_s": 7 * 24 * 3600, "max_bytes": 1 << 30, "max_batches": 200_000},
+        "checked_at": 1.0, "partitions": {"pins/0": {"batches": 3}},
+        "forced": [{"topic": "pins", "partition": 0, "from": 0, "to": 40,
+                    "groups_behind": {"pinfresh": 5}, "at": 1.0}]}))
+    (tmp_path / "quarantine.jsonl").write_text(json.dumps({
+        "key": "tansu/clusters/c/topics/pins/partitions/0000000003/records/"
+               "00000000000000000070.batch", "reason": "its CRC-32C does not match",
+        "at": 2.0, "base_offset": 70}) + "\n")
+    view = kafka_log_view(tmp_path)
+    assert view is not None
+    assert view["retention"] == "168 h, 1024 MiB, 200,000 batches per partition"
+    assert view["partitions"] == {"pins/0": {"batches": 3}}
+    assert [q["base_offset"] for q in view["quarantined"]] == [70]
+    st = {"health": {}, "stack": {"supervisor": "running (pid 1)", "restarts": {},
+                                  "held_down": [], "kafka_log": view}}
+    console = Console(width=200, record=True)
+    console.print(render(st))
+    text = console.export_text()
+    assert "pins[0] offsets 0..40 (groups pinfresh)" in text
+    assert "from offset 70 (its CRC-32C does not match)" in text
