@@ -8,6 +8,7 @@ in-sync replicas, a progress bar with rate, and an optional rate limit.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import time
@@ -100,11 +101,13 @@ async def scale_partitions(k: KafkaSettings, partitions: int) -> int:
         await admin.close()
 
 
-#: How long the publisher waits to fill a batch, how large one may grow, and how many
-#: events may wait for their acknowledgement at once (`publish_events`).
+#: How long the publisher waits to fill a batch (paced, and as fast as it can: a bulk
+#: publish trades 100 ms for full batches), how large one may grow, and how many events
+#: may wait for their acknowledgement at once (`publish_events`).
 PUBLISH_LINGER_MS = 20
-PUBLISH_BATCH_BYTES = 128 << 10
-PUBLISH_WINDOW = 2_000
+PUBLISH_BULK_LINGER_MS = 100
+PUBLISH_BATCH_BYTES = 256 << 10
+PUBLISH_WINDOW = 50_000
 
 
 async def publish_events(
@@ -124,15 +127,17 @@ async def publish_events(
         stamp: set each event's ``event_time`` to the moment it is sent, so
             freshness measures the pipeline, not the catalog's age.
     """
-    # each produced batch is one object of the embedded broker's disk log, which lists
-    # a partition's every object on each fetch: a burst goes as few, full batches
-    producer = AIOKafkaProducer(acks="all", linger_ms=PUBLISH_LINGER_MS,
-                                max_batch_size=PUBLISH_BATCH_BYTES, **aiokafka_kwargs(k))
+    # each produced batch is one object of the embedded broker's disk log, written and
+    # listed at a cost per object: a burst goes as few, full batches, its acknowledgements
+    # awaited oldest first (a window that never empties, so no batch is cut short)
+    producer = AIOKafkaProducer(
+        acks="all", linger_ms=PUBLISH_LINGER_MS if rate else PUBLISH_BULK_LINGER_MS,
+        max_batch_size=PUBLISH_BATCH_BYTES, **aiokafka_kwargs(k))
     await start_client(producer, k)
     sent = 0
     start = time.monotonic()
     bar = tqdm(total=total, unit="pin", desc="publish", disable=not progress, smoothing=0.1)
-    pending: list[asyncio.Future[object]] = []
+    pending: collections.deque[asyncio.Future[object]] = collections.deque()
     try:
         for ev in events:
             if rate:
@@ -147,8 +152,7 @@ async def publish_events(
             sent += 1
             bar.update(1)
             if len(pending) >= PUBLISH_WINDOW:
-                await asyncio.gather(*pending)
-                pending.clear()
+                await pending.popleft()
         await asyncio.gather(*pending)
     finally:
         bar.close()

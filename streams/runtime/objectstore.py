@@ -231,8 +231,9 @@ class ObjectStore:
 
     def objects(self, folder: Path) -> list[tuple[str, Path]]:
         """The objects directly in ``folder`` (not its sub-folders), in name order."""
-        f = self._folder(folder)
-        return [] if f is None else [(n, folder / n) for n in f.names if n in f.files]
+        with self._lock:
+            f = self._folder(folder)
+            return [] if f is None else [(n, folder / n) for n in f.names if n in f.files]
 
     def subfolders(self, folder: Path) -> list[Path]:
         """The folders directly in ``folder``, in name order."""
@@ -312,29 +313,34 @@ class ObjectStore:
 
         The swap of `streams.runtime.compaction`: a listing or GET sees the objects
         before or after it, never the new ``first`` beside one of ``others``. False
-        (nothing changed) when one of them is gone already.
+        (nothing changed) unless ``first`` and ``others`` are still the folder's
+        consecutive objects. Always synced (it rewrites data acknowledged long ago).
         """
         tmp = first.parent / f".tmp-{first.name}-{threading.get_ident()}"
+        etag = _md5_etag(data)
         try:
             with open(tmp, "wb") as fh:
                 fh.write(data)
-                if self.fsync:
-                    fh.flush()
-                    os.fsync(fh.fileno())
+                fh.flush()
+                os.fsync(fh.fileno())
             os.utime(tmp, (mtime, mtime))
             with self._lock:
-                if any(self._entry(p) is None for p in [first, *others]):
-                    return False
-                os.replace(tmp, first)
                 folder = self._folder(first.parent)
-                assert folder is not None
-                folder.files[first.name] = _Entry(len(data), mtime, _md5_etag(data))
+                names = [first.name, *(p.name for p in others)]
+                lo = bisect.bisect_left(folder.names, first.name) if folder else 0
+                if folder is None or folder.names[lo:lo + len(names)] != names:
+                    return False  # one is gone, or another object came between
+                os.replace(tmp, first)
+                folder.files[first.name] = _Entry(len(data), mtime, etag)
                 for p in others:
                     p.unlink(missing_ok=True)
-                    self._forget(p)
-            if self.fsync:
-                _fsync(first.parent, directory=True)
+                    folder.files.pop(p.name, None)
+                del folder.names[lo + 1:lo + len(names)]
+            _fsync(first.parent, directory=True)
             return True
+        except OSError as exc:
+            logger.warning("merge into %s failed: %s", first, exc)
+            return False
         finally:
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from the registry, and a real call to each store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -64,11 +65,12 @@ def kafka_log_view(kdir: Path) -> dict[str, Any] | None:
     except (OSError, ValueError):
         return None
     lost: list[dict[str, Any]] = []
-    try:
-        lost = [json.loads(line) for line in
-                (kdir / "quarantine.jsonl").read_text().splitlines() if line.strip()]
-    except (OSError, ValueError):
-        pass
+    with contextlib.suppress(OSError):
+        for line in (kdir / "quarantine.jsonl").read_text().splitlines():
+            with contextlib.suppress(ValueError):  # a line torn by a crash: the others count
+                rec = json.loads(line)
+                if isinstance(rec, dict):
+                    lost.append(rec)
     pol = report.get("policy", {})
     return {"retention": f"{pol.get('max_age_s', 0) / 3600:g} h, "
                          f"{pol.get('max_bytes', 0) / (1 << 20):g} MiB, "
@@ -373,15 +375,20 @@ def render(st: dict[str, Any]) -> Group:
                          + ")")
         log = stack.get("kafka_log")
         if log:
-            head.add_row("broker log retention", log["retention"])
+            checked = log.get("checked_at")
+            head.add_row("broker log retention", log["retention"] + (
+                f" (checked {time.time() - checked:.0f} s ago)" if checked else ""))
             for f in log["removed_unread"][-3:]:
+                end = f.get("to")
                 head.add_row("broker log: removed unread",
-                             f"{f['topic']}[{f['partition']}] offsets {f['from']}..{f['to']} "
-                             f"(groups {', '.join(sorted(f['groups_behind']))})")
+                             f"{f.get('topic')}[{f.get('partition')}] offsets {f.get('from')}"
+                             f" to {end - 1 if isinstance(end, int) else 'its end'} (groups "
+                             f"{', '.join(sorted(f.get('groups_behind') or {}))})")
             for q in log["quarantined"][-3:]:
+                base = q.get("base_offset")
                 head.add_row("broker log: torn batch lost",
-                             f"{q['key'].split('/topics/')[-1]} from offset {q['base_offset']}"
-                             f" ({q['reason'][:60]})")
+                             f"{str(q.get('key', '?')).split('/topics/')[-1]} from offset "
+                             f"{'?' if base is None else base} ({str(q.get('reason'))[:60]})")
     parts = Table(title="consumer lag by partition")
     parts.add_column("partition")
     parts.add_column("lag", justify="right")

@@ -87,7 +87,9 @@ def test_a_partition_of_many_small_batches_becomes_a_few(tmp_path, monkeypatch):
     assert store.mtime(left[0][1]) < time.time() - 3000
     # the store's index and listing agree with the disk
     assert sorted(x.name for x in records.iterdir()) == [n for n, _p in left]
-    assert compact_partition(store, records) == 0 or len(store.objects(records)) < len(left)
+    # a second pass finds only full objects and the newest: nothing more to merge
+    assert compact_partition(store, records) == 0
+    assert len(store.objects(records)) == len(left)
 
 
 def test_recent_or_unmergeable_batches_are_left_alone(tmp_path, monkeypatch):
@@ -98,9 +100,9 @@ def test_recent_or_unmergeable_batches_are_left_alone(tmp_path, monkeypatch):
     store, records = _store(tmp_path, batches, bases, age_s=5)  # younger than MIN_AGE_S
     assert compact_partition(store, records) == 0
     store2, records2 = _store(tmp_path / "2", batches, bases, age_s=3600)
-    compact_partition(store2, records2)
+    assert compact_partition(store2, records2) == 9 + 6  # 0-27 and 33-51 merged, 30 alone
     names = [n for n, _p in store2.objects(records2)]
-    assert f"{30:020d}.batch" in names  # the transactional batch stays a batch of its own
+    assert names == [f"{b:020d}.batch" for b in (0, 30, 33, 54, 57)]
     assert _all(store2, records2) == list(range(60))
 
 
@@ -113,3 +115,60 @@ def test_a_merge_with_a_batch_gone_meanwhile_changes_nothing(tmp_path):
     assert not store.merge(paths[0], merged, paths[1:], 1.0)
     assert [n for n, _p in store.objects(records)] == [p.name for p in paths[:2]]
     assert _all(store, records) == list(range(6))
+
+
+def test_a_run_never_reaches_over_a_young_object(tmp_path, monkeypatch):
+    """Only the oldest objects up to the first young one merge: a merged batch spanning a
+    kept one would give consumers its records out of order and twice."""
+    monkeypatch.setattr(compaction, "COMPACT_ABOVE", 5)
+    monkeypatch.setattr(compaction, "KEEP_NEWEST", 1)
+    bases = list(range(0, 30, 3))
+    store, records = _store(tmp_path, [_batch(b, 3, 1) for b in bases], bases, age_s=3600)
+    young = records / f"{12:020d}.batch"
+    os.utime(young, None)  # written just now (a clock step, a restored file)
+    assert compact_partition(store, records) == 3  # 0, 3, 6, 9 into one
+    names = [n for n, _p in store.objects(records)]
+    assert names == [f"{b:020d}.batch" for b in (0, 12, 15, 18, 21, 24, 27)]
+    assert _all(store, records) == list(range(30))
+
+
+def test_a_corrupt_batch_is_not_merged_and_the_rest_goes_on(tmp_path, monkeypatch):
+    """A batch whose bytes do not match its CRC (a flipped bit) is left as it is; the
+    batches around it merge; nothing raises out of the retention pass."""
+    monkeypatch.setattr(compaction, "COMPACT_ABOVE", 5)
+    monkeypatch.setattr(compaction, "KEEP_NEWEST", 1)
+    bases = list(range(0, 30, 3))
+    batches = [_batch(b, 3, 1) for b in bases]
+    bad = bytearray(batches[4])
+    bad[-2] ^= 0x40
+    batches[4] = bytes(bad)
+    store, records = _store(tmp_path, batches, bases, age_s=3600)
+    assert compact_partition(store, records) == 3 + 3  # 0-9 and 15-24 merged
+    names = [n for n, _p in store.objects(records)]
+    assert names == [f"{b:020d}.batch" for b in (0, 12, 15, 27)]
+    assert (records / f"{12:020d}.batch").read_bytes() == bytes(bad)
+
+
+def test_a_merged_batch_ends_where_its_last_input_ended():
+    """A batch may end past its last record (Kafka's compaction keeps the last offset):
+    the merged one keeps that end, so retention and consumers see the same range."""
+    last = bytearray(_batch(3, 2, 1))
+    last[23:27] = (5).to_bytes(4, "big")  # its last offset delta: 3 + 5 = 8
+    from aiokafka.record.util import calc_crc32c
+
+    last[17:21] = calc_crc32c(bytes(last[21:])).to_bytes(4, "big")
+    merged = merge_batches([(0, _batch(0, 3, 1)), (3, bytes(last))])
+    assert DefaultRecordBatch(merged).next_offset == 9
+    assert [r[0] for r in _records(merged)] == [0, 1, 2, 3, 4]
+
+
+def test_a_merge_refuses_objects_that_are_no_longer_consecutive(tmp_path):
+    bases = [0, 3, 9]
+    store, records = _store(tmp_path, [_batch(b, 3, 1) for b in bases], bases, age_s=3600)
+    between = records / f"{6:020d}.batch"
+    store.put(between, _batch(6, 3, 1), if_match=None, if_none_match=None)
+    paths = [records / f"{b:020d}.batch" for b in bases]
+    merged = merge_batches([(b, p.read_bytes()) for b, p in zip(bases, paths, strict=True)])
+    assert not store.merge(paths[0], merged, paths[1:], 1.0)
+    assert _all(store, records) == list(range(12))
+    assert not list(records.glob(".tmp-*"))

@@ -114,7 +114,7 @@ def test_status_shows_the_broker_logs_retention_and_what_it_lost(tmp_path):
     (tmp_path / "quarantine.jsonl").write_text(json.dumps({
         "key": "tansu/clusters/c/topics/pins/partitions/0000000003/records/"
                "00000000000000000070.batch", "reason": "its CRC-32C does not match",
-        "at": 2.0, "base_offset": 70}) + "\n")
+        "at": 2.0, "base_offset": 70}) + "\n" + '{"key": "torn by a cr')
     view = kafka_log_view(tmp_path)
     assert view is not None
     assert view["retention"] == "168 h, 1024 MiB, 200,000 batches per partition"
@@ -125,5 +125,5 @@ def test_status_shows_the_broker_logs_retention_and_what_it_lost(tmp_path):
     console = Console(width=200, record=True)
     console.print(render(st))
     text = console.export_text()
-    assert "pins[0] offsets 0..40 (groups pinfresh)" in text
+    assert "pins[0] offsets 0 to 39 (groups pinfresh)" in text
     assert "from offset 70 (its CRC-32C does not match)" in text
