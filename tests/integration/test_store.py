@@ -228,13 +228,14 @@ async def test_writes_survive_a_server_that_forgot_its_scripts(stack, request, m
     cache = RedisCache(RedisSettings(url=stack.redis_url, key_prefix=tag))
     r = cache._r
     loads: list[str] = []
-    load = type(r).script_load
+    load = r.script_load
 
-    async def counting_load(self, script):  # type: ignore[no-untyped-def]
+    async def counting_load(script):  # type: ignore[no-untyped-def]
         loads.append(script)
-        return await load(self, script)
+        return await load(script)
 
-    monkeypatch.setattr(type(r), "script_load", counting_load)
+    # this client's loads only: another test's client in this process is not counted
+    monkeypatch.setattr(r, "script_load", counting_load)
 
     async def flush() -> None:
         if isinstance(r, RedisCluster):
