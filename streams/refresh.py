@@ -17,13 +17,17 @@
   resumes where it stopped. Before it starts it waits until every running
   worker writes the target too (their write-set reports), so no event slips
   between the page it read and the dual writes. It yields to live traffic:
-  while the workers' consumer lag is above a threshold it waits (the lag is
-  read every `YIELD_LOOK_S` seconds).
+  while the workers' consumer lag is above a threshold it waits. The lag is
+  read by a task beside the backfill (`LagWatch`, every `YIELD_LOOK_S`
+  seconds, every 0.5 s while it waits), so the backfill never stops to read
+  it: a read takes about 0.25 s on the embedded broker, which was 12 % of a
+  backfill's time when it was read in line.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import zlib
@@ -57,6 +61,55 @@ T = TypeVar("T")
 
 #: How often a backfill reads the workers' consumer lag to decide whether to yield.
 YIELD_LOOK_S = 2.0
+
+
+class LagWatch:
+    """Whether the workers' consumer lag is above ``threshold``, read in the background.
+
+    `behind` is the last read's answer (False until the first read); a read that
+    failed is raised by the next `wait` instead, as a read in line would.
+    """
+
+    def __init__(self, read: Callable[[], Awaitable[int]], threshold: int,
+                 every_s: float = YIELD_LOOK_S, waiting_every_s: float = 0.5) -> None:
+        self._read, self.threshold = read, threshold
+        self.every_s, self.waiting_every_s = every_s, waiting_every_s
+        self.behind = False
+        self._error: BaseException | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._read_once = asyncio.Event()
+
+    async def __aenter__(self) -> LagWatch:
+        self._task = asyncio.create_task(self._loop())
+        await self._read_once.wait()  # the first answer before the first batch
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                self.behind = await self._read() > self.threshold
+                self._error = None
+            except Exception as exc:  # noqa: BLE001 - handed to the backfill by wait()
+                self._error = exc
+            self._read_once.set()
+            await asyncio.sleep(self.waiting_every_s if self.behind else self.every_s)
+
+    async def wait(self) -> float:
+        """Wait while the lag is above the threshold; returns the seconds waited."""
+        t = time.monotonic()
+        while True:
+            if self._error is not None:
+                err, self._error = self._error, None
+                raise err
+            if not self.behind:
+                return time.monotonic() - t
+            await asyncio.sleep(0.1)
 
 
 def encoder_settings_for(info: VersionInfo, base: EncoderSettings) -> EncoderSettings:
@@ -325,22 +378,22 @@ async def _backfill(
         total = total // shard[1] + 1 if shard[1] > 1 else total
         total = min(total, limit) if limit is not None else total
         t0 = time.monotonic()
-        next_look = t0  # when to read the workers' lag again
         bar = tqdm(total=total, unit="pin", desc=f"backfill {target}", disable=not progress)
+
+        async def lag() -> int:
+            return sum((await consumer_lag(settings.kafka)).values())
+
+        watch = LagWatch(lag, yield_lag) if yield_lag is not None else None
         try:
+            if watch is not None:
+                await watch.__aenter__()
             async for rows in _pages(milvus, live, page):
                 rows = [r for r in rows if in_shard(r["pin_id"], shard)]
                 if limit is not None:
                     rows = rows[:max(0, limit - rep.pins)]
                 for i in range(0, len(rows), batch):
-                    if yield_lag is not None and time.monotonic() >= next_look:
-                        # a lag read takes about 0.25 s on the embedded broker: once per
-                        # YIELD_LOOK_S, not per batch
-                        t_y = time.monotonic()
-                        while sum((await consumer_lag(settings.kafka)).values()) > yield_lag:
-                            await asyncio.sleep(0.5)
-                        rep.yielded_s += time.monotonic() - t_y
-                        next_look = time.monotonic() + YIELD_LOOK_S
+                    if watch is not None:
+                        rep.yielded_s += await watch.wait()
                     chunk = rows[i:i + batch]
                     res = await processor.handle([_as_message(r) for r in chunk])
                     rep.pins += len(chunk)
@@ -359,6 +412,8 @@ async def _backfill(
                     break
         finally:
             bar.close()
+            if watch is not None:
+                await watch.__aexit__(None, None, None)
         rep.seconds = time.monotonic() - t0
         logger.info("backfill %s -> %s (shard %d/%d): %d pins, %d encoded, %d skipped, "
                     "%.1f pins/s", live, target, shard[0], shard[1], rep.pins, rep.encoded,
