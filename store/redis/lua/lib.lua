@@ -22,6 +22,13 @@ local function now_ms()
   local t = redis.call('TIME')
   return t[1] * 1000 + math.floor(t[2] / 1000)
 end
+-- stores a pin's record: vector (keys[1]), meta hash (keys[2], argv[5..]), id set
+-- (keys[3], argv[4]); the layout of write.lua and replace.lua
+local function put_record(keys, argv)
+  redis.call('SET', keys[1], argv[3])
+  redis.call('HSET', keys[2], unpack(argv, 5))
+  redis.call('SADD', keys[3], argv[4])
+end
 local function get(key) local x = redis.call('GET', key); if x then return x end end
 local function hget(key, f) local x = redis.call('HGET', key, f); if x then return x end end
 -- a claim entry: pin version, time of its last claim, whether it was marked

@@ -15,9 +15,7 @@
 -- returns: 1 if it wrote
 local s = hget(KEYS[2], 'pin_version')
 if ((ARGV[1] == '' and s == nil) or s == ARGV[1]) and cmp(get(KEYS[4]), ARGV[2]) < 0 then
-  redis.call('SET', KEYS[1], ARGV[3])
-  redis.call('HSET', KEYS[2], unpack(ARGV, 5))
-  redis.call('SADD', KEYS[3], ARGV[4])
+  put_record(KEYS, ARGV)
   return 1
 end
 return 0

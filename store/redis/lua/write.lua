@@ -16,9 +16,7 @@ local v = ARGV[2]
 local s = hget(KEYS[2], 'pin_version')
 if cmp(get(KEYS[4]), v) < 0 and ((ARGV[1] == 'r' and s == nil) or
                                  (ARGV[1] == 'w' and cmp(s, v) <= 0)) then
-  redis.call('SET', KEYS[1], ARGV[3])
-  redis.call('HSET', KEYS[2], unpack(ARGV, 5))
-  redis.call('SADD', KEYS[3], ARGV[4])
+  put_record(KEYS, ARGV)
   return 1
 end
 return 0
