@@ -56,6 +56,12 @@ MIN_AGE_S = 60.0
 #: Largest merged batch, bytes (a consumer's default per-partition fetch size).
 TARGET_BYTES = 1 << 20
 
+#: objects found unmergeable, with the size and time they had then: not read again by
+#: every pass while they stay so (a partition of compressed batches would be read whole
+#: every 30 s); forgotten at once past `_LEFT_MAX` entries
+_LEFT: dict[Path, tuple[int, float]] = {}
+_LEFT_MAX = 500_000
+
 _HEAD = struct.Struct(">qiibIhiqqqhii")  # base offset .. records count: 61 bytes
 # attributes: compression (bits 0-2), timestamp type (3), transactional (4), control (5)
 _NOT_MERGEABLE = 0b111111
@@ -121,12 +127,13 @@ def _runs(store: ObjectStore, objects: list[tuple[str, Path]]) -> list[list[Path
     limit = TARGET_BYTES * 9 // 10
     for _name, path in objects:
         n = store.size(path)
-        if n >= TARGET_BYTES // 2 or size + n > limit:
+        kept = n >= TARGET_BYTES // 2 or _LEFT.get(path) == (n, store.mtime(path))
+        if kept or size + n > limit:
             if len(run) > 1:
                 runs.append(run)
             run, size = [], 0
-            if n >= TARGET_BYTES // 2:
-                continue  # already large: left as it is
+            if kept:
+                continue  # already large, or found unmergeable: left as it is
         run.append(path)
         size += n
     if len(run) > 1:
@@ -154,10 +161,14 @@ def compact_partition(store: ObjectStore, records: Path, now: float | None = Non
             continue  # removed meanwhile (retention): the next pass sees what is left
         # a batch that cannot be merged splits the run around it
         pieces: list[list[tuple[int, bytes]]] = [[]]
-        for item in datas:
+        for item, path in zip(datas, run, strict=True):
             if _mergeable(item[1]):
                 pieces[-1].append(item)
-            elif pieces[-1]:
+                continue
+            if len(_LEFT) >= _LEFT_MAX:
+                _LEFT.clear()
+            _LEFT[path] = (len(item[1]), store.mtime(path))
+            if pieces[-1]:
                 pieces.append([])
         for piece in pieces:
             if len(piece) < 2:

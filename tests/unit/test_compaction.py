@@ -172,3 +172,27 @@ def test_a_merge_refuses_objects_that_are_no_longer_consecutive(tmp_path):
     assert not store.merge(paths[0], merged, paths[1:], 1.0)
     assert _all(store, records) == list(range(12))
     assert not list(records.glob(".tmp-*"))
+
+
+def test_an_unmergeable_batch_is_not_read_again_by_every_pass(tmp_path, monkeypatch):
+    """A batch that cannot merge (here transactional) is read once, not on every pass
+    of the retention check while it stays unchanged."""
+    monkeypatch.setattr(compaction, "COMPACT_ABOVE", 5)
+    monkeypatch.setattr(compaction, "KEEP_NEWEST", 1)
+    bases = list(range(0, 30, 3))
+    batches = [_batch(b, 3, 1, transactional=(b == 12)) for b in bases]
+    store, records = _store(tmp_path, batches, bases, age_s=3600)
+    reads: list[str] = []
+    read_bytes = Path.read_bytes
+
+    def counting(self: Path) -> bytes:
+        reads.append(self.name)
+        return read_bytes(self)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    assert compact_partition(store, records) == 3 + 3  # 0-9 and 15-24 merged, 12 alone
+    assert f"{12:020d}.batch" in reads
+    reads.clear()
+    compact_partition(store, records)
+    assert f"{12:020d}.batch" not in reads
+    assert _all(store, records) == list(range(30))
