@@ -46,9 +46,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
+from pathlib import Path
 
 from encoder.errors import StackError
 from streams.runtime import services
@@ -72,10 +74,27 @@ from streams.runtime.stackstate import (
 )
 from streams.settings import StackSettings
 
-__all__ = ["EmbeddedStack", "ServiceInfo", "StackError", "StackInfo", "StackSettings",
-           "check_kafka", "check_milvus", "check_redis", "free_port", "free_ports"]
+
+class ServiceExited(StackError):
+    """A service's process exited before it answered (a port taken, a bad config)."""
+
+
+__all__ = ["EmbeddedStack", "ServiceExited", "ServiceInfo", "StackError", "StackInfo",
+           "StackSettings", "check_kafka", "check_milvus", "check_redis", "free_port",
+           "free_ports"]
 
 logger = logging.getLogger(__name__)
+
+
+def _remove_tree(path: Path, settle_s: float = 5.0) -> None:
+    """Remove ``path``; again while a process that is going away still writes in it."""
+    deadline = time.monotonic() + settle_s
+    while path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+        if time.monotonic() > deadline:
+            logger.warning("%s could not be removed", path)
+            return
+        time.sleep(0.2)
 
 # kept for callers of the names before the split (tests monkeypatch them here)
 _pid_alive = pid_alive
@@ -121,7 +140,7 @@ class EmbeddedStack:
                 if not down:
                     logger.info("embedded stack already running (%s)", self.state_file)
                 return self._ensure_supervisor(running)
-            info = self._start_all()
+            info = self._start_all_on_free_ports()
             return self._ensure_supervisor(info)
 
     def _down(self, info: StackInfo) -> list[str]:
@@ -145,11 +164,30 @@ class EmbeddedStack:
                     time.sleep(0.2)
         return down
 
+    def _start_all_on_free_ports(self, attempts: int = 3) -> StackInfo:
+        """`_start_all`, again on new ports if a service on a picked port exits.
+
+        A picked port (setting 0) was free a moment before; on a busy machine
+        another process can bind it before the service does.
+        """
+        auto = self.settings.kafka_port == 0 or self.settings.redis_port == 0
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._start_all()
+            except ServiceExited as exc:
+                if not auto or attempt == attempts:
+                    raise
+                logger.warning("%s; starting the stack again on new ports (%d/%d)", exc,
+                               attempt + 1, attempts)
+        raise AssertionError("unreachable")
+
     def _start_all(self) -> StackInfo:
         self.started = ["kafka", "redis", "milvus"]
         self.data_dir.mkdir(parents=True, exist_ok=True)
         host = self.settings.host
         engine = services.milvus_engine(self.data_dir, self.settings.milvus)
+        mdir = self.data_dir / "milvus"
+        fresh_milvus = not mdir.exists() or not any(mdir.iterdir())
         ports = {
             "kafka": self._pick_port("kafka", self.settings.kafka_port),
             # the server's listening socket is bound by its spawn itself (0 stays 0)
@@ -190,6 +228,11 @@ class EmbeddedStack:
             for svc in started:
                 self._terminate(svc.pid)
             self.file.remove()
+            if fresh_milvus:
+                # what this failed start wrote holds nothing, and without the engine
+                # marker (written only after a start) the next start took it for Milvus
+                # Lite's data and refused it
+                _remove_tree(mdir)
             raise
         # only now: a failed first start (no network namespaces) leaves no marker, so
         # following its advice (PINFRESH_STACK__MILVUS=lite) works
@@ -228,9 +271,7 @@ class EmbeddedStack:
             last: Exception | None = None
             while True:
                 if not pid_alive(svc.pid):
-                    raise StackError(
-                        f"{svc.name} exited during start-up: see {svc.log}"
-                    )
+                    raise ServiceExited(f"{svc.name} exited during start-up: see {svc.log}")
                 try:
                     services.check(info, svc)
                     break

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import socket
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
@@ -170,8 +171,38 @@ def service_of(name: str) -> tuple[str, int]:
     return name, 0
 
 
+def _ephemeral_range() -> tuple[int, int]:
+    """The kernel's range of ports for outgoing connections (and for ``bind(0)``)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+#: Ports handed out below the ephemeral range start here.
+_PICK_FLOOR = 20000
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """Return a port that was free a moment ago on ``host``."""
+    """Return a port that was free a moment ago on ``host``.
+
+    Picked at random below the kernel's ephemeral range where that range leaves
+    room: a port from ``bind(0)`` comes from the range every outgoing connection
+    takes its source port from, and was often handed out a moment before to
+    another caller, so on a busy machine it is taken again before the service
+    that was given it binds it. Falls back to ``bind(0)``.
+    """
+    low, _ = _ephemeral_range()
+    if low - _PICK_FLOOR >= 1000:
+        for _ in range(50):
+            port = random.randrange(_PICK_FLOOR, low)
+            with socket.socket() as s:
+                try:
+                    s.bind((host, port))
+                except OSError:
+                    continue
+            return port
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])

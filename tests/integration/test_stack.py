@@ -31,6 +31,41 @@ def test_taken_port_gives_an_error_naming_the_fix(tmp_path):
     assert st.read() is None
 
 
+def test_a_picked_port_taken_before_its_service_binds_it_starts_on_new_ports(
+        tmp_path, monkeypatch, caplog):
+    """A picked port is only free a moment; if another process takes it before Valkey
+    binds it, the stack starts again on new ports instead of failing (the race CI saw:
+    "redis-2 exited during start-up")."""
+    import streams.runtime.stack as stack_mod
+    from streams.runtime.stackstate import _ephemeral_range, free_port
+
+    low, _ = _ephemeral_range()
+    assert all(free_port() < low for _ in range(20))  # never where bind(0) and clients go
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        picks = iter([None, busy])  # kafka's pick, then Valkey's: the taken one
+
+        def pick(host: str = "127.0.0.1") -> int:
+            port = next(picks, None)
+            return port if port is not None else free_port(host)
+
+        monkeypatch.setattr(stack_mod, "free_port", pick)
+        st = EmbeddedStack(StackSettings(data_dir=tmp_path, kafka_port=0, redis_port=0,
+                                         milvus_port=0))
+        with caplog.at_level("WARNING"):
+            info = st.start()
+        try:
+            assert info.redis.port != busy
+            assert "redis exited during start-up" in caplog.text
+            assert st.read().redis.port == info.redis.port
+            from streams.runtime.stack import check_redis
+            check_redis(info.redis_url)
+        finally:
+            st.stop()
+
+
 def test_cli_up_status_down(tmp_path):
     env = {**os.environ, "PINFRESH_STACK__DATA_DIR": str(tmp_path),
            "PINFRESH_STACK__KAFKA_PORT": "0", "PINFRESH_STACK__REDIS_PORT": "0",
@@ -184,6 +219,7 @@ def _milvus_processes(data_dir) -> list[int]:
     return out
 
 
+@pytest.mark.long
 def test_milvus_server_is_real_loopback_only_and_leaves_no_process(tmp_path):
     """The embedded Milvus is a real server (it counts VARCHAR lengths in bytes, as
     Milvus Lite did not), reachable on its one loopback port only; SIGKILLing its
@@ -238,8 +274,10 @@ def test_milvus_server_is_real_loopback_only_and_leaves_no_process(tmp_path):
     finally:
         st.stop()
     assert _milvus_processes(tmp_path) == []
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", info.milvus.port)) != 0
+    # its loopback socket went with the wrapper (the port itself may be anyone's now:
+    # CI saw a connect to it succeed, another process had bound it meanwhile)
+    from streams.runtime.stackstate import pid_alive
+    assert not pid_alive(info.milvus.pid)
 
 
 def test_milvus_data_of_the_other_engine_is_refused(tmp_path):
