@@ -24,16 +24,20 @@ import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import open_clip
 import torch
-from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP, _build_vision_tower
 from torch import nn
 
 from encoder.config import DEFAULT_MODEL
 from encoder.errors import CheckpointError
 from encoder.types import PreprocessSpec
+
+if TYPE_CHECKING:
+    from open_clip.model import CLIP, CLIPVisionCfg, CustomTextCLIP
+
+# open_clip is imported where a model is built or named (about 4 s of CPU: it imports
+# transformers): a process that runs the null encoder, or only reads specs, never pays it
 
 logger = logging.getLogger(__name__)
 
@@ -142,6 +146,8 @@ def model_spec(name: str, checkpoint: Path | None = None) -> ModelSpec:
         )
     if name == DEFAULT_MODEL:
         return ModelSpec(name=name, config=_builtin_config(), preprocess=PreprocessSpec())
+    import open_clip
+
     cfg = open_clip.get_model_config(name)
     if cfg is None:
         raise CheckpointError(
@@ -168,6 +174,8 @@ def _resolve_packaged(cfg: dict[str, Any]) -> dict[str, Any]:
 
 
 def _vision_cfg(spec: ModelSpec) -> CLIPVisionCfg:
+    from open_clip.model import CLIPVisionCfg
+
     return CLIPVisionCfg(**spec.config["vision_cfg"])
 
 
@@ -252,6 +260,8 @@ def build_image_tower(
     Raises:
         CheckpointError: the checkpoint is missing or does not fit the config.
     """
+    from open_clip.model import _build_vision_tower
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tower = _build_vision_tower(spec.embed_dim, _vision_cfg(spec))
@@ -277,6 +287,8 @@ def build_clip(
     Raises:
         CheckpointError: the checkpoint is missing or does not fit the config.
     """
+    from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, CustomTextCLIP
+
     cfg = _resolve_packaged(spec.config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -297,6 +309,8 @@ def build_clip(
 
 def get_tokenizer(spec: ModelSpec) -> Any:
     """Return the open_clip tokenizer for the spec's text tower (local files only)."""
+    import open_clip
+
     text = _resolve_packaged(spec.config)["text_cfg"]
     if "hf_tokenizer_name" in text:
         return open_clip.tokenizer.HFTokenizer(
