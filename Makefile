@@ -27,8 +27,13 @@ catalog: $(STAMP)
 demo: setup
 	$(VENV)/bin/pinfresh demo
 
+# Tests run in TEST_WORKERS processes (pytest-xdist): the suite mostly waits (on
+# consumer groups, restarts, deadlines), so more processes than cores pay off. Each
+# process starts its own shared stack; the cluster tests all go to one of them.
+TEST_WORKERS ?= 4
+
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadgroup
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -54,6 +54,19 @@ def fault_case(request):
     _ROWS.extend(rows.rows)
 
 
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``long`` (minutes each) run first, ``long(N)`` (about N minutes)
+    before ``long``: in a parallel run (``make test``, pytest-xdist) the run then does
+    not end with one worker still on one of them. After pytest's own ordering
+    (trylast), which it keeps otherwise."""
+    def weight(item) -> float:
+        mark = item.get_closest_marker("long")
+        return -(mark.args[0] if mark and mark.args else 1) if mark else 0
+
+    items.sort(key=weight)
+
+
 def pytest_sessionfinish(session, exitstatus):
     path = os.environ.get("PINFRESH_FAULTS_REPORT")
     if not path or not _ROWS:

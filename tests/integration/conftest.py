@@ -22,7 +22,6 @@ import pytest
 
 from encoder.config import EncoderSettings
 from encoder.engine import ImageEncoder
-from encoder.errors import StackError
 from store.milvus import MilvusStore
 from store.redis import RedisCache
 from streams.events import PinEvent
@@ -43,8 +42,9 @@ CLUSTER_NODES = 3
 def pytest_generate_tests(metafunc):
     """Tests marked ``cluster`` run on a single Valkey node and on a 3-master cluster."""
     if "stack" in metafunc.fixturenames:
-        kinds = ["node", "cluster"] if metafunc.definition.get_closest_marker("cluster") \
-            else ["node"]
+        # in a parallel run every cluster test goes to one process (one cluster stack)
+        kinds = ["node", pytest.param("cluster", marks=pytest.mark.xdist_group("cluster"))] \
+            if metafunc.definition.get_closest_marker("cluster") else ["node"]
         metafunc.parametrize("stack", kinds, indirect=True, scope="session")
 
 
@@ -132,22 +132,11 @@ class Relay:
 def stack(tmp_path_factory, request) -> Iterator[StackInfo]:
     """The shared embedded stack; ``cluster``: Valkey as a cluster (``--redis-cluster 3``)."""
     kind = getattr(request, "param", "node")
-
-    def start() -> tuple[EmbeddedStack, Path, StackInfo]:
-        data = tmp_path_factory.mktemp(f"stack-{kind}")
-        st = EmbeddedStack(StackSettings(
-            data_dir=data, kafka_port=0, redis_port=0, milvus_port=0,
-            redis_cluster=CLUSTER_NODES if kind == "cluster" else 0))
-        return st, data, st.start()
-
-    try:
-        st, data, info = start()
-    except StackError as exc:
-        # once: free ports are picked before the services bind them, and on a loaded
-        # machine one can be taken in between (every test of this stack would error)
-        logging.getLogger(__name__).warning("shared %s stack did not start (%s); again on "
-                                            "new ports", kind, exc)
-        st, data, info = start()
+    data = tmp_path_factory.mktemp(f"stack-{kind}")
+    st = EmbeddedStack(StackSettings(
+        data_dir=data, kafka_port=0, redis_port=0, milvus_port=0,
+        redis_cluster=CLUSTER_NODES if kind == "cluster" else 0))
+    info = st.start()  # on picked ports: started again on new ones if one was taken
     info.data_dir = data  # the fixture below hands it to pipelines
     yield info
     st.stop()
@@ -280,6 +269,28 @@ class Pipeline:
             proc.wait(timeout=30)
         await self.cache.close()
         await self.milvus.close()
+        if self.stack is None:  # on the shared stack
+            await asyncio.to_thread(self._drop_collections)
+
+    def _drop_collections(self) -> None:
+        """Drop this pipeline's collections (their aliases first) from the shared Milvus:
+        each loaded collection costs the server CPU (its channels' time ticks) for the
+        rest of the session (about 0.1 % of a core each, measured)."""
+        from store.milvus import connect
+
+        prefix = f"{self.settings.milvus.collection_prefix}_"
+        try:
+            client = connect(self.settings.milvus.uri, timeout_s=30)
+            try:
+                for name in client.list_collections():
+                    if name.startswith(prefix):
+                        for alias in client.list_aliases(name).get("aliases", []):
+                            client.drop_alias(alias)
+                        client.drop_collection(name)
+            finally:
+                client.close()
+        except Exception as exc:  # noqa: BLE001 - a test that stopped Milvus, say
+            logging.getLogger(__name__).warning("collections %s* not dropped: %s", prefix, exc)
 
 
 @contextmanager

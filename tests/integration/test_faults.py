@@ -146,6 +146,7 @@ async def test_kill_one_of_two_workers(pipeline, catalog, fault_case):
 
 
 # ------------------------------------------------------ backend outages
+@pytest.mark.long
 @pytest.mark.parametrize(("private_pipeline", "service", "node"),
                          [(0, "redis", 0), (0, "milvus", 0), (3, "redis", 1)], indirect=[
                              "private_pipeline"], ids=["redis", "milvus", "redis-cluster-node"])
@@ -193,6 +194,7 @@ async def test_backend_down_then_back(private_pipeline, catalog, service, node, 
                    "agree after restart")
 
 
+@pytest.mark.long
 async def test_broker_sigkilled_keeps_its_log(private_pipeline, catalog, fault_case):
     """The embedded broker SIGKILLed with events not yet consumed, then restarted.
 

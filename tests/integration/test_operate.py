@@ -86,6 +86,7 @@ async def test_sigterm_drains_in_flight_batch_and_commits(pipeline, catalog, fau
                    f"w2 wrote {len(items) - written}, skipped 0")
 
 
+@pytest.mark.long
 async def test_scaling_one_two_three_workers_rebalances_cleanly(pipeline, catalog):
     from dataclasses import replace
 
@@ -344,6 +345,7 @@ async def test_dlq_replay_reads_the_whole_topic_and_refuses_letters_past_the_tom
     assert status["dlq_total"] == 0 and status["dlq_letters_on_topic"] == 304
 
 
+@pytest.mark.long(4)
 async def test_a_pool_stopped_and_started_20_times_with_a_backlog_consumes_every_time(
         pipeline, catalog):
     """A 2-feeder pool drained (SIGTERM) and started again, 20 times, each time with new

@@ -133,6 +133,7 @@ async def test_backfill_dual_write_promote_and_rollback(pipeline, catalog, encod
     assert await registry.rollback() == vb  # and forward again
 
 
+@pytest.mark.long
 async def test_killed_backfill_resumes_without_reencoding(pipeline, catalog, encoder_b):
     items = catalog[300:380]
     pipeline.start_worker("w1")
@@ -378,6 +379,7 @@ async def _equals(versions, want: list[str]) -> bool:
     return await versions == want
 
 
+@pytest.mark.long
 async def test_a_retired_version_stays_retired_when_workers_restart(
         pipeline, catalog, encoder_b):
     """After `promote vb` and `retire va`, a worker started with its default settings
