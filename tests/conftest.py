@@ -62,12 +62,23 @@ def pytest_collection_modifyitems(config, items):
     (trylast), which it keeps otherwise."""
     def weight(item) -> float:
         mark = item.get_closest_marker("long")
-        return -(mark.args[0] if mark and mark.args else 1) if mark else 0
+        if mark is None or "[cluster" in item.nodeid:  # cluster ones stay with their stack
+            return 0
+        return -float(mark.args[0] if mark.args else mark.kwargs.get("minutes", 1))
 
     items.sort(key=weight)
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """pytest-xdist: a worker process's rows reach the controller, which writes them."""
+    _ROWS.extend(json.loads(getattr(node, "workeroutput", {}).get("fault_rows", "[]")))
+
+
 def pytest_sessionfinish(session, exitstatus):
+    if hasattr(session.config, "workerinput"):  # a pytest-xdist worker: hand them over
+        session.config.workeroutput["fault_rows"] = json.dumps(_ROWS)
+        return
     path = os.environ.get("PINFRESH_FAULTS_REPORT")
     if not path or not _ROWS:
         return

@@ -54,19 +54,20 @@ __all__ = ["emit", "machine", "private_stack", "run_pipeline_bench", "run_read_b
 @contextlib.contextmanager
 def private_stack(settings: Settings, catalog_root: Path, redis_cluster: int = 0,
                   kafka_log: str | None = None, kafka_fsync: bool = True,
-                  ) -> Iterator[tuple[Settings, Path]]:
+                  **stack_fields: Any) -> Iterator[tuple[Settings, Path]]:
     """A throw-away embedded stack on free ports; yields settings pointed at it and its dir.
 
     ``redis_cluster``: Valkey as a cluster of that many masters (0: one node);
     ``kafka_log``: the broker's log engine (default: ``settings``'); ``kafka_fsync``:
-    whether the disk log syncs each write.
+    whether the disk log syncs each write; ``stack_fields``: other `StackSettings` fields
+    (the disk log's retention, for instance).
     """
     with tempfile.TemporaryDirectory(prefix="pinfresh-bench-") as tmp:
         stack = EmbeddedStack(StackSettings(data_dir=Path(tmp), kafka_port=0, redis_port=0,
                                             milvus_port=0, redis_cluster=redis_cluster,
                                             milvus=settings.stack.milvus,
                                             kafka_log=kafka_log or settings.stack.kafka_log,
-                                            kafka_fsync=kafka_fsync))
+                                            kafka_fsync=kafka_fsync, **stack_fields))
         info = stack.start()
         try:
             yield settings.with_stack(info).model_copy(update={

@@ -232,6 +232,21 @@ def bench_partitions(ctx: Ctx, counts: str, pins: int, feeders: int, out: Path) 
                          out, console)
 
 
+@bench.command("soak")
+@click.option("--events", type=int, default=1_000_000, show_default=True)
+@click.option("--retention-s", type=float, default=60.0, show_default=True,
+              help="the disk log's retention by age for this run (its own stack)")
+@click.option("--fsync/--no-fsync", default=True, show_default=True)
+@click.option("--out", type=click.Path(path_type=Path),
+              default=Path("bench/results/soak.json"), show_default=True)
+@pass_ctx
+def bench_soak(ctx: Ctx, events: int, retention_s: float, fsync: bool, out: Path) -> None:
+    """The broker's disk log under a long stream: rates, memory and disk, slice by slice."""
+    from streams.bench.soak import run_soak
+
+    run_soak(ctx.settings, events, retention_s, fsync, out, console)
+
+
 @bench.command("broker")
 @click.option("--pins", type=int, default=10_000, show_default=True)
 @click.option("--feeders", type=int, default=2, show_default=True)

@@ -68,6 +68,7 @@ from streams.runtime.stackstate import (
     StackInfo,
     free_port,
     free_ports,
+    listens_on,
     pid_alive,
     port_in_use,
     service_of,
@@ -76,7 +77,11 @@ from streams.settings import StackSettings
 
 
 class ServiceExited(StackError):
-    """A service's process exited before it answered (a port taken, a bad config)."""
+    """A service's process exited before it answered, or another process holds its port."""
+
+    def __init__(self, message: str, service: str = "") -> None:
+        super().__init__(message)
+        self.service = service
 
 
 __all__ = ["EmbeddedStack", "ServiceExited", "ServiceInfo", "StackError", "StackInfo",
@@ -175,7 +180,8 @@ class EmbeddedStack:
             try:
                 return self._start_all()
             except ServiceExited as exc:
-                if not auto or attempt == attempts:
+                # Milvus server is handed its socket already bound: new ports won't help
+                if not auto or attempt == attempts or exc.service == "milvus":
                     raise
                 logger.warning("%s; starting the stack again on new ports (%d/%d)", exc,
                                attempt + 1, attempts)
@@ -271,12 +277,23 @@ class EmbeddedStack:
             last: Exception | None = None
             while True:
                 if not pid_alive(svc.pid):
-                    raise ServiceExited(f"{svc.name} exited during start-up: see {svc.log}")
+                    raise ServiceExited(f"{svc.name} exited during start-up: see {svc.log}",
+                                        service=svc.name)
                 try:
                     services.check(info, svc)
-                    break
                 except Exception as exc:  # noqa: BLE001 - retried until the deadline
                     last = exc
+                else:
+                    # the answer must come from this service, not from another process
+                    # that took its port first (the check alone passed on another
+                    # stack's broker while this one's wrapper was still starting)
+                    if listens_on(svc.pid, svc.port) is not False:
+                        break
+                    last = OSError(f"port {svc.port} is held by another process")
+                    if not pid_alive(svc.pid) or svc.name != "kafka":
+                        # what binds it itself (Valkey, Milvus) would have exited
+                        raise ServiceExited(f"{svc.name}: {last}: see {svc.log}",
+                                            service=svc.name)
                 if time.monotonic() > deadline:
                     raise StackError(
                         f"{svc.name} on port {svc.port} not healthy after "

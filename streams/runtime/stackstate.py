@@ -25,7 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServiceInfo", "StackFile", "StackInfo", "free_port", "free_ports", "pid_alive",
+__all__ = ["ServiceInfo", "StackFile", "StackInfo", "free_port", "free_ports", "listens_on",
+           "pid_alive",
            "port_in_use", "service_of"]
 
 
@@ -210,9 +211,10 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def free_ports(n: int, host: str = "127.0.0.1") -> int:
     """The first of ``n`` consecutive ports that were all free a moment ago on ``host``."""
+    low, _ = _ephemeral_range()
     for _ in range(100):
         base = free_port(host)
-        if base + n > 65535:
+        if base + n > 65535 or base < low < base + n:  # not into the ephemeral range
             continue
         with contextlib.ExitStack() as held:
             try:
@@ -223,6 +225,40 @@ def free_ports(n: int, host: str = "127.0.0.1") -> int:
                 continue
         return base
     raise OSError(f"no {n} consecutive free ports on {host}")
+
+
+def listens_on(pid: int, port: int) -> bool | None:
+    """Whether process ``pid`` or one of its descendants listens on TCP ``port``.
+
+    By the socket's inode among their open files; None where /proc cannot tell.
+    """
+    inodes: set[str] = set()
+    todo, seen = [pid], set()
+    try:
+        while todo:
+            p = todo.pop()
+            seen.add(p)
+            with contextlib.suppress(OSError):
+                for fd in os.listdir(f"/proc/{p}/fd"):
+                    with contextlib.suppress(OSError):
+                        target = os.readlink(f"/proc/{p}/fd/{fd}")
+                        if target.startswith("socket:["):
+                            inodes.add(target[8:-1])
+            with contextlib.suppress(OSError):
+                for task in os.listdir(f"/proc/{p}/task"):
+                    kids = Path(f"/proc/{p}/task/{task}/children").read_text().split()
+                    todo += [int(k) for k in kids if int(k) not in seen]
+        listeners = set()
+        for table in ("tcp", "tcp6"):
+            with contextlib.suppress(FileNotFoundError), open(f"/proc/net/{table}") as fh:
+                next(fh)
+                for line in fh:
+                    f = line.split()
+                    if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                        listeners.add(f[9])
+    except OSError:
+        return None
+    return bool(listeners & inodes)
 
 
 def port_in_use(host: str, port: int) -> bool:

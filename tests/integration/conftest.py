@@ -170,8 +170,11 @@ def encoder() -> Iterator[ImageEncoder]:
 class Pipeline:
     """One isolated deployment on the shared stack: own topics, group and namespaces."""
 
-    def __init__(self, stack: StackInfo, stack_dir: Path, stamps: Path, logs: Path) -> None:
+    def __init__(self, stack: StackInfo, stack_dir: Path, stamps: Path, logs: Path,
+                 shared: bool = False) -> None:
         self.stack: EmbeddedStack | None = None
+        #: on the session's shared stack: `close` drops what it made there
+        self.shared = shared
         n = next(_counter)
         tag = f"{os.getpid()}_{n}"
         base = Settings()
@@ -269,7 +272,7 @@ class Pipeline:
             proc.wait(timeout=30)
         await self.cache.close()
         await self.milvus.close()
-        if self.stack is None:  # on the shared stack
+        if self.shared:
             await asyncio.to_thread(self._drop_collections)
 
     def _drop_collections(self) -> None:
@@ -282,11 +285,11 @@ class Pipeline:
         try:
             client = connect(self.settings.milvus.uri, timeout_s=30)
             try:
-                for name in client.list_collections():
+                for name in client.list_collections(timeout=30):
                     if name.startswith(prefix):
-                        for alias in client.list_aliases(name).get("aliases", []):
-                            client.drop_alias(alias)
-                        client.drop_collection(name)
+                        for alias in client.list_aliases(name, timeout=30).get("aliases", []):
+                            client.drop_alias(alias, timeout=30)
+                        client.drop_collection(name, timeout=30)
             finally:
                 client.close()
         except Exception as exc:  # noqa: BLE001 - a test that stopped Milvus, say
@@ -341,7 +344,7 @@ class FeederPool:
 
 @pytest.fixture
 async def pipeline(stack, stack_dir, stamps, tmp_path) -> Iterator[Pipeline]:
-    p = Pipeline(stack, stack_dir, stamps, tmp_path)
+    p = Pipeline(stack, stack_dir, stamps, tmp_path, shared=True)
     await p.setup()
     yield p
     await p.close()

@@ -16,7 +16,8 @@ from store.config import ApiSettings, MilvusSettings, RedisSettings
 from tests.integration.conftest import served_over_http
 from tests.integration.test_api import _seed
 
-pytestmark = pytest.mark.integration
+# one xdist process builds the client venv once
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("client_install")]
 ROOT = Path(__file__).resolve().parents[2]
 #: distributions only the operator extras may bring
 HEAVY = {"torch", "torchvision", "faust-streaming", "aiokafka", "pymilvus", "open-clip-torch",

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from streams.runtime.stack import EmbeddedStack, StackError, StackSettings
+from streams.runtime.stackstate import free_port, listens_on, pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -37,10 +38,11 @@ def test_a_picked_port_taken_before_its_service_binds_it_starts_on_new_ports(
     binds it, the stack starts again on new ports instead of failing (the race CI saw:
     "redis-2 exited during start-up")."""
     import streams.runtime.stack as stack_mod
-    from streams.runtime.stackstate import _ephemeral_range, free_port
+    from streams.runtime.stackstate import _ephemeral_range
 
     low, _ = _ephemeral_range()
-    assert all(free_port() < low for _ in range(20))  # never where bind(0) and clients go
+    if low - 20000 >= 1000:  # room below the range: never where bind(0) and clients go
+        assert all(free_port() < low for _ in range(20))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -64,6 +66,21 @@ def test_a_picked_port_taken_before_its_service_binds_it_starts_on_new_ports(
             check_redis(info.redis_url)
         finally:
             st.stop()
+
+
+def test_a_port_answered_by_another_process_is_not_taken_for_the_service():
+    """The launcher checks that a service's port is its own, not only that it answers."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", free_port()))
+        s.listen()
+        port = s.getsockname()[1]
+        other = subprocess.Popen(["sleep", "60"])
+        try:
+            assert listens_on(os.getpid(), port) is True
+            assert listens_on(other.pid, port) is False
+        finally:
+            other.kill()
+            other.wait()
 
 
 def test_cli_up_status_down(tmp_path):
@@ -117,9 +134,7 @@ def test_cli_up_status_down(tmp_path):
         assert now["kafka"]["pid"] != info["kafka"]["pid"]
         assert asyncio.run(_topic_size(k)) == 1
         # a read API of this data dir: `down` stops it too (it kept answering)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            api_port = s.getsockname()[1]
+        api_port = free_port()
         serve = subprocess.Popen([sys.executable, "-m", "streams.cli", "serve", "--port",
                                   str(api_port)], env=env, stdout=subprocess.DEVNULL,
                                  stderr=subprocess.DEVNULL)
@@ -137,8 +152,8 @@ def test_cli_up_status_down(tmp_path):
         if serve.poll() is None:
             serve.kill()
     assert not (tmp_path / "stack.json").exists()
-    with socket.socket() as s:
-        assert s.connect_ex(("127.0.0.1", info["redis"]["port"])) != 0
+    # no service left (their ports may be anyone's by now: another stack runs beside)
+    assert not [s for s in ("kafka", "redis", "milvus") if pid_alive(now[s]["pid"])]
     # every service gone: status says so and exits 3 (it exited 0 before)
     gone = run("status", "--json")
     assert gone.returncode == 3, gone.stdout[-2000:] + gone.stderr[-2000:]
@@ -199,6 +214,19 @@ def _listening(pid: int, view: int | str = "self") -> list[tuple[str, int]]:
                         words = b"".join(raw[i:i + 4][::-1] for i in range(0, 16, 4))
                         addr = socket.inet_ntop(socket.AF_INET6, words)
                     out.append((addr, int(hexport, 16)))
+    return out
+
+
+def _listener_inodes(port: int) -> set[str]:
+    """Inodes of the sockets listening on TCP ``port`` in this network namespace."""
+    out = set()
+    for table in ("tcp", "tcp6"):
+        with open(f"/proc/net/{table}") as fh:
+            next(fh)
+            for line in fh:
+                f = line.split()
+                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                    out.add(f[9])
     return out
 
 
@@ -271,13 +299,14 @@ def test_milvus_server_is_real_loopback_only_and_leaves_no_process(tmp_path):
             assert len(client.search("bytes", data=[[1, 0, 0, 0]], limit=1)[0]) == 1
         finally:
             client.close()
+        listening = _listener_inodes(info.milvus.port)
+        assert listening, (info.milvus, _listening(info.milvus.pid))  # the wrapper's socket
     finally:
         st.stop()
     assert _milvus_processes(tmp_path) == []
-    # its loopback socket went with the wrapper (the port itself may be anyone's now:
-    # CI saw a connect to it succeed, another process had bound it meanwhile)
-    from streams.runtime.stackstate import pid_alive
-    assert not pid_alive(info.milvus.pid)
+    # its loopback socket is closed (the port itself may be anyone's now: CI saw a
+    # connect to it succeed, another process had bound it meanwhile)
+    assert not _listener_inodes(info.milvus.port) & listening, (info.milvus, listening)
 
 
 def test_milvus_data_of_the_other_engine_is_refused(tmp_path):

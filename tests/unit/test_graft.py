@@ -16,7 +16,8 @@ from encoder.graft import (
     make_prompt,
 )
 
-pytestmark = pytest.mark.slow
+# one xdist process loads the LM once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("graft")]
 
 
 @pytest.fixture(scope="module")

@@ -39,6 +39,10 @@ def _stop(enc, server, t):
     enc.close()
 
 
+# one xdist process starts the module's encoder servers once
+pytestmark = pytest.mark.xdist_group("remote_encoder")
+
+
 @pytest.fixture(scope="module", params=["pil", "tensor"])
 def served(request, tmp_path_factory):
     """An encoder process in a thread: ``pil`` makes feeders decode, ``tensor`` decodes here."""

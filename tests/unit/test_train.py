@@ -25,7 +25,8 @@ from encoder.train import (
     train,
 )
 
-pytestmark = pytest.mark.slow
+# one xdist process builds the module fixtures (a model, a catalog) once
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("train")]
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (40, 60, 220),
            "yellow": (240, 220, 40)}
 
