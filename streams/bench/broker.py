@@ -50,6 +50,19 @@ def _cpu_s(pid: int) -> float:
     return sum(process_cpu(p, reaped=True) or 0.0 for p in [pid, *children(pid)])
 
 
+async def drain(consumer: Any, n: int, timeout_s: float, max_records: int = 1000) -> None:
+    """Read ``n`` records with ``consumer`` (aiokafka), committing after every fetch."""
+    got = 0
+    deadline = time.monotonic() + timeout_s
+    while got < n:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"consumed {got} of {n} events in {timeout_s:.0f} s")
+        batch = await consumer.getmany(timeout_ms=1000, max_records=max_records)
+        got += sum(len(v) for v in batch.values())
+        if batch:
+            await consumer.commit()
+
+
 async def _consume(s: Settings, n: int) -> float:
     from aiokafka import AIOKafkaConsumer
 
@@ -59,18 +72,10 @@ async def _consume(s: Settings, n: int) -> float:
                          enable_auto_commit=False, auto_offset_reset="earliest",
                          **aiokafka_kwargs(s.kafka))
     await c.start()
-    got = 0
     t = time.perf_counter()
     try:
-        deadline = time.monotonic() + 300
-        while got < n:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"consumed {got} of {n} events in 300 s")
-            batch = await c.getmany(timeout_ms=1000, max_records=1000)
-            got += sum(len(v) for v in batch.values())
-            if batch:
-                await c.commit()
-        return got / (time.perf_counter() - t)
+        await drain(c, n, 300)
+        return n / (time.perf_counter() - t)
     finally:
         await c.stop()
 

@@ -24,6 +24,7 @@ from typing import Any
 
 from rich.console import Console
 
+from streams.bench.broker import drain
 from streams.bench.cpu import children
 from streams.bench.report import emit, machine
 from streams.bench.runs import private_stack
@@ -97,24 +98,16 @@ async def _soak(s: Settings, kafka_dir: Path, events: int,
                                            for i in range(first, first + per)),
                                  total=per, progress=False)
             publish = per / (time.perf_counter() - t)
-            got = 0
             t = time.perf_counter()
-            deadline = time.monotonic() + 600
-            while got < per:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"slice {n + 1}: drained {got} of {per} in 600 s")
-                batch = await consumer.getmany(timeout_ms=1000, max_records=5000)
-                got += sum(len(v) for v in batch.values())
-                if batch:
-                    await consumer.commit()
-            drain = per / (time.perf_counter() - t)
+            await drain(consumer, per, 600, max_records=5000)
+            drained = per / (time.perf_counter() - t)
             if _broker_pid(s) != broker_pid:  # its memory would be a new process's
                 raise RuntimeError(f"the broker was restarted during slice {n + 1}")
             mb, objects = log_on_disk(kafka_dir)
             row = {"slice": n + 1, "events_so_far": first + per,
                    "at_s": round(time.monotonic() - t_start, 1),
                    "publish_events_per_s": round(publish, 1),
-                   "drain_events_per_s": round(drain, 1),
+                   "drain_events_per_s": round(drained, 1),
                    "broker_rss_mb": round(rss_mb(broker_pid), 1),
                    "log_mb": round(mb, 1), "log_objects": objects}
             rows.append(row)
