@@ -284,6 +284,10 @@ def pid_alive(pid: int) -> bool:
             return False
     try:  # a zombie that is not our child (its parent has not reaped it yet)
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        # a process whose main thread has exited shows "Z" while its other threads still
+        # run, or are still exiting, and hold its files: its listening sockets too (CI saw
+        # a port still listening after `stop` returned)
+        threads = len(os.listdir(f"/proc/{pid}/task"))
     except (OSError, IndexError):
         return True
-    return state != "Z"
+    return state != "Z" or threads > 1

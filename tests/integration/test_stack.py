@@ -230,6 +230,21 @@ def _listener_inodes(port: int) -> set[str]:
     return out
 
 
+def _socket_holders(inodes: set[str]) -> list[tuple[int, str, str]]:
+    """(pid, state, command line) of every process with one of these sockets open."""
+    out = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    if os.readlink(f"/proc/{pid}/fd/{fd}")[8:-1] in inodes:
+                        stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+                        cmd = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ")
+                        out.append((int(pid), stat, cmd.decode(errors="replace")[:200]))
+                        break
+    return out
+
+
 def _children(pid: int) -> list[int]:
     with open(f"/proc/{pid}/task/{pid}/children") as fh:
         return [int(x) for x in fh.read().split()]
@@ -306,7 +321,8 @@ def test_milvus_server_is_real_loopback_only_and_leaves_no_process(tmp_path):
     assert _milvus_processes(tmp_path) == []
     # its loopback socket is closed (the port itself may be anyone's now: CI saw a
     # connect to it succeed, another process had bound it meanwhile)
-    assert not _listener_inodes(info.milvus.port) & listening, (info.milvus, listening)
+    assert not _listener_inodes(info.milvus.port) & listening, \
+        (info.milvus, _socket_holders(listening))
 
 
 def test_milvus_data_of_the_other_engine_is_refused(tmp_path):
