@@ -25,8 +25,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["ServiceInfo", "StackFile", "StackInfo", "free_port", "free_ports", "listens_on",
-           "pid_alive",
+__all__ = ["ServiceInfo", "StackFile", "StackInfo", "free_port", "free_ports",
+           "listening_inodes", "listens_on", "pid_alive",
            "port_in_use", "service_of"]
 
 
@@ -227,6 +227,19 @@ def free_ports(n: int, host: str = "127.0.0.1") -> int:
     raise OSError(f"no {n} consecutive free ports on {host}")
 
 
+def listening_inodes(port: int) -> set[str]:
+    """Inodes of the sockets listening on TCP ``port`` in this network namespace."""
+    out = set()
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(FileNotFoundError), open(f"/proc/net/{table}") as fh:
+            next(fh)
+            for line in fh:
+                f = line.split()
+                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
+                    out.add(f[9])
+    return out
+
+
 def listens_on(pid: int, port: int) -> bool | None:
     """Whether process ``pid`` or one of its descendants listens on TCP ``port``.
 
@@ -248,17 +261,9 @@ def listens_on(pid: int, port: int) -> bool | None:
                 for task in os.listdir(f"/proc/{p}/task"):
                     kids = Path(f"/proc/{p}/task/{task}/children").read_text().split()
                     todo += [int(k) for k in kids if int(k) not in seen]
-        listeners = set()
-        for table in ("tcp", "tcp6"):
-            with contextlib.suppress(FileNotFoundError), open(f"/proc/net/{table}") as fh:
-                next(fh)
-                for line in fh:
-                    f = line.split()
-                    if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                        listeners.add(f[9])
+        return bool(listening_inodes(port) & inodes)
     except OSError:
         return None
-    return bool(listeners & inodes)
 
 
 def port_in_use(host: str, port: int) -> bool:

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from streams.runtime.stack import EmbeddedStack, StackError, StackSettings
-from streams.runtime.stackstate import free_port, listens_on, pid_alive
+from streams.runtime.stackstate import free_port, listening_inodes, listens_on, pid_alive
 
 pytestmark = pytest.mark.integration
 
@@ -217,19 +217,6 @@ def _listening(pid: int, view: int | str = "self") -> list[tuple[str, int]]:
     return out
 
 
-def _listener_inodes(port: int) -> set[str]:
-    """Inodes of the sockets listening on TCP ``port`` in this network namespace."""
-    out = set()
-    for table in ("tcp", "tcp6"):
-        with open(f"/proc/net/{table}") as fh:
-            next(fh)
-            for line in fh:
-                f = line.split()
-                if f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port:
-                    out.add(f[9])
-    return out
-
-
 def _socket_holders(inodes: set[str]) -> list[tuple[int, str, str]]:
     """(pid, state, command line) of every process with one of these sockets open."""
     out = []
@@ -314,14 +301,14 @@ def test_milvus_server_is_real_loopback_only_and_leaves_no_process(tmp_path):
             assert len(client.search("bytes", data=[[1, 0, 0, 0]], limit=1)[0]) == 1
         finally:
             client.close()
-        listening = _listener_inodes(info.milvus.port)
+        listening = listening_inodes(info.milvus.port)
         assert listening, (info.milvus, _listening(info.milvus.pid))  # the wrapper's socket
     finally:
         st.stop()
     assert _milvus_processes(tmp_path) == []
     # its loopback socket is closed (the port itself may be anyone's now: CI saw a
     # connect to it succeed, another process had bound it meanwhile)
-    assert not _listener_inodes(info.milvus.port) & listening, \
+    assert not listening_inodes(info.milvus.port) & listening, \
         (info.milvus, _socket_holders(listening))
 
 
