@@ -335,11 +335,26 @@ class FeederPool:
 
     def kill(self) -> None:
         if self.proc.poll() is None:
+            # its children now, not every pid its log names: a pid of a child that died
+            # earlier may be another process's by now (pid_max is 32768 here, and four
+            # test processes start many)
+            children = _children(self.proc.pid)
             self.proc.kill()
-            for pid in self.started("encoder") + self.started("feeder"):
+            for pid in children:
                 with suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
         self._log.close()
+
+
+def _children(pid: int) -> list[int]:
+    """The live children of ``pid`` (every thread's), from /proc."""
+    out: list[int] = []
+    with suppress(OSError):
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with suppress(OSError):
+                out += [int(c) for c in
+                        Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return out
 
 
 @pytest.fixture

@@ -288,12 +288,14 @@ async def test_model_info_shows_every_version_the_worker_writes_now(stores):
 
 
 # ------------------------------- an older writer that releases before the newer one
-async def _until(cond, steps: int = 2000) -> None:
-    for _ in range(steps):
-        if cond():
-            return
-        await asyncio.sleep(0)
-    raise AssertionError("condition not met")
+async def _until(cond, timeout: float = 60.0) -> None:
+    """Wait for ``cond``: a number of loop turns was not enough on a loaded machine (the
+    processor's file reads run in threads)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met")
+        await asyncio.sleep(0.001)
 
 
 async def test_an_older_upsert_landing_last_in_milvus_and_releasing_first_is_undone(stores):
