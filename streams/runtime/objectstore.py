@@ -31,7 +31,10 @@ bounds it.
 Durability (``fsync=True``, the default): a PUT writes a temporary file,
 fsyncs it, renames it over the key and fsyncs the folder before it is
 answered, so an acknowledged write survives a power cut; the two syncs run
-in a worker thread, off the event loop. A record batch found torn or empty
+in a worker thread, off the event loop. A PUT of the bytes an object already
+holds (durably) writes nothing and is answered at once (`unchanged`): a
+consumer group's commit rewrites the offset of every partition it holds,
+most of them unchanged. A record batch found torn or empty
 (a power cut before any of this, a disk error) is moved to
 ``<data_dir>/kafka/quarantine`` and reported (`quarantine`): at start-up
 (`scan_batches`, which checks each batch's length and CRC-32C) and when a GET
@@ -79,6 +82,8 @@ class _Entry:
     row: str | None = None
     #: the offset after a record batch's last record (read from its header once)
     end: int | None = None
+    #: False from a synced PUT's rename until its folder is synced: not yet acknowledged
+    durable: bool = True
 
 
 @dataclass(slots=True)
@@ -277,6 +282,9 @@ class ObjectStore:
         """
         if not self._holds(path, if_match, if_none_match):
             return None  # checked again under the lock before the rename
+        same = self.unchanged(path, data, if_match=if_match, if_none_match=if_none_match)
+        if same is not None:
+            return same
         tmp = path.parent / f".tmp-{path.name}-{threading.get_ident()}"
         try:
             self._ensure_dir(path.parent)
@@ -295,18 +303,39 @@ class ObjectStore:
                 st = path.stat()
                 folder = self._folder(path.parent)
                 etag = _md5_etag(data)
+                entry = _Entry(st.st_size, st.st_mtime, etag, durable=not self.fsync)
                 if folder is not None:
-                    folder.files[path.name] = _Entry(st.st_size, st.st_mtime, etag)
+                    folder.files[path.name] = entry
                     if not existed:
                         folder.add(path.name)
             if self.fsync:
                 _fsync(path.parent, directory=True)
+                entry.durable = True
             return etag
         except (IsADirectoryError, NotADirectoryError, FileExistsError) as exc:
             raise KeyConflict(str(exc)) from exc
         finally:
             with contextlib.suppress(OSError):  # renamed, never made, or no folder
                 tmp.unlink(missing_ok=True)
+
+    def unchanged(self, path: Path, data: bytes, *, if_match: str | None = None,
+                  if_none_match: str | None = None) -> str | None:
+        """The ETag of ``path`` when it already holds exactly ``data``, durably; else None.
+
+        A PUT of the bytes an object holds, whose preconditions hold, is answered
+        with its ETag and writes nothing (no file, no sync; its Last-Modified
+        stays): a consumer group's commit rewrites every partition's offset, most
+        of them unchanged. Never while that content's own write is still being
+        synced: its PUT is not acknowledged yet either.
+        """
+        with self._lock:
+            entry = self._entry(path)
+            if entry is None or entry.size != len(data) or not entry.durable:
+                return None
+            etag = self._etag(path, entry)
+            if etag is None or etag != _md5_etag(data):
+                return None
+            return etag if self._holds(path, if_match, if_none_match) else None
 
     def merge(self, first: Path, data: bytes, others: list[Path], mtime: float) -> bool:
         """Replace ``first`` with ``data`` and remove ``others``, as one step for readers.

@@ -113,10 +113,14 @@ def make_app(store: ObjectStore) -> web.Application:
             data = await request.read()
             im, inm = request.headers.get("If-Match"), request.headers.get("If-None-Match")
             try:
-                # the disk syncs run off the event loop (a lookup-only store answers inline)
-                etag = (await asyncio.to_thread(store.put, path, data, if_match=im,
-                                                if_none_match=inm) if store.fsync
-                        else store.put(path, data, if_match=im, if_none_match=inm))
+                # the disk syncs run off the event loop; a store that does not sync, or a
+                # PUT of the bytes the object already holds (nothing to write), inline
+                if store.fsync and store.unchanged(path, data, if_match=im,
+                                                   if_none_match=inm) is None:
+                    etag = await asyncio.to_thread(store.put, path, data, if_match=im,
+                                                   if_none_match=inm)
+                else:
+                    etag = store.put(path, data, if_match=im, if_none_match=inm)
             except KeyConflict as exc:
                 return _error(409, "KeyConflict", f"{key}: {exc}")
             if etag is None:

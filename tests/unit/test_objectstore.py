@@ -379,3 +379,62 @@ def test_a_flat_folder_pages_exactly_as_the_general_walk(tmp_path):
             assert [r.split("<Key>")[1].split("</Key>")[0] for r in fast[0]] == \
                 [k for k, _f, _n in items], token
             assert fast[2] == truncated and fast[1] == (items[-1][0] if items else "")
+
+
+async def test_a_put_of_the_bytes_an_object_holds_writes_nothing(s3, tmp_path, monkeypatch):
+    import os
+
+    first = await s3.put("/b/g/offsets/0.json", data=b'{"offset":7}')
+    etag = first.headers["ETag"]
+    f = tmp_path / "objects" / "b" / "g" / "offsets" / "0.json"
+    inode, mtime = f.stat().st_ino, f.stat().st_mtime_ns
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    again = await s3.put("/b/g/offsets/0.json", data=b'{"offset":7}')
+    assert again.status == 200 and again.headers["ETag"] == etag
+    assert (f.stat().st_ino, f.stat().st_mtime_ns) == (inode, mtime) and synced == []
+    # preconditions are S3's still: create-only fails, a stale If-Match fails
+    assert (await s3.put("/b/g/offsets/0.json", data=b'{"offset":7}',
+                         headers={"If-None-Match": "*"})).status == 412
+    assert (await s3.put("/b/g/offsets/0.json", data=b'{"offset":7}',
+                         headers={"If-Match": '"0123"'})).status == 412
+    ok = await s3.put("/b/g/offsets/0.json", data=b'{"offset":7}', headers={"If-Match": etag})
+    assert ok.status == 200 and synced == []
+    # other bytes are written (and synced) as before
+    moved = await s3.put("/b/g/offsets/0.json", data=b'{"offset":8}')
+    assert moved.headers["ETag"] != etag and f.read_bytes() == b'{"offset":8}'
+    assert len(synced) == 2
+
+
+def test_an_unchanged_put_waits_for_the_sync_of_the_write_it_repeats(tmp_path, monkeypatch):
+    """Content renamed into place but whose folder is not synced yet is not acknowledged:
+    a PUT of the same bytes then must not be answered as already durable."""
+    import threading
+
+    from streams.runtime import objectstore
+
+    store = ObjectStore(tmp_path / "objects")
+    path = store.path("b", "g/offsets/0.json")
+    assert store.put(path, b"1", if_match=None, if_none_match=None)
+    in_sync, release = threading.Event(), threading.Event()
+    real = objectstore._fsync
+
+    def slow(p, directory=False):
+        if directory:
+            in_sync.set()
+            assert release.wait(30)
+        real(p, directory)
+
+    monkeypatch.setattr(objectstore, "_fsync", slow)
+    writer = threading.Thread(target=store.put, args=(path, b"2"),
+                              kwargs={"if_match": None, "if_none_match": None})
+    writer.start()
+    try:
+        assert in_sync.wait(30)
+        assert path.read_bytes() == b"2"  # renamed, its folder not synced
+        assert store.unchanged(path, b"2") is None
+    finally:
+        release.set()
+        writer.join(30)
+    assert store.unchanged(path, b"2") == store.meta(path).etag
