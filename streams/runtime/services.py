@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from encoder.errors import StackError
-from streams.runtime.stackstate import ServiceInfo, StackInfo
+from streams.runtime.stackstate import ServiceInfo, StackInfo, proc_started
 from streams.settings import StackSettings
 
 logger = logging.getLogger(__name__)
@@ -137,7 +137,7 @@ def spawn(data_dir: Path, name: str, cmd: list[str], port: int, bus_port: int = 
         except OSError as exc:
             raise StackError(f"cannot start {name} ({cmd[0]}): {exc}") from exc
     return ServiceInfo(name=name, pid=proc.pid, port=port, log=str(log_path),
-                       bus_port=bus_port)
+                       bus_port=bus_port, started=proc_started(proc.pid))
 
 
 def spawn_milvus_server(data_dir: Path, host: str, port: int) -> ServiceInfo:

@@ -70,6 +70,7 @@ from streams.runtime.stackstate import (
     free_ports,
     listens_on,
     pid_alive,
+    pid_reused,
     port_in_use,
     service_of,
 )
@@ -154,7 +155,7 @@ class EmbeddedStack:
         down = []
         for svc in info.services():
             while True:
-                if not pid_alive(svc.pid):
+                if not pid_alive(svc.pid, svc.started):
                     down.append(svc.name)
                     break
                 try:
@@ -232,7 +233,7 @@ class EmbeddedStack:
                              self.settings.start_timeout_s)
         except BaseException:
             for svc in started:
-                self._terminate(svc.pid)
+                self._terminate(svc.pid, started=svc.started)
             self.file.remove()
             if fresh_milvus:
                 # what this failed start wrote holds nothing, and without the engine
@@ -276,7 +277,7 @@ class EmbeddedStack:
                 continue
             last: Exception | None = None
             while True:
-                if not pid_alive(svc.pid):
+                if not pid_alive(svc.pid, svc.started):
                     raise ServiceExited(f"{svc.name} exited during start-up: see {svc.log}",
                                         service=svc.name)
                 try:
@@ -290,7 +291,7 @@ class EmbeddedStack:
                     if listens_on(svc.pid, svc.port) is not False:
                         break
                     last = OSError(f"port {svc.port} is held by another process")
-                    if not pid_alive(svc.pid) or svc.name != "kafka":
+                    if not pid_alive(svc.pid, svc.started) or svc.name != "kafka":
                         # what binds it itself (Valkey, Milvus) would have exited
                         raise ServiceExited(f"{svc.name}: {last}: see {svc.log}",
                                             service=svc.name)
@@ -312,7 +313,7 @@ class EmbeddedStack:
         with self.file.lock():
             info = self._require()
             svc = info.service(name, node)
-            self._terminate(svc.pid, self.settings.stop_timeout_s)
+            self._terminate(svc.pid, self.settings.stop_timeout_s, svc.started)
             return self._start_service(name, node)
 
     def kill_service(self, name: str, node: int = 0) -> None:
@@ -327,10 +328,11 @@ class EmbeddedStack:
             if svc.name not in info.held:
                 info.held.append(svc.name)
                 self.file.write(info)
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(svc.pid, signal.SIGKILL)
+            if not pid_reused(svc.pid, svc.started):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(svc.pid, signal.SIGKILL)
             deadline = time.monotonic() + 10
-            while pid_alive(svc.pid) and time.monotonic() < deadline:
+            while pid_alive(svc.pid, svc.started) and time.monotonic() < deadline:
                 time.sleep(0.05)
 
     def start_service(self, name: str, node: int = 0) -> StackInfo:
@@ -375,12 +377,13 @@ class EmbeddedStack:
     # ------------------------------------------------------------ supervisor
     def _ensure_supervisor(self, info: StackInfo) -> StackInfo:
         """Start the supervisor unless it runs (or supervision is off)."""
-        if not self.settings.supervise or pid_alive(info.supervisor_pid):
+        if not self.settings.supervise or pid_alive(info.supervisor_pid,
+                                                    info.supervisor_started):
             return info
         cmd = [sys.executable, "-m", "streams.runtime.supervisor", "--data",
                str(self.data_dir)]
         proc = services.spawn(self.data_dir, "supervisor", cmd, 0)
-        info.supervisor_pid = proc.pid
+        info.supervisor_pid, info.supervisor_started = proc.pid, proc.started
         self.file.write(info)
         return info
 
@@ -413,22 +416,29 @@ class EmbeddedStack:
             if info is None:
                 return False
             if info.supervisor_pid:
-                self._terminate(info.supervisor_pid, 5.0)
+                self._terminate(info.supervisor_pid, 5.0, info.supervisor_started)
             for svc in info.services():
                 self._terminate(svc.pid, timeout if timeout is not None
-                                else self.settings.stop_timeout_s)
+                                else self.settings.stop_timeout_s, svc.started)
             self.file.remove()
             return True
 
     @staticmethod
-    def _terminate(pid: int, timeout: float = 10.0) -> None:
+    def _terminate(pid: int, timeout: float = 10.0, started: int = 0) -> None:
+        """SIGTERM the process group of ``pid``, then SIGKILL after ``timeout``.
+
+        Not when another process has the pid now (it started at another time
+        than ``started``): the recorded one is gone, and its group with it.
+        """
         if pid <= 0:
             return
         for sig in (signal.SIGTERM, signal.SIGKILL):
+            if pid_reused(pid, started):
+                return
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pid, sig)
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                if not pid_alive(pid):
+                if not pid_alive(pid, started):
                     return
                 time.sleep(0.05)

@@ -40,6 +40,9 @@ class ServiceInfo:
     log: str
     #: Valkey Cluster bus port (0: not a cluster node).
     bus_port: int = 0
+    #: when the process started (`proc_started`; 0: unknown, a stack.json from before):
+    #: a pid alone may name another process once this one is gone
+    started: int = 0
 
 
 @dataclass
@@ -58,8 +61,9 @@ class StackInfo:
     #: where the running broker keeps its log: ``disk`` or ``memory`` (what a restart
     #: of it loses); a stack.json from before the disk log has none: memory
     kafka_log: str = "disk"
-    #: the supervisor watching the services (0: none)
+    #: the supervisor watching the services (0: none), and when it started
     supervisor_pid: int = 0
+    supervisor_started: int = 0
     #: services stopped on purpose (a fault test's kill): the supervisor leaves them down
     held: list[str] = field(default_factory=list)
     #: per service: ``{"count", "last_at", "last_error"}`` of the supervisor's restarts
@@ -150,6 +154,7 @@ class StackFile:
             milvus_engine=str(raw.get("milvus_engine", "lite")),
             kafka_log=str(raw.get("kafka_log", "memory")),
             supervisor_pid=int(raw.get("supervisor_pid", 0)),
+            supervisor_started=int(raw.get("supervisor_started", 0)),
             held=list(raw.get("held", [])),
             restarts=dict(raw.get("restarts", {})),
         )
@@ -273,8 +278,33 @@ def port_in_use(host: str, port: int) -> bool:
         return s.connect_ex((host, port)) == 0
 
 
-def pid_alive(pid: int) -> bool:
-    """Whether process ``pid`` runs (a zombie does not; one that is our child is reaped)."""
+def proc_started(pid: int) -> int:
+    """When process ``pid`` started, in clock ticks after boot (``/proc``); 0 if unknown."""
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return 0
+
+
+def pid_reused(pid: int, started: int) -> bool:
+    """Whether a process runs as ``pid`` that started at another time than ``started``.
+
+    Then the recorded process is gone, and its process group with it (Linux
+    gives no pid that still names a group to a new process): signalling the
+    pid's group would hit an unrelated one. False when ``started`` is 0 (not
+    recorded) or nothing has the pid.
+    """
+    began = proc_started(pid) if started and pid > 0 else 0
+    return bool(began) and began != started
+
+
+def pid_alive(pid: int, started: int = 0) -> bool:
+    """Whether process ``pid`` runs (a zombie does not; one that is our child is reaped).
+
+    ``started`` (`proc_started` when it was recorded; 0: unchecked): a process
+    with that pid that started at another time is another process, which took
+    the pid of the recorded one after it exited: not alive.
+    """
     if pid <= 0:
         return False
     try:
@@ -282,17 +312,20 @@ def pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return not started or proc_started(pid) in (0, started)
     with contextlib.suppress(ChildProcessError):
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done == pid:
             return False
     try:  # a zombie that is not our child (its parent has not reaped it yet)
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
         # a process whose main thread has exited shows "Z" while its other threads still
         # run, or are still exiting, and hold its files: its listening sockets too (CI saw
         # a port still listening after `stop` returned)
         threads = len(os.listdir(f"/proc/{pid}/task"))
-    except (OSError, IndexError):
+        state, began = fields[0], int(fields[19])
+    except (OSError, IndexError, ValueError):
         return True
+    if started and began != started:
+        return False
     return state != "Z" or threads > 1

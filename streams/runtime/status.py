@@ -50,7 +50,8 @@ def stack_view(settings: Settings) -> dict[str, Any] | None:
     if info is None:
         return None
     return {"supervisor": (f"running (pid {info.supervisor_pid})"
-                           if pid_alive(info.supervisor_pid) else "not running"),
+                           if pid_alive(info.supervisor_pid, info.supervisor_started)
+                           else "not running"),
             "restarts": info.restarts, "held_down": info.held,
             "kafka_log": kafka_log_view(settings.stack.data_dir.resolve() / "kafka")}
 

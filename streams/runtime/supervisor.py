@@ -63,7 +63,7 @@ class Supervisor:
             for svc in info.services():
                 if svc.name in info.held:
                     continue
-                if pid_alive(svc.pid):
+                if pid_alive(svc.pid, svc.started):
                     since = self.up_since.setdefault(svc.name, now)
                     if now - since > HEALTHY_S:
                         self.failures.pop(svc.name, None)
@@ -83,7 +83,7 @@ class Supervisor:
                 return
             service, node = service_of(name)
             svc = info.service(service, node)
-            if name in info.held or pid_alive(svc.pid):
+            if name in info.held or pid_alive(svc.pid, svc.started):
                 return
             n = self.failures.get(name, 0)
             logger.warning("%s (pid %d) exited: starting it again (restart %d of this run; "

@@ -39,3 +39,42 @@ def test_a_process_whose_main_thread_exited_is_alive_while_a_thread_runs():
     finally:
         proc.kill()
         proc.wait(timeout=60)
+
+
+def _recorded_stack(data: Path, pid: int, started: int) -> None:
+    """A stack.json whose broker and supervisor are ``pid`` (started at ``started``)."""
+    import json
+
+    svc = {"pid": pid, "port": 1, "log": "x", "bus_port": 0, "started": started}
+    none = {**svc, "pid": 0, "started": 0}
+    (data / "stack.json").write_text(json.dumps({
+        "host": "127.0.0.1", "kafka": {"name": "kafka", **svc},
+        "redis": {"name": "redis", **none}, "milvus": {"name": "milvus", **none},
+        "supervisor_pid": pid, "supervisor_started": started}))
+
+
+def test_a_recorded_pid_another_process_took_is_not_alive_and_never_signalled(tmp_path):
+    """`down` after the services died long ago: their pids may name other processes now
+    (pid_max is 32768 here). Such a process, a group leader of its own, must not be
+    taken for the service, nor SIGTERMed and SIGKILLed with its group."""
+    from streams.runtime.stack import EmbeddedStack
+    from streams.runtime.stackstate import proc_started
+    from streams.settings import StackSettings
+
+    other = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        began = proc_started(other.pid)
+        assert began > 0
+        assert pid_alive(other.pid) and pid_alive(other.pid, began)
+        assert not pid_alive(other.pid, began - 1)  # the recorded one started earlier
+        _recorded_stack(tmp_path, other.pid, began - 1)
+        assert EmbeddedStack(StackSettings(data_dir=tmp_path)).stop(timeout=5)
+        assert other.poll() is None, "an unrelated process was signalled"
+        assert not (tmp_path / "stack.json").exists()
+        # the process recorded (same start time) is stopped, group and all
+        _recorded_stack(tmp_path, other.pid, began)
+        assert EmbeddedStack(StackSettings(data_dir=tmp_path)).stop(timeout=5)
+        assert not pid_alive(other.pid, began)  # (reaped by that check: it is our child)
+    finally:
+        other.kill()
+        other.wait(timeout=60)
