@@ -82,7 +82,8 @@ class _Entry:
     row: str | None = None
     #: the offset after a record batch's last record (read from its header once)
     end: int | None = None
-    #: False from a synced PUT's rename until its folder is synced: not yet acknowledged
+    #: False from a synced write's rename until its folder is synced (not acknowledged
+    #: yet), and for what a syncing store found on disk (maybe never synced)
     durable: bool = True
 
 
@@ -206,7 +207,11 @@ class ObjectStore:
                     elif e.is_file(follow_symlinks=False):
                         st = e.stat(follow_symlinks=False)
                         f.names.append(e.name)
-                        f.files[e.name] = _Entry(st.st_size, st.st_mtime)
+                        # found on disk: maybe a write never synced (a store killed
+                        # between its rename and its folder's sync, or run without
+                        # fsync): not taken for durable until written again
+                        f.files[e.name] = _Entry(st.st_size, st.st_mtime,
+                                                 durable=not self.fsync)
         except (FileNotFoundError, NotADirectoryError):
             return None
         f.names.sort()
@@ -326,7 +331,10 @@ class ObjectStore:
         with its ETag and writes nothing (no file, no sync; its Last-Modified
         stays): a consumer group's commit rewrites every partition's offset, most
         of them unchanged. Never while that content's own write is still being
-        synced: its PUT is not acknowledged yet either.
+        synced: its PUT is not acknowledged yet either, nor for what a syncing store
+        found on disk when it started (a store killed between a rename and its
+        folder's sync leaves a file that a power cut may still take): the first
+        PUT of it after a start writes and syncs it again.
         """
         with self._lock:
             entry = self._entry(path)
@@ -360,12 +368,14 @@ class ObjectStore:
                 if folder is None or folder.names[lo:lo + len(names)] != names:
                     return False  # one is gone, or another object came between
                 os.replace(tmp, first)
-                folder.files[first.name] = _Entry(len(data), mtime, etag)
+                entry = _Entry(len(data), mtime, etag, durable=False)
+                folder.files[first.name] = entry
                 for p in others:
                     p.unlink(missing_ok=True)
                     folder.files.pop(p.name, None)
                 del folder.names[lo + 1:lo + len(names)]
             _fsync(first.parent, directory=True)
+            entry.durable = True
             return True
         except OSError as exc:
             logger.warning("merge into %s failed: %s", first, exc)

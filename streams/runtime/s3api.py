@@ -115,11 +115,11 @@ def make_app(store: ObjectStore) -> web.Application:
             try:
                 # the disk syncs run off the event loop; a store that does not sync, or a
                 # PUT of the bytes the object already holds (nothing to write), inline
-                if store.fsync and store.unchanged(path, data, if_match=im,
-                                                   if_none_match=inm) is None:
+                etag = store.unchanged(path, data, if_match=im, if_none_match=inm)
+                if etag is None and store.fsync:
                     etag = await asyncio.to_thread(store.put, path, data, if_match=im,
                                                    if_none_match=inm)
-                else:
+                elif etag is None:
                     etag = store.put(path, data, if_match=im, if_none_match=inm)
             except KeyConflict as exc:
                 return _error(409, "KeyConflict", f"{key}: {exc}")

@@ -102,6 +102,14 @@ def _remove_tree(path: Path, settle_s: float = 5.0) -> None:
             return
         time.sleep(0.2)
 
+def _is_supervisor(pid: int) -> bool:
+    """Whether ``pid`` runs pinfresh's supervisor (its command line)."""
+    try:
+        return b"streams.runtime.supervisor" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+
+
 # kept for callers of the names before the split (tests monkeypatch them here)
 _pid_alive = pid_alive
 _service_of = service_of
@@ -377,9 +385,16 @@ class EmbeddedStack:
     # ------------------------------------------------------------ supervisor
     def _ensure_supervisor(self, info: StackInfo) -> StackInfo:
         """Start the supervisor unless it runs (or supervision is off)."""
-        if not self.settings.supervise or pid_alive(info.supervisor_pid,
-                                                    info.supervisor_started):
+        if not self.settings.supervise:
             return info
+        if pid_alive(info.supervisor_pid, info.supervisor_started):
+            if info.supervisor_started:
+                return info
+            # recorded without a start time: a supervisor of an earlier release, which
+            # cannot read this stack.json any more (replaced), or another process that
+            # took its pid (left alone)
+            if _is_supervisor(info.supervisor_pid):
+                self._terminate(info.supervisor_pid, 5.0)
         cmd = [sys.executable, "-m", "streams.runtime.supervisor", "--data",
                str(self.data_dir)]
         proc = services.spawn(self.data_dir, "supervisor", cmd, 0)

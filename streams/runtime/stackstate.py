@@ -45,6 +45,11 @@ class ServiceInfo:
     started: int = 0
 
 
+def _service(raw: dict[str, Any]) -> ServiceInfo:
+    """A recorded service; keys it does not know (a later release's) are left out."""
+    return ServiceInfo(**{k: v for k, v in raw.items() if k in ServiceInfo.__dataclass_fields__})
+
+
 @dataclass
 class StackInfo:
     """The running stack, as written to ``stack.json``."""
@@ -146,10 +151,10 @@ class StackFile:
             return None
         return StackInfo(
             host=raw["host"],
-            kafka=ServiceInfo(**raw["kafka"]),
-            redis=ServiceInfo(**raw["redis"]),
-            milvus=ServiceInfo(**raw["milvus"]),
-            redis_nodes=[ServiceInfo(**n) for n in raw.get("redis_nodes", [])],
+            kafka=_service(raw["kafka"]),
+            redis=_service(raw["redis"]),
+            milvus=_service(raw["milvus"]),
+            redis_nodes=[_service(n) for n in raw.get("redis_nodes", [])],
             redis_cluster=bool(raw.get("redis_cluster", False)),
             milvus_engine=str(raw.get("milvus_engine", "lite")),
             kafka_log=str(raw.get("kafka_log", "memory")),

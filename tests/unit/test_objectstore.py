@@ -391,20 +391,57 @@ async def test_a_put_of_the_bytes_an_object_holds_writes_nothing(s3, tmp_path, m
     synced: list[int] = []
     real = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    threads: list[object] = []
+    real_to_thread = asyncio.to_thread
+    monkeypatch.setattr(asyncio, "to_thread",
+                        lambda fn, *a, **k: (threads.append(fn), real_to_thread(fn, *a, **k))[1])
     again = await s3.put("/b/g/offsets/0.json", data=b'{"offset":7}')
     assert again.status == 200 and again.headers["ETag"] == etag
     assert (f.stat().st_ino, f.stat().st_mtime_ns) == (inode, mtime) and synced == []
+    assert threads == []  # answered on the event loop: nothing to wait for
     # preconditions are S3's still: create-only fails, a stale If-Match fails
     assert (await s3.put("/b/g/offsets/0.json", data=b'{"offset":7}',
                          headers={"If-None-Match": "*"})).status == 412
     assert (await s3.put("/b/g/offsets/0.json", data=b'{"offset":7}',
                          headers={"If-Match": '"0123"'})).status == 412
+    threads.clear()  # (a 412 is decided by put(), in a thread)
     ok = await s3.put("/b/g/offsets/0.json", data=b'{"offset":7}', headers={"If-Match": etag})
-    assert ok.status == 200 and synced == []
-    # other bytes are written (and synced) as before
+    assert ok.status == 200 and synced == [] and threads == []
+    # other bytes are written (and synced, in a thread) as before
     moved = await s3.put("/b/g/offsets/0.json", data=b'{"offset":8}')
     assert moved.headers["ETag"] != etag and f.read_bytes() == b'{"offset":8}'
+    assert len(synced) == 2 and len(threads) == 1
+
+
+def test_an_unchanged_put_holds_to_the_puts_preconditions(tmp_path):
+    store = ObjectStore(tmp_path / "objects")
+    path = store.path("b", "g/offsets/0.json")
+    etag = store.put(path, b"7", if_match=None, if_none_match=None)
+    assert store.unchanged(path, b"7") == etag
+    assert store.unchanged(path, b"7", if_match=etag) == etag
+    assert store.unchanged(path, b"7", if_none_match="*") is None
+    assert store.unchanged(path, b"7", if_match='"0123"') is None
+    assert store.unchanged(path, b"8") is None
+
+
+def test_what_a_syncing_store_finds_on_disk_is_written_again_once(tmp_path, monkeypatch):
+    """A store killed between a rename and its folder's sync leaves a file a power cut
+    may still take: after a start, the first PUT of its bytes writes and syncs it."""
+    import os
+
+    root = tmp_path / "objects"
+    path = ObjectStore(root).path("b", "g/offsets/0.json")
+    etag = ObjectStore(root).put(path, b"7", if_match=None, if_none_match=None)
+    restarted = ObjectStore(root)
+    assert restarted.unchanged(path, b"7") is None
+    synced: list[int] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real(fd))[1])
+    assert restarted.put(path, b"7", if_match=None, if_none_match=None) == etag
     assert len(synced) == 2
+    assert restarted.unchanged(path, b"7") == etag
+    # a store that does not sync promises nothing more for what it wrote itself
+    assert ObjectStore(root, fsync=False).unchanged(path, b"7") == etag
 
 
 def test_an_unchanged_put_waits_for_the_sync_of_the_write_it_repeats(tmp_path, monkeypatch):
@@ -427,8 +464,9 @@ def test_an_unchanged_put_waits_for_the_sync_of_the_write_it_repeats(tmp_path, m
         real(p, directory)
 
     monkeypatch.setattr(objectstore, "_fsync", slow)
-    writer = threading.Thread(target=store.put, args=(path, b"2"),
-                              kwargs={"if_match": None, "if_none_match": None})
+    answers: list[str | None] = []
+    writer = threading.Thread(target=lambda: answers.append(
+        store.put(path, b"2", if_match=None, if_none_match=None)))
     writer.start()
     try:
         assert in_sync.wait(30)
@@ -437,4 +475,5 @@ def test_an_unchanged_put_waits_for_the_sync_of_the_write_it_repeats(tmp_path, m
     finally:
         release.set()
         writer.join(30)
-    assert store.unchanged(path, b"2") == store.meta(path).etag
+    assert answers == [store.meta(path).etag]
+    assert store.unchanged(path, b"2") == answers[0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -64,7 +65,10 @@ def test_a_recorded_pid_another_process_took_is_not_alive_and_never_signalled(tm
     other = subprocess.Popen(["sleep", "300"], start_new_session=True)
     try:
         began = proc_started(other.pid)
-        assert began > 0
+        # the start time, not another field that stays put: boot time + ticks is now
+        btime = next(int(line.split()[1]) for line in Path("/proc/stat").read_text()
+                     .splitlines() if line.startswith("btime "))
+        assert abs(btime + began / os.sysconf("SC_CLK_TCK") - time.time()) < 120
         assert pid_alive(other.pid) and pid_alive(other.pid, began)
         assert not pid_alive(other.pid, began - 1)  # the recorded one started earlier
         _recorded_stack(tmp_path, other.pid, began - 1)
@@ -78,3 +82,20 @@ def test_a_recorded_pid_another_process_took_is_not_alive_and_never_signalled(tm
     finally:
         other.kill()
         other.wait(timeout=60)
+
+
+def test_a_stack_json_with_fields_this_release_does_not_know_is_read(tmp_path):
+    """A later release's stack.json (a new field per service) is still read: a supervisor
+    that cannot read it exits, and the stack runs unwatched (what happened to the
+    supervisor of the release before start times were recorded)."""
+    import json
+
+    from streams.runtime.stackstate import StackFile
+
+    _recorded_stack(tmp_path, 123, 456)
+    raw = json.loads((tmp_path / "stack.json").read_text())
+    raw["kafka"]["cgroup"] = "/later"
+    (tmp_path / "stack.json").write_text(json.dumps(raw))
+    info = StackFile(tmp_path).read()
+    assert info is not None and (info.kafka.pid, info.kafka.started) == (123, 456)
+    assert info.supervisor_started == 456
