@@ -226,9 +226,23 @@ class Pipeline:
 
     def metric(self, name: str, worker: str = "w1", labels: str = "",
                labels_prefix: bool = False) -> float:
-        """A worker's metric; ``labels_prefix`` matches any labels (the first sample)."""
-        text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics",
-                         timeout=5).text
+        """A worker's metric; ``labels_prefix`` matches any labels (the first sample).
+
+        Waits (up to 180 s) for a worker that runs but does not serve its metrics yet:
+        one just started serves them once its encoder is loaded (a test read a worker
+        that had nothing to do before that, on a loaded machine).
+        """
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics",
+                                 timeout=5).text
+                break
+            except httpx.ConnectError:
+                proc = self.procs.get(worker)
+                if proc is None or proc.poll() is not None or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
         lab = r"(?:\{[^}]*\})?" if labels_prefix else re.escape(labels)
         pat = re.compile(rf"^{re.escape(name)}{lab}\s+([0-9.e+-]+)$", re.M)
         m = pat.search(text)
