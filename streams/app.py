@@ -42,6 +42,7 @@ from streams.processor import Message, PinProcessor, ProcessorHooks
 from streams.producer import committed_offsets, consumer_lag, ensure_topics, partition_offsets
 from streams.refresh import RegistryVersions
 from streams.retry import Backoff, retry
+from streams.runtime.stackstate import proc_started
 from streams.settings import KafkaSettings, Settings
 
 if TYPE_CHECKING:  # a feeder never imports torch: the model stack loads only where it runs
@@ -113,7 +114,7 @@ class Membership:
         """What the worker's report carries for `status`."""
         return {"partitions": self.held, "unassigned_since": self.unassigned_since,
                 "started_at": self.started_at, "host": socket.gethostname(),
-                "pid": os.getpid()}
+                "pid": os.getpid(), "proc_started": proc_started(os.getpid())}
 
 
 def _pin_id(value: bytes | None) -> bytes | None:

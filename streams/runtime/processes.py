@@ -30,6 +30,7 @@ from encoder.errors import Unavailable
 from store.redis import RedisCache
 from streams.events import DeadLetter
 from streams.runtime.stack import EmbeddedStack, ServiceInfo, StackInfo
+from streams.runtime.stackstate import pid_reused, proc_started
 from streams.settings import KafkaSettings, Settings, build_settings, unknown_env
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,11 @@ def _pid_file(settings: Settings, pid: int) -> Path:
     return workers_dir(settings) / f"{socket.gethostname()}-{pid}.pid"
 
 
+def _pid_record(pid: int) -> str:
+    """A worker's pid file: its pid and its process's start time (`proc_started`)."""
+    return f"{pid} {proc_started(pid)}"
+
+
 def register_worker(settings: Settings) -> Callable[[], None]:
     """Record this process as a worker; returns the function that removes the record.
 
@@ -101,7 +107,7 @@ def register_worker(settings: Settings) -> Callable[[], None]:
     """
     path = _pid_file(settings, os.getpid())
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(str(os.getpid()))
+    path.write_text(_pid_record(os.getpid()))
 
     def remove() -> None:
         path.unlink(missing_ok=True)
@@ -130,7 +136,7 @@ def spawn_worker(settings: Settings, name: str, log_path: Path | None = None,
         )
     # written here too, so a `down` right after the spawn finds it; the worker rewrites it
     _pid_file(settings, proc.pid).parent.mkdir(parents=True, exist_ok=True)
-    _pid_file(settings, proc.pid).write_text(str(proc.pid))
+    _pid_file(settings, proc.pid).write_text(_pid_record(proc.pid))
     return proc
 
 
@@ -158,11 +164,12 @@ def stop_workers(settings: Settings, timeout: float = 45.0) -> int:
     pids: dict[int, Path] = {}
     for pid_file in sorted(wdir.glob(f"{host}-*.pid")) if wdir.is_dir() else []:
         try:
-            pid = int(pid_file.read_text().strip())
+            # "<pid> <start time>" (a file of an earlier release: the pid alone)
+            pid, started = (int(f) for f in (pid_file.read_text().split() + ["0"])[:2])
         except (ValueError, OSError):
             pid_file.unlink(missing_ok=True)
             continue
-        if pid != os.getpid() and _is_worker(pid):
+        if pid != os.getpid() and not pid_reused(pid, started) and _is_worker(pid):
             pids[pid] = pid_file
         else:
             pid_file.unlink(missing_ok=True)

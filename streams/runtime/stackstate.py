@@ -26,8 +26,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["ServiceInfo", "StackFile", "StackInfo", "free_port", "free_ports",
-           "listening_inodes", "listens_on", "pid_alive",
-           "port_in_use", "service_of"]
+           "listening_inodes", "listens_on", "pid_alive", "pid_reused",
+           "port_in_use", "proc_started", "service_of"]
 
 
 @dataclass

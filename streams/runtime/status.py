@@ -34,6 +34,7 @@ from streams.dlq import open_letters
 from streams.kafka import aiokafka_kwargs
 from streams.producer import consumer_lag, end_offsets, read_dead_letters
 from streams.runtime.stack import check_kafka
+from streams.runtime.stackstate import pid_reused
 from streams.settings import Settings
 
 
@@ -92,8 +93,10 @@ def pid_gone(report: Mapping[str, Any], host: str | None = None) -> bool:
     except ProcessLookupError:
         return True
     except OSError:  # another user's process: it exists
-        return False
-    return False
+        pass
+    # the pid is another process's now (the report's process started at another time)
+    started = report.get("proc_started")
+    return isinstance(started, int) and pid_reused(pid, started)
 
 
 def pipeline_state(lag: Mapping[int, int], progress: Mapping[int, Mapping[str, Any]],

@@ -99,3 +99,42 @@ def test_a_stack_json_with_fields_this_release_does_not_know_is_read(tmp_path):
     info = StackFile(tmp_path).read()
     assert info is not None and (info.kafka.pid, info.kafka.started) == (123, 456)
     assert info.supervisor_started == 456
+
+
+def test_a_worker_record_whose_pid_another_process_took_is_not_stopped(tmp_path):
+    """`pinfresh down` stops the workers recorded under the data dir; a record left by a
+    worker that died long ago may name a pid another process has now, even one whose
+    command line looks like pinfresh's: it is dropped, and that process not signalled."""
+    import socket
+
+    from streams.runtime.processes import stop_workers, workers_dir
+    from streams.runtime.stackstate import proc_started
+    from streams.runtime.status import pid_gone
+    from streams.settings import Settings, StackSettings
+
+    settings = Settings(stack=StackSettings(data_dir=tmp_path))
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)",
+                              "streams.cli"], start_new_session=True)
+    try:
+        began = proc_started(other.pid)
+        wdir = workers_dir(settings)
+        wdir.mkdir(parents=True, exist_ok=True)
+        record = wdir / f"{socket.gethostname()}-{other.pid}.pid"
+        record.write_text(f"{other.pid} {began - 1}")
+        assert stop_workers(settings, timeout=5) == 0
+        assert other.poll() is None and not record.exists()
+        # `status`: a report of that dead worker is gone, one of this process is not
+        host = socket.gethostname()
+        assert pid_gone({"host": host, "pid": other.pid, "proc_started": began - 1})
+        assert not pid_gone({"host": host, "pid": other.pid, "proc_started": began})
+        assert not pid_gone({"host": host, "pid": other.pid})  # a report from before
+        # the worker it names (same start time) is stopped
+        record.write_text(f"{other.pid} {began}")
+        assert stop_workers(settings, timeout=30) == 1
+        deadline = time.monotonic() + 60  # SIGTERMed: it may still be exiting
+        while pid_alive(other.pid, began):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    finally:
+        other.kill()
+        other.wait(timeout=60)
