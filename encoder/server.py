@@ -55,6 +55,7 @@ from encoder.errors import ConfigError, ImageError
 from encoder.null import NullEncoder
 from encoder.remote import KIND_PIXELS, MAX_FRAME, decode_request, encode_response, frame
 from streams import metrics
+from streams.runtime.stackstate import proc_started
 
 logger = logging.getLogger(__name__)
 _LEN = struct.Struct(">I")
@@ -211,6 +212,7 @@ class EncoderServer:
         with self._health:
             return {"version": self.encoder.version, "versions": versions,
                     "device": self.device, "pid": os.getpid(),
+                    "proc_started": proc_started(os.getpid()),
                     "socket": str(self.path), "started_at": self.started_at,
                     "feeders": self.open_feeders, "queue_depth": self.queued,
                     "images_total": self.images, "requests_total": self.requests,
