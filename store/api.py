@@ -215,19 +215,23 @@ async def _within(deadline_s: float, call: Awaitable[T], left_s: float | None = 
     """
     limit = max(0.0, deadline_s if left_s is None else left_s)
     started = time.monotonic()
-    late = StoreUnavailable(
-        f"the stores gave no answer within the read deadline ({deadline_s:g} s, "
-        "PINFRESH_API__READ_DEADLINE_S)", retry_after=1.0)
     try:
         return await asyncio.wait_for(call, limit)
     except TimeoutError:
-        raise late from None
+        raise _late(deadline_s) from None
     except StoreUnavailable as exc:
         # the store clients time out at the read deadline too (`create_app`): on a
         # busy loop their error can be seen before this timer; it is the same answer
         if time.monotonic() - started >= limit:
-            raise late from exc
+            raise _late(deadline_s, exc) from exc
         raise
+
+
+def _late(deadline_s: float, cause: Exception | None = None) -> StoreUnavailable:
+    return StoreUnavailable(
+        f"the stores gave no answer within the read deadline ({deadline_s:g} s, "
+        "PINFRESH_API__READ_DEADLINE_S)" + (f"; the store said: {cause}" if cause else ""),
+        retry_after=1.0)
 
 
 def create_app(api: ApiSettings, redis: RedisSettings, milvus: MilvusSettings) -> FastAPI:

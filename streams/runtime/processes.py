@@ -92,9 +92,12 @@ def _pid_file(settings: Settings, pid: int) -> Path:
     return workers_dir(settings) / f"{socket.gethostname()}-{pid}.pid"
 
 
-def _pid_record(pid: int) -> str:
-    """A worker's pid file: its pid and its process's start time (`proc_started`)."""
-    return f"{pid} {proc_started(pid)}"
+def _write_pid_file(path: Path, pid: int) -> None:
+    """``<pid> <start time>`` (`proc_started`), replaced whole: `down` never reads it empty."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(f"{pid} {proc_started(pid)}")
+    os.replace(tmp, path)
 
 
 def register_worker(settings: Settings) -> Callable[[], None]:
@@ -106,8 +109,7 @@ def register_worker(settings: Settings) -> Callable[[], None]:
     interpreter exit.
     """
     path = _pid_file(settings, os.getpid())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(_pid_record(os.getpid()))
+    _write_pid_file(path, os.getpid())
 
     def remove() -> None:
         path.unlink(missing_ok=True)
@@ -135,8 +137,7 @@ def spawn_worker(settings: Settings, name: str, log_path: Path | None = None,
             start_new_session=True,
         )
     # written here too, so a `down` right after the spawn finds it; the worker rewrites it
-    _pid_file(settings, proc.pid).parent.mkdir(parents=True, exist_ok=True)
-    _pid_file(settings, proc.pid).write_text(_pid_record(proc.pid))
+    _write_pid_file(_pid_file(settings, proc.pid), proc.pid)
     return proc
 
 
@@ -161,7 +162,7 @@ def stop_workers(settings: Settings, timeout: float = 45.0) -> int:
     """
     wdir = workers_dir(settings)
     host = socket.gethostname()
-    pids: dict[int, Path] = {}
+    pids: dict[int, tuple[int, Path]] = {}  # pid -> (its start time, its file)
     for pid_file in sorted(wdir.glob(f"{host}-*.pid")) if wdir.is_dir() else []:
         try:
             # "<pid> <start time>" (a file of an earlier release: the pid alone)
@@ -169,8 +170,9 @@ def stop_workers(settings: Settings, timeout: float = 45.0) -> int:
         except (ValueError, OSError):
             pid_file.unlink(missing_ok=True)
             continue
-        if pid != os.getpid() and not pid_reused(pid, started) and _is_worker(pid):
-            pids[pid] = pid_file
+        if (pid > 0 and pid_file.name == f"{host}-{pid}.pid" and pid != os.getpid()
+                and _alive(pid, started)):
+            pids[pid] = (started, pid_file)
         else:
             pid_file.unlink(missing_ok=True)
     for pid in pids:
@@ -179,19 +181,22 @@ def stop_workers(settings: Settings, timeout: float = 45.0) -> int:
     deadline = time.monotonic() + timeout
     alive = set(pids)
     while alive and time.monotonic() < deadline:
-        alive = {p for p in alive if _alive(p)}
+        alive = {p for p in alive if _alive(p, pids[p][0])}
         if alive:
             time.sleep(0.1)
     for pid in alive:
+        if not _alive(pid, pids[pid][0]):  # it exited, and its pid may be another's now
+            continue
         logger.warning("worker %d did not drain in %.0fs: SIGKILL", pid, timeout)
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    for path in pids.values():
+    for _started, path in pids.values():
         path.unlink(missing_ok=True)
     return len(pids)
 
 
-def _alive(pid: int) -> bool:
+def _alive(pid: int, started: int = 0) -> bool:
+    """Whether ``pid`` is a live pinfresh process (that started at ``started``, if given)."""
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child
         if done == pid:
@@ -202,7 +207,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    return _is_worker(pid)
+    return not pid_reused(pid, started) and _is_worker(pid)
 
 
 def stop_group(proc: subprocess.Popen[bytes], timeout: float = 60.0) -> None:

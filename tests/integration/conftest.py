@@ -225,14 +225,14 @@ class Pipeline:
         proc.wait(timeout=30)
 
     def metric(self, name: str, worker: str = "w1", labels: str = "",
-               labels_prefix: bool = False) -> float:
+               labels_prefix: bool = False, wait_s: float = 180) -> float:
         """A worker's metric; ``labels_prefix`` matches any labels (the first sample).
 
-        Waits (up to 180 s) for a worker that runs but does not serve its metrics yet:
-        one just started serves them once its encoder is loaded (a test read a worker
-        that had nothing to do before that, on a loaded machine).
+        Waits (up to ``wait_s``) for a worker that runs but does not serve its metrics
+        yet: one just started serves them once its encoder is loaded (a test read a
+        worker that had nothing to do before that, on a loaded machine).
         """
-        deadline = time.monotonic() + 180
+        deadline = time.monotonic() + wait_s
         while True:
             try:
                 text = httpx.get(f"http://127.0.0.1:{self.metrics_ports[worker]}/metrics",
@@ -253,7 +253,8 @@ class Pipeline:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                v = self.metric(name, worker, labels, labels_prefix)
+                v = self.metric(name, worker, labels, labels_prefix,
+                                wait_s=max(0.0, deadline - time.monotonic()))
             except httpx.HTTPError:
                 v = 0.0
             if v >= at_least or time.monotonic() > deadline:

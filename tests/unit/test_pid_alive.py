@@ -123,6 +123,11 @@ def test_a_worker_record_whose_pid_another_process_took_is_not_stopped(tmp_path)
         record.write_text(f"{other.pid} {began - 1}")
         assert stop_workers(settings, timeout=5) == 0
         assert other.poll() is None and not record.exists()
+        # a file that names another pid than its own name does: not trusted either
+        odd = wdir / f"{socket.gethostname()}-1{other.pid}.pid"
+        odd.write_text(f"{other.pid} {began}")
+        assert stop_workers(settings, timeout=5) == 0
+        assert other.poll() is None and not odd.exists()
         # `status`: a report of that dead worker is gone, one of this process is not
         host = socket.gethostname()
         assert pid_gone({"host": host, "pid": other.pid, "proc_started": began - 1})
