@@ -43,7 +43,8 @@ from pathlib import Path
 
 from aiokafka.record.util import calc_crc32c, decode_varint, encode_varint
 
-from streams.runtime.objectstore import ObjectStore, batch_problem
+from streams.runtime.objectstore import ObjectStore
+from streams.runtime.recordbatch import batch_problem
 
 logger = logging.getLogger(__name__)
 

@@ -57,12 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from xml.sax.saxutils import escape
 
-logger = logging.getLogger(__name__)
+from streams.runtime.recordbatch import HEADER_SIZE, batch_end, batch_problem
 
-#: A Kafka record batch's header: base offset (8), length (4), leader epoch (4),
-#: magic (1), CRC-32C (4), attributes (2), last offset delta (4), ...; the CRC covers
-#: every byte from the attributes on.
-_BATCH_HEADER = 61
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -119,28 +116,6 @@ def _md5_etag(data: bytes) -> str:
 
 def _bad_part(part: str) -> bool:
     return part in ("", ".", "..") or part.startswith(".tmp-") or "\x00" in part
-
-
-def batch_problem(data: bytes, check_crc: bool = True) -> str | None:
-    """Why ``data`` is no whole Kafka record batch (None: it is one)."""
-    if len(data) < _BATCH_HEADER:
-        return f"{len(data)} bytes, shorter than a batch header ({_BATCH_HEADER})"
-    length = int.from_bytes(data[8:12], "big")
-    if 12 + length != len(data):
-        return f"its header says {12 + length} bytes, the file has {len(data)}"
-    if data[16] != 2:
-        return f"magic byte {data[16]}, not 2"
-    if check_crc:
-        from aiokafka.record.util import calc_crc32c
-
-        if calc_crc32c(data[21:]) != int.from_bytes(data[17:21], "big"):
-            return "its CRC-32C does not match"
-    return None
-
-
-def batch_end(data: bytes, base_offset: int) -> int:
-    """The offset after a batch's last record (its key names its base offset)."""
-    return base_offset + int.from_bytes(data[23:27], "big", signed=True) + 1
 
 
 def _fsync(path: Path, directory: bool = False) -> None:
@@ -268,7 +243,7 @@ class ObjectStore:
         if entry.end is None:
             try:
                 with open(path, "rb") as fh:
-                    head = fh.read(_BATCH_HEADER)
+                    head = fh.read(HEADER_SIZE)
                 entry.end = batch_end(head, int(path.name[:20]))
             except (OSError, ValueError):
                 return None
@@ -635,4 +610,4 @@ def _iso(ts: float) -> str:
 
     return dt.datetime.fromtimestamp(ts, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
 
-__all__ = ["KeyConflict", "ObjectStore", "batch_end", "batch_problem", "etag_matches"]
+__all__ = ["KeyConflict", "ObjectStore", "etag_matches"]

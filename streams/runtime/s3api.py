@@ -21,7 +21,8 @@ from xml.sax.saxutils import escape
 
 from aiohttp import web
 
-from streams.runtime.objectstore import KeyConflict, ObjectStore, batch_problem, etag_matches
+from streams.runtime.objectstore import KeyConflict, ObjectStore, etag_matches
+from streams.runtime.recordbatch import batch_problem
 
 __all__ = ["make_app"]
 

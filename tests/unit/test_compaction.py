@@ -15,7 +15,8 @@ from aiokafka.record.default_records import DefaultRecordBatch, DefaultRecordBat
 
 from streams.runtime import compaction
 from streams.runtime.compaction import compact_partition, merge_batches
-from streams.runtime.objectstore import ObjectStore, batch_problem
+from streams.runtime.objectstore import ObjectStore
+from streams.runtime.recordbatch import batch_problem
 
 
 def _batch(base: int, n: int, t0: int, *, gap: int = 0, compression: int = 0,
